@@ -1,0 +1,269 @@
+//! The invalidation path, L2 side, in the order it runs:
+//!
+//! 1. **Resolve** happened before this module: the coordinator turned events and
+//!    rules into [`Selector`]s (an agent's `DELETE` is one key).
+//! 2. **Delete from L2** ([`execute`]): exact keys, every member of each tag
+//!    (detached first, then drained in chunks), every key of the tenant matching
+//!    each pattern (`ZSCAN` over the tenant's key index, never `KEYS`), then,
+//!    with `cascade`, the keys that `depends_on` any of those, transitively.
+//!    The dependents found are added to the selector's keys, so that agents
+//!    drop them even when their own indexes do not know the chain.
+//! 3. **Log and broadcast** ([`append`]): one script takes the next seq,
+//!    appends the message to the `dcc:log` stream (trimmed to a configured
+//!    length) and publishes it on `dcc:inv`. Seq, log and broadcast are
+//!    therefore atomic and in one order, even with two coordinators.
+//! 4. **Apply to L1**: every agent's subscriber hands the message to its L1
+//!    (`node_agent::l1::L1::apply`), which drops matching entries.
+//!
+//! A caller gets an [`Outcome`] only after step 3, so a 200 means the
+//! invalidation is in the log.
+
+use std::collections::HashSet;
+use std::sync::LazyLock;
+
+use redis::aio::ConnectionLike;
+use redis::{RedisResult, Script};
+
+use crate::l2;
+use crate::protocol::{now_ms, MessageBody, Selector};
+use crate::schema;
+
+/// How long an `event_id` is remembered for idempotent retries.
+pub const EVENT_ID_TTL_SECS: u64 = 24 * 3600;
+
+/// One invalidation to carry out.
+#[derive(Debug, Clone, Default)]
+pub struct Request {
+    /// What to invalidate, per tenant.
+    pub items: Vec<Selector>,
+    /// Idempotency ids `(tenant, event_id)`: a request whose ids were all logged
+    /// before is answered with the seq it got then, and does nothing again.
+    pub event_ids: Vec<(String, String)>,
+    /// Who issues it, recorded in the message.
+    pub origin: String,
+}
+
+/// What an invalidation did.
+#[derive(Debug, Clone, Default)]
+pub struct Outcome {
+    /// Epoch of the log it was appended to.
+    pub epoch: String,
+    /// Its sequence number.
+    pub seq: u64,
+    /// The selectors as logged (keys include dependents found in L2).
+    pub invalidated: Vec<Selector>,
+    /// Entries that existed in L2 and were deleted.
+    pub l2_deleted: u64,
+    /// True when every event id had been logged before: nothing was done again.
+    pub duplicate: bool,
+}
+
+/// Runs steps 2 and 3 of the path; see the module docs.
+pub async fn execute(
+    conn: &mut impl ConnectionLike,
+    request: Request,
+    log_max_len: u64,
+) -> RedisResult<Outcome> {
+    if let Some(seq) = already_logged(conn, &request.event_ids).await? {
+        let (epoch, _) = l2::head(conn).await?;
+        return Ok(Outcome { epoch, seq, duplicate: true, ..Outcome::default() });
+    }
+
+    // Step 2: delete from L2, collecting dependents into each selector's keys.
+    let mut l2_deleted = 0;
+    let mut invalidated = Vec::with_capacity(request.items.len());
+    for selector in request.items {
+        let (deleted, selector) = delete_selector(conn, selector).await?;
+        l2_deleted += deleted;
+        invalidated.push(selector);
+    }
+
+    // Step 3: log and broadcast.
+    let (epoch, seq) = append(conn, &invalidated, &request.origin, &request.event_ids, log_max_len).await?;
+    Ok(Outcome { epoch, seq, invalidated, l2_deleted, duplicate: false })
+}
+
+/// The highest seq recorded for these event ids, if every one of them was logged.
+async fn already_logged(
+    conn: &mut impl ConnectionLike,
+    event_ids: &[(String, String)],
+) -> RedisResult<Option<u64>> {
+    if event_ids.is_empty() {
+        return Ok(None);
+    }
+    let mut cmd = redis::cmd("MGET");
+    for (tenant, id) in event_ids {
+        cmd.arg(schema::event(tenant, id));
+    }
+    let seqs: Vec<Option<u64>> = cmd.query_async(conn).await?;
+    Ok(seqs.iter().copied().collect::<Option<Vec<u64>>>().and_then(|s| s.into_iter().max()))
+}
+
+/// Deletes everything one selector covers from L2. Returns the number of
+/// entries deleted and the selector with the cascaded dependents added to its keys.
+async fn delete_selector(
+    conn: &mut impl ConnectionLike,
+    mut selector: Selector,
+) -> RedisResult<(u64, Selector)> {
+    let tenant = selector.tenant.clone();
+    let cascade = selector.cascade;
+    let now = now_ms();
+    let mut deleted = 0;
+    // Keys deleted so far, to stop cascades at cycles and repeated dependents.
+    let mut seen: HashSet<String> = HashSet::new();
+    let mut dependents = Vec::new();
+
+    let delete = async |conn: &mut _, keys: Vec<String>, deleted: &mut u64, deps: &mut Vec<String>| {
+        let (n, found) = l2::delete_keys(conn, &tenant, &keys, cascade, now).await?;
+        *deleted += n;
+        deps.extend(found);
+        RedisResult::Ok(())
+    };
+
+    let exact: Vec<String> = selector.keys.iter().filter(|k| seen.insert((*k).clone())).cloned().collect();
+    delete(conn, exact, &mut deleted, &mut dependents).await?;
+
+    for tag in &selector.tags {
+        let Some(set) = l2::detach_tag(conn, &tenant, tag).await? else { continue };
+        loop {
+            let members = l2::pop_members(conn, &set).await?;
+            if members.is_empty() {
+                break;
+            }
+            let fresh: Vec<String> = members.into_iter().filter(|k| seen.insert(k.clone())).collect();
+            delete(conn, fresh, &mut deleted, &mut dependents).await?;
+        }
+    }
+
+    let index = schema::tenant_keys(&tenant);
+    for pattern in &selector.patterns {
+        let mut cursor = 0;
+        loop {
+            let (next, members) = l2::scan_index(conn, &index, cursor, Some(pattern)).await?;
+            let fresh: Vec<String> = members.into_iter().map(|(k, _)| k).filter(|k| seen.insert(k.clone())).collect();
+            delete(conn, fresh, &mut deleted, &mut dependents).await?;
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+    }
+
+    // Cascade along depends_on, breadth first; `seen` stops cycles.
+    while !dependents.is_empty() {
+        let wave: Vec<String> = std::mem::take(&mut dependents)
+            .into_iter()
+            .filter(|k| seen.insert(k.clone()))
+            .collect();
+        if wave.is_empty() {
+            break;
+        }
+        selector.keys.extend(wave.iter().cloned());
+        delete(conn, wave, &mut deleted, &mut dependents).await?;
+    }
+    Ok((deleted, selector))
+}
+
+/// Takes the next seq, appends the message to the log and publishes it, in one
+/// atomic step. The epoch is created here if Redis lost it (with the seq), so a
+/// restarted Redis starts a new epoch at seq 1.
+static APPEND: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+-- KEYS[1] epoch, KEYS[2] seq, KEYS[3] log, KEYS[4..] event-id markers
+-- ARGV: epoch candidate, message tail, log max length, channel, event-id ttl
+local epoch = redis.call('GET', KEYS[1])
+if not epoch then
+  epoch = ARGV[1]
+  redis.call('SET', KEYS[1], epoch)
+end
+local seq = redis.call('INCR', KEYS[2])
+local msg = '{"v":1,"epoch":"' .. epoch .. '","seq":' .. seq .. ',' .. ARGV[2]
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], seq .. '-0', 'm', msg)
+redis.call('PUBLISH', ARGV[4], msg)
+for i = 4, #KEYS do
+  redis.call('SET', KEYS[i], seq, 'EX', ARGV[5])
+end
+return {epoch, seq}"#,
+    )
+});
+
+/// Step 3 of the path: log and broadcast. Returns the epoch and the seq.
+pub async fn append(
+    conn: &mut impl ConnectionLike,
+    invalidated: &[Selector],
+    origin: &str,
+    event_ids: &[(String, String)],
+    log_max_len: u64,
+) -> RedisResult<(String, u64)> {
+    let body = MessageBody { ts_ms: now_ms(), origin, invalidations: invalidated };
+    let mut inv = APPEND.prepare_invoke();
+    inv.key(schema::EPOCH).key(schema::SEQ).key(schema::LOG);
+    for (tenant, id) in event_ids {
+        inv.key(schema::event(tenant, id));
+    }
+    inv.arg(uuid::Uuid::new_v4().simple().to_string())
+        .arg(body.encode_tail())
+        .arg(log_max_len.max(1))
+        .arg(schema::CHANNEL)
+        .arg(EVENT_ID_TTL_SECS);
+    inv.invoke_async(conn).await
+}
+
+/// The most keys a dry run lists by name.
+pub const PREVIEW_LIMIT: usize = 1000;
+
+/// What a dry run found: up to [`PREVIEW_LIMIT`] keys by name, and how many in all.
+#[derive(Debug, Clone, Default)]
+pub struct Preview {
+    /// `(tenant, key)` pairs that would be deleted, at most [`PREVIEW_LIMIT`].
+    pub would_delete: Vec<(String, String)>,
+    /// How many entries would be deleted in all.
+    pub count: u64,
+}
+
+/// Walks the same selectors as [`execute`] without changing anything, reading
+/// in the same bounded chunks.
+pub async fn preview(conn: &mut impl ConnectionLike, items: &[Selector]) -> RedisResult<Preview> {
+    let now = now_ms() as f64;
+    let mut preview = Preview::default();
+    for selector in items {
+        let tenant = &selector.tenant;
+        let mut seen: HashSet<String> = HashSet::new();
+        let mut candidates: Vec<String> = selector.keys.clone();
+        let scan = async |conn: &mut _, index: String, pattern: Option<&str>, out: &mut Vec<String>| {
+            let mut cursor = 0;
+            loop {
+                let (next, members) = l2::scan_index(conn, &index, cursor, pattern).await?;
+                out.extend(members.into_iter().filter(|(_, exp)| *exp > now).map(|(k, _)| k));
+                if next == 0 {
+                    return RedisResult::Ok(());
+                }
+                cursor = next;
+            }
+        };
+        for tag in &selector.tags {
+            scan(conn, schema::tag(tenant, tag), None, &mut candidates).await?;
+        }
+        for pattern in &selector.patterns {
+            scan(conn, schema::tenant_keys(tenant), Some(pattern), &mut candidates).await?;
+        }
+        while !candidates.is_empty() {
+            let fresh: Vec<String> = std::mem::take(&mut candidates)
+                .into_iter()
+                .filter(|k| seen.insert(k.clone()))
+                .collect();
+            let live = l2::existing(conn, tenant, &fresh).await?;
+            preview.count += live.len() as u64;
+            for key in &live {
+                if preview.would_delete.len() < PREVIEW_LIMIT {
+                    preview.would_delete.push((tenant.clone(), key.clone()));
+                }
+            }
+            if selector.cascade {
+                candidates = l2::dependents_of(conn, tenant, &fresh, now as u64).await?;
+            }
+        }
+    }
+    Ok(preview)
+}

@@ -1,0 +1,325 @@
+//! L2: the entries in Redis and the indexes that find them again (tenant key
+//! index, tag members, dependents), kept consistent by small Lua scripts.
+//!
+//! Every write goes through [`put`], which stores the entry and indexes it in
+//! one atomic script. Deletions come in bounded chunks ([`CHUNK`] members per
+//! call) so that no single Redis call blocks the server for long; they are only
+//! ever driven by the invalidation path in [`crate::invalidation`].
+
+use std::collections::HashMap;
+use std::sync::LazyLock;
+
+use redis::aio::ConnectionLike;
+use redis::{RedisResult, Script};
+
+use crate::protocol::FillToken;
+use crate::schema;
+
+/// Most members handled by one Redis call while deleting or scanning.
+pub const CHUNK: usize = 1000;
+
+/// An entry as stored in L2.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// The value, opaque bytes.
+    pub value: Vec<u8>,
+    /// The `Content-Type` it was stored with.
+    pub content_type: String,
+    /// Tags it carries.
+    pub tags: Vec<String>,
+    /// Keys of the same tenant it depends on.
+    pub depends_on: Vec<String>,
+    /// Time to live left, in milliseconds.
+    pub ttl_ms: u64,
+}
+
+/// The answer to an L2 read: the entry if there is one, and the log position
+/// observed before the read, which becomes the fill token of a miss.
+#[derive(Debug, Clone)]
+pub struct Lookup {
+    /// The entry, if L2 has it.
+    pub entry: Option<Entry>,
+    /// Log position read before the entry, in the same pipeline.
+    pub token: FillToken,
+}
+
+/// Separator of `depends_on` keys inside the `deps` field: keys cannot contain
+/// control characters, so a newline never occurs inside one.
+const DEPS_SEPARATOR: char = '\n';
+
+/// Creates the epoch if Redis has none (a fresh or emptied dataset) and returns it.
+static ENSURE_EPOCH: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local e = redis.call('GET', KEYS[1])
+if not e then
+  redis.call('SET', KEYS[1], ARGV[1])
+  e = ARGV[1]
+end
+return e",
+    )
+});
+
+/// Returns the epoch of this Redis dataset, creating it if needed.
+pub async fn ensure_epoch(conn: &mut impl ConnectionLike) -> RedisResult<String> {
+    ENSURE_EPOCH
+        .key(schema::EPOCH)
+        .arg(uuid::Uuid::new_v4().simple().to_string())
+        .invoke_async(conn)
+        .await
+}
+
+/// The head of the log: the epoch and the last seq handed out in it.
+pub async fn head(conn: &mut impl ConnectionLike) -> RedisResult<(String, u64)> {
+    let (epoch, seq): (Option<String>, Option<u64>) = redis::pipe()
+        .get(schema::EPOCH)
+        .get(schema::SEQ)
+        .query_async(conn)
+        .await?;
+    let epoch = match epoch {
+        Some(e) => e,
+        None => ensure_epoch(conn).await?,
+    };
+    Ok((epoch, seq.unwrap_or(0)))
+}
+
+/// Reads an entry, and the log position just before it.
+pub async fn get(conn: &mut impl ConnectionLike, tenant: &str, key: &str) -> RedisResult<Lookup> {
+    let vkey = schema::value(tenant, key);
+    let (epoch, seq, fields, pttl): (Option<String>, Option<u64>, HashMap<String, Vec<u8>>, i64) =
+        redis::pipe()
+            .get(schema::EPOCH)
+            .get(schema::SEQ)
+            .hgetall(&vkey)
+            .pttl(&vkey)
+            .query_async(conn)
+            .await?;
+    let epoch = match epoch {
+        Some(e) => e,
+        None => ensure_epoch(conn).await?,
+    };
+    let token = FillToken { epoch, seq: seq.unwrap_or(0) };
+    Ok(Lookup { entry: entry_from_fields(fields, pttl), token })
+}
+
+fn entry_from_fields(mut fields: HashMap<String, Vec<u8>>, pttl: i64) -> Option<Entry> {
+    // A hash without `v` is not an entry (or expired between the two reads).
+    let value = fields.remove("v")?;
+    let text = |f: Option<Vec<u8>>| f.map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+    let split = |s: String, sep: char| -> Vec<String> {
+        if s.is_empty() {
+            Vec::new()
+        } else {
+            s.split(sep).map(str::to_string).collect()
+        }
+    };
+    Some(Entry {
+        value,
+        content_type: text(fields.remove("ct")),
+        tags: split(text(fields.remove("tags")), ','),
+        depends_on: split(text(fields.remove("deps")), DEPS_SEPARATOR),
+        // -1 (no TTL) cannot happen for entries we wrote; treat it as "unknown".
+        ttl_ms: u64::try_from(pttl).unwrap_or(0),
+    })
+}
+
+/// Stores an entry and indexes it: the tenant's key index, each tag, and the
+/// dependents set of each key it depends on. Each index is a zset scored by the
+/// member's expiry, expires itself with its last member, and sheds a few expired
+/// members on every write, so indexes stay proportional to live entries.
+static PUT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+-- KEYS[1] entry hash, KEYS[2..] index zsets (tenant keys, tags, dependents)
+-- ARGV: value, content type, tags, deps, ttl ms, now ms, key
+local ttl = tonumber(ARGV[5])
+local now = tonumber(ARGV[6])
+local expiry = now + ttl
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'v', ARGV[1], 'ct', ARGV[2], 'tags', ARGV[3], 'deps', ARGV[4])
+redis.call('PEXPIRE', KEYS[1], ttl)
+for i = 2, #KEYS do
+  local idx = KEYS[i]
+  redis.call('ZADD', idx, 'GT', expiry, ARGV[7])
+  local gone = redis.call('ZRANGEBYSCORE', idx, '-inf', now, 'LIMIT', 0, 8)
+  if #gone > 0 then redis.call('ZREM', idx, unpack(gone)) end
+  local left = redis.call('PTTL', idx)
+  if left == -1 or left < ttl then redis.call('PEXPIRE', idx, ttl) end
+end
+return 1",
+    )
+});
+
+/// Writes an entry to L2 with its indexes, atomically.
+pub async fn put(
+    conn: &mut impl ConnectionLike,
+    tenant: &str,
+    key: &str,
+    entry: &Entry,
+    now_ms: u64,
+) -> RedisResult<()> {
+    let mut inv = PUT.prepare_invoke();
+    inv.key(schema::value(tenant, key)).key(schema::tenant_keys(tenant));
+    for tag in &entry.tags {
+        inv.key(schema::tag(tenant, tag));
+    }
+    for dep in &entry.depends_on {
+        inv.key(schema::dependents(tenant, dep));
+    }
+    let deps = entry.depends_on.join(&DEPS_SEPARATOR.to_string());
+    inv.arg(&entry.value[..])
+        .arg(&entry.content_type)
+        .arg(entry.tags.join(","))
+        .arg(deps)
+        .arg(entry.ttl_ms.max(1))
+        .arg(now_ms)
+        .arg(key);
+    let _: i64 = inv.invoke_async(conn).await?;
+    Ok(())
+}
+
+/// Deletes one chunk of entries by key, removes them from the tenant index and,
+/// with `cascade`, returns (and drops) their dependents sets.
+static DELETE_KEYS: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+-- KEYS[1] tenant index, then pairs: entry hash, dependents zset
+-- ARGV: now ms, cascade ('1' or '0'), then the keys themselves
+local now = tonumber(ARGV[1])
+local deleted = 0
+local deps = {}
+for i = 1, (#KEYS - 1) / 2 do
+  deleted = deleted + redis.call('UNLINK', KEYS[2 * i])
+  redis.call('ZREM', KEYS[1], ARGV[2 + i])
+  if ARGV[2] == '1' then
+    local d = redis.call('ZRANGEBYSCORE', KEYS[2 * i + 1], now, '+inf')
+    for _, m in ipairs(d) do deps[#deps + 1] = m end
+    redis.call('UNLINK', KEYS[2 * i + 1])
+  end
+end
+return {deleted, deps}",
+    )
+});
+
+/// Deletes entries by exact key, in chunks. Returns how many existed, and the
+/// keys that depend on them (only with `cascade`).
+pub async fn delete_keys(
+    conn: &mut impl ConnectionLike,
+    tenant: &str,
+    keys: &[String],
+    cascade: bool,
+    now_ms: u64,
+) -> RedisResult<(u64, Vec<String>)> {
+    let mut deleted = 0;
+    let mut dependents = Vec::new();
+    for chunk in keys.chunks(CHUNK) {
+        let mut inv = DELETE_KEYS.prepare_invoke();
+        inv.key(schema::tenant_keys(tenant));
+        for key in chunk {
+            inv.key(schema::value(tenant, key)).key(schema::dependents(tenant, key));
+        }
+        inv.arg(now_ms).arg(if cascade { "1" } else { "0" });
+        for key in chunk {
+            inv.arg(key);
+        }
+        let (n, deps): (u64, Vec<String>) = inv.invoke_async(conn).await?;
+        deleted += n;
+        dependents.extend(deps);
+    }
+    Ok((deleted, dependents))
+}
+
+/// Moves a tag's member set aside under a private name, so that entries stored
+/// after this moment are not swept up by the drain that follows.
+static DETACH: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('RENAME', KEYS[1], KEYS[2])
+  if redis.call('PTTL', KEYS[2]) < 0 then redis.call('PEXPIRE', KEYS[2], 3600000) end
+  return 1
+end
+return 0",
+    )
+});
+
+/// Detaches a tag's members (see [`DETACH`]); returns the name of the set to
+/// drain with [`pop_members`], or `None` when the tag has no members.
+pub async fn detach_tag(
+    conn: &mut impl ConnectionLike,
+    tenant: &str,
+    tag: &str,
+) -> RedisResult<Option<String>> {
+    let draining = schema::draining(tenant, tag, &uuid::Uuid::new_v4().simple().to_string());
+    let moved: i64 = DETACH
+        .key(schema::tag(tenant, tag))
+        .key(&draining)
+        .invoke_async(conn)
+        .await?;
+    Ok((moved == 1).then_some(draining))
+}
+
+/// Pops up to [`CHUNK`] members from a detached set; empty when it is drained
+/// (Redis deletes an empty zset by itself).
+pub async fn pop_members(conn: &mut impl ConnectionLike, set: &str) -> RedisResult<Vec<String>> {
+    let popped: Vec<(String, f64)> = redis::cmd("ZPOPMIN")
+        .arg(set)
+        .arg(CHUNK)
+        .query_async(conn)
+        .await?;
+    Ok(popped.into_iter().map(|(m, _)| m).collect())
+}
+
+/// One step of a `ZSCAN` over an index zset: the next cursor, and the members
+/// (with their expiry scores) matching `pattern`, if given.
+pub async fn scan_index(
+    conn: &mut impl ConnectionLike,
+    index: &str,
+    cursor: u64,
+    pattern: Option<&str>,
+) -> RedisResult<(u64, Vec<(String, f64)>)> {
+    let mut cmd = redis::cmd("ZSCAN");
+    cmd.arg(index).arg(cursor);
+    if let Some(p) = pattern {
+        cmd.arg("MATCH").arg(p);
+    }
+    cmd.arg("COUNT").arg(CHUNK);
+    cmd.query_async(conn).await
+}
+
+/// Which of these keys have an entry in L2 (one pipeline).
+pub async fn existing(
+    conn: &mut impl ConnectionLike,
+    tenant: &str,
+    keys: &[String],
+) -> RedisResult<Vec<String>> {
+    let mut found = Vec::new();
+    for chunk in keys.chunks(CHUNK) {
+        let mut pipe = redis::pipe();
+        for key in chunk {
+            pipe.exists(schema::value(tenant, key));
+        }
+        let flags: Vec<bool> = pipe.query_async(conn).await?;
+        found.extend(chunk.iter().zip(flags).filter(|(_, f)| *f).map(|(k, _)| k.clone()));
+    }
+    Ok(found)
+}
+
+/// The live dependents of each key (one pipeline per chunk).
+pub async fn dependents_of(
+    conn: &mut impl ConnectionLike,
+    tenant: &str,
+    keys: &[String],
+    now_ms: u64,
+) -> RedisResult<Vec<String>> {
+    let mut found = Vec::new();
+    for chunk in keys.chunks(CHUNK) {
+        let mut pipe = redis::pipe();
+        for key in chunk {
+            pipe.zrangebyscore(schema::dependents(tenant, key), now_ms, "+inf");
+        }
+        let lists: Vec<Vec<String>> = pipe.query_async(conn).await?;
+        found.extend(lists.into_iter().flatten());
+    }
+    Ok(found)
+}

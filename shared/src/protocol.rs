@@ -1,0 +1,240 @@
+//! What crosses the wire between the coordinator, Redis and the agents: the
+//! invalidation message (logged and broadcast), the fill token, and the node
+//! report that agents publish as their heartbeat.
+//!
+//! An invalidation message is JSON so that an operator can read it with
+//! `redis-cli` and so that any language can consume it:
+//!
+//! ```json
+//! {"v":1,"epoch":"8c1f…","seq":17,"ts_ms":1732300000000,"origin":"coordinator@host",
+//!  "invalidations":[{"tenant":"acme","keys":["k"],"tags":["suppliers"],"patterns":["suppliers:list:*"],"cascade":true}]}
+//! ```
+//!
+//! The header (`v`, `epoch`, `seq`) is written by the log-append script inside
+//! Redis, because only Redis can hand out the next contiguous sequence number
+//! atomically with the append and the publish; see [`MessageBody::encode_tail`].
+
+use serde::{Deserialize, Serialize};
+
+/// Version of the invalidation message format. A reader refuses other versions.
+pub const MESSAGE_VERSION: u32 = 1;
+
+/// What one invalidation covers in one tenant. Keys are exact; tags and patterns
+/// are resolved by every holder of entries (L2 in the coordinator, L1 in each
+/// agent) against its own indexes. With `cascade`, entries that `depends_on` an
+/// invalidated key are invalidated too, transitively.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Selector {
+    /// The tenant everything below lives in.
+    pub tenant: String,
+    /// Exact keys, including dependents the coordinator found in L2.
+    #[serde(default)]
+    pub keys: Vec<String>,
+    /// Tags: every entry carrying one of them goes.
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// Globs over the tenant's keys.
+    #[serde(default)]
+    pub patterns: Vec<String>,
+    /// Follow `depends_on` edges from every invalidated key.
+    #[serde(default = "yes")]
+    pub cascade: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Selector {
+    /// True when the selector covers nothing at all.
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty() && self.tags.is_empty() && self.patterns.is_empty()
+    }
+}
+
+/// One entry of the invalidation log, as broadcast to every agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InvalidationMessage {
+    /// Format version, [`MESSAGE_VERSION`].
+    pub v: u32,
+    /// Identity of the Redis dataset that issued `seq`; it changes when Redis
+    /// loses its data, and with it the numbering restarts.
+    pub epoch: String,
+    /// Contiguous sequence number within the epoch, starting at 1.
+    pub seq: u64,
+    /// When the invalidation was accepted (Unix milliseconds), for lag metrics.
+    pub ts_ms: u64,
+    /// Which process issued it (`coordinator@host:port` or `agent@node-id`).
+    pub origin: String,
+    /// What it invalidates.
+    pub invalidations: Vec<Selector>,
+}
+
+/// The part of a message that the issuer writes; Redis adds the header.
+#[derive(Debug, Clone, Serialize)]
+pub struct MessageBody<'a> {
+    /// See [`InvalidationMessage::ts_ms`].
+    pub ts_ms: u64,
+    /// See [`InvalidationMessage::origin`].
+    pub origin: &'a str,
+    /// See [`InvalidationMessage::invalidations`].
+    pub invalidations: &'a [Selector],
+}
+
+impl MessageBody<'_> {
+    /// The JSON object without its opening brace. The log-append script prefixes
+    /// `{"v":1,"epoch":"…","seq":N,` to it, which yields a complete message.
+    pub fn encode_tail(&self) -> String {
+        let mut json = serde_json::to_string(self).unwrap_or_else(|_| "{}".into());
+        json.remove(0);
+        json
+    }
+}
+
+/// Why a message could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    /// Not JSON of the expected shape.
+    #[error("malformed invalidation message: {0}")]
+    Malformed(#[from] serde_json::Error),
+    /// A version this build does not understand.
+    #[error("invalidation message version {0} is not supported (this build reads {MESSAGE_VERSION})")]
+    Version(u32),
+}
+
+impl InvalidationMessage {
+    /// Parses a message from the log or the channel.
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        let msg: InvalidationMessage = serde_json::from_slice(bytes)?;
+        if msg.v != MESSAGE_VERSION {
+            return Err(DecodeError::Version(msg.v));
+        }
+        Ok(msg)
+    }
+
+    /// Builds the header exactly as the log-append script does; used by tests
+    /// and by tools that write messages without Redis.
+    pub fn assemble(epoch: &str, seq: u64, body: &MessageBody<'_>) -> String {
+        format!(
+            "{{\"v\":{MESSAGE_VERSION},\"epoch\":{},\"seq\":{seq},{}",
+            serde_json::Value::String(epoch.to_string()),
+            body.encode_tail()
+        )
+    }
+}
+
+/// A fill token: the log position (epoch and seq) observed, atomically with the
+/// L2 miss, before a value is loaded from the source of truth. Any invalidation
+/// with a higher seq in the same epoch happened after the miss.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FillToken {
+    /// Epoch at the time of the miss.
+    pub epoch: String,
+    /// Highest seq in the log at the time of the miss.
+    pub seq: u64,
+}
+
+impl FillToken {
+    /// The opaque header value.
+    pub fn encode(&self) -> String {
+        format!("{}.{}", self.epoch, self.seq)
+    }
+
+    /// Parses a header value; `None` for anything this build did not issue.
+    pub fn decode(token: &str) -> Option<Self> {
+        let (epoch, seq) = token.rsplit_once('.')?;
+        if epoch.is_empty() || !epoch.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return None;
+        }
+        Some(FillToken {
+            epoch: epoch.to_string(),
+            seq: seq.parse().ok()?,
+        })
+    }
+}
+
+/// What an agent publishes about itself on every heartbeat; the coordinator's
+/// cluster view is built from these.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct NodeReport {
+    /// The agent's node id.
+    pub node_id: String,
+    /// Address its cache API listens on.
+    pub addr: String,
+    /// Whether the agent considers itself ready (connected, subscribed, caught up).
+    pub ready: bool,
+    /// Epoch the agent is in sync with.
+    pub epoch: String,
+    /// Highest seq applied to L1.
+    pub applied_seq: u64,
+    /// Entries in L1.
+    pub l1_entries: u64,
+    /// Bytes in L1 (keys and values).
+    pub l1_bytes: u64,
+    /// L1 hits / (hits + misses) since start, 0 when nothing was read.
+    pub hit_ratio: f64,
+    /// Staleness bound the agent enforces, so the coordinator can check it.
+    pub staleness_bound_ms: u64,
+    /// When this report was written (Unix milliseconds).
+    pub ts_ms: u64,
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Vec<Selector> {
+        vec![Selector {
+            tenant: "acme".into(),
+            keys: vec!["a\"quoted\"/key".into()],
+            tags: vec!["suppliers".into()],
+            patterns: vec!["suppliers:list:*".into()],
+            cascade: true,
+        }]
+    }
+
+    #[test]
+    fn message_round_trip_through_the_script_header() {
+        let items = sample();
+        let body = MessageBody { ts_ms: 5, origin: "test", invalidations: &items };
+        let wire = InvalidationMessage::assemble("abc123", 42, &body);
+        let msg = InvalidationMessage::decode(wire.as_bytes()).expect("decodes");
+        assert_eq!(msg.v, 1);
+        assert_eq!(msg.epoch, "abc123");
+        assert_eq!(msg.seq, 42);
+        assert_eq!(msg.ts_ms, 5);
+        assert_eq!(msg.invalidations, items);
+    }
+
+    #[test]
+    fn other_versions_and_garbage_are_refused() {
+        let wire = r#"{"v":2,"epoch":"e","seq":1,"ts_ms":0,"origin":"x","invalidations":[]}"#;
+        assert!(matches!(InvalidationMessage::decode(wire.as_bytes()), Err(DecodeError::Version(2))));
+        assert!(InvalidationMessage::decode(b"not json").is_err());
+        assert!(InvalidationMessage::decode(br#"{"v":1}"#).is_err());
+    }
+
+    #[test]
+    fn cascade_defaults_to_true() {
+        let s: Selector = serde_json::from_str(r#"{"tenant":"t","keys":["k"]}"#).expect("parses");
+        assert!(s.cascade);
+        assert!(s.tags.is_empty());
+    }
+
+    #[test]
+    fn fill_tokens() {
+        let t = FillToken { epoch: "00ff".into(), seq: 7 };
+        assert_eq!(FillToken::decode(&t.encode()), Some(t));
+        assert_eq!(FillToken::decode("garbage"), None);
+        assert_eq!(FillToken::decode("zz.1"), None);
+        assert_eq!(FillToken::decode("ab.x"), None);
+    }
+}

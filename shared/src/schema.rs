@@ -1,0 +1,64 @@
+//! The Redis key schema. Every key this system writes is named here and nowhere
+//! else; `docs/redis-schema.md` describes the same table for operators.
+//!
+//! | key | type | what |
+//! |---|---|---|
+//! | `dcc:epoch` | string | identity of this Redis dataset; recreated when Redis lost its data |
+//! | `dcc:seq` | string (int) | last sequence number handed out in this epoch |
+//! | `dcc:log` | stream | the invalidation log; entry id `{seq}-0`, field `m` = message |
+//! | `dcc:inv` | pub/sub channel | every invalidation message, as logged |
+//! | `dcc:nodes` | zset | node id → last heartbeat (Unix ms) |
+//! | `dcc:node:{node}` | string | the node's last [`NodeReport`](crate::protocol::NodeReport), JSON |
+//! | `dcc:t:{tenant}:v:{key}` | hash | an entry: `v` value, `ct` content type, `tags`, `deps` |
+//! | `dcc:t:{tenant}:keys` | zset | every key of the tenant → expiry (Unix ms); pattern scans walk this |
+//! | `dcc:t:{tenant}:tag:{tag}` | zset | keys carrying the tag → expiry |
+//! | `dcc:t:{tenant}:dep:{key}` | zset | keys that `depends_on` this key → expiry |
+//! | `dcc:t:{tenant}:event:{id}` | string | seq an `event_id` was logged under (idempotency, 24 h) |
+//!
+//! Tenant names cannot contain `:`, so `dcc:t:{tenant}:` is an unambiguous prefix.
+
+/// Identity of the current Redis dataset.
+pub const EPOCH: &str = "dcc:epoch";
+/// Last sequence number handed out.
+pub const SEQ: &str = "dcc:seq";
+/// The invalidation log (a stream).
+pub const LOG: &str = "dcc:log";
+/// The broadcast channel.
+pub const CHANNEL: &str = "dcc:inv";
+/// Registry of nodes by last heartbeat.
+pub const NODES: &str = "dcc:nodes";
+
+/// A node's last report.
+pub fn node(node_id: &str) -> String {
+    format!("dcc:node:{node_id}")
+}
+
+/// An entry's hash.
+pub fn value(tenant: &str, key: &str) -> String {
+    format!("dcc:t:{tenant}:v:{key}")
+}
+
+/// The tenant's key index.
+pub fn tenant_keys(tenant: &str) -> String {
+    format!("dcc:t:{tenant}:keys")
+}
+
+/// The members of a tag.
+pub fn tag(tenant: &str, tag: &str) -> String {
+    format!("dcc:t:{tenant}:tag:{tag}")
+}
+
+/// The keys that depend on `key`.
+pub fn dependents(tenant: &str, key: &str) -> String {
+    format!("dcc:t:{tenant}:dep:{key}")
+}
+
+/// The seq an event id was logged under.
+pub fn event(tenant: &str, event_id: &str) -> String {
+    format!("dcc:t:{tenant}:event:{event_id}")
+}
+
+/// A private name for a tag's member set while it is being drained.
+pub fn draining(tenant: &str, tag: &str, nonce: &str) -> String {
+    format!("dcc:t:{tenant}:draining:{nonce}:{tag}")
+}

@@ -1,0 +1,244 @@
+//! Plumbing both HTTP services share: the JSON error type, request-body and
+//! query error handlers, layered settings, tracing, Prometheus text, the Redis
+//! pool, reconnect backoff and the shutdown signal.
+
+use std::path::Path;
+use std::time::Duration;
+
+use actix_web::http::StatusCode;
+use actix_web::{HttpResponse, ResponseError};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::names::InvalidName;
+
+/// An error answered as `{"error": code, "message": ...}` plus optional extra
+/// fields, with a fitting status.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// snake_case code.
+    pub code: &'static str,
+    /// What went wrong and what to do.
+    pub message: String,
+    /// Extra top-level fields (such as `lagging`).
+    pub extra: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+impl ApiError {
+    /// An error with a status, code and message.
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError { status, code, message: message.into(), extra: None }
+    }
+
+    /// 400 with a code.
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, code, message)
+    }
+
+    /// 503 `unavailable` because Redis could not be reached.
+    pub fn redis_unavailable(err: impl std::fmt::Display) -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            format!("Redis is unreachable ({err}); retry shortly"),
+        )
+    }
+
+    /// Adds a top-level field to the JSON body.
+    pub fn with(mut self, field: &str, value: serde_json::Value) -> Self {
+        self.extra.get_or_insert_with(Default::default).insert(field.to_string(), value);
+        self
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.code, self.message)
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        self.status
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let mut body = self.extra.clone().unwrap_or_default();
+        body.insert("error".into(), self.code.into());
+        body.insert("message".into(), self.message.clone().into());
+        HttpResponse::build(self.status).json(body)
+    }
+}
+
+impl From<InvalidName> for ApiError {
+    fn from(e: InvalidName) -> Self {
+        ApiError::bad_request(e.code, e.message)
+    }
+}
+
+/// JSON body extraction: size limit and JSON errors for bad bodies.
+pub fn json_config(limit: usize) -> actix_web::web::JsonConfig {
+    actix_web::web::JsonConfig::default()
+        .limit(limit)
+        .error_handler(|err, _req| {
+            use actix_web::error::JsonPayloadError as E;
+            let api = match &err {
+                E::Overflow { .. } | E::OverflowKnownLength { .. } => ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "payload_too_large",
+                    format!("{err}; split the request"),
+                ),
+                E::ContentType => ApiError::new(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    "unsupported_media_type",
+                    "send the body as JSON with Content-Type: application/json",
+                ),
+                _ => ApiError::bad_request("invalid_json", format!("the body is not valid JSON for this endpoint: {err}")),
+            };
+            api.into()
+        })
+}
+
+/// Query-string extraction: a JSON 400 for malformed parameters.
+pub fn query_config() -> actix_web::web::QueryConfig {
+    actix_web::web::QueryConfig::default().error_handler(|err, _req| {
+        ApiError::bad_request("invalid_query", format!("bad query string: {err}")).into()
+    })
+}
+
+/// The answer to any unknown route or method.
+pub async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint; see the README for the API")
+}
+
+/// Loads a settings tree in layers: defaults (the struct's serde defaults), then
+/// the TOML file, then `{PREFIX}_…` environment variables, then flags.
+pub fn load_settings<T: DeserializeOwned>(
+    file: Option<&Path>,
+    env_prefix: &str,
+    flags: &[(&str, Option<String>)],
+) -> Result<T, config::ConfigError> {
+    let mut builder = config::Config::builder();
+    if let Some(path) = file {
+        builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml).required(true));
+    }
+    builder = builder.add_source(
+        config::Environment::with_prefix(env_prefix)
+            .prefix_separator("_")
+            .separator("__")
+            .try_parsing(true),
+    );
+    for (key, value) in flags {
+        builder = builder.set_override_option(*key, value.clone())?;
+    }
+    builder.build()?.try_deserialize()
+}
+
+/// Sets up tracing: human-readable or JSON lines, filtered by `RUST_LOG`
+/// (default `info`).
+pub fn init_tracing(json: bool) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // A second call (tests embedding a service) keeps the first subscriber.
+    let _ = if json { builder.json().try_init() } else { builder.try_init() };
+}
+
+/// Renders a Prometheus registry as text exposition.
+pub fn metrics_response(registry: &prometheus::Registry) -> HttpResponse {
+    use prometheus::Encoder;
+    let encoder = prometheus::TextEncoder::new();
+    let mut buf = Vec::new();
+    match encoder.encode(&registry.gather(), &mut buf) {
+        Ok(()) => HttpResponse::Ok().content_type(encoder.format_type()).body(buf),
+        Err(e) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "metrics_failed", e.to_string()).error_response(),
+    }
+}
+
+/// A histogram of HTTP latency by method, route template and status.
+pub fn http_latency_histogram(registry: &prometheus::Registry) -> prometheus::HistogramVec {
+    let hist = prometheus::HistogramVec::new(
+        prometheus::HistogramOpts::new("dcc_http_request_duration_seconds", "HTTP request latency")
+            .buckets(vec![0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0, 5.0]),
+        &["method", "route", "status"],
+    )
+    .unwrap_or_else(|e| panic!("static metric definition is valid: {e}"));
+    register(registry, hist)
+}
+
+/// Registers a collector; metric names are static, so a clash is a programming error.
+pub fn register<C: prometheus::core::Collector + Clone + 'static>(registry: &prometheus::Registry, c: C) -> C {
+    if let Err(e) = registry.register(Box::new(c.clone())) {
+        panic!("metric registered twice: {e}");
+    }
+    c
+}
+
+/// A Redis connection pool that never waits long: a request fails fast with 503
+/// when Redis is down, instead of hanging.
+pub fn redis_pool(url: &str, max_size: usize) -> Result<deadpool_redis::Pool, String> {
+    let mut cfg = deadpool_redis::Config::from_url(url);
+    let mut pool = deadpool_redis::PoolConfig::new(max_size);
+    pool.timeouts.wait = Some(Duration::from_secs(2));
+    pool.timeouts.create = Some(Duration::from_secs(2));
+    pool.timeouts.recycle = Some(Duration::from_secs(1));
+    cfg.pool = Some(pool);
+    cfg.create_pool(Some(deadpool_redis::Runtime::Tokio1))
+        .map_err(|e| format!("bad redis_url {url:?}: {e}"))
+}
+
+/// Exponential reconnect backoff, from 50 ms up to 5 s, reset on success.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    /// Delay before the next attempt.
+    next: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff { next: Duration::from_millis(50) }
+    }
+}
+
+impl Backoff {
+    /// Waits the current delay, then doubles it.
+    pub async fn wait(&mut self) {
+        tokio::time::sleep(self.next).await;
+        self.next = (self.next * 2).min(Duration::from_secs(5));
+    }
+
+    /// Starts again from the shortest delay.
+    pub fn reset(&mut self) {
+        *self = Backoff::default();
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM, and says which one arrived.
+pub async fn shutdown_signal() -> &'static str {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) {
+            (Ok(mut int), Ok(mut term)) => tokio::select! {
+                _ = int.recv() => "SIGINT",
+                _ = term.recv() => "SIGTERM",
+            },
+            _ => {
+                let _ = tokio::signal::ctrl_c().await;
+                "SIGINT"
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+        "SIGINT"
+    }
+}
+
+/// Serializes a value to a JSON response with status 200.
+pub fn json_ok<T: Serialize>(value: &T) -> HttpResponse {
+    HttpResponse::Ok().json(value)
+}
