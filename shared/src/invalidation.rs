@@ -267,3 +267,39 @@ pub async fn preview(conn: &mut impl ConnectionLike, items: &[Selector]) -> Redi
     }
     Ok(preview)
 }
+
+/// Reads the logged messages with seq `from..=to`, in order, in chunks. Returns
+/// `None` when the log no longer holds all of them (trimmed, or a new epoch),
+/// so the reader knows it must flush instead of replaying.
+pub async fn read_log(
+    conn: &mut impl ConnectionLike,
+    from: u64,
+    to: u64,
+) -> RedisResult<Option<Vec<crate::protocol::InvalidationMessage>>> {
+    use crate::protocol::InvalidationMessage;
+    let mut messages = Vec::new();
+    let mut next = from;
+    while next <= to {
+        let entries: Vec<(String, Vec<(String, Vec<u8>)>)> = redis::cmd("XRANGE")
+            .arg(schema::LOG)
+            .arg(format!("{next}-0"))
+            .arg(format!("{to}-0"))
+            .arg("COUNT")
+            .arg(l2::CHUNK)
+            .query_async(conn)
+            .await?;
+        if entries.is_empty() {
+            return Ok(None);
+        }
+        for (id, fields) in entries {
+            let seq = id.split('-').next().and_then(|s| s.parse::<u64>().ok());
+            let payload = fields.into_iter().find(|(f, _)| f == "m").map(|(_, v)| v);
+            match (seq, payload.map(|p| InvalidationMessage::decode(&p))) {
+                (Some(seq), Some(Ok(msg))) if seq == next && msg.seq == seq => messages.push(msg),
+                _ => return Ok(None),
+            }
+            next += 1;
+        }
+    }
+    Ok(Some(messages))
+}

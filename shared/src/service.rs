@@ -109,8 +109,9 @@ pub fn query_config() -> actix_web::web::QueryConfig {
 }
 
 /// The answer to any unknown route or method.
-pub async fn not_found() -> ApiError {
-    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint; see the README for the API")
+pub async fn not_found() -> HttpResponse {
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint or method; see the README for the API")
+        .error_response()
 }
 
 /// Loads a settings tree in layers: defaults (the struct's serde defaults), then
@@ -141,7 +142,8 @@ pub fn load_settings<T: DeserializeOwned>(
 pub fn init_tracing(json: bool) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr);
     // A second call (tests embedding a service) keeps the first subscriber.
     let _ = if json { builder.json().try_init() } else { builder.try_init() };
 }

@@ -1,0 +1,414 @@
+//! The agent itself, without HTTP: what an app that embeds the agent calls, and
+//! what the HTTP handlers in [`crate::api`] wrap.
+//!
+//! - [`Agent::get`]: L1, else L2 (filling L1), else a miss with a fill token.
+//! - [`Agent::put`]: L2 then L1.
+//! - [`Agent::delete`]: the shared invalidation path, then this agent's L1 at once.
+//!
+//! Background work (subscription, heartbeat) lives in [`crate::sync`].
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::Serialize;
+
+use shared::invalidation::{self, Outcome, Request};
+use shared::names::{self, InvalidName};
+use shared::protocol::{now_ms, FillToken, Selector};
+use shared::{l2, service::ApiError};
+
+use crate::l1::{self, L1};
+use crate::metrics::Metrics;
+use crate::settings::Settings;
+
+/// A cheap-to-clone handle to one agent.
+#[derive(Clone)]
+pub struct Agent(pub(crate) Arc<Inner>);
+
+/// The agent's shared state.
+pub struct Inner {
+    /// Settings it was started with.
+    pub settings: Settings,
+    /// This node's id.
+    pub node_id: String,
+    /// Address of its cache API (empty when embedded without HTTP).
+    pub addr: String,
+    /// Redis connections for reads, writes and invalidations.
+    pub pool: deadpool_redis::Pool,
+    /// Client for the dedicated subscription connection.
+    pub redis: redis::Client,
+    /// The in-memory cache.
+    pub l1: L1,
+    /// How far this agent is in sync with the invalidation log.
+    pub sync: SyncState,
+    /// Metrics and counters.
+    pub metrics: Metrics,
+}
+
+/// Where this agent stands with respect to the invalidation log.
+#[derive(Debug, Default)]
+pub struct SyncState {
+    /// Epoch of the log L1 is in sync with (empty until first known).
+    pub epoch: Mutex<String>,
+    /// Highest seq applied to L1.
+    pub applied_seq: AtomicU64,
+    /// The subscription is live.
+    pub subscribed: AtomicBool,
+    /// The last heartbeat reached Redis.
+    pub redis_ok: AtomicBool,
+    /// Everything logged one heartbeat ago has been applied.
+    pub caught_up: AtomicBool,
+}
+
+/// Which layer answered a read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Layer {
+    /// The agent's memory.
+    L1,
+    /// Redis.
+    L2,
+}
+
+/// The answer to a read.
+#[derive(Debug, Clone)]
+pub enum Read {
+    /// Found, with the layer that had it.
+    Hit {
+        /// The entry.
+        entry: Arc<l1::Entry>,
+        /// Where it was found.
+        layer: Layer,
+    },
+    /// Not cached anywhere; fill it with this token.
+    Miss {
+        /// The opaque fill token.
+        fill_token: String,
+    },
+}
+
+/// A value to store.
+#[derive(Debug, Clone, Default)]
+pub struct Put {
+    /// The bytes.
+    pub value: Bytes,
+    /// Content type to answer reads with.
+    pub content_type: String,
+    /// TTL in seconds; `None` means `default_ttl_secs`.
+    pub ttl_secs: Option<u64>,
+    /// Tags.
+    pub tags: Vec<String>,
+    /// Keys of the same tenant this entry depends on.
+    pub depends_on: Vec<String>,
+    /// Token from an earlier miss.
+    pub fill_token: Option<String>,
+}
+
+/// Why a call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// A name or parameter is malformed.
+    #[error(transparent)]
+    Invalid(#[from] InvalidName),
+    /// The value is over `max_value_bytes`.
+    #[error("the value is {size} bytes, over the limit of {limit} bytes")]
+    TooLarge {
+        /// Size sent.
+        size: usize,
+        /// Configured limit.
+        limit: usize,
+    },
+    /// Neither L1 nor L2 can answer.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+impl From<AgentError> for ApiError {
+    fn from(e: AgentError) -> Self {
+        use actix_web::http::StatusCode;
+        match e {
+            AgentError::Invalid(n) => n.into(),
+            e @ AgentError::TooLarge { .. } => {
+                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", e.to_string())
+            }
+            AgentError::Unavailable(m) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", m),
+        }
+    }
+}
+
+fn invalid(code: &'static str, message: String) -> AgentError {
+    AgentError::Invalid(InvalidName { code, message })
+}
+
+impl Agent {
+    /// Builds an agent; nothing connects yet, so Redis may be down.
+    pub fn new(settings: Settings, node_id: String, addr: String) -> Result<Agent, String> {
+        let pool = shared::service::redis_pool(&settings.redis_url, settings.redis_pool_size)?;
+        let redis = redis::Client::open(settings.redis_url.as_str()).map_err(|e| format!("bad redis_url: {e}"))?;
+        let metrics = Metrics::new();
+        metrics.l1_capacity.set(i64::try_from(settings.l1_max_bytes).unwrap_or(i64::MAX));
+        Ok(Agent(Arc::new(Inner {
+            l1: L1::new(settings.l1_max_bytes),
+            settings,
+            node_id,
+            addr,
+            pool,
+            redis,
+            sync: SyncState::default(),
+            metrics,
+        })))
+    }
+
+    /// Shared state, for the HTTP layer and the background tasks.
+    pub fn inner(&self) -> &Inner {
+        &self.0
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> &str {
+        &self.0.node_id
+    }
+
+    async fn conn(&self) -> Result<deadpool_redis::Connection, AgentError> {
+        self.0.pool.get().await.map_err(|e| self.l2_failed(e))
+    }
+
+    fn l2_failed(&self, e: impl std::fmt::Display) -> AgentError {
+        self.0.metrics.l2_errors.inc();
+        AgentError::Unavailable(format!("Redis is unreachable ({e}) and L1 does not hold this key; retry shortly"))
+    }
+
+    /// Reads a key: L1, then L2 (filling L1), else a miss with a fill token.
+    pub async fn get(&self, tenant: &str, key: &str) -> Result<Read, AgentError> {
+        names::validate_tenant(tenant)?;
+        names::validate_key(key)?;
+        let m = &self.0.metrics;
+        if let Some(entry) = self.0.l1.get(tenant, key) {
+            m.hits.with_label_values(&["l1"]).inc();
+            return Ok(Read::Hit { entry, layer: Layer::L1 });
+        }
+        m.misses.with_label_values(&["l1"]).inc();
+
+        // Taken before L2 is read: an invalidation applied meanwhile voids the fill.
+        let guard = self.0.l1.fill_guard(tenant);
+        let mut conn = self.conn().await?;
+        let lookup = l2::get(&mut conn, tenant, key).await.map_err(|e| self.l2_failed(e))?;
+        match lookup.entry {
+            Some(found) => {
+                m.hits.with_label_values(&["l2"]).inc();
+                let entry = l1::Entry::new(
+                    Bytes::from(found.value),
+                    found.content_type,
+                    found.tags,
+                    found.depends_on,
+                    Duration::from_millis(found.ttl_ms),
+                );
+                self.0.l1.insert(tenant, key, entry.clone(), guard);
+                Ok(Read::Hit { entry: Arc::new(entry), layer: Layer::L2 })
+            }
+            None => {
+                m.misses.with_label_values(&["l2"]).inc();
+                Ok(Read::Miss { fill_token: lookup.token.encode() })
+            }
+        }
+    }
+
+    /// Stores a value in L2 and in this agent's L1.
+    pub async fn put(&self, tenant: &str, key: &str, put: Put) -> Result<(), AgentError> {
+        names::validate_tenant(tenant)?;
+        names::validate_key(key)?;
+        let s = &self.0.settings;
+        if put.value.len() > s.max_value_bytes {
+            return Err(AgentError::TooLarge { size: put.value.len(), limit: s.max_value_bytes });
+        }
+        let ttl_secs = put.ttl_secs.unwrap_or(s.default_ttl_secs);
+        if ttl_secs == 0 || ttl_secs > s.max_ttl_secs {
+            return Err(invalid("invalid_ttl", format!("ttl must be between 1 and {} seconds", s.max_ttl_secs)));
+        }
+        for tag in &put.tags {
+            names::validate_tag(tag)?;
+        }
+        for dep in &put.depends_on {
+            names::validate_key(dep).map_err(|e| invalid("invalid_depends_on", format!("depends_on: {}", e.message)))?;
+        }
+        if let Some(token) = &put.fill_token {
+            if FillToken::decode(token).is_none() {
+                return Err(invalid(
+                    "invalid_fill_token",
+                    "fill_token is not one this service issued; use the X-Cache-Fill-Token of a 404".into(),
+                ));
+            }
+        }
+        let content_type =
+            if put.content_type.is_empty() { "application/octet-stream".to_string() } else { put.content_type };
+
+        let guard = self.0.l1.fill_guard(tenant);
+        let stored = l2::Entry {
+            value: put.value.to_vec(),
+            content_type: content_type.clone(),
+            tags: put.tags.clone(),
+            depends_on: put.depends_on.clone(),
+            ttl_ms: ttl_secs * 1000,
+        };
+        let mut conn = self.conn().await?;
+        l2::put(&mut conn, tenant, key, &stored, now_ms()).await.map_err(|e| self.l2_failed(e))?;
+        let entry = l1::Entry::new(put.value, content_type, put.tags, put.depends_on, Duration::from_secs(ttl_secs));
+        self.0.l1.insert(tenant, key, entry, guard);
+        Ok(())
+    }
+
+    /// Invalidates a key everywhere, through the same path as the coordinator's,
+    /// and drops it (and its dependents) from this agent's L1 at once.
+    pub async fn delete(&self, tenant: &str, key: &str) -> Result<Outcome, AgentError> {
+        names::validate_tenant(tenant)?;
+        names::validate_key(key)?;
+        let request = Request {
+            items: vec![Selector { tenant: tenant.into(), keys: vec![key.into()], cascade: true, ..Selector::default() }],
+            event_ids: Vec::new(),
+            origin: format!("agent@{}", self.0.node_id),
+        };
+        let mut conn = self.conn().await?;
+        let outcome = invalidation::execute(&mut conn, request, self.0.settings.log_max_len)
+            .await
+            .map_err(|e| self.l2_failed(e))?;
+        // Read-your-writes on this agent; the broadcast applies it again, harmlessly.
+        for selector in &outcome.invalidated {
+            self.0.l1.apply(selector);
+        }
+        Ok(outcome)
+    }
+
+    /// Whether the agent can do its job, or why not.
+    pub fn readiness(&self) -> Result<(), &'static str> {
+        let s = &self.0.sync;
+        if !s.redis_ok.load(Ordering::Acquire) {
+            Err("redis_unreachable")
+        } else if !s.subscribed.load(Ordering::Acquire) {
+            Err("not_subscribed")
+        } else if !s.caught_up.load(Ordering::Acquire) {
+            Err("catching_up")
+        } else {
+            Ok(())
+        }
+    }
+
+    /// This agent as `GET /v1/status` shows it.
+    pub fn status(&self) -> Status {
+        let i = &self.0;
+        let m = &i.metrics;
+        let l1_hits = m.hits.with_label_values(&["l1"]).get();
+        let l1_misses = m.misses.with_label_values(&["l1"]).get();
+        Status {
+            node_id: i.node_id.clone(),
+            addr: i.addr.clone(),
+            ready: self.readiness().is_ok(),
+            not_ready_reason: self.readiness().err(),
+            epoch: crate::sync::lock(&i.sync.epoch).clone(),
+            applied_seq: i.sync.applied_seq.load(Ordering::Acquire),
+            staleness_bound_ms: i.settings.staleness_bound_ms,
+            l1: L1Status {
+                entries: i.l1.entries(),
+                bytes: i.l1.bytes(),
+                capacity: i.l1.capacity(),
+                hits: l1_hits,
+                misses: l1_misses,
+                evictions: i.l1.stats.evictions.load(Ordering::Relaxed),
+                hit_ratio: ratio(l1_hits, l1_misses),
+            },
+            l2: L2Status {
+                hits: m.hits.with_label_values(&["l2"]).get(),
+                misses: m.misses.with_label_values(&["l2"]).get(),
+                errors: m.l2_errors.get(),
+            },
+            invalidations: InvalidationStatus {
+                applied: m.applied.get(),
+                replayed: m.replayed.get(),
+                gaps_detected: m.gaps.get(),
+                full_flushes: m.flushes.get(),
+                entries_dropped: i.l1.stats.invalidated.load(Ordering::Relaxed),
+                fills_refused: i.l1.stats.fills_refused.load(Ordering::Relaxed),
+            },
+        }
+    }
+}
+
+fn ratio(hits: u64, misses: u64) -> f64 {
+    if hits + misses == 0 {
+        0.0
+    } else {
+        hits as f64 / (hits + misses) as f64
+    }
+}
+
+/// `GET /v1/status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    /// Node id.
+    pub node_id: String,
+    /// Cache API address.
+    pub addr: String,
+    /// Ready to serve.
+    pub ready: bool,
+    /// Why not ready, if not.
+    pub not_ready_reason: Option<&'static str>,
+    /// Epoch in sync with.
+    pub epoch: String,
+    /// Highest seq applied.
+    pub applied_seq: u64,
+    /// Configured staleness bound.
+    pub staleness_bound_ms: u64,
+    /// L1 counters.
+    pub l1: L1Status,
+    /// L2 counters.
+    pub l2: L2Status,
+    /// Invalidation counters.
+    pub invalidations: InvalidationStatus,
+}
+
+/// L1 part of the status.
+#[derive(Debug, Clone, Serialize)]
+pub struct L1Status {
+    /// Entries held.
+    pub entries: u64,
+    /// Bytes held.
+    pub bytes: u64,
+    /// Capacity in bytes.
+    pub capacity: u64,
+    /// Hits.
+    pub hits: u64,
+    /// Misses.
+    pub misses: u64,
+    /// Evictions for room.
+    pub evictions: u64,
+    /// hits / (hits + misses).
+    pub hit_ratio: f64,
+}
+
+/// L2 part of the status.
+#[derive(Debug, Clone, Serialize)]
+pub struct L2Status {
+    /// Hits.
+    pub hits: u64,
+    /// Misses.
+    pub misses: u64,
+    /// Failed calls.
+    pub errors: u64,
+}
+
+/// Invalidation part of the status.
+#[derive(Debug, Clone, Serialize)]
+pub struct InvalidationStatus {
+    /// Messages applied.
+    pub applied: u64,
+    /// Messages replayed from the log.
+    pub replayed: u64,
+    /// Gaps detected.
+    pub gaps_detected: u64,
+    /// Full flushes.
+    pub full_flushes: u64,
+    /// L1 entries dropped by invalidations.
+    pub entries_dropped: u64,
+    /// Fills kept out of L1 because an invalidation raced them.
+    pub fills_refused: u64,
+}

@@ -1,0 +1,187 @@
+//! The cache API over HTTP: thin handlers that parse, call [`Agent`], and shape
+//! the answer as the contract says. Plus the operational endpoints.
+
+use std::time::Instant;
+
+use actix_web::body::MessageBody;
+use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::http::header::{self, HeaderValue};
+use actix_web::http::StatusCode;
+use actix_web::{web, HttpRequest, HttpResponse};
+use futures_util::StreamExt;
+use percent_encoding::percent_decode_str;
+
+use shared::names::InvalidName;
+use shared::service::{metrics_response, ApiError};
+
+use crate::agent::{Agent, Layer, Put, Read};
+
+/// Registers every route.
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.route("/v1/cache/{rest:.*}", web::get().to(get_entry))
+        .route("/v1/cache/{rest:.*}", web::put().to(put_entry))
+        .route("/v1/cache/{rest:.*}", web::delete().to(delete_entry))
+        .route("/v1/status", web::get().to(status))
+        .route("/healthz", web::get().to(healthz))
+        .route("/readyz", web::get().to(readyz))
+        .route("/metrics", web::get().to(metrics));
+}
+
+/// Splits `/v1/cache/{tenant}/{key}` from the raw (still percent-encoded) path.
+fn tenant_and_key(req: &HttpRequest) -> Result<(String, String), ApiError> {
+    let rest = req.path().strip_prefix("/v1/cache/").unwrap_or_default();
+    let Some((tenant, key)) = rest.split_once('/') else {
+        return Err(ApiError::bad_request("invalid_key", "use /v1/cache/{tenant}/{key}: the key is missing"));
+    };
+    let decode = |s: &str, code: &'static str| {
+        percent_decode_str(s).decode_utf8().map(|c| c.into_owned()).map_err(|_| {
+            ApiError::from(InvalidName { code, message: format!("{code}: the path is not valid percent-encoded UTF-8") })
+        })
+    };
+    Ok((decode(tenant, "invalid_tenant")?, decode(key, "invalid_key")?))
+}
+
+async fn get_entry(req: HttpRequest, agent: web::Data<Agent>) -> Result<HttpResponse, ApiError> {
+    let (tenant, key) = tenant_and_key(&req)?;
+    match agent.get(&tenant, &key).await? {
+        Read::Hit { entry, layer } => {
+            let mut resp = HttpResponse::Ok();
+            resp.insert_header((
+                header::CONTENT_TYPE,
+                HeaderValue::from_str(&entry.content_type)
+                    .unwrap_or(HeaderValue::from_static("application/octet-stream")),
+            ))
+            .insert_header(("X-Cache", if layer == Layer::L1 { "L1" } else { "L2" }))
+            .insert_header(("X-Cache-Tags", entry.tags.join(",")))
+            .insert_header(("X-Cache-TTL", entry.ttl_left().as_secs().to_string()));
+            Ok(resp.body(entry.value.clone()))
+        }
+        Read::Miss { fill_token } => {
+            let err = ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("{tenant}/{key} is not cached; load it and PUT it with the fill token"));
+            let mut resp = actix_web::ResponseError::error_response(&err);
+            if let Ok(v) = HeaderValue::from_str(&fill_token) {
+                resp.headers_mut().insert(header::HeaderName::from_static("x-cache-fill-token"), v);
+            }
+            Ok(resp)
+        }
+    }
+}
+
+/// The PUT query: `ttl`, `tags`, `depends_on` (comma lists, or repeated), `fill_token`.
+fn parse_put_query(query: &str) -> Result<Put, ApiError> {
+    let mut put = Put::default();
+    for (name, value) in form_urlencoded::parse(query.as_bytes()) {
+        match name.as_ref() {
+            "ttl" => {
+                let ttl = value.parse::<u64>().ok().filter(|t| *t >= 1).ok_or_else(|| {
+                    ApiError::bad_request("invalid_ttl", format!("ttl must be a whole number of seconds, at least 1; got {value:?}"))
+                })?;
+                put.ttl_secs = Some(ttl);
+            }
+            "tags" => put.tags.extend(value.split(',').map(str::to_string)),
+            "depends_on" => put.depends_on.extend(value.split(',').map(str::to_string)),
+            "fill_token" => put.fill_token = Some(value.into_owned()),
+            other => {
+                return Err(ApiError::bad_request(
+                    "invalid_query",
+                    format!("unknown parameter {other:?}; PUT takes ttl, tags, depends_on and fill_token"),
+                ))
+            }
+        }
+    }
+    Ok(put)
+}
+
+async fn put_entry(req: HttpRequest, mut body: web::Payload, agent: web::Data<Agent>) -> Result<HttpResponse, ApiError> {
+    let (tenant, key) = tenant_and_key(&req)?;
+    let mut put = parse_put_query(req.query_string())?;
+    let limit = agent.inner().settings.max_value_bytes;
+    let too_large = |size: usize| {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("the value is {size} bytes or more, over the limit of {limit} bytes"),
+        )
+    };
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if let Some(len) = declared.filter(|len| *len > limit) {
+        return Err(too_large(len));
+    }
+    let mut value = web::BytesMut::with_capacity(declared.unwrap_or(0).min(limit));
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|e| ApiError::bad_request("invalid_body", format!("could not read the body: {e}")))?;
+        if value.len() + chunk.len() > limit {
+            return Err(too_large(value.len() + chunk.len()));
+        }
+        value.extend_from_slice(&chunk);
+    }
+    put.value = value.freeze();
+    put.content_type = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    agent.put(&tenant, &key, put).await?;
+    Ok(HttpResponse::NoContent().finish())
+}
+
+async fn delete_entry(req: HttpRequest, agent: web::Data<Agent>) -> Result<HttpResponse, ApiError> {
+    let (tenant, key) = tenant_and_key(&req)?;
+    let outcome = agent.delete(&tenant, &key).await?;
+    Ok(HttpResponse::NoContent().insert_header(("X-Invalidation-Seq", outcome.seq.to_string())).finish())
+}
+
+async fn status(agent: web::Data<Agent>) -> HttpResponse {
+    HttpResponse::Ok().json(agent.status())
+}
+
+async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().json(serde_json::json!({"status": "ok"}))
+}
+
+async fn readyz(agent: web::Data<Agent>) -> Result<HttpResponse, ApiError> {
+    match agent.readiness() {
+        Ok(()) => Ok(HttpResponse::Ok().json(serde_json::json!({"status": "ready"}))),
+        Err(reason) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_ready",
+            format!("not ready: {reason}"),
+        )
+        .with("reason", reason.into())),
+    }
+}
+
+async fn metrics(agent: web::Data<Agent>) -> HttpResponse {
+    let inner = agent.inner();
+    let m = &inner.metrics;
+    m.l1_bytes.set(i64::try_from(inner.l1.bytes()).unwrap_or(i64::MAX));
+    m.l1_entries.set(i64::try_from(inner.l1.entries()).unwrap_or(i64::MAX));
+    m.l1_evictions.set(i64::try_from(inner.l1.stats.evictions.load(std::sync::atomic::Ordering::Relaxed)).unwrap_or(i64::MAX));
+    metrics_response(&m.registry)
+}
+
+/// Middleware body: records the latency of every request by route template.
+pub async fn record_latency<B: MessageBody>(
+    req: ServiceRequest,
+    next: actix_web::middleware::Next<B>,
+) -> Result<ServiceResponse<B>, actix_web::Error> {
+    let start = Instant::now();
+    let method = req.method().to_string();
+    let agent = req.app_data::<web::Data<Agent>>().cloned();
+    let resp = next.call(req).await?;
+    if let Some(agent) = agent {
+        let route = resp.request().match_pattern().unwrap_or_else(|| "unmatched".into());
+        agent
+            .inner()
+            .metrics
+            .http
+            .with_label_values(&[method.as_str(), route.as_str(), resp.status().as_str()])
+            .observe(start.elapsed().as_secs_f64());
+    }
+    Ok(resp)
+}

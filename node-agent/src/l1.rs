@@ -1,0 +1,335 @@
+//! L1: the in-memory cache of one agent, bounded by bytes, with a TTL per entry,
+//! and the indexes that let an invalidation find its entries: per tenant, its
+//! keys (for patterns), tag members, and dependents (`depends_on` edges).
+//!
+//! Reads go straight to moka without any lock. Writes that change what an
+//! invalidation could find (inserts, invalidations, flushes) take the index
+//! lock, so an invalidation never runs between an entry entering the cache and
+//! entering the indexes. A fill that read L2 before an invalidation of its
+//! tenant was applied is refused (see [`FillGuard`]), so an invalidation that
+//! arrives while L2 is being read cannot let the old value in.
+//!
+//! moka reports removals (evictions, expiry, replacement) through a listener
+//! that may run inside a cache call; it only queues the removed entry, and the
+//! queue is folded into the indexes at the next write, matched by generation so
+//! that a replaced entry never removes the index records of its successor.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use moka::notification::RemovalCause;
+use moka::sync::Cache;
+use moka::Expiry;
+
+use shared::glob;
+use shared::protocol::Selector;
+
+/// Identifies an entry: tenant and key.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct EntryKey {
+    /// The tenant.
+    pub tenant: String,
+    /// The key within the tenant.
+    pub key: String,
+}
+
+/// An entry held in L1.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    /// The value.
+    pub value: Bytes,
+    /// Its content type.
+    pub content_type: String,
+    /// Tags it carries.
+    pub tags: Vec<String>,
+    /// Keys it depends on.
+    pub depends_on: Vec<String>,
+    /// When it expires (the same moment as in L2).
+    pub expires_at: Instant,
+    /// Insertion generation, to match index records with this very entry.
+    generation: u64,
+}
+
+impl Entry {
+    /// An entry expiring `ttl` from now.
+    pub fn new(value: Bytes, content_type: String, tags: Vec<String>, depends_on: Vec<String>, ttl: Duration) -> Self {
+        Entry { value, content_type, tags, depends_on, expires_at: Instant::now() + ttl, generation: 0 }
+    }
+
+    /// Time to live left.
+    pub fn ttl_left(&self) -> Duration {
+        self.expires_at.saturating_duration_since(Instant::now())
+    }
+
+    /// Bytes it is charged for: key, tenant, value and metadata.
+    fn weight(&self, key: &EntryKey) -> u32 {
+        let meta: usize = self.tags.iter().chain(&self.depends_on).map(String::len).sum();
+        let total = key.tenant.len() + key.key.len() + self.value.len() + self.content_type.len() + meta;
+        u32::try_from(total).unwrap_or(u32::MAX)
+    }
+}
+
+/// Proof of when a fill started: the tenant's invalidation count before L2 was
+/// read. The fill may enter L1 only if no invalidation of the tenant was applied since.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FillGuard {
+    /// The tenant's count of applied invalidations.
+    invalidations: u64,
+    /// The count of full flushes.
+    flushes: u64,
+}
+
+/// Counters the agent reports.
+#[derive(Debug, Default)]
+pub struct L1Stats {
+    /// Entries removed to make room.
+    pub evictions: AtomicU64,
+    /// Entries dropped by invalidations.
+    pub invalidated: AtomicU64,
+    /// Fills refused because an invalidation of their tenant came in meanwhile.
+    pub fills_refused: AtomicU64,
+}
+
+/// Index records of one tenant; every record holds the generation of the entry it was made for.
+#[derive(Debug, Default)]
+struct TenantIndex {
+    /// Every key of the tenant in L1 (patterns walk this).
+    keys: HashMap<String, u64>,
+    /// Tag -> keys carrying it.
+    tags: HashMap<String, HashMap<String, u64>>,
+    /// Key -> keys that depend on it.
+    dependents: HashMap<String, HashMap<String, u64>>,
+}
+
+#[derive(Debug, Default)]
+struct Indexes {
+    /// Per-tenant index records.
+    tenants: HashMap<String, TenantIndex>,
+    /// Per-tenant count of applied invalidations, for fill guards. Never shrinks,
+    /// so a guard can never match a count from before it was taken.
+    invalidations: HashMap<String, u64>,
+    /// Count of full flushes, also part of every fill guard.
+    flushes: u64,
+}
+
+impl Indexes {
+    fn guard(&self, tenant: &str) -> FillGuard {
+        FillGuard { invalidations: self.invalidations.get(tenant).copied().unwrap_or(0), flushes: self.flushes }
+    }
+}
+
+/// The L1 cache with its indexes; cheap to share behind an `Arc`.
+pub struct L1 {
+    /// The entries; moka bounds them by weight and expires them per entry.
+    cache: Cache<EntryKey, Arc<Entry>>,
+    /// Index records, guarded together with inserts and invalidations.
+    /// A std mutex: it is never held across an await.
+    indexes: Mutex<Indexes>,
+    /// Entries moka removed, waiting to be folded into the indexes.
+    removed: Arc<Mutex<Vec<(EntryKey, Arc<Entry>)>>>,
+    /// Next insertion generation.
+    next_generation: AtomicU64,
+    /// Capacity in bytes.
+    capacity: u64,
+    /// Counters.
+    pub stats: Arc<L1Stats>,
+}
+
+/// Expires each entry at its own `expires_at`.
+struct PerEntryTtl;
+
+impl Expiry<EntryKey, Arc<Entry>> for PerEntryTtl {
+    fn expire_after_create(&self, _: &EntryKey, value: &Arc<Entry>, now: Instant) -> Option<Duration> {
+        Some(value.expires_at.saturating_duration_since(now))
+    }
+
+    fn expire_after_update(
+        &self,
+        _: &EntryKey,
+        value: &Arc<Entry>,
+        now: Instant,
+        _: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(value.expires_at.saturating_duration_since(now))
+    }
+}
+
+impl L1 {
+    /// An empty L1 holding at most `capacity_bytes`.
+    pub fn new(capacity_bytes: u64) -> Self {
+        let stats = Arc::new(L1Stats::default());
+        let removed: Arc<Mutex<Vec<(EntryKey, Arc<Entry>)>>> = Arc::default();
+        let (listener_stats, listener_queue) = (stats.clone(), removed.clone());
+        let cache = Cache::builder()
+            .max_capacity(capacity_bytes)
+            .weigher(|k: &EntryKey, v: &Arc<Entry>| v.weight(k))
+            .expire_after(PerEntryTtl)
+            .eviction_listener(move |key: Arc<EntryKey>, value: Arc<Entry>, cause: RemovalCause| {
+                if cause == RemovalCause::Size {
+                    listener_stats.evictions.fetch_add(1, Ordering::Relaxed);
+                }
+                lock(&listener_queue).push(((*key).clone(), value));
+            })
+            .build();
+        L1 {
+            cache,
+            indexes: Mutex::default(),
+            removed,
+            next_generation: AtomicU64::new(1),
+            capacity: capacity_bytes,
+            stats,
+        }
+    }
+
+    /// The entry, if L1 holds it and it has not expired.
+    pub fn get(&self, tenant: &str, key: &str) -> Option<Arc<Entry>> {
+        let entry = self.cache.get(&EntryKey { tenant: tenant.to_string(), key: key.to_string() })?;
+        (entry.expires_at > Instant::now()).then_some(entry)
+    }
+
+    /// Takes a guard before reading L2 for a fill of `tenant`.
+    pub fn fill_guard(&self, tenant: &str) -> FillGuard {
+        self.lock_indexes().guard(tenant)
+    }
+
+    /// Stores an entry unless an invalidation of its tenant was applied after
+    /// `guard` was taken. Returns whether it was stored.
+    pub fn insert(&self, tenant: &str, key: &str, mut entry: Entry, guard: FillGuard) -> bool {
+        let mut idx = self.lock_indexes();
+        if idx.guard(tenant) != guard {
+            self.stats.fills_refused.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
+        entry.generation = generation;
+        let t = idx.tenants.entry(tenant.to_string()).or_default();
+        t.keys.insert(key.to_string(), generation);
+        for tag in &entry.tags {
+            t.tags.entry(tag.clone()).or_default().insert(key.to_string(), generation);
+        }
+        for dep in &entry.depends_on {
+            t.dependents.entry(dep.clone()).or_default().insert(key.to_string(), generation);
+        }
+        self.cache.insert(EntryKey { tenant: tenant.to_string(), key: key.to_string() }, Arc::new(entry));
+        true
+    }
+
+    /// Drops every entry the selector covers: its keys, the members of its tags,
+    /// the tenant's keys matching its patterns and, with `cascade`, every entry
+    /// depending on one of those, transitively. Returns how many were dropped.
+    pub fn apply(&self, selector: &Selector) -> usize {
+        let mut idx = self.lock_indexes();
+        *idx.invalidations.entry(selector.tenant.clone()).or_insert(0) += 1;
+        let Some(t) = idx.tenants.get(&selector.tenant) else { return 0 };
+
+        let mut doomed: HashSet<&str> = selector.keys.iter().map(String::as_str).collect();
+        for tag in &selector.tags {
+            if let Some(members) = t.tags.get(tag) {
+                doomed.extend(members.keys().map(String::as_str));
+            }
+        }
+        for pattern in &selector.patterns {
+            doomed.extend(t.keys.keys().map(String::as_str).filter(|k| glob::matches(pattern, k)));
+        }
+        if selector.cascade {
+            let mut frontier: Vec<&str> = doomed.iter().copied().collect();
+            while let Some(key) = frontier.pop() {
+                for dependent in t.dependents.get(key).into_iter().flat_map(HashMap::keys) {
+                    if doomed.insert(dependent) {
+                        frontier.push(dependent);
+                    }
+                }
+            }
+        }
+
+        let mut dropped = 0;
+        for key in doomed {
+            let entry_key = EntryKey { tenant: selector.tenant.clone(), key: key.to_string() };
+            if self.cache.remove(&entry_key).is_some() {
+                dropped += 1;
+            }
+        }
+        self.stats.invalidated.fetch_add(dropped as u64, Ordering::Relaxed);
+        dropped
+    }
+
+    /// Drops everything (used when L1 cannot be proven fresh). Fills guarded
+    /// before the flush are refused afterwards, whatever their tenant.
+    pub fn flush(&self) {
+        let mut idx = self.lock_indexes();
+        idx.flushes += 1;
+        idx.tenants.clear();
+        self.cache.invalidate_all();
+    }
+
+    /// Entries held (after pending maintenance).
+    pub fn entries(&self) -> u64 {
+        self.cache.run_pending_tasks();
+        self.cache.entry_count()
+    }
+
+    /// Bytes held, keys and values counted.
+    pub fn bytes(&self) -> u64 {
+        self.cache.run_pending_tasks();
+        self.cache.weighted_size()
+    }
+
+    /// Capacity in bytes.
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    /// Runs moka's pending work and folds removals into the indexes; called
+    /// periodically so that index records do not outlive their entries for long.
+    pub fn maintain(&self) {
+        self.cache.run_pending_tasks();
+        drop(self.lock_indexes());
+    }
+
+    /// Locks the indexes, first folding in what moka removed meanwhile.
+    fn lock_indexes(&self) -> MutexGuard<'_, Indexes> {
+        let mut idx = lock(&self.indexes);
+        let removed = std::mem::take(&mut *lock(&self.removed));
+        for (key, entry) in removed {
+            forget(&mut idx, &key, &entry);
+        }
+        idx
+    }
+}
+
+/// Removes the index records that were made for this very entry.
+fn forget(idx: &mut Indexes, key: &EntryKey, entry: &Entry) {
+    let Some(t) = idx.tenants.get_mut(&key.tenant) else { return };
+    let generation = entry.generation;
+    let drop_record = |map: &mut HashMap<String, HashMap<String, u64>>, name: &str| {
+        if let Some(members) = map.get_mut(name) {
+            if members.get(&key.key) == Some(&generation) {
+                members.remove(&key.key);
+            }
+            if members.is_empty() {
+                map.remove(name);
+            }
+        }
+    };
+    for tag in &entry.tags {
+        drop_record(&mut t.tags, tag);
+    }
+    for dep in &entry.depends_on {
+        drop_record(&mut t.dependents, dep);
+    }
+    if t.keys.get(&key.key) == Some(&generation) {
+        t.keys.remove(&key.key);
+    }
+    if t.keys.is_empty() && t.tags.is_empty() && t.dependents.is_empty() {
+        idx.tenants.remove(&key.tenant);
+    }
+}
+
+/// Locks a std mutex, recovering the data if a panicking thread poisoned it:
+/// the indexes stay usable (at worst they over-invalidate).
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}

@@ -1,0 +1,35 @@
+//! The node agent: an L1 cache in memory, Redis as the shared L2, kept coherent
+//! by the coordinator's invalidation log. It runs as a sidecar (the
+//! `node-agent` binary) or inside a Rust app (this library).
+//!
+//! # Layout, in the order data flows
+//! - [`settings`]: configuration layers and flags.
+//! - [`agent`]: reads, writes and deletes through L1 and L2; status.
+//! - [`l1`]: the in-memory cache and its tag, pattern and dependency indexes.
+//! - [`sync`]: the subscriber (applies invalidations to L1, in seq order,
+//!   replaying gaps) and the heartbeat.
+//! - [`api`]: the HTTP cache API and operational endpoints.
+//! - [`server`]: binding, background tasks, graceful shutdown.
+//! - [`metrics`]: Prometheus metrics.
+//!
+//! # Embedding
+//! ```no_run
+//! # async fn demo() -> anyhow::Result<()> {
+//! use node_agent::{agent::{Agent, Read}, settings::Settings};
+//! let agent = Agent::new(Settings::default(), "app-1".into(), String::new()).map_err(anyhow::Error::msg)?;
+//! let stop = tokio_util::sync::CancellationToken::new();
+//! let _tasks = node_agent::sync::spawn(&agent, stop.clone());
+//! if let Read::Hit { entry, .. } = agent.get("acme", "supplier:42").await? {
+//!     println!("{} bytes", entry.value.len());
+//! }
+//! stop.cancel();
+//! # Ok(()) }
+//! ```
+
+pub mod agent;
+pub mod api;
+pub mod l1;
+pub mod metrics;
+pub mod server;
+pub mod settings;
+pub mod sync;

@@ -1,0 +1,87 @@
+//! The agent's Prometheus metrics. The counters are also the source of the
+//! numbers in `GET /v1/status`, so the two never disagree.
+
+use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use shared::service::register;
+
+/// Every metric the agent exports.
+pub struct Metrics {
+    /// The registry `/metrics` renders.
+    pub registry: Registry,
+    /// Hits per layer (`l1`, `l2`).
+    pub hits: IntCounterVec,
+    /// Misses per layer (`l1`, `l2`).
+    pub misses: IntCounterVec,
+    /// Failed L2 calls.
+    pub l2_errors: IntCounter,
+    /// Bytes in L1 (set when scraped).
+    pub l1_bytes: IntGauge,
+    /// Entries in L1 (set when scraped).
+    pub l1_entries: IntGauge,
+    /// Capacity of L1 in bytes.
+    pub l1_capacity: IntGauge,
+    /// Entries evicted from L1 for room (set when scraped).
+    pub l1_evictions: IntGauge,
+    /// Invalidation messages applied to L1 (live or replayed).
+    pub applied: IntCounter,
+    /// Messages applied from the log after a gap.
+    pub replayed: IntCounter,
+    /// Gaps in sequence numbers detected.
+    pub gaps: IntCounter,
+    /// Full flushes of L1.
+    pub flushes: IntCounter,
+    /// Highest seq applied.
+    pub applied_seq: IntGauge,
+    /// 1 when ready.
+    pub ready: IntGauge,
+    /// From an invalidation being logged to this agent applying it.
+    pub propagation_lag: Histogram,
+    /// HTTP latency.
+    pub http: HistogramVec,
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let counter_vec = |name: &str, help: &str| {
+            register(&registry, IntCounterVec::new(Opts::new(name, help), &["layer"]).unwrap_or_else(|e| panic!("{e}")))
+        };
+        let counter = |name: &str, help: &str| register(&registry, IntCounter::new(name, help).unwrap_or_else(|e| panic!("{e}")));
+        let gauge = |name: &str, help: &str| register(&registry, IntGauge::new(name, help).unwrap_or_else(|e| panic!("{e}")));
+        Metrics {
+            hits: counter_vec("dcc_cache_hits_total", "Cache hits by layer"),
+            misses: counter_vec("dcc_cache_misses_total", "Cache misses by layer"),
+            l2_errors: counter("dcc_l2_errors_total", "Redis calls that failed"),
+            l1_bytes: gauge("dcc_l1_bytes", "Bytes held in L1, keys and values counted"),
+            l1_entries: gauge("dcc_l1_entries", "Entries held in L1"),
+            l1_capacity: gauge("dcc_l1_capacity_bytes", "L1 capacity in bytes"),
+            l1_evictions: gauge("dcc_l1_evictions_total", "Entries evicted from L1 to make room"),
+            applied: counter("dcc_invalidations_applied_total", "Invalidation messages applied to L1"),
+            replayed: counter("dcc_invalidations_replayed_total", "Invalidation messages replayed from the log"),
+            gaps: counter("dcc_invalidation_gaps_total", "Gaps in sequence numbers detected"),
+            flushes: counter("dcc_l1_flushes_total", "Full flushes of L1"),
+            applied_seq: gauge("dcc_applied_seq", "Highest invalidation seq applied"),
+            ready: gauge("dcc_ready", "1 when the agent is ready"),
+            propagation_lag: register(
+                &registry,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "dcc_propagation_lag_seconds",
+                        "Time from an invalidation being logged to this agent applying it",
+                    )
+                    .buckets(vec![0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0]),
+                )
+                .unwrap_or_else(|e| panic!("{e}")),
+            ),
+            http: shared::service::http_latency_histogram(&registry),
+            registry,
+        }
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

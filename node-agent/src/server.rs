@@ -1,0 +1,88 @@
+//! Binds the cache API, starts the background sync tasks, and runs until a
+//! shutdown signal (a future, so tests and embedders can drive it).
+
+use std::future::Future;
+use std::net::SocketAddr;
+
+use actix_web::middleware::from_fn;
+use actix_web::{web, App, HttpServer};
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::agent::Agent;
+use crate::settings::Settings;
+use crate::{api, sync};
+
+/// A bound, not yet running agent server.
+pub struct Application {
+    /// The agent it serves.
+    pub agent: Agent,
+    /// The HTTP server.
+    server: actix_web::dev::Server,
+    /// The address actually bound (useful with port 0).
+    addr: SocketAddr,
+}
+
+impl Application {
+    /// Binds the listener and builds the agent. Redis is not contacted yet.
+    pub fn build(settings: Settings) -> anyhow::Result<Application> {
+        let listener = std::net::TcpListener::bind(&settings.bind)
+            .map_err(|e| anyhow::anyhow!("cannot bind {}: {e}", settings.bind))?;
+        let addr = listener.local_addr()?;
+        let node_id = settings
+            .node_id
+            .clone()
+            .unwrap_or_else(|| format!("{}:{}", gethostname::gethostname().to_string_lossy(), addr.port()));
+        let workers = match settings.http_workers {
+            0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
+            n => n,
+        };
+        let body_limit = settings.max_value_bytes;
+        let agent = Agent::new(settings, node_id, addr.to_string()).map_err(|e| anyhow::anyhow!(e))?;
+        let data = web::Data::new(agent.clone());
+        let server = HttpServer::new(move || {
+            App::new()
+                .app_data(data.clone())
+                .app_data(shared::service::json_config(body_limit))
+                .app_data(shared::service::query_config())
+                .wrap(from_fn(api::record_latency))
+                .configure(api::configure)
+                .default_service(web::to(shared::service::not_found))
+        })
+        .workers(workers)
+        .disable_signals()
+        .shutdown_timeout(10)
+        .listen(listener)?
+        .run();
+        Ok(Application { agent, server, addr })
+    }
+
+    /// The bound address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Serves until `shutdown` resolves, then stops gracefully: in-flight
+    /// requests finish, background tasks stop, the node deregisters.
+    pub async fn run_until_stopped(self, shutdown: impl Future<Output = &'static str>) -> anyhow::Result<()> {
+        let Application { agent, server, addr } = self;
+        let stop = CancellationToken::new();
+        let tasks = sync::spawn(&agent, stop.clone());
+        info!(%addr, node_id = agent.node_id(), "node agent listening");
+        let handle = server.handle();
+        let mut server = std::pin::pin!(server);
+        tokio::select! {
+            result = &mut server => result?,
+            signal = shutdown => {
+                info!(signal, "shutting down gracefully");
+                handle.stop(true).await;
+            }
+        }
+        stop.cancel();
+        for task in tasks {
+            let _ = task.await;
+        }
+        info!("node agent stopped");
+        Ok(())
+    }
+}

@@ -1,0 +1,136 @@
+//! The agent's settings: defaults, then the TOML file (`--config`), then
+//! `DCC_AGENT_*` environment variables, then flags. Every setting is documented
+//! in the README's configuration reference.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+use serde::Deserialize;
+
+/// Environment variable prefix: `DCC_AGENT_STALENESS_BOUND_MS=1000`.
+pub const ENV_PREFIX: &str = "DCC_AGENT";
+
+/// Command-line flags; each one overrides the file and the environment.
+#[derive(Debug, Parser)]
+#[command(name = "node-agent", version, about = "L1 cache sidecar kept coherent with Redis")]
+pub struct Flags {
+    /// TOML configuration file.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Address to serve the cache API on (`127.0.0.1:0` picks a free port).
+    #[arg(long)]
+    pub bind: Option<String>,
+    /// Redis URL, such as `redis://127.0.0.1:6379`.
+    #[arg(long)]
+    pub redis_url: Option<String>,
+    /// This node's id (default: hostname:port).
+    #[arg(long)]
+    pub node_id: Option<String>,
+    /// Log JSON lines instead of text.
+    #[arg(long)]
+    pub log_json: bool,
+}
+
+/// The settings tree.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    /// Address of the cache API.
+    pub bind: String,
+    /// Redis holding L2, the log and the channel.
+    pub redis_url: String,
+    /// Node id; `None` means hostname:port once bound.
+    pub node_id: Option<String>,
+    /// Longest time L1 may answer without proof of being in sync.
+    pub staleness_bound_ms: u64,
+    /// L1 capacity in bytes, keys and values counted.
+    pub l1_max_bytes: u64,
+    /// Largest value accepted by PUT.
+    pub max_value_bytes: usize,
+    /// TTL when a PUT gives none.
+    pub default_ttl_secs: u64,
+    /// Largest TTL accepted.
+    pub max_ttl_secs: u64,
+    /// How often the agent reports itself and checks the log head.
+    pub heartbeat_interval_ms: u64,
+    /// Length the invalidation log is trimmed to (for DELETEs this agent logs).
+    pub log_max_len: u64,
+    /// Redis connections in the pool.
+    pub redis_pool_size: usize,
+    /// HTTP worker threads (0: one per core).
+    pub http_workers: usize,
+    /// Log JSON lines.
+    pub log_json: bool,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            bind: "127.0.0.1:7701".into(),
+            redis_url: "redis://127.0.0.1:6379".into(),
+            node_id: None,
+            staleness_bound_ms: 2000,
+            l1_max_bytes: 256 * 1024 * 1024,
+            max_value_bytes: 1024 * 1024,
+            default_ttl_secs: 300,
+            max_ttl_secs: 365 * 24 * 3600,
+            heartbeat_interval_ms: 500,
+            log_max_len: 100_000,
+            redis_pool_size: 32,
+            http_workers: 0,
+            log_json: false,
+        }
+    }
+}
+
+impl Settings {
+    /// Loads the layers and checks the result; every problem is reported at once.
+    pub fn load(flags: &Flags) -> Result<Settings, String> {
+        let overrides = [
+            ("bind", flags.bind.clone()),
+            ("redis_url", flags.redis_url.clone()),
+            ("node_id", flags.node_id.clone()),
+            ("log_json", flags.log_json.then(|| "true".to_string())),
+        ];
+        let settings: Settings = shared::service::load_settings(flags.config.as_deref(), ENV_PREFIX, &overrides)
+            .map_err(|e| format!("configuration error: {e}"))?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Checks values that would make the agent misbehave.
+    pub fn validate(&self) -> Result<(), String> {
+        let mut problems = Vec::new();
+        if self.l1_max_bytes == 0 {
+            problems.push("l1_max_bytes must be at least 1");
+        }
+        if self.max_value_bytes == 0 {
+            problems.push("max_value_bytes must be at least 1");
+        }
+        if self.default_ttl_secs == 0 || self.default_ttl_secs > self.max_ttl_secs {
+            problems.push("default_ttl_secs must be between 1 and max_ttl_secs");
+        }
+        if self.staleness_bound_ms == 0 {
+            problems.push("staleness_bound_ms must be at least 1");
+        }
+        if self.heartbeat_interval_ms == 0 || self.heartbeat_interval_ms * 2 > self.staleness_bound_ms {
+            problems.push("heartbeat_interval_ms must be at least 1 and at most half of staleness_bound_ms");
+        }
+        if self.redis_pool_size == 0 {
+            problems.push("redis_pool_size must be at least 1");
+        }
+        if let Some(id) = &self.node_id {
+            if id.is_empty() || id.len() > 128 || id.chars().any(|c| c.is_control() || c.is_whitespace()) {
+                problems.push("node_id must be 1 to 128 characters without whitespace or control characters");
+            }
+        }
+        if redis::Client::open(self.redis_url.as_str()).is_err() {
+            problems.push("redis_url is not a valid Redis URL");
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("configuration error: {}", problems.join("; ")))
+        }
+    }
+}

@@ -1,0 +1,284 @@
+//! Keeping L1 in sync with the invalidation log: the subscriber that applies
+//! every broadcast message to L1 in seq order, and the heartbeat that reports
+//! this node and checks the log head.
+//!
+//! The L1 side of the invalidation path, from a message arriving to an entry
+//! disappearing, is [`on_message`] → [`apply_in_order`] → [`apply`] →
+//! [`crate::l1::L1::apply`].
+//!
+//! Order and gaps: messages carry a contiguous seq within an epoch. A message
+//! whose seq is not the next one means some were missed: they are replayed from
+//! the log, or L1 is flushed when the log no longer holds them. A new epoch
+//! means Redis lost its data: L1 is flushed. After every (re)subscription the
+//! agent compares its applied seq with the log head and catches up the same way.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use shared::invalidation::read_log;
+use shared::protocol::{now_ms, InvalidationMessage, NodeReport};
+use shared::service::Backoff;
+use shared::{l2, schema};
+
+use crate::agent::Agent;
+
+/// Starts the subscriber and the heartbeat; both stop when `shutdown` is cancelled.
+pub fn spawn(agent: &Agent, shutdown: CancellationToken) -> Vec<JoinHandle<()>> {
+    vec![
+        tokio::spawn(subscribe_loop(agent.clone(), shutdown.clone())),
+        tokio::spawn(heartbeat_loop(agent.clone(), shutdown)),
+    ]
+}
+
+/// Subscribes, catches up, applies messages; on any loss, starts over with backoff.
+async fn subscribe_loop(agent: Agent, shutdown: CancellationToken) {
+    let sync = &agent.inner().sync;
+    let mut backoff = Backoff::default();
+    while !shutdown.is_cancelled() {
+        match subscribe_and_apply(&agent, &shutdown, &mut backoff).await {
+            Ok(()) => return,
+            Err(e) => warn!(error = %e, "invalidation subscription lost; reconnecting"),
+        }
+        sync.subscribed.store(false, Ordering::Release);
+        sync.caught_up.store(false, Ordering::Release);
+        tokio::select! {
+            _ = backoff.wait() => {}
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// One subscription's life. Returns `Ok` only on shutdown.
+async fn subscribe_and_apply(
+    agent: &Agent,
+    shutdown: &CancellationToken,
+    backoff: &mut Backoff,
+) -> anyhow::Result<()> {
+    let inner = agent.inner();
+    let mut pubsub = tokio::time::timeout(Duration::from_secs(2), inner.redis.get_async_pubsub()).await??;
+    pubsub.subscribe(schema::CHANNEL).await?;
+    // Subscribed first, then read the head: nothing logged can fall between the two.
+    catch_up(agent).await?;
+    inner.sync.subscribed.store(true, Ordering::Release);
+    inner.sync.caught_up.store(true, Ordering::Release);
+    backoff.reset();
+    info!(applied_seq = inner.sync.applied_seq.load(Ordering::Acquire), "subscribed to invalidations");
+
+    let mut messages = pubsub.on_message();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            msg = messages.next() => match msg {
+                Some(msg) => on_message(agent, msg.get_payload_bytes()).await?,
+                None => anyhow::bail!("the subscription connection closed"),
+            },
+        }
+    }
+}
+
+/// Brings L1 up to the log head after (re)subscribing.
+async fn catch_up(agent: &Agent) -> anyhow::Result<()> {
+    let inner = agent.inner();
+    let mut conn = inner.pool.get().await?;
+    let (epoch, head) = l2::head(&mut conn).await?;
+    let known = lock(&inner.sync.epoch).clone();
+    if known.is_empty() {
+        // First contact: L1 holds nothing yet, so it is in sync at the head.
+        info!(%epoch, head, "joined the invalidation log");
+        adopt(agent, epoch, head);
+    } else if known != epoch {
+        flush(agent, "Redis lost its data (new epoch)");
+        adopt(agent, epoch, head);
+    } else {
+        let applied = inner.sync.applied_seq.load(Ordering::Acquire);
+        if head > applied {
+            inner.metrics.gaps.inc();
+            replay_or_flush(agent, &mut conn, applied + 1, head, &epoch).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Handles one broadcast payload.
+async fn on_message(agent: &Agent, payload: &[u8]) -> anyhow::Result<()> {
+    match InvalidationMessage::decode(payload) {
+        Ok(msg) => apply_in_order(agent, msg).await,
+        Err(e) => {
+            // It may have invalidated anything: nothing in L1 can be proven fresh.
+            agent.inner().metrics.gaps.inc();
+            flush(agent, &format!("unreadable invalidation message: {e}"));
+            Ok(())
+        }
+    }
+}
+
+/// Applies a message after any it should follow: replays a gap first, flushes
+/// on a new epoch, and ignores what was applied already.
+async fn apply_in_order(agent: &Agent, msg: InvalidationMessage) -> anyhow::Result<()> {
+    let inner = agent.inner();
+    let known = lock(&inner.sync.epoch).clone();
+    if msg.epoch != known {
+        flush(agent, "Redis lost its data (new epoch)");
+        adopt(agent, msg.epoch.clone(), msg.seq.saturating_sub(1));
+    }
+    let applied = inner.sync.applied_seq.load(Ordering::Acquire);
+    if msg.seq <= applied {
+        return Ok(());
+    }
+    if msg.seq > applied + 1 {
+        inner.metrics.gaps.inc();
+        let mut conn = inner.pool.get().await?;
+        replay_or_flush(agent, &mut conn, applied + 1, msg.seq - 1, &msg.epoch).await?;
+    }
+    apply(agent, &msg);
+    Ok(())
+}
+
+/// Replays `from..=to` from the log, or flushes L1 when the log lost some of them.
+async fn replay_or_flush(
+    agent: &Agent,
+    conn: &mut deadpool_redis::Connection,
+    from: u64,
+    to: u64,
+    epoch: &str,
+) -> anyhow::Result<()> {
+    let inner = agent.inner();
+    match read_log(conn, from, to).await? {
+        Some(messages) if messages.iter().all(|m| m.epoch == epoch) => {
+            info!(from, to, "replaying missed invalidations from the log");
+            for msg in &messages {
+                apply(agent, msg);
+                inner.metrics.replayed.inc();
+            }
+        }
+        _ => {
+            flush(agent, &format!("missed invalidations {from}..={to} are no longer in the log"));
+            adopt(agent, epoch.to_string(), to);
+        }
+    }
+    Ok(())
+}
+
+/// Applies one message to L1 and records it as applied.
+fn apply(agent: &Agent, msg: &InvalidationMessage) {
+    let inner = agent.inner();
+    let mut dropped = 0;
+    for selector in &msg.invalidations {
+        dropped += inner.l1.apply(selector);
+    }
+    inner.sync.applied_seq.fetch_max(msg.seq, Ordering::AcqRel);
+    inner.metrics.applied.inc();
+    inner.metrics.applied_seq.set(i64::try_from(msg.seq).unwrap_or(i64::MAX));
+    let lag_ms = now_ms().saturating_sub(msg.ts_ms);
+    inner.metrics.propagation_lag.observe(lag_ms as f64 / 1000.0);
+    debug!(seq = msg.seq, dropped, lag_ms, "applied invalidation");
+}
+
+/// Drops all of L1.
+fn flush(agent: &Agent, why: &str) {
+    warn!(reason = why, "flushing L1");
+    agent.inner().l1.flush();
+    agent.inner().metrics.flushes.inc();
+}
+
+/// Records that L1 is in sync with `epoch` up to `seq`.
+fn adopt(agent: &Agent, epoch: String, seq: u64) {
+    let sync = &agent.inner().sync;
+    *lock(&sync.epoch) = epoch;
+    sync.applied_seq.store(seq, Ordering::Release);
+    agent.inner().metrics.applied_seq.set(i64::try_from(seq).unwrap_or(i64::MAX));
+}
+
+/// Reports this node to Redis and checks that it keeps up with the log head.
+async fn heartbeat_loop(agent: Agent, shutdown: CancellationToken) {
+    let inner = agent.inner();
+    let mut ticker = tokio::time::interval(Duration::from_millis(inner.settings.heartbeat_interval_ms));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The head seen one beat ago: everything in it must be applied by now.
+    let mut previous_head = 0;
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = shutdown.cancelled() => {
+                deregister(&agent).await;
+                return;
+            }
+        }
+        inner.l1.maintain();
+        match beat(&agent).await {
+            Ok(head) => {
+                inner.sync.redis_ok.store(true, Ordering::Release);
+                let applied = inner.sync.applied_seq.load(Ordering::Acquire);
+                let subscribed = inner.sync.subscribed.load(Ordering::Acquire);
+                inner.sync.caught_up.store(subscribed && applied >= previous_head.min(head), Ordering::Release);
+                previous_head = head;
+            }
+            Err(e) => {
+                if inner.sync.redis_ok.swap(false, Ordering::AcqRel) {
+                    warn!(error = %e, "heartbeat failed: Redis unreachable");
+                }
+            }
+        }
+        inner.metrics.ready.set(i64::from(agent.readiness().is_ok()));
+    }
+}
+
+/// Writes this node's report and returns the log head.
+async fn beat(agent: &Agent) -> anyhow::Result<u64> {
+    let inner = agent.inner();
+    let status = agent.status();
+    let report = NodeReport {
+        node_id: inner.node_id.clone(),
+        addr: inner.addr.clone(),
+        ready: status.ready,
+        epoch: status.epoch,
+        applied_seq: status.applied_seq,
+        l1_entries: status.l1.entries,
+        l1_bytes: status.l1.bytes,
+        hit_ratio: status.l1.hit_ratio,
+        staleness_bound_ms: inner.settings.staleness_bound_ms,
+        ts_ms: now_ms(),
+    };
+    let mut conn = tokio::time::timeout(Duration::from_secs(2), inner.pool.get()).await??;
+    let (head,): (Option<u64>,) = redis::pipe()
+        .set_options(
+            schema::node(&inner.node_id),
+            serde_json::to_string(&report)?,
+            redis::SetOptions::default().with_expiration(redis::SetExpiry::PX(24 * 3600 * 1000)),
+        )
+        .ignore()
+        .zadd(schema::NODES, &inner.node_id, report.ts_ms)
+        .ignore()
+        .get(schema::SEQ)
+        .query_async(&mut conn)
+        .await?;
+    Ok(head.unwrap_or(0))
+}
+
+/// Removes this node from the registry on a clean shutdown, so that nobody waits for it.
+async fn deregister(agent: &Agent) {
+    let inner = agent.inner();
+    if let Ok(mut conn) = inner.pool.get().await {
+        let result: redis::RedisResult<()> = redis::pipe()
+            .zrem(schema::NODES, &inner.node_id)
+            .ignore()
+            .del(schema::node(&inner.node_id))
+            .ignore()
+            .query_async(&mut conn)
+            .await;
+        if let Err(e) = result {
+            warn!(error = %e, "could not deregister this node");
+        }
+    }
+}
+
+/// Locks a std mutex, recovering from poisoning (the data is a plain value).
+pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
