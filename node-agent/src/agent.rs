@@ -60,6 +60,8 @@ pub struct SyncState {
     pub redis_ok: AtomicBool,
     /// Everything logged one heartbeat ago has been applied.
     pub caught_up: AtomicBool,
+    /// Wakes the acknowledger when `applied_seq` moves.
+    pub applied: tokio::sync::Notify,
 }
 
 /// Which layer answered a read.

@@ -1,18 +1,13 @@
 //! The cache API over HTTP: thin handlers that parse, call [`Agent`], and shape
 //! the answer as the contract says. Plus the operational endpoints.
 
-use std::time::Instant;
-
-use actix_web::body::MessageBody;
-use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::http::header::{self, HeaderValue};
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
-use futures_util::StreamExt;
 use percent_encoding::percent_decode_str;
 
 use shared::names::InvalidName;
-use shared::service::{metrics_response, ApiError};
+use shared::service::{metrics_response, read_body, ApiError};
 
 use crate::agent::{Agent, Layer, Put, Read};
 
@@ -92,34 +87,10 @@ fn parse_put_query(query: &str) -> Result<Put, ApiError> {
     Ok(put)
 }
 
-async fn put_entry(req: HttpRequest, mut body: web::Payload, agent: web::Data<Agent>) -> Result<HttpResponse, ApiError> {
+async fn put_entry(req: HttpRequest, body: web::Payload, agent: web::Data<Agent>) -> Result<HttpResponse, ApiError> {
     let (tenant, key) = tenant_and_key(&req)?;
     let mut put = parse_put_query(req.query_string())?;
-    let limit = agent.inner().settings.max_value_bytes;
-    let too_large = |size: usize| {
-        ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "payload_too_large",
-            format!("the value is {size} bytes or more, over the limit of {limit} bytes"),
-        )
-    };
-    let declared = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok());
-    if let Some(len) = declared.filter(|len| *len > limit) {
-        return Err(too_large(len));
-    }
-    let mut value = web::BytesMut::with_capacity(declared.unwrap_or(0).min(limit));
-    while let Some(chunk) = body.next().await {
-        let chunk = chunk.map_err(|e| ApiError::bad_request("invalid_body", format!("could not read the body: {e}")))?;
-        if value.len() + chunk.len() > limit {
-            return Err(too_large(value.len() + chunk.len()));
-        }
-        value.extend_from_slice(&chunk);
-    }
-    put.value = value.freeze();
+    put.value = read_body(&req, body, agent.inner().settings.max_value_bytes).await?;
     put.content_type = req
         .headers()
         .get(header::CONTENT_TYPE)
@@ -163,25 +134,4 @@ async fn metrics(agent: web::Data<Agent>) -> HttpResponse {
     m.l1_entries.set(i64::try_from(inner.l1.entries()).unwrap_or(i64::MAX));
     m.l1_evictions.set(i64::try_from(inner.l1.stats.evictions.load(std::sync::atomic::Ordering::Relaxed)).unwrap_or(i64::MAX));
     metrics_response(&m.registry)
-}
-
-/// Middleware body: records the latency of every request by route template.
-pub async fn record_latency<B: MessageBody>(
-    req: ServiceRequest,
-    next: actix_web::middleware::Next<B>,
-) -> Result<ServiceResponse<B>, actix_web::Error> {
-    let start = Instant::now();
-    let method = req.method().to_string();
-    let agent = req.app_data::<web::Data<Agent>>().cloned();
-    let resp = next.call(req).await?;
-    if let Some(agent) = agent {
-        let route = resp.request().match_pattern().unwrap_or_else(|| "unmatched".into());
-        agent
-            .inner()
-            .metrics
-            .http
-            .with_label_values(&[method.as_str(), route.as_str(), resp.status().as_str()])
-            .observe(start.elapsed().as_secs_f64());
-    }
-    Ok(resp)
 }

@@ -40,12 +40,14 @@ impl Application {
         let body_limit = settings.max_value_bytes;
         let agent = Agent::new(settings, node_id, addr.to_string()).map_err(|e| anyhow::anyhow!(e))?;
         let data = web::Data::new(agent.clone());
+        let latency = shared::service::HttpLatency(agent.inner().metrics.http.clone());
         let server = HttpServer::new(move || {
             App::new()
                 .app_data(data.clone())
                 .app_data(shared::service::json_config(body_limit))
                 .app_data(shared::service::query_config())
-                .wrap(from_fn(api::record_latency))
+                .app_data(latency.clone())
+                .wrap(from_fn(shared::service::record_latency))
                 .configure(api::configure)
                 .default_service(web::to(shared::service::not_found))
         })
@@ -75,7 +77,9 @@ impl Application {
             result = &mut server => result?,
             signal = shutdown => {
                 info!(signal, "shutting down gracefully");
-                handle.stop(true).await;
+                // The server future must keep running for the stop to complete.
+                let (_, result) = tokio::join!(handle.stop(true), &mut server);
+                result?;
             }
         }
         stop.cancel();

@@ -32,7 +32,8 @@ use crate::agent::Agent;
 pub fn spawn(agent: &Agent, shutdown: CancellationToken) -> Vec<JoinHandle<()>> {
     vec![
         tokio::spawn(subscribe_loop(agent.clone(), shutdown.clone())),
-        tokio::spawn(heartbeat_loop(agent.clone(), shutdown)),
+        tokio::spawn(heartbeat_loop(agent.clone(), shutdown.clone())),
+        tokio::spawn(acknowledge_loop(agent.clone(), shutdown)),
     ]
 }
 
@@ -173,6 +174,7 @@ fn apply(agent: &Agent, msg: &InvalidationMessage) {
         dropped += inner.l1.apply(selector);
     }
     inner.sync.applied_seq.fetch_max(msg.seq, Ordering::AcqRel);
+    inner.sync.applied.notify_one();
     inner.metrics.applied.inc();
     inner.metrics.applied_seq.set(i64::try_from(msg.seq).unwrap_or(i64::MAX));
     let lag_ms = now_ms().saturating_sub(msg.ts_ms);
@@ -193,6 +195,35 @@ fn adopt(agent: &Agent, epoch: String, seq: u64) {
     *lock(&sync.epoch) = epoch;
     sync.applied_seq.store(seq, Ordering::Release);
     agent.inner().metrics.applied_seq.set(i64::try_from(seq).unwrap_or(i64::MAX));
+}
+
+/// Publishes this node's applied seq to `dcc:acks` as soon as it moves, so the
+/// coordinator sees acknowledgements within a round trip rather than a
+/// heartbeat. Bursts coalesce: while one write is in flight, later applies
+/// only leave the notification set, and the next write carries the newest seq.
+async fn acknowledge_loop(agent: Agent, shutdown: CancellationToken) {
+    let inner = agent.inner();
+    let mut acked = 0;
+    loop {
+        tokio::select! {
+            _ = inner.sync.applied.notified() => {}
+            _ = shutdown.cancelled() => return,
+        }
+        let seq = inner.sync.applied_seq.load(Ordering::Acquire);
+        if seq == acked {
+            continue;
+        }
+        let Ok(mut conn) = inner.pool.get().await else { continue };
+        let written: redis::RedisResult<()> = redis::cmd("HSET")
+            .arg(schema::ACKS)
+            .arg(&inner.node_id)
+            .arg(seq)
+            .query_async(&mut conn)
+            .await;
+        if written.is_ok() {
+            acked = seq;
+        }
+    }
 }
 
 /// Reports this node to Redis and checks that it keeps up with the log head.
@@ -269,6 +300,8 @@ async fn deregister(agent: &Agent) {
             .zrem(schema::NODES, &inner.node_id)
             .ignore()
             .del(schema::node(&inner.node_id))
+            .ignore()
+            .hdel(schema::ACKS, &inner.node_id)
             .ignore()
             .query_async(&mut conn)
             .await;

@@ -8,6 +8,7 @@
 //! | `dcc:log` | stream | the invalidation log; entry id `{seq}-0`, field `m` = message |
 //! | `dcc:inv` | pub/sub channel | every invalidation message, as logged |
 //! | `dcc:nodes` | zset | node id → last heartbeat (Unix ms) |
+//! | `dcc:acks` | hash | node id → highest seq it applied, written as soon as it moves |
 //! | `dcc:node:{node}` | string | the node's last [`NodeReport`](crate::protocol::NodeReport), JSON |
 //! | `dcc:t:{tenant}:v:{key}` | hash | an entry: `v` value, `ct` content type, `tags`, `deps` |
 //! | `dcc:t:{tenant}:keys` | zset | every key of the tenant → expiry (Unix ms); pattern scans walk this |
@@ -27,6 +28,9 @@ pub const LOG: &str = "dcc:log";
 pub const CHANNEL: &str = "dcc:inv";
 /// Registry of nodes by last heartbeat.
 pub const NODES: &str = "dcc:nodes";
+
+/// Acknowledgements: node id → highest seq applied.
+pub const ACKS: &str = "dcc:acks";
 
 /// A node's last report.
 pub fn node(node_id: &str) -> String {

@@ -244,3 +244,59 @@ pub async fn shutdown_signal() -> &'static str {
 pub fn json_ok<T: Serialize>(value: &T) -> HttpResponse {
     HttpResponse::Ok().json(value)
 }
+
+/// Reads a request body up to `limit` bytes; a larger one is refused with 413
+/// as soon as it is known to be larger (from `Content-Length` or while reading).
+pub async fn read_body(
+    req: &actix_web::HttpRequest,
+    mut payload: actix_web::web::Payload,
+    limit: usize,
+) -> Result<actix_web::web::Bytes, ApiError> {
+    use futures_util::StreamExt;
+    let too_large = |size: usize| {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("the body is {size} bytes or more, over the limit of {limit} bytes"),
+        )
+    };
+    let declared = req
+        .headers()
+        .get(actix_web::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if let Some(len) = declared.filter(|len| *len > limit) {
+        return Err(too_large(len));
+    }
+    let mut body = actix_web::web::BytesMut::with_capacity(declared.unwrap_or(0).min(limit));
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(|e| ApiError::bad_request("invalid_body", format!("could not read the body: {e}")))?;
+        if body.len() + chunk.len() > limit {
+            return Err(too_large(body.len() + chunk.len()));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.freeze())
+}
+
+/// The HTTP latency histogram, as app data for [`record_latency`].
+#[derive(Clone)]
+pub struct HttpLatency(pub prometheus::HistogramVec);
+
+/// Middleware (`actix_web::middleware::from_fn`): records every request's
+/// latency by method, route template and status in the app's [`HttpLatency`].
+pub async fn record_latency<B: actix_web::body::MessageBody>(
+    req: actix_web::dev::ServiceRequest,
+    next: actix_web::middleware::Next<B>,
+) -> Result<actix_web::dev::ServiceResponse<B>, actix_web::Error> {
+    let start = std::time::Instant::now();
+    let method = req.method().to_string();
+    let histogram = req.app_data::<HttpLatency>().cloned();
+    let resp = next.call(req).await?;
+    if let Some(HttpLatency(h)) = histogram {
+        let route = resp.request().match_pattern().unwrap_or_else(|| "unmatched".into());
+        h.with_label_values(&[method.as_str(), route.as_str(), resp.status().as_str()])
+            .observe(start.elapsed().as_secs_f64());
+    }
+    Ok(resp)
+}

@@ -1,0 +1,164 @@
+//! The coordinator's HTTP API: events, invalidations, cluster health, rules,
+//! and the operational endpoints.
+
+use std::sync::atomic::Ordering;
+use actix_web::http::StatusCode;
+use actix_web::{web, HttpRequest, HttpResponse};
+use serde::Deserialize;
+
+use shared::invalidation;
+use shared::protocol::now_ms;
+use shared::service::{metrics_response, read_body, ApiError};
+
+use crate::cluster;
+use crate::events::{parse_events, resolve_events, InvalidateBody};
+use crate::state::Coordinator;
+
+/// Registers every route.
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.route("/v1/events", web::post().to(post_events))
+        .route("/v1/invalidate", web::post().to(post_invalidate))
+        .route("/v1/cluster/health", web::get().to(cluster_health))
+        .route("/v1/rules", web::get().to(rules))
+        .route("/healthz", web::get().to(healthz))
+        .route("/readyz", web::get().to(readyz))
+        .route("/metrics", web::get().to(metrics));
+}
+
+/// `?wait=all&timeout_ms=N`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WaitQuery {
+    /// Only `all` is defined.
+    wait: Option<String>,
+    /// How long to wait.
+    timeout_ms: Option<u64>,
+}
+
+impl WaitQuery {
+    fn check(&self) -> Result<(), ApiError> {
+        match self.wait.as_deref() {
+            None => Ok(()),
+            Some("all") => Err(ApiError::new(
+                StatusCode::NOT_IMPLEMENTED,
+                "not_implemented",
+                "wait=all is not available in this version; post without wait and poll /v1/cluster/health",
+            )),
+            Some(other) => Err(ApiError::bad_request(
+                "invalid_query",
+                format!("wait={other:?} is not defined; the only value is \"all\""),
+            )),
+        }
+        .and_then(|()| match self.timeout_ms {
+            Some(0) => Err(ApiError::bad_request("invalid_query", "timeout_ms must be at least 1")),
+            _ => Ok(()),
+        })
+    }
+}
+
+async fn post_events(
+    req: HttpRequest,
+    body: web::Payload,
+    query: web::Query<WaitQuery>,
+    coordinator: web::Data<Coordinator>,
+) -> Result<HttpResponse, ApiError> {
+    query.check()?;
+    let body = read_body(&req, body, coordinator.inner().settings.max_body_bytes).await?;
+    let events = parse_events(&body)?;
+    coordinator.inner().metrics.events.inc_by(events.len() as u64);
+    let request = resolve_events(&events, &coordinator.inner().rules, coordinator.inner().origin.clone())?;
+    let answer = coordinator.invalidate(request).await?;
+    Ok(HttpResponse::Ok().json(answer))
+}
+
+async fn post_invalidate(
+    body: web::Json<InvalidateBody>,
+    query: web::Query<WaitQuery>,
+    coordinator: web::Data<Coordinator>,
+) -> Result<HttpResponse, ApiError> {
+    query.check()?;
+    let selector = body.selector()?;
+    if body.dry_run {
+        let mut conn = coordinator.conn().await?;
+        let preview = invalidation::preview(&mut conn, std::slice::from_ref(&selector))
+            .await
+            .map_err(|e| coordinator.redis_failed(e))?;
+        return Ok(HttpResponse::Ok().json(serde_json::json!({
+            "dry_run": true,
+            "would_delete": preview.would_delete.into_iter().map(|(_, key)| key).collect::<Vec<_>>(),
+            "count": preview.count,
+            "invalidated": [selector],
+        })));
+    }
+    let request = invalidation::Request {
+        items: vec![selector],
+        event_ids: Vec::new(),
+        origin: coordinator.inner().origin.clone(),
+    };
+    let answer = coordinator.invalidate(request).await?;
+    Ok(HttpResponse::Ok().json(answer))
+}
+
+async fn cluster_health(coordinator: web::Data<Coordinator>) -> HttpResponse {
+    let inner = coordinator.inner();
+    let about = serde_json::json!({
+        "origin": inner.origin,
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_ms": inner.started.elapsed().as_millis() as u64,
+        "node_dead_after_ms": inner.settings.node_dead_after_ms,
+        "rules": inner.rules.rules().count(),
+        "events_received": inner.metrics.events.get(),
+        "invalidations_logged": inner.metrics.invalidations.get(),
+    });
+    let gathered = async {
+        let mut conn = coordinator.conn().await?;
+        let view = cluster::view(&mut conn, inner.settings.node_dead_after_ms)
+            .await
+            .map_err(|e| coordinator.redis_failed(e))?;
+        let redis = cluster::redis_info(&mut conn).await.map_err(|e| coordinator.redis_failed(e))?;
+        Ok::<_, ApiError>((view, redis))
+    };
+    match gathered.await {
+        Ok((view, redis)) => {
+            let all_synced = view.nodes.iter().all(|n| n.status == "synced");
+            let status = if all_synced { "ok" } else { "degraded" };
+            HttpResponse::Ok().json(serde_json::json!({
+                "status": status,
+                "epoch": view.epoch,
+                "seq": view.seq,
+                "checked_at_ms": now_ms(),
+                "redis": redis,
+                "coordinator": about,
+                "nodes": view.nodes,
+            }))
+        }
+        Err(e) => HttpResponse::ServiceUnavailable().json(serde_json::json!({
+            "status": "down",
+            "seq": null,
+            "redis": {"reachable": false, "error": e.message},
+            "coordinator": about,
+            "nodes": [],
+        })),
+    }
+}
+
+async fn rules(coordinator: web::Data<Coordinator>) -> HttpResponse {
+    HttpResponse::Ok().json(coordinator.inner().rules.describe())
+}
+
+async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().json(serde_json::json!({"status": "ok"}))
+}
+
+async fn readyz(coordinator: web::Data<Coordinator>) -> Result<HttpResponse, ApiError> {
+    if coordinator.inner().redis_ok.load(Ordering::Acquire) {
+        Ok(HttpResponse::Ok().json(serde_json::json!({"status": "ready"})))
+    } else {
+        Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", "not ready: Redis is unreachable")
+            .with("reason", "redis_unreachable".into()))
+    }
+}
+
+async fn metrics(coordinator: web::Data<Coordinator>) -> HttpResponse {
+    metrics_response(&coordinator.inner().metrics.registry)
+}

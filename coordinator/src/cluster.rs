@@ -1,0 +1,150 @@
+//! The cluster as the coordinator sees it: the nodes (from their heartbeats in
+//! Redis), the log head, and Redis's own health.
+
+use std::collections::BTreeMap;
+
+use redis::aio::ConnectionLike;
+use redis::RedisResult;
+use serde::Serialize;
+
+use shared::protocol::{now_ms, NodeReport};
+use shared::{l2, schema};
+
+/// Registry entries silent this many times `node_dead_after_ms` are forgotten.
+const FORGET_AFTER_DEAD_PERIODS: u64 = 60;
+
+/// One node's state.
+#[derive(Debug, Clone, Serialize)]
+pub struct NodeView {
+    /// Node id.
+    pub node_id: String,
+    /// Its cache API address.
+    pub addr: String,
+    /// `synced`, `lagging`, `unsynced` or `dead`.
+    pub status: &'static str,
+    /// Highest seq it applied.
+    pub applied_seq: u64,
+    /// How many logged invalidations it has not applied yet.
+    pub lag: u64,
+    /// Milliseconds since its last heartbeat.
+    pub last_seen_ms: u64,
+    /// Entries in its L1.
+    pub l1_entries: u64,
+    /// Bytes in its L1.
+    pub l1_bytes: u64,
+    /// Its L1 hit ratio.
+    pub hit_ratio: f64,
+    /// Whether it reports itself ready.
+    pub ready: bool,
+    /// Its staleness bound.
+    pub staleness_bound_ms: u64,
+}
+
+/// The log head and every known node.
+#[derive(Debug, Clone, Serialize)]
+pub struct ClusterView {
+    /// Current epoch.
+    pub epoch: String,
+    /// Last seq logged.
+    pub seq: u64,
+    /// Nodes by id.
+    pub nodes: Vec<NodeView>,
+}
+
+impl ClusterView {
+    /// Nodes heard from within `node_dead_after_ms`.
+    pub fn live(&self) -> impl Iterator<Item = &NodeView> {
+        self.nodes.iter().filter(|n| n.status != "dead")
+    }
+}
+
+/// Reads the registry and every node's last report.
+pub async fn view(conn: &mut impl ConnectionLike, node_dead_after_ms: u64) -> RedisResult<ClusterView> {
+    let now = now_ms();
+    let forget_before = now.saturating_sub(node_dead_after_ms * FORGET_AFTER_DEAD_PERIODS);
+    let (ids,): (Vec<String>,) = redis::pipe()
+        .zrembyscore(schema::NODES, "-inf", forget_before)
+        .ignore()
+        .zrange(schema::NODES, 0, -1)
+        .query_async(conn)
+        .await?;
+    let (epoch, seq) = l2::head(conn).await?;
+    let (reports, acks): (Vec<Option<String>>, Vec<Option<u64>>) = if ids.is_empty() {
+        (Vec::new(), Vec::new())
+    } else {
+        let mut pipe = redis::pipe();
+        pipe.cmd("MGET");
+        for id in &ids {
+            pipe.arg(schema::node(id));
+        }
+        pipe.cmd("HMGET").arg(schema::ACKS);
+        for id in &ids {
+            pipe.arg(id);
+        }
+        pipe.query_async(conn).await?
+    };
+    let mut nodes = BTreeMap::new();
+    for (report, ack) in reports.into_iter().zip(acks) {
+        let Some(Ok(mut r)) = report.map(|r| serde_json::from_str::<NodeReport>(&r)) else { continue };
+        // The ack moves on every applied message; the report only every heartbeat.
+        r.applied_seq = r.applied_seq.max(ack.unwrap_or(0));
+        let last_seen_ms = now.saturating_sub(r.ts_ms);
+        let lag = if r.epoch == epoch { seq.saturating_sub(r.applied_seq) } else { seq };
+        let status = if last_seen_ms > node_dead_after_ms {
+            "dead"
+        } else if !r.ready || r.epoch != epoch {
+            "unsynced"
+        } else if lag > 0 {
+            "lagging"
+        } else {
+            "synced"
+        };
+        nodes.insert(
+            r.node_id.clone(),
+            NodeView {
+                node_id: r.node_id,
+                addr: r.addr,
+                status,
+                applied_seq: r.applied_seq,
+                lag,
+                last_seen_ms,
+                l1_entries: r.l1_entries,
+                l1_bytes: r.l1_bytes,
+                hit_ratio: r.hit_ratio,
+                ready: r.ready,
+                staleness_bound_ms: r.staleness_bound_ms,
+            },
+        );
+    }
+    Ok(ClusterView { epoch, seq, nodes: nodes.into_values().collect() })
+}
+
+/// Redis's own health, from `INFO`.
+pub async fn redis_info(conn: &mut impl ConnectionLike) -> RedisResult<serde_json::Value> {
+    let info: String = redis::cmd("INFO").query_async(conn).await?;
+    let fields: BTreeMap<&str, &str> = info
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split_once(':'))
+        .collect();
+    let num = |k: &str| fields.get(k).and_then(|v| v.trim().parse::<u64>().ok());
+    let keyspace: BTreeMap<&str, &str> =
+        fields.iter().filter(|(k, _)| k.starts_with("db")).map(|(k, v)| (*k, v.trim())).collect();
+    let hits = num("keyspace_hits").unwrap_or(0);
+    let misses = num("keyspace_misses").unwrap_or(0);
+    Ok(serde_json::json!({
+        "reachable": true,
+        "version": fields.get("redis_version").map(|v| v.trim()),
+        "uptime_secs": num("uptime_in_seconds"),
+        "used_memory_bytes": num("used_memory"),
+        "used_memory_human": fields.get("used_memory_human").map(|v| v.trim()),
+        "maxmemory_bytes": num("maxmemory"),
+        "connected_clients": num("connected_clients"),
+        "pubsub_channels": num("pubsub_channels"),
+        "keyspace_hits": hits,
+        "keyspace_misses": misses,
+        "keyspace_hit_ratio": if hits + misses == 0 { 0.0 } else { hits as f64 / (hits + misses) as f64 },
+        "evicted_keys": num("evicted_keys"),
+        "keyspace": keyspace,
+    }))
+}

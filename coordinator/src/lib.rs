@@ -1,0 +1,20 @@
+//! The coordinator: receives write events, resolves them through rules and the
+//! entity graph into selectors, and runs the invalidation path (L2 delete, log,
+//! broadcast) that every node agent applies to its L1.
+//!
+//! # Layout, in the order data flows
+//! - [`settings`]: configuration layers, flags, `[[rules]]`.
+//! - [`events`]: events and invalidation requests, validated and grouped.
+//! - [`rules`]: rule templates, dependents, cycle detection.
+//! - [`state`]: runs the invalidation path ([`state::Coordinator::invalidate`]).
+//! - [`cluster`]: the nodes' reports and Redis's health.
+//! - [`api`]: the HTTP endpoints.
+//! - [`server`]: binding, Redis watch, graceful shutdown.
+
+pub mod api;
+pub mod cluster;
+pub mod events;
+pub mod rules;
+pub mod server;
+pub mod settings;
+pub mod state;

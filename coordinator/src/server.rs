@@ -1,0 +1,136 @@
+//! Binds the API, watches Redis, and runs until a shutdown signal.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use actix_web::middleware::from_fn;
+use actix_web::{web, App, HttpServer};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use shared::service::Backoff;
+
+use crate::api;
+use crate::settings::Settings;
+use crate::state::Coordinator;
+
+/// A bound, not yet running coordinator.
+pub struct Application {
+    /// Its state.
+    pub coordinator: Coordinator,
+    /// The HTTP server.
+    server: actix_web::dev::Server,
+    /// The address actually bound.
+    addr: SocketAddr,
+}
+
+impl Application {
+    /// Checks the rules, binds the listener, builds the state. Redis is not contacted yet.
+    pub fn build(settings: Settings) -> anyhow::Result<Application> {
+        let listener = std::net::TcpListener::bind(&settings.bind)
+            .map_err(|e| anyhow::anyhow!("cannot bind {}: {e}", settings.bind))?;
+        let addr = listener.local_addr()?;
+        let origin = format!("coordinator@{}:{}", gethostname::gethostname().to_string_lossy(), addr.port());
+        let workers = match settings.http_workers {
+            0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
+            n => n,
+        };
+        let body_limit = settings.max_body_bytes;
+        let coordinator = Coordinator::new(settings, origin).map_err(|e| anyhow::anyhow!(e))?;
+        let data = web::Data::new(coordinator.clone());
+        let latency = shared::service::HttpLatency(coordinator.inner().metrics.http.clone());
+        let server = HttpServer::new(move || {
+            App::new()
+                .app_data(data.clone())
+                .app_data(shared::service::json_config(body_limit))
+                .app_data(shared::service::query_config())
+                .app_data(latency.clone())
+                .wrap(from_fn(shared::service::record_latency))
+                .configure(api::configure)
+                .default_service(web::to(shared::service::not_found))
+        })
+        .workers(workers)
+        .disable_signals()
+        .shutdown_timeout(10)
+        .listen(listener)?
+        .run();
+        Ok(Application { coordinator, server, addr })
+    }
+
+    /// The bound address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Serves until `shutdown` resolves, then stops gracefully.
+    pub async fn run_until_stopped(self, shutdown: impl Future<Output = &'static str>) -> anyhow::Result<()> {
+        let Application { coordinator, server, addr } = self;
+        let stop = CancellationToken::new();
+        let watch = tokio::spawn(watch_redis(coordinator.clone(), stop.clone()));
+        info!(%addr, rules = coordinator.inner().rules.rules().count(), "coordinator listening");
+        let handle = server.handle();
+        let mut server = std::pin::pin!(server);
+        tokio::select! {
+            result = &mut server => result?,
+            signal = shutdown => {
+                info!(signal, "shutting down gracefully");
+                let (_, result) = tokio::join!(handle.stop(true), &mut server);
+                result?;
+            }
+        }
+        stop.cancel();
+        let _ = watch.await;
+        info!("coordinator stopped");
+        Ok(())
+    }
+}
+
+/// Checks Redis every second (with backoff while it is down), makes sure the
+/// epoch exists, and keeps readiness and the `dcc_redis_up` gauge current.
+async fn watch_redis(coordinator: Coordinator, stop: CancellationToken) {
+    let inner = coordinator.inner();
+    let mut backoff = Backoff::default();
+    // Log each outage once, not on every retry.
+    let mut outage_logged = false;
+    loop {
+        let check = async {
+            let mut conn = inner.pool.get().await.map_err(|e| e.to_string())?;
+            shared::l2::ensure_epoch(&mut conn).await.map_err(|e| e.to_string())
+        };
+        let wait = match tokio::time::timeout(Duration::from_secs(2), check).await {
+            Ok(Ok(_epoch)) => {
+                if !inner.redis_ok.swap(true, Ordering::AcqRel) {
+                    info!("Redis is reachable");
+                }
+                inner.metrics.redis_up.set(1);
+                backoff.reset();
+                outage_logged = false;
+                None
+            }
+            failed => {
+                let why = match failed {
+                    Ok(Err(e)) => e,
+                    _ => "timed out".to_string(),
+                };
+                inner.redis_ok.store(false, Ordering::Release);
+                if !outage_logged {
+                    warn!(error = %why, "Redis is unreachable; retrying with backoff");
+                    outage_logged = true;
+                }
+                inner.metrics.redis_up.set(0);
+                Some(())
+            }
+        };
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = async {
+                match wait {
+                    Some(()) => backoff.wait().await,
+                    None => tokio::time::sleep(Duration::from_secs(1)).await,
+                }
+            } => {}
+        }
+    }
+}

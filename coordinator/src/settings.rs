@@ -1,0 +1,110 @@
+//! The coordinator's settings: defaults, then the TOML file (`--config`), then
+//! `DCC_COORDINATOR_*` environment variables, then flags.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+use serde::Deserialize;
+
+use crate::rules::Rule;
+
+/// Environment variable prefix: `DCC_COORDINATOR_NODE_DEAD_AFTER_MS=5000`.
+pub const ENV_PREFIX: &str = "DCC_COORDINATOR";
+
+/// Command-line flags; each one overrides the file and the environment.
+#[derive(Debug, Parser)]
+#[command(name = "coordinator", version, about = "Turns write events into invalidations for every node agent")]
+pub struct Flags {
+    /// TOML configuration file (settings and `[[rules]]`).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Address to serve on (`127.0.0.1:0` picks a free port).
+    #[arg(long)]
+    pub bind: Option<String>,
+    /// Redis URL, such as `redis://127.0.0.1:6379`.
+    #[arg(long)]
+    pub redis_url: Option<String>,
+    /// Log JSON lines instead of text.
+    #[arg(long)]
+    pub log_json: bool,
+}
+
+/// The settings tree.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    /// Address of the API.
+    pub bind: String,
+    /// Redis holding L2, the log and the channel.
+    pub redis_url: String,
+    /// A node silent this long is dead and no longer awaited.
+    pub node_dead_after_ms: u64,
+    /// Length the invalidation log is trimmed to (approximately).
+    pub log_max_len: u64,
+    /// Largest request body.
+    pub max_body_bytes: usize,
+    /// Redis connections in the pool.
+    pub redis_pool_size: usize,
+    /// HTTP worker threads (0: one per core).
+    pub http_workers: usize,
+    /// Log JSON lines.
+    pub log_json: bool,
+    /// Entity rules.
+    pub rules: Vec<Rule>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            bind: "127.0.0.1:7700".into(),
+            redis_url: "redis://127.0.0.1:6379".into(),
+            node_dead_after_ms: 5000,
+            log_max_len: 100_000,
+            max_body_bytes: 4 * 1024 * 1024,
+            redis_pool_size: 32,
+            http_workers: 0,
+            log_json: false,
+            rules: Vec::new(),
+        }
+    }
+}
+
+impl Settings {
+    /// Loads the layers and checks the result.
+    pub fn load(flags: &Flags) -> Result<Settings, String> {
+        let overrides = [
+            ("bind", flags.bind.clone()),
+            ("redis_url", flags.redis_url.clone()),
+            ("log_json", flags.log_json.then(|| "true".to_string())),
+        ];
+        let settings: Settings = shared::service::load_settings(flags.config.as_deref(), ENV_PREFIX, &overrides)
+            .map_err(|e| format!("configuration error: {e}"))?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Checks values that would make the coordinator misbehave.
+    pub fn validate(&self) -> Result<(), String> {
+        let mut problems = Vec::new();
+        if self.node_dead_after_ms == 0 {
+            problems.push("node_dead_after_ms must be at least 1".to_string());
+        }
+        if self.log_max_len < 1000 {
+            problems.push("log_max_len must be at least 1000".to_string());
+        }
+        if self.redis_pool_size == 0 {
+            problems.push("redis_pool_size must be at least 1".to_string());
+        }
+        if redis::Client::open(self.redis_url.as_str()).is_err() {
+            problems.push("redis_url is not a valid Redis URL".to_string());
+        }
+        if let Err(e) = crate::rules::RuleSet::new(self.rules.clone()) {
+            problems.push(e);
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("configuration error: {}", problems.join("; ")))
+        }
+    }
+}

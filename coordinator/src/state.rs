@@ -1,0 +1,172 @@
+//! The coordinator's shared state and the one place where a resolved request
+//! runs the invalidation path ([`Coordinator::invalidate`]).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounter, IntGauge, Registry};
+use serde::Serialize;
+
+use shared::invalidation::{self, Outcome, Request};
+use shared::protocol::Selector;
+use shared::service::{register, ApiError};
+
+use crate::cluster;
+use crate::rules::RuleSet;
+use crate::settings::Settings;
+
+/// A cheap-to-clone handle to the coordinator.
+#[derive(Clone)]
+pub struct Coordinator(Arc<Inner>);
+
+/// Shared state.
+pub struct Inner {
+    /// Settings it was started with.
+    pub settings: Settings,
+    /// The checked rules.
+    pub rules: RuleSet,
+    /// Redis connections.
+    pub pool: deadpool_redis::Pool,
+    /// This process, as recorded in messages it logs.
+    pub origin: String,
+    /// The last Redis check succeeded.
+    pub redis_ok: AtomicBool,
+    /// Start time, for uptime.
+    pub started: Instant,
+    /// Metrics.
+    pub metrics: Metrics,
+}
+
+/// The coordinator's Prometheus metrics.
+pub struct Metrics {
+    /// The registry `/metrics` renders.
+    pub registry: Registry,
+    /// Events received.
+    pub events: IntCounter,
+    /// Invalidations logged.
+    pub invalidations: IntCounter,
+    /// Entries deleted from L2.
+    pub l2_deleted: IntCounter,
+    /// Time to run the invalidation path.
+    pub invalidation_seconds: Histogram,
+    /// 1 while Redis answers.
+    pub redis_up: IntGauge,
+    /// HTTP latency.
+    pub http: HistogramVec,
+}
+
+impl Metrics {
+    fn new() -> Self {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str| register(&registry, IntCounter::new(name, help).unwrap_or_else(|e| panic!("{e}")));
+        Metrics {
+            events: counter("dcc_events_total", "Write events received"),
+            invalidations: counter("dcc_invalidations_logged_total", "Invalidations logged and broadcast"),
+            l2_deleted: counter("dcc_l2_deleted_total", "Entries deleted from L2 by invalidations"),
+            invalidation_seconds: register(
+                &registry,
+                Histogram::with_opts(
+                    HistogramOpts::new("dcc_invalidation_duration_seconds", "Time from request to logged and broadcast")
+                        .buckets(vec![0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0, 5.0]),
+                )
+                .unwrap_or_else(|e| panic!("{e}")),
+            ),
+            redis_up: register(&registry, IntGauge::new("dcc_redis_up", "1 while Redis answers").unwrap_or_else(|e| panic!("{e}"))),
+            http: shared::service::http_latency_histogram(&registry),
+            registry,
+        }
+    }
+}
+
+/// How many live nodes there are and how many already applied a seq.
+#[derive(Debug, Clone, Serialize)]
+pub struct NodeCount {
+    /// Nodes heard from within `node_dead_after_ms`.
+    pub live: usize,
+    /// Live nodes whose last report shows the seq applied.
+    pub acked: usize,
+}
+
+/// The answer to an event or an invalidation.
+#[derive(Debug, Clone, Serialize)]
+pub struct InvalidationAnswer {
+    /// Seq it was logged under.
+    pub seq: u64,
+    /// Epoch of the log.
+    pub epoch: String,
+    /// What was invalidated, per tenant.
+    pub invalidated: Vec<Selector>,
+    /// Entries deleted from L2.
+    pub l2_deleted: u64,
+    /// Live and acknowledging nodes.
+    pub nodes: NodeCount,
+    /// True when this repeats an `event_id` already logged: nothing was redone.
+    pub duplicate: bool,
+}
+
+impl Coordinator {
+    /// Builds the state; nothing connects yet.
+    pub fn new(settings: Settings, origin: String) -> Result<Coordinator, String> {
+        let rules = RuleSet::new(settings.rules.clone())?;
+        let pool = shared::service::redis_pool(&settings.redis_url, settings.redis_pool_size)?;
+        Ok(Coordinator(Arc::new(Inner {
+            settings,
+            rules,
+            pool,
+            origin,
+            redis_ok: AtomicBool::new(false),
+            started: Instant::now(),
+            metrics: Metrics::new(),
+        })))
+    }
+
+    /// Shared state.
+    pub fn inner(&self) -> &Inner {
+        &self.0
+    }
+
+    /// A pooled Redis connection, or 503.
+    pub async fn conn(&self) -> Result<deadpool_redis::Connection, ApiError> {
+        self.0.pool.get().await.map_err(|e| self.redis_failed(e))
+    }
+
+    /// Records a Redis failure and makes the 503 for it.
+    pub fn redis_failed(&self, e: impl std::fmt::Display) -> ApiError {
+        self.0.redis_ok.store(false, Ordering::Release);
+        self.0.metrics.redis_up.set(0);
+        ApiError::redis_unavailable(e)
+    }
+
+    /// Runs the invalidation path for a resolved request: delete from L2, log,
+    /// broadcast (all in [`shared::invalidation::execute`]); then counts nodes.
+    pub async fn invalidate(&self, request: Request) -> Result<InvalidationAnswer, ApiError> {
+        let started = Instant::now();
+        let mut conn = self.conn().await?;
+        let outcome: Outcome = invalidation::execute(&mut conn, request, self.0.settings.log_max_len)
+            .await
+            .map_err(|e| self.redis_failed(e))?;
+        let m = &self.0.metrics;
+        m.invalidation_seconds.observe(started.elapsed().as_secs_f64());
+        if !outcome.duplicate {
+            m.invalidations.inc();
+            m.l2_deleted.inc_by(outcome.l2_deleted);
+        }
+        let view = cluster::view(&mut conn, self.0.settings.node_dead_after_ms)
+            .await
+            .map_err(|e| self.redis_failed(e))?;
+        let live: Vec<_> = view.live().collect();
+        let nodes = NodeCount {
+            live: live.len(),
+            acked: live.iter().filter(|n| n.applied_seq >= outcome.seq && view.epoch == outcome.epoch).count(),
+        };
+        Ok(InvalidationAnswer {
+            seq: outcome.seq,
+            epoch: outcome.epoch,
+            invalidated: outcome.invalidated,
+            l2_deleted: outcome.l2_deleted,
+            nodes,
+            duplicate: outcome.duplicate,
+        })
+    }
+}
