@@ -1,0 +1,199 @@
+//! Integration tests: the real system (redis-server, coordinator, node agents
+//! as processes) driven over HTTP, as users drive it. One test binary; each
+//! test starts its own cluster on free ports.
+//!
+//! Timing: nothing here asserts a duration. Waits poll until a condition holds,
+//! with deadlines generous enough for a busy 2-core machine.
+
+mod cache_api;
+mod invalidation;
+mod bad_input;
+mod operations;
+
+use std::time::{Duration, Instant};
+
+use integration_tests::{Cluster, ClusterOptions, Service};
+use reqwest::{Client, Response};
+use serde_json::Value;
+
+/// How long an invalidation may take to reach every agent before a test fails.
+pub const PROPAGATION_DEADLINE: Duration = Duration::from_secs(10);
+
+/// A cluster plus an HTTP client.
+pub struct TestCluster {
+    /// The processes.
+    pub cluster: Cluster,
+    /// HTTP client.
+    pub http: Client,
+}
+
+impl TestCluster {
+    /// Starts a cluster with `agents` agents and the given extra coordinator TOML.
+    pub async fn start(agents: usize, coordinator_toml: &str) -> TestCluster {
+        let options = ClusterOptions { agents, coordinator_toml: coordinator_toml.into(), ..ClusterOptions::default() };
+        TestCluster::with(options).await
+    }
+
+    /// Starts a cluster with full options.
+    pub async fn with(options: ClusterOptions) -> TestCluster {
+        let cluster = Cluster::start(options).await.unwrap_or_else(|e| panic!("cluster failed to start: {e:#}"));
+        TestCluster { cluster, http: Client::new() }
+    }
+
+    /// Agent `i`.
+    pub fn agent(&self, i: usize) -> &Service {
+        self.cluster.agent(i)
+    }
+
+    /// `PUT /v1/cache/{tenant}/{key}{query}` on agent `i`.
+    pub async fn put(&self, i: usize, tenant: &str, key: &str, query: &str, body: &str) -> Response {
+        self.http
+            .put(self.agent(i).url(&format!("/v1/cache/{tenant}/{}{query}", encode(key))))
+            .header("content-type", "text/plain")
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("PUT failed: {e}"))
+    }
+
+    /// PUT that must succeed.
+    pub async fn put_ok(&self, i: usize, tenant: &str, key: &str, query: &str, body: &str) {
+        let resp = self.put(i, tenant, key, query, body).await;
+        let status = resp.status().as_u16();
+        assert_eq!(status, 204, "PUT {tenant}/{key}{query}: {}", resp.text().await.unwrap_or_default());
+    }
+
+    /// `GET /v1/cache/{tenant}/{key}` on agent `i`.
+    pub async fn get(&self, i: usize, tenant: &str, key: &str) -> Response {
+        self.http
+            .get(self.agent(i).url(&format!("/v1/cache/{tenant}/{}", encode(key))))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("GET failed: {e}"))
+    }
+
+    /// (status, X-Cache, body) of a GET.
+    pub async fn read(&self, i: usize, tenant: &str, key: &str) -> (u16, String, String) {
+        let resp = self.get(i, tenant, key).await;
+        let status = resp.status().as_u16();
+        let layer = header(&resp, "x-cache");
+        (status, layer, resp.text().await.unwrap_or_default())
+    }
+
+    /// Reads `key` through every agent until each answers 200 from L1.
+    pub async fn warm(&self, tenant: &str, key: &str) {
+        for i in 0..self.cluster.agents.len() {
+            let (status, _, _) = self.read(i, tenant, key).await;
+            assert_eq!(status, 200, "{tenant}/{key} via agent {i}");
+            let (_, layer, _) = self.read(i, tenant, key).await;
+            assert_eq!(layer, "L1", "{tenant}/{key} via agent {i} on the second read");
+        }
+    }
+
+    /// POSTs JSON to the coordinator; returns status and body.
+    pub async fn coordinator_post(&self, path: &str, body: Value) -> (u16, Value) {
+        let resp = self
+            .http
+            .post(self.cluster.coordinator.url(path))
+            .json(&body)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("POST {path} failed: {e}"));
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    /// POST /v1/events that must succeed; returns the answer.
+    pub async fn event(&self, body: Value) -> Value {
+        let (status, answer) = self.coordinator_post("/v1/events", body).await;
+        assert_eq!(status, 200, "event: {answer}");
+        answer
+    }
+
+    /// POST /v1/invalidate that must succeed; returns the answer.
+    pub async fn invalidate(&self, body: Value) -> Value {
+        let (status, answer) = self.coordinator_post("/v1/invalidate", body).await;
+        assert_eq!(status, 200, "invalidate: {answer}");
+        answer
+    }
+
+    /// GET JSON from a service.
+    pub async fn get_json(&self, service: &Service, path: &str) -> (u16, Value) {
+        let resp = self.http.get(service.url(path)).send().await.unwrap_or_else(|e| panic!("GET {path}: {e}"));
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Waits until every agent has applied `seq` (from its `/v1/status`).
+    pub async fn wait_applied(&self, seq: u64) {
+        for agent in &self.cluster.agents {
+            let deadline = Instant::now() + PROPAGATION_DEADLINE;
+            loop {
+                let (_, status) = self.get_json(agent, "/v1/status").await;
+                if status["applied_seq"].as_u64().unwrap_or(0) >= seq {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "{} did not apply seq {seq}: {status}", agent.proc.name);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+
+    /// Asserts the key is gone (404) through every agent, after waiting for `seq`.
+    pub async fn assert_gone_everywhere(&self, seq: u64, tenant: &str, key: &str) {
+        self.wait_applied(seq).await;
+        for i in 0..self.cluster.agents.len() {
+            let (status, layer, body) = self.read(i, tenant, key).await;
+            assert_eq!(status, 404, "{tenant}/{key} still served by agent {i} from {layer}: {body}");
+        }
+    }
+
+    /// Asserts the key is still served by every agent.
+    pub async fn assert_kept_everywhere(&self, tenant: &str, key: &str) {
+        for i in 0..self.cluster.agents.len() {
+            let (status, _, _) = self.read(i, tenant, key).await;
+            assert_eq!(status, 200, "{tenant}/{key} wrongly invalidated on agent {i}");
+        }
+    }
+}
+
+/// Percent-encodes a key for a URL path, keeping `/` and `:` readable.
+pub fn encode(key: &str) -> String {
+    let mut out = String::new();
+    for b in key.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~/:".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// A response header as a string (empty when absent).
+pub fn header(resp: &Response, name: &str) -> String {
+    resp.headers().get(name).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string()
+}
+
+/// Polls `check` until it returns true or `timeout` passes.
+pub async fn wait_until<F, Fut>(timeout: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if check().await {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The seq of a coordinator answer.
+pub fn seq(answer: &Value) -> u64 {
+    answer["seq"].as_u64().unwrap_or_else(|| panic!("no seq in {answer}"))
+}
