@@ -97,10 +97,15 @@ async fn watch_redis(coordinator: Coordinator, stop: CancellationToken) {
     loop {
         let check = async {
             let mut conn = inner.pool.get().await.map_err(|e| e.to_string())?;
-            shared::l2::ensure_epoch(&mut conn).await.map_err(|e| e.to_string())
+            shared::l2::ensure_epoch(&mut conn).await.map_err(|e| e.to_string())?;
+            if !inner.redis_ok.load(Ordering::Acquire) {
+                // Newly (re)connected: Redis may have restarted without our scripts.
+                shared::invalidation::load_scripts(&mut conn).await.map_err(|e| e.to_string())?;
+            }
+            Ok::<(), String>(())
         };
         let wait = match tokio::time::timeout(Duration::from_secs(2), check).await {
-            Ok(Ok(_epoch)) => {
+            Ok(Ok(())) => {
                 if !inner.redis_ok.swap(true, Ordering::AcqRel) {
                     info!("Redis is reachable");
                 }

@@ -62,6 +62,8 @@ pub struct SyncState {
     pub caught_up: AtomicBool,
     /// Wakes the acknowledger when `applied_seq` moves.
     pub applied: tokio::sync::Notify,
+    /// Asks the heartbeat to report now (the subscription state changed).
+    pub report_now: tokio::sync::Notify,
 }
 
 /// Which layer answered a read.

@@ -333,3 +333,125 @@ fn forget(idx: &mut Indexes, key: &EntryKey, entry: &Entry) {
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(tags: &[&str], deps: &[&str]) -> Entry {
+        Entry::new(
+            Bytes::from_static(b"value"),
+            "text/plain".into(),
+            tags.iter().map(|s| s.to_string()).collect(),
+            deps.iter().map(|s| s.to_string()).collect(),
+            Duration::from_secs(60),
+        )
+    }
+
+    fn store(l1: &L1, tenant: &str, key: &str, tags: &[&str], deps: &[&str]) {
+        let guard = l1.fill_guard(tenant);
+        assert!(l1.insert(tenant, key, entry(tags, deps), guard));
+    }
+
+    fn selector(tenant: &str) -> Selector {
+        Selector { tenant: tenant.into(), cascade: true, ..Selector::default() }
+    }
+
+    #[test]
+    fn keys_tags_and_patterns_drop_exactly_what_they_cover() {
+        let l1 = L1::new(1 << 20);
+        store(&l1, "t", "list:1", &["red"], &[]);
+        store(&l1, "t", "list:2", &[], &[]);
+        store(&l1, "t", "item:1", &["red", "blue"], &[]);
+        store(&l1, "t", "item:2", &["green"], &[]);
+        store(&l1, "u", "item:1", &["red"], &[]);
+
+        assert_eq!(l1.apply(&Selector { tags: vec!["red".into()], ..selector("t") }), 2);
+        assert!(l1.get("t", "list:1").is_none() && l1.get("t", "item:1").is_none());
+        assert!(l1.get("u", "item:1").is_some(), "another tenant is untouched");
+
+        assert_eq!(l1.apply(&Selector { patterns: vec!["list:*".into()], ..selector("t") }), 1);
+        assert!(l1.get("t", "list:2").is_none());
+        assert_eq!(l1.apply(&Selector { keys: vec!["item:2".into()], ..selector("t") }), 1);
+        assert_eq!(l1.entries(), 1);
+    }
+
+    #[test]
+    fn cascade_follows_depends_on_transitively_and_stops_at_cycles() {
+        let l1 = L1::new(1 << 20);
+        store(&l1, "t", "base", &[], &[]);
+        store(&l1, "t", "mid", &[], &["base"]);
+        store(&l1, "t", "top", &[], &["mid"]);
+        store(&l1, "t", "loop-a", &[], &["loop-b"]);
+        store(&l1, "t", "loop-b", &[], &["loop-a"]);
+        store(&l1, "t", "alone", &[], &[]);
+
+        let no_cascade = Selector { keys: vec!["base".into()], cascade: false, ..selector("t") };
+        assert_eq!(l1.apply(&no_cascade), 1);
+        assert!(l1.get("t", "mid").is_some());
+        // The index still knows mid depends on base, so a cascading invalidation follows it.
+        assert_eq!(l1.apply(&Selector { keys: vec!["base".into()], ..selector("t") }), 2);
+        assert!(l1.get("t", "top").is_none());
+        assert_eq!(l1.apply(&Selector { keys: vec!["loop-a".into()], ..selector("t") }), 2);
+        assert!(l1.get("t", "alone").is_some());
+    }
+
+    #[test]
+    fn a_fill_that_raced_an_invalidation_of_its_tenant_stays_out() {
+        let l1 = L1::new(1 << 20);
+        let guard = l1.fill_guard("t");
+        l1.apply(&Selector { keys: vec!["other".into()], ..selector("t") });
+        assert!(!l1.insert("t", "k", entry(&[], &[]), guard));
+        assert!(l1.get("t", "k").is_none());
+        assert_eq!(l1.stats.fills_refused.load(Ordering::Relaxed), 1);
+
+        // Another tenant's invalidation does not void the fill.
+        let guard = l1.fill_guard("t");
+        l1.apply(&Selector { keys: vec!["k".into()], ..selector("u") });
+        assert!(l1.insert("t", "k", entry(&[], &[]), guard));
+
+        // A flush voids every fill guarded before it.
+        let guard = l1.fill_guard("fresh-tenant");
+        l1.flush();
+        assert!(!l1.insert("fresh-tenant", "k", entry(&[], &[]), guard));
+        assert!(l1.get("t", "k").is_none());
+    }
+
+    #[test]
+    fn replacing_an_entry_keeps_the_new_entrys_index_records() {
+        let l1 = L1::new(1 << 20);
+        store(&l1, "t", "k", &["a"], &[]);
+        store(&l1, "t", "k", &["a", "b"], &[]);
+        l1.maintain();
+        // The replaced entry's removal must not erase the new entry's record for tag "a".
+        assert_eq!(l1.apply(&Selector { tags: vec!["a".into()], ..selector("t") }), 1);
+        assert!(l1.get("t", "k").is_none());
+    }
+
+    #[test]
+    fn capacity_is_bounded_by_bytes_and_counts_keys() {
+        let l1 = L1::new(10_000);
+        for i in 0..200 {
+            store(&l1, "t", &format!("key-{i:04}"), &[], &[]);
+        }
+        l1.maintain();
+        assert!(l1.bytes() <= 10_000, "L1 holds {} bytes", l1.bytes());
+        assert!(l1.stats.evictions.load(Ordering::Relaxed) > 0);
+        // Each entry weighs tenant + key + value + content type.
+        let one = L1::new(10_000);
+        store(&one, "t", "key-0001", &[], &[]);
+        assert_eq!(one.bytes(), (1 + 8 + 5 + 10) as u64);
+    }
+
+    #[test]
+    fn entries_expire_at_their_own_ttl() {
+        let l1 = L1::new(1 << 20);
+        let short = Entry::new(Bytes::from_static(b"v"), String::new(), vec![], vec![], Duration::from_millis(30));
+        let guard = l1.fill_guard("t");
+        assert!(l1.insert("t", "short", short, guard));
+        store(&l1, "t", "long", &[], &[]);
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(l1.get("t", "short").is_none());
+        assert!(l1.get("t", "long").is_some());
+    }
+}

@@ -69,6 +69,7 @@ async fn subscribe_and_apply(
     inner.sync.subscribed.store(true, Ordering::Release);
     inner.sync.caught_up.store(true, Ordering::Release);
     backoff.reset();
+    inner.sync.report_now.notify_one();
     info!(applied_seq = inner.sync.applied_seq.load(Ordering::Acquire), "subscribed to invalidations");
 
     let mut messages = pubsub.on_message();
@@ -87,6 +88,8 @@ async fn subscribe_and_apply(
 async fn catch_up(agent: &Agent) -> anyhow::Result<()> {
     let inner = agent.inner();
     let mut conn = inner.pool.get().await?;
+    // Newly (re)connected: Redis may have restarted without our scripts.
+    shared::invalidation::load_scripts(&mut conn).await?;
     let (epoch, head) = l2::head(&mut conn).await?;
     let known = lock(&inner.sync.epoch).clone();
     if known.is_empty() {
@@ -236,6 +239,7 @@ async fn heartbeat_loop(agent: Agent, shutdown: CancellationToken) {
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
+            _ = inner.sync.report_now.notified() => {}
             _ = shutdown.cancelled() => {
                 deregister(&agent).await;
                 return;

@@ -188,6 +188,16 @@ return {epoch, seq}"#,
     )
 });
 
+/// Loads every script into Redis's script cache, so that the first request
+/// after a (re)connection does not pay for it. (Calls still fall back to
+/// sending the script if Redis lost its cache.)
+pub async fn load_scripts(conn: &mut impl ConnectionLike) -> RedisResult<()> {
+    for script in l2::scripts().into_iter().chain([&*APPEND]) {
+        script.load_async(conn).await?;
+    }
+    Ok(())
+}
+
 /// Step 3 of the path: log and broadcast. Returns the epoch and the seq.
 pub async fn append(
     conn: &mut impl ConnectionLike,

@@ -60,6 +60,11 @@ return e",
     )
 });
 
+/// The scripts of this module, for [`crate::invalidation::load_scripts`].
+pub(crate) fn scripts() -> [&'static Script; 4] {
+    [&ENSURE_EPOCH, &PUT, &DELETE_KEYS, &DETACH]
+}
+
 /// Returns the epoch of this Redis dataset, creating it if needed.
 pub async fn ensure_epoch(conn: &mut impl ConnectionLike) -> RedisResult<String> {
     ENSURE_EPOCH

@@ -1,1 +1,241 @@
-fn main() {}
+//! `make demo`: starts a private redis-server, a coordinator and three agents,
+//! and tells the story of one value: filled through one agent, read through the
+//! others (L2, then L1), invalidated by a write event (with the time until the
+//! last agent dropped it), a rules cascade, and the cluster's health. Exits 0
+//! and leaves nothing running.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use integration_tests::{deploy_coordinator_toml, Cluster, ClusterOptions};
+use reqwest::Client;
+use serde_json::{json, Value};
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    match run().await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("\ndemo failed: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn step(title: &str) {
+    println!("\n== {title}");
+}
+
+async fn run() -> anyhow::Result<()> {
+    step("Starting a private redis-server, a coordinator and 3 node agents");
+    let options = ClusterOptions { agents: 3, coordinator_toml: deploy_coordinator_toml(), ..Default::default() };
+    let cluster = Cluster::start(options).await.context("starting the cluster")?;
+    println!("   redis        {}", cluster.redis.url());
+    println!("   coordinator  http://{}", cluster.coordinator.addr);
+    for agent in &cluster.agents {
+        println!("   {:<12} http://{}", agent.proc.name, agent.addr);
+    }
+    let http = Client::new();
+    let demo = Demo { cluster: &cluster, http: &http };
+    let result = demo.story().await;
+    if result.is_err() {
+        let dir = cluster.keep_logs();
+        eprintln!("logs kept in {}", dir.display());
+        return result;
+    }
+    step("Stopping everything");
+    drop(cluster);
+    println!("   done: nothing is left running");
+    result
+}
+
+struct Demo<'a> {
+    cluster: &'a Cluster,
+    http: &'a Client,
+}
+
+impl Demo<'_> {
+    fn agent_url(&self, i: usize, tenant: &str, key: &str) -> String {
+        self.cluster.agents[i].url(&format!("/v1/cache/{tenant}/{key}"))
+    }
+
+    async fn put(&self, i: usize, key: &str, query: &str, value: &str) -> anyhow::Result<()> {
+        let resp = self
+            .http
+            .put(format!("{}{query}", self.agent_url(i, "acme", key)))
+            .header("content-type", "application/json")
+            .body(value.to_string())
+            .send()
+            .await?;
+        if resp.status().as_u16() != 204 {
+            bail!("PUT {key} answered {}: {}", resp.status(), resp.text().await.unwrap_or_default());
+        }
+        Ok(())
+    }
+
+    /// (status, X-Cache) of a GET.
+    async fn get(&self, i: usize, key: &str) -> anyhow::Result<(u16, String)> {
+        let resp = self.http.get(self.agent_url(i, "acme", key)).send().await?;
+        let layer = resp.headers().get("x-cache").and_then(|v| v.to_str().ok()).unwrap_or("-").to_string();
+        Ok((resp.status().as_u16(), layer))
+    }
+
+    async fn post(&self, path: &str, body: Value) -> anyhow::Result<Value> {
+        let resp = self.http.post(self.cluster.coordinator.url(path)).json(&body).send().await?;
+        let status = resp.status().as_u16();
+        let answer: Value = resp.json().await?;
+        if status != 200 {
+            bail!("POST {path} answered {status}: {answer}");
+        }
+        Ok(answer)
+    }
+
+    async fn story(&self) -> anyhow::Result<()> {
+        let name = |i: usize| self.cluster.agents[i].proc.name.clone();
+        let key = "supplier:42:detail";
+
+        step("1. A value is filled through agent-1");
+        let (status, _) = self.get(0, key).await?;
+        println!("   GET acme/{key} on agent-1 -> {status} (a miss: the app loads it from its database)");
+        self.put(0, key, "?tags=supplier:42&ttl=300", r#"{"id":42,"name":"Acme Steel"}"#).await?;
+        println!("   PUT acme/{key}?tags=supplier:42 on agent-1 -> 204 (stored in Redis and agent-1's L1)");
+
+        step("2. The other agents read it: first from Redis (L2), then from their own memory (L1)");
+        for i in 0..3 {
+            let first = self.get(i, key).await?;
+            let second = self.get(i, key).await?;
+            println!("   {}: {} from {}, then {} from {}", name(i), first.0, first.1, second.0, second.1);
+            if second.1 != "L1" {
+                bail!("{} did not serve the second read from L1", name(i));
+            }
+        }
+
+        step("3. The app writes supplier 42 to its database and posts a write event");
+        let started = Instant::now();
+        let watchers: Vec<_> = (0..3).map(|i| self.watch_until_gone(i, key, started)).collect();
+        let post = async {
+            let answer = self
+                .post("/v1/events", json!({"tenant": "acme", "entity": "supplier", "id": "42", "op": "update"}))
+                .await;
+            (answer, started.elapsed())
+        };
+        let ((answer, accepted), dropped) = tokio::join!(post, futures_join_all(watchers));
+        let answer = answer?;
+        println!(
+            "   POST /v1/events -> 200 after {:.2} ms: seq {}, {} L2 entries deleted",
+            ms(accepted),
+            answer["seq"],
+            answer["l2_deleted"]
+        );
+        let mut last = Duration::ZERO;
+        for (i, d) in dropped.into_iter().enumerate() {
+            let d = d?;
+            last = last.max(d);
+            println!("   {} stopped serving it {:.2} ms after the event was sent", name(i), ms(d));
+        }
+        println!("   => every agent dropped the key within {:.2} ms of the event", ms(last));
+
+        step("4. A rules cascade: a supplier change reaches payments, orders and the ledger");
+        let related = [
+            ("suppliers:list:page1", ""),
+            ("supplier_payments:list:open", ""),
+            ("purchase_orders:list:open", ""),
+            ("ledger:2026", ""),
+            ("report:q3", "?depends_on=ledger:2026"),
+            ("supplier:7:detail", "?tags=supplier:7"),
+            ("customers:list:page1", ""),
+        ];
+        for (k, q) in related {
+            self.put(0, k, q, "{}").await?;
+            for i in 0..3 {
+                self.get(i, k).await?;
+            }
+        }
+        println!("   cached on every agent: {}", related.map(|(k, _)| k).join(", "));
+        println!("   (report:q3 depends_on ledger:2026)");
+        let answer =
+            self.post("/v1/events", json!({"tenant": "acme", "entity": "supplier", "id": "7", "op": "update"})).await?;
+        println!("   event supplier 7 -> seq {}: tags {}", answer["seq"], answer["invalidated"][0]["tags"]);
+        println!("   patterns {}", answer["invalidated"][0]["patterns"]);
+        self.wait_applied(answer["seq"].as_u64().unwrap_or(0)).await?;
+        for (k, _) in related {
+            let states: Vec<String> = {
+                let mut v = Vec::new();
+                for i in 0..3 {
+                    v.push(self.get(i, k).await?.0.to_string());
+                }
+                v
+            };
+            let verdict = if states.iter().all(|s| s == "404") { "dropped everywhere" } else { "kept" };
+            println!("   {k:<30} {verdict:<20} ({})", states.join(" "));
+        }
+
+        step("5. The cluster's health");
+        // Agents report on every heartbeat (500 ms): wait for reports made after the story.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        let health: Value = self.http.get(self.cluster.coordinator.url("/v1/cluster/health")).send().await?.json().await?;
+        println!("   status {}, log seq {}", health["status"], health["seq"]);
+        println!(
+            "   redis {} using {}, {} clients, keyspace hits {} / misses {}",
+            health["redis"]["version"].as_str().unwrap_or("?"),
+            health["redis"]["used_memory_human"].as_str().unwrap_or("?"),
+            health["redis"]["connected_clients"],
+            health["redis"]["keyspace_hits"],
+            health["redis"]["keyspace_misses"]
+        );
+        for node in health["nodes"].as_array().cloned().unwrap_or_default() {
+            println!(
+                "   {:<8} {:<8} applied seq {:<3} lag {} last seen {:>4} ms ago, L1 {} entries / {} bytes, hit ratio {:.2}",
+                node["node_id"].as_str().unwrap_or("?"),
+                node["status"].as_str().unwrap_or("?"),
+                node["applied_seq"],
+                node["lag"],
+                node["last_seen_ms"],
+                node["l1_entries"],
+                node["l1_bytes"],
+                node["hit_ratio"].as_f64().unwrap_or(0.0)
+            );
+        }
+        Ok(())
+    }
+
+    /// Polls agent `i` until `key` is gone; returns the time since `started`.
+    async fn watch_until_gone(&self, i: usize, key: &str, started: Instant) -> anyhow::Result<Duration> {
+        let url = self.agent_url(i, "acme", key);
+        loop {
+            let resp = self.http.get(&url).send().await?;
+            if resp.status().as_u16() == 404 {
+                return Ok(started.elapsed());
+            }
+            if started.elapsed() > Duration::from_secs(10) {
+                bail!("agent {} still serves {key} 10 s after the event", i + 1);
+            }
+        }
+    }
+
+    async fn wait_applied(&self, seq: u64) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for agent in &self.cluster.agents {
+            loop {
+                let status: Value = self.http.get(agent.url("/v1/status")).send().await?.json().await?;
+                if status["applied_seq"].as_u64().unwrap_or(0) >= seq {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!("{} did not apply seq {seq}", agent.proc.name);
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// Runs futures concurrently and collects their outputs in order.
+async fn futures_join_all<F: std::future::Future>(futures: Vec<F>) -> Vec<F::Output> {
+    futures_util::future::join_all(futures).await
+}

@@ -1,0 +1,48 @@
+# The two commands a new user needs: `make demo` and `make test`.
+# Both install redis-server first when it is missing (apt-get, as root or with sudo).
+
+CARGO ?= cargo
+SHELL := /bin/bash
+
+.PHONY: demo test run build release lint redis clean
+
+## demo: start a private Redis, a coordinator and 3 agents; tell the story; stop everything
+demo: redis release
+	./target/release/demo
+
+## test: every unit and integration test, against real redis-server processes
+test: redis build
+	$(CARGO) test --workspace --all-targets
+
+## run: the same cluster in the foreground until Ctrl-C, with its URLs
+run: redis release
+	./target/release/cluster
+
+## lint: formatting and clippy, warnings are errors
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+build:
+	$(CARGO) build --workspace --bins
+
+release:
+	$(CARGO) build --release --workspace --bins
+
+## redis: make sure redis-server is installed (tests and the demo start their own, on free ports)
+redis:
+	@if command -v redis-server >/dev/null 2>&1 || [ -x /usr/bin/redis-server ] || [ -x /usr/sbin/redis-server ]; then \
+		exit 0; \
+	fi; \
+	echo "redis-server is missing: installing it with apt-get"; \
+	if command -v apt-get >/dev/null 2>&1; then \
+		if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null 2>&1; then SUDO=sudo; else \
+			echo "run as root, or install redis-server yourself (apt-get install redis-server)"; exit 1; fi; \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq redis-server >/dev/null \
+			|| { echo "apt-get could not install redis-server; install Redis 7 (redis-server) and retry"; exit 1; }; \
+	else \
+		echo "no apt-get here: install redis-server (Redis 6.2 or newer) with your package manager and retry"; exit 1; \
+	fi
+
+clean:
+	$(CARGO) clean
