@@ -1,10 +1,10 @@
 //! The coordinator's HTTP API: events, invalidations, cluster health, rules,
 //! and the operational endpoints.
 
-use std::sync::atomic::Ordering;
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Deserialize;
+use std::sync::atomic::Ordering;
 
 use shared::invalidation;
 use shared::protocol::now_ms;
@@ -65,8 +65,16 @@ async fn post_events(
     query.check()?;
     let body = read_body(&req, body, coordinator.inner().settings.max_body_bytes).await?;
     let events = parse_events(&body)?;
-    coordinator.inner().metrics.events.inc_by(events.len() as u64);
-    let request = resolve_events(&events, &coordinator.inner().rules, coordinator.inner().origin.clone())?;
+    coordinator
+        .inner()
+        .metrics
+        .events
+        .inc_by(events.len() as u64);
+    let request = resolve_events(
+        &events,
+        &coordinator.inner().rules,
+        coordinator.inner().origin.clone(),
+    )?;
     let answer = coordinator.invalidate(request).await?;
     Ok(HttpResponse::Ok().json(answer))
 }
@@ -115,7 +123,9 @@ async fn cluster_health(coordinator: web::Data<Coordinator>) -> HttpResponse {
         let view = cluster::view(&mut conn, inner.settings.node_dead_after_ms)
             .await
             .map_err(|e| coordinator.redis_failed(e))?;
-        let redis = cluster::redis_info(&mut conn).await.map_err(|e| coordinator.redis_failed(e))?;
+        let redis = cluster::redis_info(&mut conn)
+            .await
+            .map_err(|e| coordinator.redis_failed(e))?;
         Ok::<_, ApiError>((view, redis))
     };
     match gathered.await {
@@ -154,8 +164,12 @@ async fn readyz(coordinator: web::Data<Coordinator>) -> Result<HttpResponse, Api
     if coordinator.inner().redis_ok.load(Ordering::Acquire) {
         Ok(HttpResponse::Ok().json(serde_json::json!({"status": "ready"})))
     } else {
-        Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", "not ready: Redis is unreachable")
-            .with("reason", "redis_unreachable".into()))
+        Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_ready",
+            "not ready: Redis is unreachable",
+        )
+        .with("reason", "redis_unreachable".into()))
     }
 }
 

@@ -59,7 +59,10 @@ impl ClusterView {
 }
 
 /// Reads the registry and every node's last report.
-pub async fn view(conn: &mut impl ConnectionLike, node_dead_after_ms: u64) -> RedisResult<ClusterView> {
+pub async fn view(
+    conn: &mut impl ConnectionLike,
+    node_dead_after_ms: u64,
+) -> RedisResult<ClusterView> {
     let now = now_ms();
     let forget_before = now.saturating_sub(node_dead_after_ms * FORGET_AFTER_DEAD_PERIODS);
     let (ids,): (Vec<String>,) = redis::pipe()
@@ -85,11 +88,17 @@ pub async fn view(conn: &mut impl ConnectionLike, node_dead_after_ms: u64) -> Re
     };
     let mut nodes = BTreeMap::new();
     for (report, ack) in reports.into_iter().zip(acks) {
-        let Some(Ok(mut r)) = report.map(|r| serde_json::from_str::<NodeReport>(&r)) else { continue };
+        let Some(Ok(mut r)) = report.map(|r| serde_json::from_str::<NodeReport>(&r)) else {
+            continue;
+        };
         // The ack moves on every applied message; the report only every heartbeat.
         r.applied_seq = r.applied_seq.max(ack.unwrap_or(0));
         let last_seen_ms = now.saturating_sub(r.ts_ms);
-        let lag = if r.epoch == epoch { seq.saturating_sub(r.applied_seq) } else { seq };
+        let lag = if r.epoch == epoch {
+            seq.saturating_sub(r.applied_seq)
+        } else {
+            seq
+        };
         let status = if last_seen_ms > node_dead_after_ms {
             "dead"
         } else if !r.ready || r.epoch != epoch {
@@ -116,7 +125,11 @@ pub async fn view(conn: &mut impl ConnectionLike, node_dead_after_ms: u64) -> Re
             },
         );
     }
-    Ok(ClusterView { epoch, seq, nodes: nodes.into_values().collect() })
+    Ok(ClusterView {
+        epoch,
+        seq,
+        nodes: nodes.into_values().collect(),
+    })
 }
 
 /// Redis's own health, from `INFO`.
@@ -128,8 +141,11 @@ pub async fn redis_info(conn: &mut impl ConnectionLike) -> RedisResult<serde_jso
         .filter_map(|l| l.split_once(':'))
         .collect();
     let num = |k: &str| fields.get(k).and_then(|v| v.trim().parse::<u64>().ok());
-    let keyspace: BTreeMap<&str, &str> =
-        fields.iter().filter(|(k, _)| k.starts_with("db")).map(|(k, v)| (*k, v.trim())).collect();
+    let keyspace: BTreeMap<&str, &str> = fields
+        .iter()
+        .filter(|(k, _)| k.starts_with("db"))
+        .map(|(k, v)| (*k, v.trim()))
+        .collect();
     let hits = num("keyspace_hits").unwrap_or(0);
     let misses = num("keyspace_misses").unwrap_or(0);
     Ok(serde_json::json!({

@@ -66,19 +66,30 @@ impl RuleSet {
                 if let Err(why) = check_template(template) {
                     problems.push(format!("rule {entity:?}: tag template {template:?} {why}"));
                 } else if let Err(e) = names::validate_tag(&template.replace(ID, "0")) {
-                    problems.push(format!("rule {entity:?}: tag template {template:?}: {}", e.message));
+                    problems.push(format!(
+                        "rule {entity:?}: tag template {template:?}: {}",
+                        e.message
+                    ));
                 }
             }
             for template in &rule.patterns {
                 if let Err(why) = check_template(template) {
-                    problems.push(format!("rule {entity:?}: pattern template {template:?} {why}"));
+                    problems.push(format!(
+                        "rule {entity:?}: pattern template {template:?} {why}"
+                    ));
                 } else if let Err(e) = names::validate_pattern(&template.replace(ID, "0"), false) {
-                    problems.push(format!("rule {entity:?}: pattern template {template:?}: {}", e.message));
+                    problems.push(format!(
+                        "rule {entity:?}: pattern template {template:?}: {}",
+                        e.message
+                    ));
                 }
             }
             for dependent in &rule.dependents {
                 if let Err(e) = names::validate_tag(dependent) {
-                    problems.push(format!("rule {entity:?}: dependent {dependent:?}: {}", e.message));
+                    problems.push(format!(
+                        "rule {entity:?}: dependent {dependent:?}: {}",
+                        e.message
+                    ));
                 }
             }
             if by_entity.insert(entity.clone(), rule).is_some() {
@@ -87,7 +98,10 @@ impl RuleSet {
         }
         let set = RuleSet { rules: by_entity };
         if let Some(cycle) = set.find_cycle() {
-            problems.push(format!("the rules' dependents form a cycle: {}", cycle.join(" -> ")));
+            problems.push(format!(
+                "the rules' dependents form a cycle: {}",
+                cycle.join(" -> ")
+            ));
         }
         if problems.is_empty() {
             Ok(set)
@@ -126,7 +140,12 @@ impl RuleSet {
             }
             marks.insert(entity.to_string(), Mark::Visiting);
             path.push(entity.to_string());
-            for dependent in set.rules.get(entity).map(|r| r.dependents.as_slice()).unwrap_or_default() {
+            for dependent in set
+                .rules
+                .get(entity)
+                .map(|r| r.dependents.as_slice())
+                .unwrap_or_default()
+            {
                 if let Some(cycle) = visit(set, dependent, marks, path) {
                     return Some(cycle);
                 }
@@ -192,13 +211,20 @@ impl RuleSet {
     }
 
     fn direct_dependents<'a>(&'a self, entity: &str) -> impl Iterator<Item = &'a str> {
-        self.rules.get(entity).into_iter().flat_map(|r| r.dependents.iter().map(String::as_str))
+        self.rules
+            .get(entity)
+            .into_iter()
+            .flat_map(|r| r.dependents.iter().map(String::as_str))
     }
 
     /// The rules and the entity graph, for `GET /v1/rules`.
     pub fn describe(&self) -> serde_json::Value {
         let mut entities: BTreeSet<&str> = self.rules.keys().map(String::as_str).collect();
-        entities.extend(self.rules.values().flat_map(|r| r.dependents.iter().map(String::as_str)));
+        entities.extend(
+            self.rules
+                .values()
+                .flat_map(|r| r.dependents.iter().map(String::as_str)),
+        );
         let graph: Vec<serde_json::Value> = entities
             .iter()
             .map(|e| {
@@ -216,7 +242,11 @@ impl RuleSet {
         let edges: Vec<serde_json::Value> = self
             .rules
             .values()
-            .flat_map(|r| r.dependents.iter().map(move |d| serde_json::json!({"from": r.entity, "to": d})))
+            .flat_map(|r| {
+                r.dependents
+                    .iter()
+                    .map(move |d| serde_json::json!({"from": r.entity, "to": d}))
+            })
             .collect();
         serde_json::json!({
             "rules": self.rules.values().collect::<Vec<_>>(),
@@ -243,7 +273,11 @@ fn fill(template: &str, id: Option<&str>, is_pattern: bool) -> Option<String> {
         return Some(template.to_string());
     }
     let id = id?;
-    let id = if is_pattern { escape_glob(id) } else { id.to_string() };
+    let id = if is_pattern {
+        escape_glob(id)
+    } else {
+        id.to_string()
+    };
     Some(template.replace(ID, &id))
 }
 
@@ -272,7 +306,12 @@ mod tests {
 
     fn rule(entity: &str, tags: &[&str], patterns: &[&str], dependents: &[&str]) -> Rule {
         let v = |s: &[&str]| s.iter().map(|x| x.to_string()).collect();
-        Rule { entity: entity.into(), tags: v(tags), patterns: v(patterns), dependents: v(dependents) }
+        Rule {
+            entity: entity.into(),
+            tags: v(tags),
+            patterns: v(patterns),
+            dependents: v(dependents),
+        }
     }
 
     fn contract_rules() -> RuleSet {
@@ -283,7 +322,12 @@ mod tests {
                 &["suppliers:list:*", "supplier:{id}:*"],
                 &["supplier_payment", "purchase_order"],
             ),
-            rule("supplier_payment", &["supplier_payments", "supplier_payment:{id}"], &["supplier_payments:list:*"], &["ledger"]),
+            rule(
+                "supplier_payment",
+                &["supplier_payments", "supplier_payment:{id}"],
+                &["supplier_payments:list:*"],
+                &["ledger"],
+            ),
         ])
         .expect("valid rules")
     }
@@ -300,9 +344,28 @@ mod tests {
     #[test]
     fn rule_with_dependents_resolves_transitively() {
         let r = contract_rules().resolve("supplier", Some("42"));
-        assert_eq!(r.tags, vec!["supplier:42", "suppliers", "supplier_payments", "purchase_order", "ledger"]);
-        assert_eq!(r.patterns, vec!["suppliers:list:*", "supplier:42:*", "supplier_payments:list:*"]);
-        assert_eq!(r.dependents, vec!["supplier_payment", "purchase_order", "ledger"]);
+        assert_eq!(
+            r.tags,
+            vec![
+                "supplier:42",
+                "suppliers",
+                "supplier_payments",
+                "purchase_order",
+                "ledger"
+            ]
+        );
+        assert_eq!(
+            r.patterns,
+            vec![
+                "suppliers:list:*",
+                "supplier:42:*",
+                "supplier_payments:list:*"
+            ]
+        );
+        assert_eq!(
+            r.dependents,
+            vec!["supplier_payment", "purchase_order", "ledger"]
+        );
     }
 
     #[test]

@@ -32,9 +32,15 @@ impl Application {
         let listener = std::net::TcpListener::bind(&settings.bind)
             .map_err(|e| anyhow::anyhow!("cannot bind {}: {e}", settings.bind))?;
         let addr = listener.local_addr()?;
-        let origin = format!("coordinator@{}:{}", gethostname::gethostname().to_string_lossy(), addr.port());
+        let origin = format!(
+            "coordinator@{}:{}",
+            gethostname::gethostname().to_string_lossy(),
+            addr.port()
+        );
         let workers = match settings.http_workers {
-            0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
+            0 => std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2),
             n => n,
         };
         let body_limit = settings.max_body_bytes;
@@ -56,7 +62,11 @@ impl Application {
         .shutdown_timeout(10)
         .listen(listener)?
         .run();
-        Ok(Application { coordinator, server, addr })
+        Ok(Application {
+            coordinator,
+            server,
+            addr,
+        })
     }
 
     /// The bound address.
@@ -65,8 +75,15 @@ impl Application {
     }
 
     /// Serves until `shutdown` resolves, then stops gracefully.
-    pub async fn run_until_stopped(self, shutdown: impl Future<Output = &'static str>) -> anyhow::Result<()> {
-        let Application { coordinator, server, addr } = self;
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = &'static str>,
+    ) -> anyhow::Result<()> {
+        let Application {
+            coordinator,
+            server,
+            addr,
+        } = self;
         let stop = CancellationToken::new();
         let watch = tokio::spawn(watch_redis(coordinator.clone(), stop.clone()));
         info!(%addr, rules = coordinator.inner().rules.rules().count(), "coordinator listening");
@@ -97,10 +114,14 @@ async fn watch_redis(coordinator: Coordinator, stop: CancellationToken) {
     loop {
         let check = async {
             let mut conn = inner.pool.get().await.map_err(|e| e.to_string())?;
-            shared::l2::ensure_epoch(&mut conn).await.map_err(|e| e.to_string())?;
+            shared::l2::ensure_epoch(&mut conn)
+                .await
+                .map_err(|e| e.to_string())?;
             if !inner.redis_ok.load(Ordering::Acquire) {
                 // Newly (re)connected: Redis may have restarted without our scripts.
-                shared::invalidation::load_scripts(&mut conn).await.map_err(|e| e.to_string())?;
+                shared::invalidation::load_scripts(&mut conn)
+                    .await
+                    .map_err(|e| e.to_string())?;
             }
             Ok::<(), String>(())
         };

@@ -13,7 +13,11 @@ pub const ENV_PREFIX: &str = "DCC_COORDINATOR";
 
 /// Command-line flags; each one overrides the file and the environment.
 #[derive(Debug, Parser)]
-#[command(name = "coordinator", version, about = "Turns write events into invalidations for every node agent")]
+#[command(
+    name = "coordinator",
+    version,
+    about = "Turns write events into invalidations for every node agent"
+)]
 pub struct Flags {
     /// TOML configuration file (settings and `[[rules]]`).
     #[arg(long)]
@@ -77,8 +81,9 @@ impl Settings {
             ("redis_url", flags.redis_url.clone()),
             ("log_json", flags.log_json.then(|| "true".to_string())),
         ];
-        let settings: Settings = shared::service::load_settings(flags.config.as_deref(), ENV_PREFIX, &overrides)
-            .map_err(|e| format!("configuration error: {e}"))?;
+        let settings: Settings =
+            shared::service::load_settings(flags.config.as_deref(), ENV_PREFIX, &overrides)
+                .map_err(|e| format!("configuration error: {e}"))?;
         settings.validate()?;
         Ok(settings)
     }

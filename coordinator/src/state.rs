@@ -59,20 +59,40 @@ pub struct Metrics {
 impl Metrics {
     fn new() -> Self {
         let registry = Registry::new();
-        let counter = |name: &str, help: &str| register(&registry, IntCounter::new(name, help).unwrap_or_else(|e| panic!("{e}")));
+        let counter = |name: &str, help: &str| {
+            register(
+                &registry,
+                IntCounter::new(name, help).unwrap_or_else(|e| panic!("{e}")),
+            )
+        };
         Metrics {
             events: counter("dcc_events_total", "Write events received"),
-            invalidations: counter("dcc_invalidations_logged_total", "Invalidations logged and broadcast"),
-            l2_deleted: counter("dcc_l2_deleted_total", "Entries deleted from L2 by invalidations"),
+            invalidations: counter(
+                "dcc_invalidations_logged_total",
+                "Invalidations logged and broadcast",
+            ),
+            l2_deleted: counter(
+                "dcc_l2_deleted_total",
+                "Entries deleted from L2 by invalidations",
+            ),
             invalidation_seconds: register(
                 &registry,
                 Histogram::with_opts(
-                    HistogramOpts::new("dcc_invalidation_duration_seconds", "Time from request to logged and broadcast")
-                        .buckets(vec![0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0, 5.0]),
+                    HistogramOpts::new(
+                        "dcc_invalidation_duration_seconds",
+                        "Time from request to logged and broadcast",
+                    )
+                    .buckets(vec![
+                        0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0, 5.0,
+                    ]),
                 )
                 .unwrap_or_else(|e| panic!("{e}")),
             ),
-            redis_up: register(&registry, IntGauge::new("dcc_redis_up", "1 while Redis answers").unwrap_or_else(|e| panic!("{e}"))),
+            redis_up: register(
+                &registry,
+                IntGauge::new("dcc_redis_up", "1 while Redis answers")
+                    .unwrap_or_else(|e| panic!("{e}")),
+            ),
             http: shared::service::http_latency_histogram(&registry),
             registry,
         }
@@ -143,11 +163,13 @@ impl Coordinator {
     pub async fn invalidate(&self, request: Request) -> Result<InvalidationAnswer, ApiError> {
         let started = Instant::now();
         let mut conn = self.conn().await?;
-        let outcome: Outcome = invalidation::execute(&mut conn, request, self.0.settings.log_max_len)
-            .await
-            .map_err(|e| self.redis_failed(e))?;
+        let outcome: Outcome =
+            invalidation::execute(&mut conn, request, self.0.settings.log_max_len)
+                .await
+                .map_err(|e| self.redis_failed(e))?;
         let m = &self.0.metrics;
-        m.invalidation_seconds.observe(started.elapsed().as_secs_f64());
+        m.invalidation_seconds
+            .observe(started.elapsed().as_secs_f64());
         if !outcome.duplicate {
             m.invalidations.inc();
             m.l2_deleted.inc_by(outcome.l2_deleted);
@@ -158,7 +180,10 @@ impl Coordinator {
         let live: Vec<_> = view.live().collect();
         let nodes = NodeCount {
             live: live.len(),
-            acked: live.iter().filter(|n| n.applied_seq >= outcome.seq && view.epoch == outcome.epoch).count(),
+            acked: live
+                .iter()
+                .filter(|n| n.applied_seq >= outcome.seq && view.epoch == outcome.epoch)
+                .count(),
         };
         Ok(InvalidationAnswer {
             seq: outcome.seq,

@@ -133,10 +133,14 @@ impl From<AgentError> for ApiError {
         use actix_web::http::StatusCode;
         match e {
             AgentError::Invalid(n) => n.into(),
-            e @ AgentError::TooLarge { .. } => {
-                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", e.to_string())
+            e @ AgentError::TooLarge { .. } => ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                e.to_string(),
+            ),
+            AgentError::Unavailable(m) => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", m)
             }
-            AgentError::Unavailable(m) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", m),
         }
     }
 }
@@ -149,9 +153,12 @@ impl Agent {
     /// Builds an agent; nothing connects yet, so Redis may be down.
     pub fn new(settings: Settings, node_id: String, addr: String) -> Result<Agent, String> {
         let pool = shared::service::redis_pool(&settings.redis_url, settings.redis_pool_size)?;
-        let redis = redis::Client::open(settings.redis_url.as_str()).map_err(|e| format!("bad redis_url: {e}"))?;
+        let redis = redis::Client::open(settings.redis_url.as_str())
+            .map_err(|e| format!("bad redis_url: {e}"))?;
         let metrics = Metrics::new();
-        metrics.l1_capacity.set(i64::try_from(settings.l1_max_bytes).unwrap_or(i64::MAX));
+        metrics
+            .l1_capacity
+            .set(i64::try_from(settings.l1_max_bytes).unwrap_or(i64::MAX));
         Ok(Agent(Arc::new(Inner {
             l1: L1::new(settings.l1_max_bytes),
             settings,
@@ -180,7 +187,9 @@ impl Agent {
 
     fn l2_failed(&self, e: impl std::fmt::Display) -> AgentError {
         self.0.metrics.l2_errors.inc();
-        AgentError::Unavailable(format!("Redis is unreachable ({e}) and L1 does not hold this key; retry shortly"))
+        AgentError::Unavailable(format!(
+            "Redis is unreachable ({e}) and L1 does not hold this key; retry shortly"
+        ))
     }
 
     /// Reads a key: L1, then L2 (filling L1), else a miss with a fill token.
@@ -190,14 +199,19 @@ impl Agent {
         let m = &self.0.metrics;
         if let Some(entry) = self.0.l1.get(tenant, key) {
             m.hits.with_label_values(&["l1"]).inc();
-            return Ok(Read::Hit { entry, layer: Layer::L1 });
+            return Ok(Read::Hit {
+                entry,
+                layer: Layer::L1,
+            });
         }
         m.misses.with_label_values(&["l1"]).inc();
 
         // Taken before L2 is read: an invalidation applied meanwhile voids the fill.
         let guard = self.0.l1.fill_guard(tenant);
         let mut conn = self.conn().await?;
-        let lookup = l2::get(&mut conn, tenant, key).await.map_err(|e| self.l2_failed(e))?;
+        let lookup = l2::get(&mut conn, tenant, key)
+            .await
+            .map_err(|e| self.l2_failed(e))?;
         match lookup.entry {
             Some(found) => {
                 m.hits.with_label_values(&["l2"]).inc();
@@ -209,11 +223,16 @@ impl Agent {
                     Duration::from_millis(found.ttl_ms),
                 );
                 self.0.l1.insert(tenant, key, entry.clone(), guard);
-                Ok(Read::Hit { entry: Arc::new(entry), layer: Layer::L2 })
+                Ok(Read::Hit {
+                    entry: Arc::new(entry),
+                    layer: Layer::L2,
+                })
             }
             None => {
                 m.misses.with_label_values(&["l2"]).inc();
-                Ok(Read::Miss { fill_token: lookup.token.encode() })
+                Ok(Read::Miss {
+                    fill_token: lookup.token.encode(),
+                })
             }
         }
     }
@@ -224,17 +243,24 @@ impl Agent {
         names::validate_key(key)?;
         let s = &self.0.settings;
         if put.value.len() > s.max_value_bytes {
-            return Err(AgentError::TooLarge { size: put.value.len(), limit: s.max_value_bytes });
+            return Err(AgentError::TooLarge {
+                size: put.value.len(),
+                limit: s.max_value_bytes,
+            });
         }
         let ttl_secs = put.ttl_secs.unwrap_or(s.default_ttl_secs);
         if ttl_secs == 0 || ttl_secs > s.max_ttl_secs {
-            return Err(invalid("invalid_ttl", format!("ttl must be between 1 and {} seconds", s.max_ttl_secs)));
+            return Err(invalid(
+                "invalid_ttl",
+                format!("ttl must be between 1 and {} seconds", s.max_ttl_secs),
+            ));
         }
         for tag in &put.tags {
             names::validate_tag(tag)?;
         }
         for dep in &put.depends_on {
-            names::validate_key(dep).map_err(|e| invalid("invalid_depends_on", format!("depends_on: {}", e.message)))?;
+            names::validate_key(dep)
+                .map_err(|e| invalid("invalid_depends_on", format!("depends_on: {}", e.message)))?;
         }
         if let Some(token) = &put.fill_token {
             if FillToken::decode(token).is_none() {
@@ -244,8 +270,11 @@ impl Agent {
                 ));
             }
         }
-        let content_type =
-            if put.content_type.is_empty() { "application/octet-stream".to_string() } else { put.content_type };
+        let content_type = if put.content_type.is_empty() {
+            "application/octet-stream".to_string()
+        } else {
+            put.content_type
+        };
 
         let guard = self.0.l1.fill_guard(tenant);
         let stored = l2::Entry {
@@ -256,8 +285,16 @@ impl Agent {
             ttl_ms: ttl_secs * 1000,
         };
         let mut conn = self.conn().await?;
-        l2::put(&mut conn, tenant, key, &stored, now_ms()).await.map_err(|e| self.l2_failed(e))?;
-        let entry = l1::Entry::new(put.value, content_type, put.tags, put.depends_on, Duration::from_secs(ttl_secs));
+        l2::put(&mut conn, tenant, key, &stored, now_ms())
+            .await
+            .map_err(|e| self.l2_failed(e))?;
+        let entry = l1::Entry::new(
+            put.value,
+            content_type,
+            put.tags,
+            put.depends_on,
+            Duration::from_secs(ttl_secs),
+        );
         self.0.l1.insert(tenant, key, entry, guard);
         Ok(())
     }
@@ -268,7 +305,12 @@ impl Agent {
         names::validate_tenant(tenant)?;
         names::validate_key(key)?;
         let request = Request {
-            items: vec![Selector { tenant: tenant.into(), keys: vec![key.into()], cascade: true, ..Selector::default() }],
+            items: vec![Selector {
+                tenant: tenant.into(),
+                keys: vec![key.into()],
+                cascade: true,
+                ..Selector::default()
+            }],
             event_ids: Vec::new(),
             origin: format!("agent@{}", self.0.node_id),
         };

@@ -26,14 +26,26 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 fn tenant_and_key(req: &HttpRequest) -> Result<(String, String), ApiError> {
     let rest = req.path().strip_prefix("/v1/cache/").unwrap_or_default();
     let Some((tenant, key)) = rest.split_once('/') else {
-        return Err(ApiError::bad_request("invalid_key", "use /v1/cache/{tenant}/{key}: the key is missing"));
+        return Err(ApiError::bad_request(
+            "invalid_key",
+            "use /v1/cache/{tenant}/{key}: the key is missing",
+        ));
     };
     let decode = |s: &str, code: &'static str| {
-        percent_decode_str(s).decode_utf8().map(|c| c.into_owned()).map_err(|_| {
-            ApiError::from(InvalidName { code, message: format!("{code}: the path is not valid percent-encoded UTF-8") })
-        })
+        percent_decode_str(s)
+            .decode_utf8()
+            .map(|c| c.into_owned())
+            .map_err(|_| {
+                ApiError::from(InvalidName {
+                    code,
+                    message: format!("{code}: the path is not valid percent-encoded UTF-8"),
+                })
+            })
     };
-    Ok((decode(tenant, "invalid_tenant")?, decode(key, "invalid_key")?))
+    Ok((
+        decode(tenant, "invalid_tenant")?,
+        decode(key, "invalid_key")?,
+    ))
 }
 
 async fn get_entry(req: HttpRequest, agent: web::Data<Agent>) -> Result<HttpResponse, ApiError> {
@@ -52,10 +64,15 @@ async fn get_entry(req: HttpRequest, agent: web::Data<Agent>) -> Result<HttpResp
             Ok(resp.body(entry.value.clone()))
         }
         Read::Miss { fill_token } => {
-            let err = ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("{tenant}/{key} is not cached; load it and PUT it with the fill token"));
+            let err = ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("{tenant}/{key} is not cached; load it and PUT it with the fill token"),
+            );
             let mut resp = actix_web::ResponseError::error_response(&err);
             if let Ok(v) = HeaderValue::from_str(&fill_token) {
-                resp.headers_mut().insert(header::HeaderName::from_static("x-cache-fill-token"), v);
+                resp.headers_mut()
+                    .insert(header::HeaderName::from_static("x-cache-fill-token"), v);
             }
             Ok(resp)
         }
@@ -68,26 +85,39 @@ fn parse_put_query(query: &str) -> Result<Put, ApiError> {
     for (name, value) in form_urlencoded::parse(query.as_bytes()) {
         match name.as_ref() {
             "ttl" => {
-                let ttl = value.parse::<u64>().ok().filter(|t| *t >= 1).ok_or_else(|| {
-                    ApiError::bad_request("invalid_ttl", format!("ttl must be a whole number of seconds, at least 1; got {value:?}"))
-                })?;
+                let ttl = value
+                    .parse::<u64>()
+                    .ok()
+                    .filter(|t| *t >= 1)
+                    .ok_or_else(|| {
+                        ApiError::bad_request(
+                            "invalid_ttl",
+                            format!(
+                                "ttl must be a whole number of seconds, at least 1; got {value:?}"
+                            ),
+                        )
+                    })?;
                 put.ttl_secs = Some(ttl);
             }
             "tags" => put.tags.extend(value.split(',').map(str::to_string)),
             "depends_on" => put.depends_on.extend(value.split(',').map(str::to_string)),
             "fill_token" => put.fill_token = Some(value.into_owned()),
-            other => {
-                return Err(ApiError::bad_request(
-                    "invalid_query",
-                    format!("unknown parameter {other:?}; PUT takes ttl, tags, depends_on and fill_token"),
-                ))
-            }
+            other => return Err(ApiError::bad_request(
+                "invalid_query",
+                format!(
+                    "unknown parameter {other:?}; PUT takes ttl, tags, depends_on and fill_token"
+                ),
+            )),
         }
     }
     Ok(put)
 }
 
-async fn put_entry(req: HttpRequest, body: web::Payload, agent: web::Data<Agent>) -> Result<HttpResponse, ApiError> {
+async fn put_entry(
+    req: HttpRequest,
+    body: web::Payload,
+    agent: web::Data<Agent>,
+) -> Result<HttpResponse, ApiError> {
     let (tenant, key) = tenant_and_key(&req)?;
     let mut put = parse_put_query(req.query_string())?;
     put.value = read_body(&req, body, agent.inner().settings.max_value_bytes).await?;
@@ -104,7 +134,9 @@ async fn put_entry(req: HttpRequest, body: web::Payload, agent: web::Data<Agent>
 async fn delete_entry(req: HttpRequest, agent: web::Data<Agent>) -> Result<HttpResponse, ApiError> {
     let (tenant, key) = tenant_and_key(&req)?;
     let outcome = agent.delete(&tenant, &key).await?;
-    Ok(HttpResponse::NoContent().insert_header(("X-Invalidation-Seq", outcome.seq.to_string())).finish())
+    Ok(HttpResponse::NoContent()
+        .insert_header(("X-Invalidation-Seq", outcome.seq.to_string()))
+        .finish())
 }
 
 async fn status(agent: web::Data<Agent>) -> HttpResponse {
@@ -130,8 +162,19 @@ async fn readyz(agent: web::Data<Agent>) -> Result<HttpResponse, ApiError> {
 async fn metrics(agent: web::Data<Agent>) -> HttpResponse {
     let inner = agent.inner();
     let m = &inner.metrics;
-    m.l1_bytes.set(i64::try_from(inner.l1.bytes()).unwrap_or(i64::MAX));
-    m.l1_entries.set(i64::try_from(inner.l1.entries()).unwrap_or(i64::MAX));
-    m.l1_evictions.set(i64::try_from(inner.l1.stats.evictions.load(std::sync::atomic::Ordering::Relaxed)).unwrap_or(i64::MAX));
+    m.l1_bytes
+        .set(i64::try_from(inner.l1.bytes()).unwrap_or(i64::MAX));
+    m.l1_entries
+        .set(i64::try_from(inner.l1.entries()).unwrap_or(i64::MAX));
+    m.l1_evictions.set(
+        i64::try_from(
+            inner
+                .l1
+                .stats
+                .evictions
+                .load(std::sync::atomic::Ordering::Relaxed),
+        )
+        .unwrap_or(i64::MAX),
+    );
     metrics_response(&m.registry)
 }

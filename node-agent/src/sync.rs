@@ -62,7 +62,8 @@ async fn subscribe_and_apply(
     backoff: &mut Backoff,
 ) -> anyhow::Result<()> {
     let inner = agent.inner();
-    let mut pubsub = tokio::time::timeout(Duration::from_secs(2), inner.redis.get_async_pubsub()).await??;
+    let mut pubsub =
+        tokio::time::timeout(Duration::from_secs(2), inner.redis.get_async_pubsub()).await??;
     pubsub.subscribe(schema::CHANNEL).await?;
     // Subscribed first, then read the head: nothing logged can fall between the two.
     catch_up(agent).await?;
@@ -70,7 +71,10 @@ async fn subscribe_and_apply(
     inner.sync.caught_up.store(true, Ordering::Release);
     backoff.reset();
     inner.sync.report_now.notify_one();
-    info!(applied_seq = inner.sync.applied_seq.load(Ordering::Acquire), "subscribed to invalidations");
+    info!(
+        applied_seq = inner.sync.applied_seq.load(Ordering::Acquire),
+        "subscribed to invalidations"
+    );
 
     let mut messages = pubsub.on_message();
     loop {
@@ -162,7 +166,10 @@ async fn replay_or_flush(
             }
         }
         _ => {
-            flush(agent, &format!("missed invalidations {from}..={to} are no longer in the log"));
+            flush(
+                agent,
+                &format!("missed invalidations {from}..={to} are no longer in the log"),
+            );
             adopt(agent, epoch.to_string(), to);
         }
     }
@@ -179,9 +186,15 @@ fn apply(agent: &Agent, msg: &InvalidationMessage) {
     inner.sync.applied_seq.fetch_max(msg.seq, Ordering::AcqRel);
     inner.sync.applied.notify_one();
     inner.metrics.applied.inc();
-    inner.metrics.applied_seq.set(i64::try_from(msg.seq).unwrap_or(i64::MAX));
+    inner
+        .metrics
+        .applied_seq
+        .set(i64::try_from(msg.seq).unwrap_or(i64::MAX));
     let lag_ms = now_ms().saturating_sub(msg.ts_ms);
-    inner.metrics.propagation_lag.observe(lag_ms as f64 / 1000.0);
+    inner
+        .metrics
+        .propagation_lag
+        .observe(lag_ms as f64 / 1000.0);
     debug!(seq = msg.seq, dropped, lag_ms, "applied invalidation");
 }
 
@@ -197,7 +210,11 @@ fn adopt(agent: &Agent, epoch: String, seq: u64) {
     let sync = &agent.inner().sync;
     *lock(&sync.epoch) = epoch;
     sync.applied_seq.store(seq, Ordering::Release);
-    agent.inner().metrics.applied_seq.set(i64::try_from(seq).unwrap_or(i64::MAX));
+    agent
+        .inner()
+        .metrics
+        .applied_seq
+        .set(i64::try_from(seq).unwrap_or(i64::MAX));
 }
 
 /// Publishes this node's applied seq to `dcc:acks` as soon as it moves, so the
@@ -216,7 +233,9 @@ async fn acknowledge_loop(agent: Agent, shutdown: CancellationToken) {
         if seq == acked {
             continue;
         }
-        let Ok(mut conn) = inner.pool.get().await else { continue };
+        let Ok(mut conn) = inner.pool.get().await else {
+            continue;
+        };
         let written: redis::RedisResult<()> = redis::cmd("HSET")
             .arg(schema::ACKS)
             .arg(&inner.node_id)
@@ -232,7 +251,8 @@ async fn acknowledge_loop(agent: Agent, shutdown: CancellationToken) {
 /// Reports this node to Redis and checks that it keeps up with the log head.
 async fn heartbeat_loop(agent: Agent, shutdown: CancellationToken) {
     let inner = agent.inner();
-    let mut ticker = tokio::time::interval(Duration::from_millis(inner.settings.heartbeat_interval_ms));
+    let mut ticker =
+        tokio::time::interval(Duration::from_millis(inner.settings.heartbeat_interval_ms));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // The head seen one beat ago: everything in it must be applied by now.
     let mut previous_head = 0;
@@ -251,7 +271,10 @@ async fn heartbeat_loop(agent: Agent, shutdown: CancellationToken) {
                 inner.sync.redis_ok.store(true, Ordering::Release);
                 let applied = inner.sync.applied_seq.load(Ordering::Acquire);
                 let subscribed = inner.sync.subscribed.load(Ordering::Acquire);
-                inner.sync.caught_up.store(subscribed && applied >= previous_head.min(head), Ordering::Release);
+                inner.sync.caught_up.store(
+                    subscribed && applied >= previous_head.min(head),
+                    Ordering::Release,
+                );
                 previous_head = head;
             }
             Err(e) => {
@@ -260,7 +283,10 @@ async fn heartbeat_loop(agent: Agent, shutdown: CancellationToken) {
                 }
             }
         }
-        inner.metrics.ready.set(i64::from(agent.readiness().is_ok()));
+        inner
+            .metrics
+            .ready
+            .set(i64::from(agent.readiness().is_ok()));
     }
 }
 

@@ -66,7 +66,12 @@ pub async fn execute(
 ) -> RedisResult<Outcome> {
     if let Some(seq) = already_logged(conn, &request.event_ids).await? {
         let (epoch, _) = l2::head(conn).await?;
-        return Ok(Outcome { epoch, seq, duplicate: true, ..Outcome::default() });
+        return Ok(Outcome {
+            epoch,
+            seq,
+            duplicate: true,
+            ..Outcome::default()
+        });
     }
 
     // Step 2: delete from L2, collecting dependents into each selector's keys.
@@ -79,8 +84,21 @@ pub async fn execute(
     }
 
     // Step 3: log and broadcast.
-    let (epoch, seq) = append(conn, &invalidated, &request.origin, &request.event_ids, log_max_len).await?;
-    Ok(Outcome { epoch, seq, invalidated, l2_deleted, duplicate: false })
+    let (epoch, seq) = append(
+        conn,
+        &invalidated,
+        &request.origin,
+        &request.event_ids,
+        log_max_len,
+    )
+    .await?;
+    Ok(Outcome {
+        epoch,
+        seq,
+        invalidated,
+        l2_deleted,
+        duplicate: false,
+    })
 }
 
 /// The highest seq recorded for these event ids, if every one of them was logged.
@@ -96,7 +114,11 @@ async fn already_logged(
         cmd.arg(schema::event(tenant, id));
     }
     let seqs: Vec<Option<u64>> = cmd.query_async(conn).await?;
-    Ok(seqs.iter().copied().collect::<Option<Vec<u64>>>().and_then(|s| s.into_iter().max()))
+    Ok(seqs
+        .iter()
+        .copied()
+        .collect::<Option<Vec<u64>>>()
+        .and_then(|s| s.into_iter().max()))
 }
 
 /// Deletes everything one selector covers from L2. Returns the number of
@@ -113,24 +135,35 @@ async fn delete_selector(
     let mut seen: HashSet<String> = HashSet::new();
     let mut dependents = Vec::new();
 
-    let delete = async |conn: &mut _, keys: Vec<String>, deleted: &mut u64, deps: &mut Vec<String>| {
-        let (n, found) = l2::delete_keys(conn, &tenant, &keys, cascade, now).await?;
-        *deleted += n;
-        deps.extend(found);
-        RedisResult::Ok(())
-    };
+    let delete =
+        async |conn: &mut _, keys: Vec<String>, deleted: &mut u64, deps: &mut Vec<String>| {
+            let (n, found) = l2::delete_keys(conn, &tenant, &keys, cascade, now).await?;
+            *deleted += n;
+            deps.extend(found);
+            RedisResult::Ok(())
+        };
 
-    let exact: Vec<String> = selector.keys.iter().filter(|k| seen.insert((*k).clone())).cloned().collect();
+    let exact: Vec<String> = selector
+        .keys
+        .iter()
+        .filter(|k| seen.insert((*k).clone()))
+        .cloned()
+        .collect();
     delete(conn, exact, &mut deleted, &mut dependents).await?;
 
     for tag in &selector.tags {
-        let Some(set) = l2::detach_tag(conn, &tenant, tag).await? else { continue };
+        let Some(set) = l2::detach_tag(conn, &tenant, tag).await? else {
+            continue;
+        };
         loop {
             let members = l2::pop_members(conn, &set).await?;
             if members.is_empty() {
                 break;
             }
-            let fresh: Vec<String> = members.into_iter().filter(|k| seen.insert(k.clone())).collect();
+            let fresh: Vec<String> = members
+                .into_iter()
+                .filter(|k| seen.insert(k.clone()))
+                .collect();
             delete(conn, fresh, &mut deleted, &mut dependents).await?;
         }
     }
@@ -140,7 +173,11 @@ async fn delete_selector(
         let mut cursor = 0;
         loop {
             let (next, members) = l2::scan_index(conn, &index, cursor, Some(pattern)).await?;
-            let fresh: Vec<String> = members.into_iter().map(|(k, _)| k).filter(|k| seen.insert(k.clone())).collect();
+            let fresh: Vec<String> = members
+                .into_iter()
+                .map(|(k, _)| k)
+                .filter(|k| seen.insert(k.clone()))
+                .collect();
             delete(conn, fresh, &mut deleted, &mut dependents).await?;
             if next == 0 {
                 break;
@@ -206,7 +243,11 @@ pub async fn append(
     event_ids: &[(String, String)],
     log_max_len: u64,
 ) -> RedisResult<(String, u64)> {
-    let body = MessageBody { ts_ms: now_ms(), origin, invalidations: invalidated };
+    let body = MessageBody {
+        ts_ms: now_ms(),
+        origin,
+        invalidations: invalidated,
+    };
     let mut inv = APPEND.prepare_invoke();
     inv.key(schema::EPOCH).key(schema::SEQ).key(schema::LOG);
     for (tenant, id) in event_ids {
@@ -241,22 +282,34 @@ pub async fn preview(conn: &mut impl ConnectionLike, items: &[Selector]) -> Redi
         let tenant = &selector.tenant;
         let mut seen: HashSet<String> = HashSet::new();
         let mut candidates: Vec<String> = selector.keys.clone();
-        let scan = async |conn: &mut _, index: String, pattern: Option<&str>, out: &mut Vec<String>| {
-            let mut cursor = 0;
-            loop {
-                let (next, members) = l2::scan_index(conn, &index, cursor, pattern).await?;
-                out.extend(members.into_iter().filter(|(_, exp)| *exp > now).map(|(k, _)| k));
-                if next == 0 {
-                    return RedisResult::Ok(());
+        let scan =
+            async |conn: &mut _, index: String, pattern: Option<&str>, out: &mut Vec<String>| {
+                let mut cursor = 0;
+                loop {
+                    let (next, members) = l2::scan_index(conn, &index, cursor, pattern).await?;
+                    out.extend(
+                        members
+                            .into_iter()
+                            .filter(|(_, exp)| *exp > now)
+                            .map(|(k, _)| k),
+                    );
+                    if next == 0 {
+                        return RedisResult::Ok(());
+                    }
+                    cursor = next;
                 }
-                cursor = next;
-            }
-        };
+            };
         for tag in &selector.tags {
             scan(conn, schema::tag(tenant, tag), None, &mut candidates).await?;
         }
         for pattern in &selector.patterns {
-            scan(conn, schema::tenant_keys(tenant), Some(pattern), &mut candidates).await?;
+            scan(
+                conn,
+                schema::tenant_keys(tenant),
+                Some(pattern),
+                &mut candidates,
+            )
+            .await?;
         }
         while !candidates.is_empty() {
             let fresh: Vec<String> = std::mem::take(&mut candidates)
@@ -278,6 +331,9 @@ pub async fn preview(conn: &mut impl ConnectionLike, items: &[Selector]) -> Redi
     Ok(preview)
 }
 
+/// A stream entry as `XRANGE` returns it: id and field/value pairs.
+type LogEntry = (String, Vec<(String, Vec<u8>)>);
+
 /// Reads the logged messages with seq `from..=to`, in order, in chunks. Returns
 /// `None` when the log no longer holds all of them (trimmed, or a new epoch),
 /// so the reader knows it must flush instead of replaying.
@@ -290,7 +346,7 @@ pub async fn read_log(
     let mut messages = Vec::new();
     let mut next = from;
     while next <= to {
-        let entries: Vec<(String, Vec<(String, Vec<u8>)>)> = redis::cmd("XRANGE")
+        let entries: Vec<LogEntry> = redis::cmd("XRANGE")
             .arg(schema::LOG)
             .arg(format!("{next}-0"))
             .arg(format!("{to}-0"))

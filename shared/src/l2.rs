@@ -103,14 +103,23 @@ pub async fn get(conn: &mut impl ConnectionLike, tenant: &str, key: &str) -> Red
         Some(e) => e,
         None => ensure_epoch(conn).await?,
     };
-    let token = FillToken { epoch, seq: seq.unwrap_or(0) };
-    Ok(Lookup { entry: entry_from_fields(fields, pttl), token })
+    let token = FillToken {
+        epoch,
+        seq: seq.unwrap_or(0),
+    };
+    Ok(Lookup {
+        entry: entry_from_fields(fields, pttl),
+        token,
+    })
 }
 
 fn entry_from_fields(mut fields: HashMap<String, Vec<u8>>, pttl: i64) -> Option<Entry> {
     // A hash without `v` is not an entry (or expired between the two reads).
     let value = fields.remove("v")?;
-    let text = |f: Option<Vec<u8>>| f.map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+    let text = |f: Option<Vec<u8>>| {
+        f.map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    };
     let split = |s: String, sep: char| -> Vec<String> {
         if s.is_empty() {
             Vec::new()
@@ -164,7 +173,8 @@ pub async fn put(
     now_ms: u64,
 ) -> RedisResult<()> {
     let mut inv = PUT.prepare_invoke();
-    inv.key(schema::value(tenant, key)).key(schema::tenant_keys(tenant));
+    inv.key(schema::value(tenant, key))
+        .key(schema::tenant_keys(tenant));
     for tag in &entry.tags {
         inv.key(schema::tag(tenant, tag));
     }
@@ -221,7 +231,8 @@ pub async fn delete_keys(
         let mut inv = DELETE_KEYS.prepare_invoke();
         inv.key(schema::tenant_keys(tenant));
         for key in chunk {
-            inv.key(schema::value(tenant, key)).key(schema::dependents(tenant, key));
+            inv.key(schema::value(tenant, key))
+                .key(schema::dependents(tenant, key));
         }
         inv.arg(now_ms).arg(if cascade { "1" } else { "0" });
         for key in chunk {
@@ -305,7 +316,13 @@ pub async fn existing(
             pipe.exists(schema::value(tenant, key));
         }
         let flags: Vec<bool> = pipe.query_async(conn).await?;
-        found.extend(chunk.iter().zip(flags).filter(|(_, f)| *f).map(|(k, _)| k.clone()));
+        found.extend(
+            chunk
+                .iter()
+                .zip(flags)
+                .filter(|(_, f)| *f)
+                .map(|(k, _)| k.clone()),
+        );
     }
     Ok(found)
 }

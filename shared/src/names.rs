@@ -51,7 +51,10 @@ pub fn validate_key(key: &str) -> Result<(), InvalidName> {
     if key.is_empty() || key.len() > MAX_KEY_BYTES {
         return Err(invalid(
             "invalid_key",
-            format!("a key must be 1 to {MAX_KEY_BYTES} bytes long, got {} bytes", key.len()),
+            format!(
+                "a key must be 1 to {MAX_KEY_BYTES} bytes long, got {} bytes",
+                key.len()
+            ),
         ));
     }
     if key.chars().any(char::is_control) {
@@ -68,7 +71,10 @@ pub fn validate_tag(tag: &str) -> Result<(), InvalidName> {
     if tag.is_empty() || tag.len() > MAX_TAG_BYTES {
         return Err(invalid(
             "invalid_tag",
-            format!("a tag must be 1 to {MAX_TAG_BYTES} bytes long, got {} bytes", tag.len()),
+            format!(
+                "a tag must be 1 to {MAX_TAG_BYTES} bytes long, got {} bytes",
+                tag.len()
+            ),
         ));
     }
     if tag
@@ -149,7 +155,10 @@ mod tests {
         assert!(validate_key("supplier:42/detail").is_ok());
         assert!(validate_key("ünïcode key").is_ok());
         assert!(validate_key(&"k".repeat(1024)).is_ok());
-        assert_eq!(validate_key(&"k".repeat(1025)).unwrap_err().code, "invalid_key");
+        assert_eq!(
+            validate_key(&"k".repeat(1025)).unwrap_err().code,
+            "invalid_key"
+        );
         assert!(validate_key("").is_err());
         assert!(validate_key("a\nb").is_err());
         assert!(validate_key("a\u{7f}b").is_err());
@@ -170,11 +179,26 @@ mod tests {
     fn patterns() {
         assert!(validate_pattern("suppliers:list:*", false).is_ok());
         assert!(validate_pattern("a[bc]?", false).is_ok());
-        assert_eq!(validate_pattern("", false).unwrap_err().code, "invalid_pattern");
-        assert_eq!(validate_pattern("*", false).unwrap_err().code, "confirm_required");
-        assert_eq!(validate_pattern("**", false).unwrap_err().code, "confirm_required");
+        assert_eq!(
+            validate_pattern("", false).unwrap_err().code,
+            "invalid_pattern"
+        );
+        assert_eq!(
+            validate_pattern("*", false).unwrap_err().code,
+            "confirm_required"
+        );
+        assert_eq!(
+            validate_pattern("**", false).unwrap_err().code,
+            "confirm_required"
+        );
         assert!(validate_pattern("*", true).is_ok());
-        assert_eq!(validate_pattern("a[bc", false).unwrap_err().code, "invalid_pattern");
-        assert_eq!(validate_pattern("a\\", false).unwrap_err().code, "invalid_pattern");
+        assert_eq!(
+            validate_pattern("a[bc", false).unwrap_err().code,
+            "invalid_pattern"
+        );
+        assert_eq!(
+            validate_pattern("a\\", false).unwrap_err().code,
+            "invalid_pattern"
+        );
     }
 }

@@ -98,7 +98,9 @@ pub enum DecodeError {
     #[error("malformed invalidation message: {0}")]
     Malformed(#[from] serde_json::Error),
     /// A version this build does not understand.
-    #[error("invalidation message version {0} is not supported (this build reads {MESSAGE_VERSION})")]
+    #[error(
+        "invalidation message version {0} is not supported (this build reads {MESSAGE_VERSION})"
+    )]
     Version(u32),
 }
 
@@ -204,7 +206,11 @@ mod tests {
     #[test]
     fn message_round_trip_through_the_script_header() {
         let items = sample();
-        let body = MessageBody { ts_ms: 5, origin: "test", invalidations: &items };
+        let body = MessageBody {
+            ts_ms: 5,
+            origin: "test",
+            invalidations: &items,
+        };
         let wire = InvalidationMessage::assemble("abc123", 42, &body);
         let msg = InvalidationMessage::decode(wire.as_bytes()).expect("decodes");
         assert_eq!(msg.v, 1);
@@ -217,7 +223,10 @@ mod tests {
     #[test]
     fn other_versions_and_garbage_are_refused() {
         let wire = r#"{"v":2,"epoch":"e","seq":1,"ts_ms":0,"origin":"x","invalidations":[]}"#;
-        assert!(matches!(InvalidationMessage::decode(wire.as_bytes()), Err(DecodeError::Version(2))));
+        assert!(matches!(
+            InvalidationMessage::decode(wire.as_bytes()),
+            Err(DecodeError::Version(2))
+        ));
         assert!(InvalidationMessage::decode(b"not json").is_err());
         assert!(InvalidationMessage::decode(br#"{"v":1}"#).is_err());
     }
@@ -231,7 +240,10 @@ mod tests {
 
     #[test]
     fn fill_tokens() {
-        let t = FillToken { epoch: "00ff".into(), seq: 7 };
+        let t = FillToken {
+            epoch: "00ff".into(),
+            seq: 7,
+        };
         assert_eq!(FillToken::decode(&t.encode()), Some(t));
         assert_eq!(FillToken::decode("garbage"), None);
         assert_eq!(FillToken::decode("zz.1"), None);

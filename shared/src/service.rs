@@ -29,7 +29,12 @@ pub struct ApiError {
 impl ApiError {
     /// An error with a status, code and message.
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        ApiError { status, code, message: message.into(), extra: None }
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            extra: None,
+        }
     }
 
     /// 400 with a code.
@@ -48,7 +53,9 @@ impl ApiError {
 
     /// Adds a top-level field to the JSON body.
     pub fn with(mut self, field: &str, value: serde_json::Value) -> Self {
-        self.extra.get_or_insert_with(Default::default).insert(field.to_string(), value);
+        self.extra
+            .get_or_insert_with(Default::default)
+            .insert(field.to_string(), value);
         self
     }
 }
@@ -95,7 +102,10 @@ pub fn json_config(limit: usize) -> actix_web::web::JsonConfig {
                     "unsupported_media_type",
                     "send the body as JSON with Content-Type: application/json",
                 ),
-                _ => ApiError::bad_request("invalid_json", format!("the body is not valid JSON for this endpoint: {err}")),
+                _ => ApiError::bad_request(
+                    "invalid_json",
+                    format!("the body is not valid JSON for this endpoint: {err}"),
+                ),
             };
             api.into()
         })
@@ -110,8 +120,12 @@ pub fn query_config() -> actix_web::web::QueryConfig {
 
 /// The answer to any unknown route or method.
 pub async fn not_found() -> HttpResponse {
-    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint or method; see the README for the API")
-        .error_response()
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        "no such endpoint or method; see the README for the API",
+    )
+    .error_response()
 }
 
 /// Loads a settings tree in layers: defaults (the struct's serde defaults), then
@@ -123,7 +137,11 @@ pub fn load_settings<T: DeserializeOwned>(
 ) -> Result<T, config::ConfigError> {
     let mut builder = config::Config::builder();
     if let Some(path) = file {
-        builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml).required(true));
+        builder = builder.add_source(
+            config::File::from(path)
+                .format(config::FileFormat::Toml)
+                .required(true),
+        );
     }
     builder = builder.add_source(
         config::Environment::with_prefix(env_prefix)
@@ -143,9 +161,16 @@ pub fn init_tracing(json: bool) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr);
     // A second call (tests embedding a service) keeps the first subscriber.
-    let _ = if json { builder.json().try_init() } else { builder.try_init() };
+    let _ = if json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
 }
 
 /// Renders a Prometheus registry as text exposition.
@@ -154,8 +179,15 @@ pub fn metrics_response(registry: &prometheus::Registry) -> HttpResponse {
     let encoder = prometheus::TextEncoder::new();
     let mut buf = Vec::new();
     match encoder.encode(&registry.gather(), &mut buf) {
-        Ok(()) => HttpResponse::Ok().content_type(encoder.format_type()).body(buf),
-        Err(e) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "metrics_failed", e.to_string()).error_response(),
+        Ok(()) => HttpResponse::Ok()
+            .content_type(encoder.format_type())
+            .body(buf),
+        Err(e) => ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "metrics_failed",
+            e.to_string(),
+        )
+        .error_response(),
     }
 }
 
@@ -163,7 +195,10 @@ pub fn metrics_response(registry: &prometheus::Registry) -> HttpResponse {
 pub fn http_latency_histogram(registry: &prometheus::Registry) -> prometheus::HistogramVec {
     let hist = prometheus::HistogramVec::new(
         prometheus::HistogramOpts::new("dcc_http_request_duration_seconds", "HTTP request latency")
-            .buckets(vec![0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0, 5.0]),
+            .buckets(vec![
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0,
+                5.0,
+            ]),
         &["method", "route", "status"],
     )
     .unwrap_or_else(|e| panic!("static metric definition is valid: {e}"));
@@ -171,7 +206,10 @@ pub fn http_latency_histogram(registry: &prometheus::Registry) -> prometheus::Hi
 }
 
 /// Registers a collector; metric names are static, so a clash is a programming error.
-pub fn register<C: prometheus::core::Collector + Clone + 'static>(registry: &prometheus::Registry, c: C) -> C {
+pub fn register<C: prometheus::core::Collector + Clone + 'static>(
+    registry: &prometheus::Registry,
+    c: C,
+) -> C {
     if let Err(e) = registry.register(Box::new(c.clone())) {
         panic!("metric registered twice: {e}");
     }
@@ -200,7 +238,9 @@ pub struct Backoff {
 
 impl Default for Backoff {
     fn default() -> Self {
-        Backoff { next: Duration::from_millis(50) }
+        Backoff {
+            next: Duration::from_millis(50),
+        }
     }
 }
 
@@ -222,7 +262,10 @@ pub async fn shutdown_signal() -> &'static str {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        match (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) {
+        match (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+        ) {
             (Ok(mut int), Ok(mut term)) => tokio::select! {
                 _ = int.recv() => "SIGINT",
                 _ = term.recv() => "SIGTERM",
@@ -270,7 +313,9 @@ pub async fn read_body(
     }
     let mut body = actix_web::web::BytesMut::with_capacity(declared.unwrap_or(0).min(limit));
     while let Some(chunk) = payload.next().await {
-        let chunk = chunk.map_err(|e| ApiError::bad_request("invalid_body", format!("could not read the body: {e}")))?;
+        let chunk = chunk.map_err(|e| {
+            ApiError::bad_request("invalid_body", format!("could not read the body: {e}"))
+        })?;
         if body.len() + chunk.len() > limit {
             return Err(too_large(body.len() + chunk.len()));
         }
@@ -294,7 +339,10 @@ pub async fn record_latency<B: actix_web::body::MessageBody>(
     let histogram = req.app_data::<HttpLatency>().cloned();
     let resp = next.call(req).await?;
     if let Some(HttpLatency(h)) = histogram {
-        let route = resp.request().match_pattern().unwrap_or_else(|| "unmatched".into());
+        let route = resp
+            .request()
+            .match_pattern()
+            .unwrap_or_else(|| "unmatched".into());
         h.with_label_values(&[method.as_str(), route.as_str(), resp.status().as_str()])
             .observe(start.elapsed().as_secs_f64());
     }
