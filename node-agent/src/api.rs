@@ -99,7 +99,10 @@ fn parse_put_query(query: &str) -> Result<Put, ApiError> {
                     })?;
                 put.ttl_secs = Some(ttl);
             }
+            // An empty list (`tags=`) means none; an empty item (`a,,b`) is an error.
+            "tags" if value.is_empty() => {}
             "tags" => put.tags.extend(value.split(',').map(str::to_string)),
+            "depends_on" if value.is_empty() => {}
             "depends_on" => put.depends_on.extend(value.split(',').map(str::to_string)),
             "fill_token" => put.fill_token = Some(value.into_owned()),
             other => return Err(ApiError::bad_request(
