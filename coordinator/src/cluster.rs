@@ -7,8 +7,8 @@ use redis::aio::ConnectionLike;
 use redis::RedisResult;
 use serde::Serialize;
 
-use shared::protocol::{now_ms, NodeReport};
-use shared::{l2, schema};
+use shared::registry::{self, Registered};
+use shared::l2;
 
 /// Registry entries silent this many times `node_dead_after_ms` are forgotten.
 const FORGET_AFTER_DEAD_PERIODS: u64 = 60;
@@ -58,47 +58,17 @@ impl ClusterView {
     }
 }
 
-/// Reads the registry and every node's last report.
-pub async fn view(
-    conn: &mut impl ConnectionLike,
-    node_dead_after_ms: u64,
-) -> RedisResult<ClusterView> {
-    let now = now_ms();
-    let forget_before = now.saturating_sub(node_dead_after_ms * FORGET_AFTER_DEAD_PERIODS);
-    let (ids,): (Vec<String>,) = redis::pipe()
-        .zrembyscore(schema::NODES, "-inf", forget_before)
-        .ignore()
-        .zrange(schema::NODES, 0, -1)
-        .query_async(conn)
-        .await?;
+/// Reads the registry and every node's last report and acknowledgement.
+pub async fn view(conn: &mut impl ConnectionLike, node_dead_after_ms: u64) -> RedisResult<ClusterView> {
+    let (now, registered) =
+        registry::nodes(conn, node_dead_after_ms.saturating_mul(FORGET_AFTER_DEAD_PERIODS)).await?;
     let (epoch, seq) = l2::head(conn).await?;
-    let (reports, acks): (Vec<Option<String>>, Vec<Option<u64>>) = if ids.is_empty() {
-        (Vec::new(), Vec::new())
-    } else {
-        let mut pipe = redis::pipe();
-        pipe.cmd("MGET");
-        for id in &ids {
-            pipe.arg(schema::node(id));
-        }
-        pipe.cmd("HMGET").arg(schema::ACKS);
-        for id in &ids {
-            pipe.arg(id);
-        }
-        pipe.query_async(conn).await?
-    };
     let mut nodes = BTreeMap::new();
-    for (report, ack) in reports.into_iter().zip(acks) {
-        let Some(Ok(mut r)) = report.map(|r| serde_json::from_str::<NodeReport>(&r)) else {
-            continue;
-        };
+    for Registered { report: r, last_beat_ms, acked_seq } in registered {
+        let last_seen_ms = now.saturating_sub(last_beat_ms);
         // The ack moves on every applied message; the report only every heartbeat.
-        r.applied_seq = r.applied_seq.max(ack.unwrap_or(0));
-        let last_seen_ms = now.saturating_sub(r.ts_ms);
-        let lag = if r.epoch == epoch {
-            seq.saturating_sub(r.applied_seq)
-        } else {
-            seq
-        };
+        let applied_seq = if r.epoch == epoch { r.applied_seq.max(acked_seq) } else { r.applied_seq };
+        let lag = if r.epoch == epoch { seq.saturating_sub(applied_seq) } else { seq };
         let status = if last_seen_ms > node_dead_after_ms {
             "dead"
         } else if !r.ready || r.epoch != epoch {
@@ -114,7 +84,7 @@ pub async fn view(
                 node_id: r.node_id,
                 addr: r.addr,
                 status,
-                applied_seq: r.applied_seq,
+                applied_seq,
                 lag,
                 last_seen_ms,
                 l1_entries: r.l1_entries,
@@ -125,11 +95,7 @@ pub async fn view(
             },
         );
     }
-    Ok(ClusterView {
-        epoch,
-        seq,
-        nodes: nodes.into_values().collect(),
-    })
+    Ok(ClusterView { epoch, seq, nodes: nodes.into_values().collect() })
 }
 
 /// Redis's own health, from `INFO`.

@@ -105,7 +105,8 @@ impl Application {
 }
 
 /// Checks Redis every second (with backoff while it is down), makes sure the
-/// epoch exists, and keeps readiness and the `dcc_redis_up` gauge current.
+/// epoch exists, announces `node_dead_after_ms` to the agents, and keeps
+/// readiness and the `dcc_redis_up` gauge current.
 async fn watch_redis(coordinator: Coordinator, stop: CancellationToken) {
     let inner = coordinator.inner();
     let mut backoff = Backoff::default();

@@ -7,11 +7,13 @@
 //!
 //! Background work (subscription, heartbeat) lives in [`crate::sync`].
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures_util::future::{BoxFuture, FutureExt, Shared};
 use serde::Serialize;
 
 use shared::invalidation::{self, Outcome, Request};
@@ -45,9 +47,19 @@ pub struct Inner {
     pub sync: SyncState,
     /// Metrics and counters.
     pub metrics: Metrics,
+    /// L2 reads in flight, by (tenant, key), with the fill guard they started under.
+    pub flights: Mutex<HashMap<(String, String), (l1::FillGuard, Flight)>>,
 }
 
+/// One shared L2 read.
+pub type Flight = Shared<BoxFuture<'static, Result<Read, String>>>;
+
 /// Where this agent stands with respect to the invalidation log.
+///
+/// L1 may answer only while the agent holds a recent *proof* of being in sync:
+/// a moment at which it was subscribed and had applied everything the log held.
+/// Proofs come from the heartbeat (every `heartbeat_interval_ms`) and from each
+/// catch-up; a proof older than the staleness bound makes L1 untrusted.
 #[derive(Debug, Default)]
 pub struct SyncState {
     /// Epoch of the log L1 is in sync with (empty until first known).
@@ -56,14 +68,38 @@ pub struct SyncState {
     pub applied_seq: AtomicU64,
     /// The subscription is live.
     pub subscribed: AtomicBool,
+    /// Counts subscriptions made and lost, so a proof can tell that the
+    /// subscription it relied on lasted throughout.
+    pub subscription: AtomicU64,
     /// The last heartbeat reached Redis.
     pub redis_ok: AtomicBool,
-    /// Everything logged one heartbeat ago has been applied.
-    pub caught_up: AtomicBool,
+    /// When the agent last proved it was in sync (monotonic clock).
+    pub proven_at: Mutex<Option<Instant>>,
+    /// The staleness bound in force: the configured one, lowered below the
+    /// coordinators' `node_dead_after_ms` when needed.
+    pub bound_ms: AtomicU64,
     /// Wakes the acknowledger when `applied_seq` moves.
     pub applied: tokio::sync::Notify,
     /// Asks the heartbeat to report now (the subscription state changed).
     pub report_now: tokio::sync::Notify,
+    /// Asks the subscriber to catch up with the log head now.
+    pub catch_up_now: tokio::sync::Notify,
+}
+
+impl SyncState {
+    /// Whether L1 may answer: a proof of sync younger than the bound.
+    pub fn in_sync(&self) -> bool {
+        let bound = Duration::from_millis(self.bound_ms.load(Ordering::Acquire));
+        crate::sync::lock(&self.proven_at).is_some_and(|at| at.elapsed() < bound)
+    }
+
+    /// Records a proof of sync made at `at` (keeps the newest).
+    pub fn prove(&self, at: Instant) {
+        let mut proven = crate::sync::lock(&self.proven_at);
+        if proven.is_none_or(|p| p < at) {
+            *proven = Some(at);
+        }
+    }
 }
 
 /// Which layer answered a read.
@@ -159,6 +195,8 @@ impl Agent {
         metrics
             .l1_capacity
             .set(i64::try_from(settings.l1_max_bytes).unwrap_or(i64::MAX));
+        let sync = SyncState::default();
+        sync.bound_ms.store(settings.staleness_bound_ms, Ordering::Release);
         Ok(Agent(Arc::new(Inner {
             l1: L1::new(settings.l1_max_bytes),
             settings,
@@ -166,8 +204,9 @@ impl Agent {
             addr,
             pool,
             redis,
-            sync: SyncState::default(),
+            sync,
             metrics,
+            flights: Mutex::default(),
         })))
     }
 
@@ -192,26 +231,61 @@ impl Agent {
         ))
     }
 
-    /// Reads a key: L1, then L2 (filling L1), else a miss with a fill token.
+    /// Reads a key: L1 (while in sync), then L2 (filling L1), else a miss
+    /// with a fill token.
     pub async fn get(&self, tenant: &str, key: &str) -> Result<Read, AgentError> {
         names::validate_tenant(tenant)?;
         names::validate_key(key)?;
         let m = &self.0.metrics;
-        if let Some(entry) = self.0.l1.get(tenant, key) {
+        let trusted = self.0.sync.in_sync();
+        if !trusted {
+            // Out of sync for longer than the staleness bound: L1 may hold
+            // entries invalidated meanwhile, so it neither answers nor fills.
+            m.l1_bypassed.inc();
+        } else if let Some(entry) = self.0.l1.get(tenant, key) {
             m.hits.with_label_values(&["l1"]).inc();
-            return Ok(Read::Hit {
-                entry,
-                layer: Layer::L1,
-            });
+            return Ok(Read::Hit { entry, layer: Layer::L1 });
         }
         m.misses.with_label_values(&["l1"]).inc();
+        self.read_through(tenant, key, trusted).await
+    }
 
-        // Taken before L2 is read: an invalidation applied meanwhile voids the fill.
+    /// Reads L2 for a key. Concurrent misses for one key share a single L2
+    /// read (no reload stampede after a flush), but only a read that started
+    /// after the last invalidation applied to the tenant: a caller never gets
+    /// a value read before an invalidation it has already seen.
+    async fn read_through(&self, tenant: &str, key: &str, fill: bool) -> Result<Read, AgentError> {
+        let id = (tenant.to_string(), key.to_string());
         let guard = self.0.l1.fill_guard(tenant);
+        let flight = {
+            let mut flights = crate::sync::lock(&self.0.flights);
+            match flights.get(&id) {
+                Some((started, flight)) if *started == guard => flight.clone(),
+                _ => {
+                    let agent = self.clone();
+                    let (t, k) = id.clone();
+                    let flight = async move { agent.load(&t, &k, guard, fill).await.map_err(|e| e.to_string()) }
+                        .boxed()
+                        .shared();
+                    flights.insert(id.clone(), (guard, flight.clone()));
+                    flight
+                }
+            }
+        };
+        let result = flight.clone().await;
+        let mut flights = crate::sync::lock(&self.0.flights);
+        if flights.get(&id).is_some_and(|(_, f)| f.ptr_eq(&flight)) {
+            flights.remove(&id);
+        }
+        result.map_err(AgentError::Unavailable)
+    }
+
+    /// One L2 read; fills L1 if `fill` and no invalidation of the tenant was
+    /// applied since `guard` was taken.
+    async fn load(&self, tenant: &str, key: &str, guard: l1::FillGuard, fill: bool) -> Result<Read, AgentError> {
+        let m = &self.0.metrics;
         let mut conn = self.conn().await?;
-        let lookup = l2::get(&mut conn, tenant, key)
-            .await
-            .map_err(|e| self.l2_failed(e))?;
+        let lookup = l2::get(&mut conn, tenant, key).await.map_err(|e| self.l2_failed(e))?;
         match lookup.entry {
             Some(found) => {
                 m.hits.with_label_values(&["l2"]).inc();
@@ -222,17 +296,14 @@ impl Agent {
                     found.depends_on,
                     Duration::from_millis(found.ttl_ms),
                 );
-                self.0.l1.insert(tenant, key, entry.clone(), guard);
-                Ok(Read::Hit {
-                    entry: Arc::new(entry),
-                    layer: Layer::L2,
-                })
+                if fill {
+                    self.0.l1.insert(tenant, key, entry.clone(), guard);
+                }
+                Ok(Read::Hit { entry: Arc::new(entry), layer: Layer::L2 })
             }
             None => {
                 m.misses.with_label_values(&["l2"]).inc();
-                Ok(Read::Miss {
-                    fill_token: lookup.token.encode(),
-                })
+                Ok(Read::Miss { fill_token: lookup.token.encode() })
             }
         }
     }
@@ -332,8 +403,8 @@ impl Agent {
             Err("redis_unreachable")
         } else if !s.subscribed.load(Ordering::Acquire) {
             Err("not_subscribed")
-        } else if !s.caught_up.load(Ordering::Acquire) {
-            Err("catching_up")
+        } else if !s.in_sync() {
+            Err("out_of_sync")
         } else {
             Ok(())
         }
@@ -352,7 +423,7 @@ impl Agent {
             not_ready_reason: self.readiness().err(),
             epoch: crate::sync::lock(&i.sync.epoch).clone(),
             applied_seq: i.sync.applied_seq.load(Ordering::Acquire),
-            staleness_bound_ms: i.settings.staleness_bound_ms,
+            staleness_bound_ms: i.sync.bound_ms.load(Ordering::Acquire),
             l1: L1Status {
                 entries: i.l1.entries(),
                 bytes: i.l1.bytes(),

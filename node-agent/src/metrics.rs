@@ -16,6 +16,8 @@ pub struct Metrics {
     pub misses: IntCounterVec,
     /// Failed L2 calls.
     pub l2_errors: IntCounter,
+    /// Reads that skipped L1 because the agent was out of sync beyond the staleness bound.
+    pub l1_bypassed: IntCounter,
     /// Bytes in L1 (set when scraped).
     pub l1_bytes: IntGauge,
     /// Entries in L1 (set when scraped).
@@ -69,6 +71,10 @@ impl Metrics {
             hits: counter_vec("dcc_cache_hits_total", "Cache hits by layer"),
             misses: counter_vec("dcc_cache_misses_total", "Cache misses by layer"),
             l2_errors: counter("dcc_l2_errors_total", "Redis calls that failed"),
+            l1_bypassed: counter(
+                "dcc_l1_bypassed_total",
+                "Reads that skipped L1 because the agent could not prove it was in sync within the staleness bound",
+            ),
             l1_bytes: gauge("dcc_l1_bytes", "Bytes held in L1, keys and values counted"),
             l1_entries: gauge("dcc_l1_entries", "Entries held in L1"),
             l1_capacity: gauge("dcc_l1_capacity_bytes", "L1 capacity in bytes"),

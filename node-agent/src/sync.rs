@@ -14,7 +14,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::{Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use tokio::task::JoinHandle;
@@ -24,7 +24,7 @@ use tracing::{debug, info, warn};
 use shared::invalidation::read_log;
 use shared::protocol::{now_ms, InvalidationMessage, NodeReport};
 use shared::service::Backoff;
-use shared::{l2, schema};
+use shared::{l2, registry, schema};
 
 use crate::agent::Agent;
 
@@ -47,7 +47,7 @@ async fn subscribe_loop(agent: Agent, shutdown: CancellationToken) {
             Err(e) => warn!(error = %e, "invalidation subscription lost; reconnecting"),
         }
         sync.subscribed.store(false, Ordering::Release);
-        sync.caught_up.store(false, Ordering::Release);
+        sync.subscription.fetch_add(1, Ordering::AcqRel);
         tokio::select! {
             _ = backoff.wait() => {}
             _ = shutdown.cancelled() => return,
@@ -65,10 +65,10 @@ async fn subscribe_and_apply(
     let mut pubsub =
         tokio::time::timeout(Duration::from_secs(2), inner.redis.get_async_pubsub()).await??;
     pubsub.subscribe(schema::CHANNEL).await?;
+    inner.sync.subscription.fetch_add(1, Ordering::AcqRel);
+    inner.sync.subscribed.store(true, Ordering::Release);
     // Subscribed first, then read the head: nothing logged can fall between the two.
     catch_up(agent).await?;
-    inner.sync.subscribed.store(true, Ordering::Release);
-    inner.sync.caught_up.store(true, Ordering::Release);
     backoff.reset();
     inner.sync.report_now.notify_one();
     info!(
@@ -84,16 +84,22 @@ async fn subscribe_and_apply(
                 Some(msg) => on_message(agent, msg.get_payload_bytes()).await?,
                 None => anyhow::bail!("the subscription connection closed"),
             },
+            // The heartbeat saw the log move on without us (a quiet channel
+            // after lost messages) or a new epoch.
+            _ = inner.sync.catch_up_now.notified() => catch_up(agent).await?,
         }
     }
 }
 
-/// Brings L1 up to the log head after (re)subscribing.
+/// Brings L1 up to the log head: after (re)subscribing, and whenever the
+/// heartbeat finds the head ahead. Ends with a proof of sync as of the moment
+/// the head was read.
 async fn catch_up(agent: &Agent) -> anyhow::Result<()> {
     let inner = agent.inner();
     let mut conn = inner.pool.get().await?;
     // Newly (re)connected: Redis may have restarted without our scripts.
     shared::invalidation::load_scripts(&mut conn).await?;
+    let read_at = Instant::now();
     let (epoch, head) = l2::head(&mut conn).await?;
     let known = lock(&inner.sync.epoch).clone();
     if known.is_empty() {
@@ -110,6 +116,8 @@ async fn catch_up(agent: &Agent) -> anyhow::Result<()> {
             replay_or_flush(agent, &mut conn, applied + 1, head, &epoch).await?;
         }
     }
+    inner.sync.prove(read_at);
+    inner.sync.report_now.notify_one();
     Ok(())
 }
 
@@ -248,11 +256,12 @@ async fn acknowledge_loop(agent: Agent, shutdown: CancellationToken) {
     }
 }
 
-/// Reports this node to Redis and checks that it keeps up with the log head.
+/// Reports this node to Redis, proves it is in sync, and notices when it is
+/// not: a log head that stays ahead of the applied seq for a whole heartbeat
+/// (messages lost on a quiet channel) or a new epoch triggers a catch-up.
 async fn heartbeat_loop(agent: Agent, shutdown: CancellationToken) {
     let inner = agent.inner();
-    let mut ticker =
-        tokio::time::interval(Duration::from_millis(inner.settings.heartbeat_interval_ms));
+    let mut ticker = tokio::time::interval(Duration::from_millis(inner.settings.heartbeat_interval_ms));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // The head seen one beat ago: everything in it must be applied by now.
     let mut previous_head = 0;
@@ -266,16 +275,25 @@ async fn heartbeat_loop(agent: Agent, shutdown: CancellationToken) {
             }
         }
         inner.l1.maintain();
+        let sent_at = Instant::now();
+        let subscription = inner.sync.subscription.load(Ordering::Acquire);
         match beat(&agent).await {
-            Ok(head) => {
+            Ok(beat) => {
                 inner.sync.redis_ok.store(true, Ordering::Release);
+                adjust_bound(&agent, beat.dead_after_ms);
+                let known = lock(&inner.sync.epoch).clone();
                 let applied = inner.sync.applied_seq.load(Ordering::Acquire);
-                let subscribed = inner.sync.subscribed.load(Ordering::Acquire);
-                inner.sync.caught_up.store(
-                    subscribed && applied >= previous_head.min(head),
-                    Ordering::Release,
-                );
-                previous_head = head;
+                // Subscribed before the beat was sent, and still on that subscription.
+                let subscribed = inner.sync.subscribed.load(Ordering::Acquire)
+                    && inner.sync.subscription.load(Ordering::Acquire) == subscription;
+                let same_epoch = beat.epoch.as_deref() == Some(known.as_str());
+                if subscribed && same_epoch && applied >= beat.head {
+                    inner.sync.prove(sent_at);
+                } else if subscribed && (!same_epoch || applied < previous_head.min(beat.head)) {
+                    debug!(applied, head = beat.head, "behind the log head; catching up");
+                    inner.sync.catch_up_now.notify_one();
+                }
+                previous_head = beat.head;
             }
             Err(e) => {
                 if inner.sync.redis_ok.swap(false, Ordering::AcqRel) {
@@ -283,15 +301,36 @@ async fn heartbeat_loop(agent: Agent, shutdown: CancellationToken) {
                 }
             }
         }
-        inner
-            .metrics
-            .ready
-            .set(i64::from(agent.readiness().is_ok()));
+        inner.metrics.ready.set(i64::from(agent.readiness().is_ok()));
     }
 }
 
-/// Writes this node's report and returns the log head.
-async fn beat(agent: &Agent) -> anyhow::Result<u64> {
+/// Keeps the staleness bound below the coordinators' `node_dead_after_ms`, so
+/// that a node the coordinators stop waiting for has stopped trusting its L1
+/// first (with a margin of a tenth for clock-rate differences).
+fn adjust_bound(agent: &Agent, dead_after_ms: Option<u64>) {
+    let inner = agent.inner();
+    let configured = inner.settings.staleness_bound_ms;
+    let bound = match dead_after_ms {
+        Some(dead_after) => configured.min(dead_after - dead_after / 10),
+        None => configured,
+    };
+    let previous = inner.sync.bound_ms.swap(bound, Ordering::AcqRel);
+    if bound != previous && bound < configured {
+        warn!(
+            configured_ms = configured,
+            in_force_ms = bound,
+            node_dead_after_ms = dead_after_ms,
+            "staleness_bound_ms must stay below the coordinators' node_dead_after_ms: lowering it; \
+             raise node_dead_after_ms or lower staleness_bound_ms to silence this"
+        );
+    } else if bound != previous {
+        info!(staleness_bound_ms = bound, "staleness bound restored to its configured value");
+    }
+}
+
+/// Writes this node's report; returns what the heartbeat learned.
+async fn beat(agent: &Agent) -> anyhow::Result<registry::Beat> {
     let inner = agent.inner();
     let status = agent.status();
     let report = NodeReport {
@@ -303,39 +342,18 @@ async fn beat(agent: &Agent) -> anyhow::Result<u64> {
         l1_entries: status.l1.entries,
         l1_bytes: status.l1.bytes,
         hit_ratio: status.l1.hit_ratio,
-        staleness_bound_ms: inner.settings.staleness_bound_ms,
+        staleness_bound_ms: status.staleness_bound_ms,
         ts_ms: now_ms(),
     };
     let mut conn = tokio::time::timeout(Duration::from_secs(2), inner.pool.get()).await??;
-    let (head,): (Option<u64>,) = redis::pipe()
-        .set_options(
-            schema::node(&inner.node_id),
-            serde_json::to_string(&report)?,
-            redis::SetOptions::default().with_expiration(redis::SetExpiry::PX(24 * 3600 * 1000)),
-        )
-        .ignore()
-        .zadd(schema::NODES, &inner.node_id, report.ts_ms)
-        .ignore()
-        .get(schema::SEQ)
-        .query_async(&mut conn)
-        .await?;
-    Ok(head.unwrap_or(0))
+    Ok(registry::beat(&mut conn, &report).await?)
 }
 
 /// Removes this node from the registry on a clean shutdown, so that nobody waits for it.
 async fn deregister(agent: &Agent) {
     let inner = agent.inner();
     if let Ok(mut conn) = inner.pool.get().await {
-        let result: redis::RedisResult<()> = redis::pipe()
-            .zrem(schema::NODES, &inner.node_id)
-            .ignore()
-            .del(schema::node(&inner.node_id))
-            .ignore()
-            .hdel(schema::ACKS, &inner.node_id)
-            .ignore()
-            .query_async(&mut conn)
-            .await;
-        if let Err(e) = result {
+        if let Err(e) = registry::deregister(&mut conn, &inner.node_id).await {
             warn!(error = %e, "could not deregister this node");
         }
     }

@@ -6,6 +6,7 @@
 //! - [`protocol`]: the invalidation message, fill tokens, node reports.
 //! - [`schema`]: every Redis key name.
 //! - [`l2`]: entries and indexes in Redis, and the Lua scripts that keep them.
+//! - [`registry`]: heartbeats, acknowledgements, the nodes' view.
 //! - [`invalidation`]: the invalidation path from selectors to L2 delete, log
 //!   and broadcast; agents apply the broadcast to L1.
 //! - [`service`]: what both HTTP services share: errors, telemetry, metrics,
@@ -16,5 +17,6 @@ pub mod invalidation;
 pub mod l2;
 pub mod names;
 pub mod protocol;
+pub mod registry;
 pub mod schema;
 pub mod service;

@@ -7,7 +7,8 @@
 //! | `dcc:seq` | string (int) | last sequence number handed out in this epoch |
 //! | `dcc:log` | stream | the invalidation log; entry id `{seq}-0`, field `m` = message |
 //! | `dcc:inv` | pub/sub channel | every invalidation message, as logged |
-//! | `dcc:nodes` | zset | node id → last heartbeat (Unix ms) |
+//! | `dcc:nodes` | zset | node id → last heartbeat (Redis time, Unix ms) |
+//! | `dcc:coordinators` | hash | coordinator → its `node_dead_after_ms` (agents keep their staleness bound below the smallest) |
 //! | `dcc:acks` | hash | node id → highest seq it applied, written as soon as it moves |
 //! | `dcc:node:{node}` | string | the node's last [`NodeReport`](crate::protocol::NodeReport), JSON |
 //! | `dcc:t:{tenant}:v:{key}` | hash | an entry: `v` value, `ct` content type, `tags`, `deps` |
@@ -28,6 +29,9 @@ pub const LOG: &str = "dcc:log";
 pub const CHANNEL: &str = "dcc:inv";
 /// Registry of nodes by last heartbeat.
 pub const NODES: &str = "dcc:nodes";
+
+/// Coordinators' `node_dead_after_ms`, by coordinator.
+pub const COORDINATORS: &str = "dcc:coordinators";
 
 /// Acknowledgements: node id → highest seq applied.
 pub const ACKS: &str = "dcc:acks";
