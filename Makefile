@@ -4,7 +4,7 @@
 CARGO ?= cargo
 SHELL := /bin/bash
 
-.PHONY: demo test run build release lint redis clean
+.PHONY: demo test run chaos build release lint redis clean
 
 ## demo: start a private Redis, a coordinator and 3 agents; tell the story; stop everything
 demo: redis release
@@ -17,6 +17,11 @@ test: redis build
 ## run: the same cluster in the foreground until Ctrl-C, with its URLs
 run: redis release
 	./target/release/cluster
+
+## chaos: the stale-read checker under injected faults, for CHAOS_SECS seconds (default 300)
+CHAOS_SECS ?= 300
+chaos: redis release
+	./target/release/chaos $(CHAOS_SECS)
 
 ## lint: formatting and clippy, warnings are errors
 lint:

@@ -5,6 +5,7 @@ use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Deserialize;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use shared::invalidation;
 use shared::protocol::now_ms;
@@ -35,24 +36,27 @@ struct WaitQuery {
     timeout_ms: Option<u64>,
 }
 
+/// The longest `timeout_ms` accepted.
+const MAX_WAIT_MS: u64 = 600_000;
+
 impl WaitQuery {
-    fn check(&self) -> Result<(), ApiError> {
-        match self.wait.as_deref() {
-            None => Ok(()),
-            Some("all") => Err(ApiError::new(
-                StatusCode::NOT_IMPLEMENTED,
-                "not_implemented",
-                "wait=all is not available in this version; post without wait and poll /v1/cluster/health",
+    /// How long to wait for every live agent, if the request asks to.
+    /// Without `timeout_ms` it waits `node_dead_after_ms` plus a second:
+    /// long enough for a silent node to stop being awaited.
+    fn wait(&self, node_dead_after_ms: u64) -> Result<Option<Duration>, ApiError> {
+        match (self.wait.as_deref(), self.timeout_ms) {
+            (_, Some(ms)) if ms == 0 || ms > MAX_WAIT_MS => Err(ApiError::bad_request(
+                "invalid_query",
+                format!("timeout_ms must be between 1 and {MAX_WAIT_MS}; got {ms}"),
             )),
-            Some(other) => Err(ApiError::bad_request(
+            (None, Some(_)) => Err(ApiError::bad_request("invalid_query", "timeout_ms needs wait=all")),
+            (None, None) => Ok(None),
+            (Some("all"), ms) => Ok(Some(Duration::from_millis(ms.unwrap_or(node_dead_after_ms + 1000)))),
+            (Some(other), _) => Err(ApiError::bad_request(
                 "invalid_query",
                 format!("wait={other:?} is not defined; the only value is \"all\""),
             )),
         }
-        .and_then(|()| match self.timeout_ms {
-            Some(0) => Err(ApiError::bad_request("invalid_query", "timeout_ms must be at least 1")),
-            _ => Ok(()),
-        })
     }
 }
 
@@ -62,20 +66,12 @@ async fn post_events(
     query: web::Query<WaitQuery>,
     coordinator: web::Data<Coordinator>,
 ) -> Result<HttpResponse, ApiError> {
-    query.check()?;
+    let wait = query.wait(coordinator.inner().settings.node_dead_after_ms)?;
     let body = read_body(&req, body, coordinator.inner().settings.max_body_bytes).await?;
     let events = parse_events(&body)?;
-    coordinator
-        .inner()
-        .metrics
-        .events
-        .inc_by(events.len() as u64);
-    let request = resolve_events(
-        &events,
-        &coordinator.inner().rules,
-        coordinator.inner().origin.clone(),
-    )?;
-    let answer = coordinator.invalidate(request).await?;
+    coordinator.inner().metrics.events.inc_by(events.len() as u64);
+    let request = resolve_events(&events, &coordinator.inner().rules, coordinator.inner().origin.clone())?;
+    let answer = coordinator.invalidate(request, wait).await?;
     Ok(HttpResponse::Ok().json(answer))
 }
 
@@ -84,7 +80,7 @@ async fn post_invalidate(
     query: web::Query<WaitQuery>,
     coordinator: web::Data<Coordinator>,
 ) -> Result<HttpResponse, ApiError> {
-    query.check()?;
+    let wait = query.wait(coordinator.inner().settings.node_dead_after_ms)?;
     let selector = body.selector()?;
     if body.dry_run {
         let mut conn = coordinator.conn().await?;
@@ -103,7 +99,7 @@ async fn post_invalidate(
         event_ids: Vec::new(),
         origin: coordinator.inner().origin.clone(),
     };
-    let answer = coordinator.invalidate(request).await?;
+    let answer = coordinator.invalidate(request, wait).await?;
     Ok(HttpResponse::Ok().json(answer))
 }
 
@@ -123,9 +119,7 @@ async fn cluster_health(coordinator: web::Data<Coordinator>) -> HttpResponse {
         let view = cluster::view(&mut conn, inner.settings.node_dead_after_ms)
             .await
             .map_err(|e| coordinator.redis_failed(e))?;
-        let redis = cluster::redis_info(&mut conn)
-            .await
-            .map_err(|e| coordinator.redis_failed(e))?;
+        let redis = cluster::redis_info(&mut conn).await.map_err(|e| coordinator.redis_failed(e))?;
         Ok::<_, ApiError>((view, redis))
     };
     match gathered.await {
@@ -144,6 +138,8 @@ async fn cluster_health(coordinator: web::Data<Coordinator>) -> HttpResponse {
         }
         Err(e) => HttpResponse::ServiceUnavailable().json(serde_json::json!({
             "status": "down",
+            "error": e.code,
+            "message": format!("the cluster cannot be seen: {}", e.message),
             "seq": null,
             "redis": {"reachable": false, "error": e.message},
             "coordinator": about,
@@ -164,12 +160,8 @@ async fn readyz(coordinator: web::Data<Coordinator>) -> Result<HttpResponse, Api
     if coordinator.inner().redis_ok.load(Ordering::Acquire) {
         Ok(HttpResponse::Ok().json(serde_json::json!({"status": "ready"})))
     } else {
-        Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not_ready",
-            "not ready: Redis is unreachable",
-        )
-        .with("reason", "redis_unreachable".into()))
+        Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", "not ready: Redis is unreachable")
+            .with("reason", "redis_unreachable".into()))
     }
 }
 

@@ -7,8 +7,8 @@ use redis::aio::ConnectionLike;
 use redis::RedisResult;
 use serde::Serialize;
 
-use shared::registry::{self, Registered};
 use shared::l2;
+use shared::registry::{self, Registered};
 
 /// Registry entries silent this many times `node_dead_after_ms` are forgotten.
 const FORGET_AFTER_DEAD_PERIODS: u64 = 60;
@@ -38,6 +38,9 @@ pub struct NodeView {
     pub ready: bool,
     /// Its staleness bound.
     pub staleness_bound_ms: u64,
+    /// It follows the current epoch (its `applied_seq` counts in it).
+    #[serde(skip)]
+    pub in_epoch: bool,
 }
 
 /// The log head and every known node.
@@ -60,18 +63,19 @@ impl ClusterView {
 
 /// Reads the registry and every node's last report and acknowledgement.
 pub async fn view(conn: &mut impl ConnectionLike, node_dead_after_ms: u64) -> RedisResult<ClusterView> {
-    let (now, registered) =
-        registry::nodes(conn, node_dead_after_ms.saturating_mul(FORGET_AFTER_DEAD_PERIODS)).await?;
+    let (now, registered) = registry::nodes(conn, node_dead_after_ms.saturating_mul(FORGET_AFTER_DEAD_PERIODS)).await?;
     let (epoch, seq) = l2::head(conn).await?;
     let mut nodes = BTreeMap::new();
-    for Registered { report: r, last_beat_ms, acked_seq } in registered {
+    for Registered { report: r, last_beat_ms, ack } in registered {
         let last_seen_ms = now.saturating_sub(last_beat_ms);
         // The ack moves on every applied message; the report only every heartbeat.
-        let applied_seq = if r.epoch == epoch { r.applied_seq.max(acked_seq) } else { r.applied_seq };
-        let lag = if r.epoch == epoch { seq.saturating_sub(applied_seq) } else { seq };
+        let acked_seq = ack.filter(|a| a.epoch == epoch).map_or(0, |a| a.seq);
+        let applied_seq = if r.epoch == epoch { r.applied_seq.max(acked_seq) } else { acked_seq };
+        let in_epoch = r.epoch == epoch || acked_seq > 0;
+        let lag = if in_epoch { seq.saturating_sub(applied_seq) } else { seq };
         let status = if last_seen_ms > node_dead_after_ms {
             "dead"
-        } else if !r.ready || r.epoch != epoch {
+        } else if !r.ready || !in_epoch {
             "unsynced"
         } else if lag > 0 {
             "lagging"
@@ -92,6 +96,7 @@ pub async fn view(conn: &mut impl ConnectionLike, node_dead_after_ms: u64) -> Re
                 hit_ratio: r.hit_ratio,
                 ready: r.ready,
                 staleness_bound_ms: r.staleness_bound_ms,
+                in_epoch,
             },
         );
     }
@@ -101,17 +106,11 @@ pub async fn view(conn: &mut impl ConnectionLike, node_dead_after_ms: u64) -> Re
 /// Redis's own health, from `INFO`.
 pub async fn redis_info(conn: &mut impl ConnectionLike) -> RedisResult<serde_json::Value> {
     let info: String = redis::cmd("INFO").query_async(conn).await?;
-    let fields: BTreeMap<&str, &str> = info
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| l.split_once(':'))
-        .collect();
+    let fields: BTreeMap<&str, &str> =
+        info.lines().filter(|l| !l.starts_with('#')).filter_map(|l| l.split_once(':')).collect();
     let num = |k: &str| fields.get(k).and_then(|v| v.trim().parse::<u64>().ok());
-    let keyspace: BTreeMap<&str, &str> = fields
-        .iter()
-        .filter(|(k, _)| k.starts_with("db"))
-        .map(|(k, v)| (*k, v.trim()))
-        .collect();
+    let keyspace: BTreeMap<&str, &str> =
+        fields.iter().filter(|(k, _)| k.starts_with("db")).map(|(k, v)| (*k, v.trim())).collect();
     let hits = num("keyspace_hits").unwrap_or(0);
     let misses = num("keyspace_misses").unwrap_or(0);
     Ok(serde_json::json!({

@@ -115,34 +115,23 @@ pub fn validate_selector(s: &Selector, confirm: bool) -> Result<(), InvalidName>
 
 /// Parses a body holding one event or an array of events.
 pub fn parse_events(body: &[u8]) -> Result<Vec<Event>, InvalidName> {
-    let value: serde_json::Value = serde_json::from_slice(body)
-        .map_err(|e| invalid("invalid_json", format!("the body is not JSON: {e}")))?;
-    let events =
-        match value {
-            serde_json::Value::Array(items) => items
-                .into_iter()
-                .enumerate()
-                .map(|(i, v)| {
-                    serde_json::from_value(v)
-                        .map_err(|e| invalid("invalid_event", format!("event {i}: {e}")))
-                })
-                .collect::<Result<Vec<Event>, _>>()?,
-            other => vec![serde_json::from_value(other)
-                .map_err(|e| invalid("invalid_event", format!("{e}")))?],
-        };
+    let value: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| invalid("invalid_json", format!("the body is not JSON: {e}")))?;
+    let events = match value {
+        serde_json::Value::Array(items) => items
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| serde_json::from_value(v).map_err(|e| invalid("invalid_event", format!("event {i}: {e}"))))
+            .collect::<Result<Vec<Event>, _>>()?,
+        other => vec![serde_json::from_value(other).map_err(|e| invalid("invalid_event", format!("{e}")))?],
+    };
     if events.is_empty() {
-        return Err(invalid(
-            "invalid_event",
-            "the batch is empty; send at least one event".into(),
-        ));
+        return Err(invalid("invalid_event", "the batch is empty; send at least one event".into()));
     }
     if events.len() > MAX_BATCH {
         return Err(invalid(
             "batch_too_large",
-            format!(
-                "{} events in one batch; send at most {MAX_BATCH}",
-                events.len()
-            ),
+            format!("{} events in one batch; send at most {MAX_BATCH}", events.len()),
         ));
     }
     Ok(events)
@@ -150,11 +139,7 @@ pub fn parse_events(body: &[u8]) -> Result<Vec<Event>, InvalidName> {
 
 /// Resolves events through the rules into one request: one selector per
 /// tenant, everything validated before anything is touched.
-pub fn resolve_events(
-    events: &[Event],
-    rules: &RuleSet,
-    origin: String,
-) -> Result<Request, InvalidName> {
+pub fn resolve_events(events: &[Event], rules: &RuleSet, origin: String) -> Result<Request, InvalidName> {
     let mut by_tenant: BTreeMap<String, (Selector, bool)> = BTreeMap::new();
     let mut event_ids = Vec::new();
     for (i, event) in events.iter().enumerate() {
@@ -178,8 +163,7 @@ pub fn resolve_events(
             }
         }
         if let Some(event_id) = &event.event_id {
-            if event_id.is_empty() || event_id.len() > 256 || event_id.chars().any(char::is_control)
-            {
+            if event_id.is_empty() || event_id.len() > 256 || event_id.chars().any(char::is_control) {
                 return Err(at(invalid(
                     "invalid_event_id",
                     "event_id must be 1 to 256 characters without control characters".into(),
@@ -189,27 +173,11 @@ pub fn resolve_events(
         }
         let resolved = rules.resolve(&event.entity, id.as_deref());
         let (selector, confirm) = by_tenant.entry(event.tenant.clone()).or_insert_with(|| {
-            (
-                Selector {
-                    tenant: event.tenant.clone(),
-                    cascade: true,
-                    ..Selector::default()
-                },
-                false,
-            )
+            (Selector { tenant: event.tenant.clone(), cascade: true, ..Selector::default() }, false)
         });
         *confirm |= event.confirm;
-        extend_unique(
-            &mut selector.tags,
-            resolved.tags.into_iter().chain(event.tags.iter().cloned()),
-        );
-        extend_unique(
-            &mut selector.patterns,
-            resolved
-                .patterns
-                .into_iter()
-                .chain(event.patterns.iter().cloned()),
-        );
+        extend_unique(&mut selector.tags, resolved.tags.into_iter().chain(event.tags.iter().cloned()));
+        extend_unique(&mut selector.patterns, resolved.patterns.into_iter().chain(event.patterns.iter().cloned()));
         extend_unique(&mut selector.keys, event.keys.iter().cloned());
     }
     let mut items = Vec::with_capacity(by_tenant.len());
@@ -217,11 +185,7 @@ pub fn resolve_events(
         validate_selector(&selector, confirm)?;
         items.push(selector);
     }
-    Ok(Request {
-        items,
-        event_ids,
-        origin,
-    })
+    Ok(Request { items, event_ids, origin })
 }
 
 fn extend_unique(list: &mut Vec<String>, items: impl Iterator<Item = String>) {
@@ -244,10 +208,7 @@ impl InvalidateBody {
         };
         validate_selector(&selector, self.confirm)?;
         if selector.is_empty() {
-            return Err(invalid(
-                "nothing_to_invalidate",
-                "give at least one of keys, tags or patterns".into(),
-            ));
+            return Err(invalid("nothing_to_invalidate", "give at least one of keys, tags or patterns".into()));
         }
         Ok(selector)
     }
@@ -260,25 +221,15 @@ mod tests {
 
     #[test]
     fn one_event_or_a_batch() {
-        let one =
-            parse_events(br#"{"tenant":"acme","entity":"supplier","id":42}"#).expect("one event");
+        let one = parse_events(br#"{"tenant":"acme","entity":"supplier","id":42}"#).expect("one event");
         assert_eq!(one.len(), 1);
         let many =
-            parse_events(br#"[{"tenant":"a","entity":"x"},{"tenant":"b","entity":"y","id":"7"}]"#)
-                .expect("batch");
+            parse_events(br#"[{"tenant":"a","entity":"x"},{"tenant":"b","entity":"y","id":"7"}]"#).expect("batch");
         assert_eq!(many.len(), 2);
         assert_eq!(parse_events(b"[]").unwrap_err().code, "invalid_event");
         assert_eq!(parse_events(b"{").unwrap_err().code, "invalid_json");
-        assert_eq!(
-            parse_events(br#"{"tenant":"a"}"#).unwrap_err().code,
-            "invalid_event"
-        );
-        assert_eq!(
-            parse_events(br#"{"tenant":"a","entity":"x","tag":["typo"]}"#)
-                .unwrap_err()
-                .code,
-            "invalid_event"
-        );
+        assert_eq!(parse_events(br#"{"tenant":"a"}"#).unwrap_err().code, "invalid_event");
+        assert_eq!(parse_events(br#"{"tenant":"a","entity":"x","tag":["typo"]}"#).unwrap_err().code, "invalid_event");
     }
 
     #[test]
@@ -306,41 +257,22 @@ mod tests {
             dependents: vec![],
         }])
         .expect("valid");
-        let bad_id =
-            parse_events(br#"{"tenant":"a","entity":"supplier","id":"4 2"}"#).expect("parses");
-        assert_eq!(
-            resolve_events(&bad_id, &rules, String::new())
-                .unwrap_err()
-                .code,
-            "invalid_tag"
-        );
-        let star =
-            parse_events(br#"{"tenant":"a","entity":"x","patterns":["*"]}"#).expect("parses");
-        assert_eq!(
-            resolve_events(&star, &rules, String::new())
-                .unwrap_err()
-                .code,
-            "confirm_required"
-        );
+        let bad_id = parse_events(br#"{"tenant":"a","entity":"supplier","id":"4 2"}"#).expect("parses");
+        assert_eq!(resolve_events(&bad_id, &rules, String::new()).unwrap_err().code, "invalid_tag");
+        let star = parse_events(br#"{"tenant":"a","entity":"x","patterns":["*"]}"#).expect("parses");
+        assert_eq!(resolve_events(&star, &rules, String::new()).unwrap_err().code, "confirm_required");
         let bad_tenant = parse_events(br#"{"tenant":"a b","entity":"x"}"#).expect("parses");
-        assert_eq!(
-            resolve_events(&bad_tenant, &rules, String::new())
-                .unwrap_err()
-                .code,
-            "invalid_tenant"
-        );
+        assert_eq!(resolve_events(&bad_tenant, &rules, String::new()).unwrap_err().code, "invalid_tenant");
     }
 
     #[test]
     fn invalidate_needs_something_and_confirm_for_everything() {
         let body: InvalidateBody = serde_json::from_str(r#"{"tenant":"a"}"#).expect("parses");
         assert_eq!(body.selector().unwrap_err().code, "nothing_to_invalidate");
-        let body: InvalidateBody =
-            serde_json::from_str(r#"{"tenant":"a","patterns":["*"]}"#).expect("parses");
+        let body: InvalidateBody = serde_json::from_str(r#"{"tenant":"a","patterns":["*"]}"#).expect("parses");
         assert_eq!(body.selector().unwrap_err().code, "confirm_required");
         let body: InvalidateBody =
-            serde_json::from_str(r#"{"tenant":"a","patterns":["*"],"confirm":true}"#)
-                .expect("parses");
+            serde_json::from_str(r#"{"tenant":"a","patterns":["*"],"confirm":true}"#).expect("parses");
         assert!(body.selector().is_ok());
         assert!(body.cascade);
     }

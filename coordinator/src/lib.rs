@@ -7,11 +7,13 @@
 //! - [`events`]: events and invalidation requests, validated and grouped.
 //! - [`rules`]: rule templates, dependents, cycle detection.
 //! - [`state`]: runs the invalidation path ([`state::Coordinator::invalidate`]).
+//! - [`barrier`]: agents' acknowledgements and the `wait=all` barrier.
 //! - [`cluster`]: the nodes' reports and Redis's health.
 //! - [`api`]: the HTTP endpoints.
 //! - [`server`]: binding, Redis watch, graceful shutdown.
 
 pub mod api;
+pub mod barrier;
 pub mod cluster;
 pub mod events;
 pub mod rules;

@@ -23,10 +23,7 @@ async fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(1);
         }
     };
-    match app
-        .run_until_stopped(shared::service::shutdown_signal())
-        .await
-    {
+    match app.run_until_stopped(shared::service::shutdown_signal()).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "coordinator failed");

@@ -66,30 +66,19 @@ impl RuleSet {
                 if let Err(why) = check_template(template) {
                     problems.push(format!("rule {entity:?}: tag template {template:?} {why}"));
                 } else if let Err(e) = names::validate_tag(&template.replace(ID, "0")) {
-                    problems.push(format!(
-                        "rule {entity:?}: tag template {template:?}: {}",
-                        e.message
-                    ));
+                    problems.push(format!("rule {entity:?}: tag template {template:?}: {}", e.message));
                 }
             }
             for template in &rule.patterns {
                 if let Err(why) = check_template(template) {
-                    problems.push(format!(
-                        "rule {entity:?}: pattern template {template:?} {why}"
-                    ));
+                    problems.push(format!("rule {entity:?}: pattern template {template:?} {why}"));
                 } else if let Err(e) = names::validate_pattern(&template.replace(ID, "0"), false) {
-                    problems.push(format!(
-                        "rule {entity:?}: pattern template {template:?}: {}",
-                        e.message
-                    ));
+                    problems.push(format!("rule {entity:?}: pattern template {template:?}: {}", e.message));
                 }
             }
             for dependent in &rule.dependents {
                 if let Err(e) = names::validate_tag(dependent) {
-                    problems.push(format!(
-                        "rule {entity:?}: dependent {dependent:?}: {}",
-                        e.message
-                    ));
+                    problems.push(format!("rule {entity:?}: dependent {dependent:?}: {}", e.message));
                 }
             }
             if by_entity.insert(entity.clone(), rule).is_some() {
@@ -98,10 +87,7 @@ impl RuleSet {
         }
         let set = RuleSet { rules: by_entity };
         if let Some(cycle) = set.find_cycle() {
-            problems.push(format!(
-                "the rules' dependents form a cycle: {}",
-                cycle.join(" -> ")
-            ));
+            problems.push(format!("the rules' dependents form a cycle: {}", cycle.join(" -> ")));
         }
         if problems.is_empty() {
             Ok(set)
@@ -140,12 +126,7 @@ impl RuleSet {
             }
             marks.insert(entity.to_string(), Mark::Visiting);
             path.push(entity.to_string());
-            for dependent in set
-                .rules
-                .get(entity)
-                .map(|r| r.dependents.as_slice())
-                .unwrap_or_default()
-            {
+            for dependent in set.rules.get(entity).map(|r| r.dependents.as_slice()).unwrap_or_default() {
                 if let Some(cycle) = visit(set, dependent, marks, path) {
                     return Some(cycle);
                 }
@@ -211,20 +192,13 @@ impl RuleSet {
     }
 
     fn direct_dependents<'a>(&'a self, entity: &str) -> impl Iterator<Item = &'a str> {
-        self.rules
-            .get(entity)
-            .into_iter()
-            .flat_map(|r| r.dependents.iter().map(String::as_str))
+        self.rules.get(entity).into_iter().flat_map(|r| r.dependents.iter().map(String::as_str))
     }
 
     /// The rules and the entity graph, for `GET /v1/rules`.
     pub fn describe(&self) -> serde_json::Value {
         let mut entities: BTreeSet<&str> = self.rules.keys().map(String::as_str).collect();
-        entities.extend(
-            self.rules
-                .values()
-                .flat_map(|r| r.dependents.iter().map(String::as_str)),
-        );
+        entities.extend(self.rules.values().flat_map(|r| r.dependents.iter().map(String::as_str)));
         let graph: Vec<serde_json::Value> = entities
             .iter()
             .map(|e| {
@@ -242,11 +216,7 @@ impl RuleSet {
         let edges: Vec<serde_json::Value> = self
             .rules
             .values()
-            .flat_map(|r| {
-                r.dependents
-                    .iter()
-                    .map(move |d| serde_json::json!({"from": r.entity, "to": d}))
-            })
+            .flat_map(|r| r.dependents.iter().map(move |d| serde_json::json!({"from": r.entity, "to": d})))
             .collect();
         serde_json::json!({
             "rules": self.rules.values().collect::<Vec<_>>(),
@@ -273,11 +243,7 @@ fn fill(template: &str, id: Option<&str>, is_pattern: bool) -> Option<String> {
         return Some(template.to_string());
     }
     let id = id?;
-    let id = if is_pattern {
-        escape_glob(id)
-    } else {
-        id.to_string()
-    };
+    let id = if is_pattern { escape_glob(id) } else { id.to_string() };
     Some(template.replace(ID, &id))
 }
 
@@ -306,12 +272,7 @@ mod tests {
 
     fn rule(entity: &str, tags: &[&str], patterns: &[&str], dependents: &[&str]) -> Rule {
         let v = |s: &[&str]| s.iter().map(|x| x.to_string()).collect();
-        Rule {
-            entity: entity.into(),
-            tags: v(tags),
-            patterns: v(patterns),
-            dependents: v(dependents),
-        }
+        Rule { entity: entity.into(), tags: v(tags), patterns: v(patterns), dependents: v(dependents) }
     }
 
     fn contract_rules() -> RuleSet {
@@ -344,28 +305,9 @@ mod tests {
     #[test]
     fn rule_with_dependents_resolves_transitively() {
         let r = contract_rules().resolve("supplier", Some("42"));
-        assert_eq!(
-            r.tags,
-            vec![
-                "supplier:42",
-                "suppliers",
-                "supplier_payments",
-                "purchase_order",
-                "ledger"
-            ]
-        );
-        assert_eq!(
-            r.patterns,
-            vec![
-                "suppliers:list:*",
-                "supplier:42:*",
-                "supplier_payments:list:*"
-            ]
-        );
-        assert_eq!(
-            r.dependents,
-            vec!["supplier_payment", "purchase_order", "ledger"]
-        );
+        assert_eq!(r.tags, vec!["supplier:42", "suppliers", "supplier_payments", "purchase_order", "ledger"]);
+        assert_eq!(r.patterns, vec!["suppliers:list:*", "supplier:42:*", "supplier_payments:list:*"]);
+        assert_eq!(r.dependents, vec!["supplier_payment", "purchase_order", "ledger"]);
     }
 
     #[test]
@@ -386,12 +328,9 @@ mod tests {
 
     #[test]
     fn cycles_are_refused_and_named() {
-        let err = RuleSet::new(vec![
-            rule("a", &[], &[], &["b"]),
-            rule("b", &[], &[], &["c"]),
-            rule("c", &[], &[], &["a"]),
-        ])
-        .expect_err("a cycle");
+        let err =
+            RuleSet::new(vec![rule("a", &[], &[], &["b"]), rule("b", &[], &[], &["c"]), rule("c", &[], &[], &["a"])])
+                .expect_err("a cycle");
         assert!(err.contains("a -> b -> c -> a"), "{err}");
         let err = RuleSet::new(vec![rule("self", &[], &[], &["self"])]).expect_err("self loop");
         assert!(err.contains("self -> self"), "{err}");

@@ -32,15 +32,9 @@ impl Application {
         let listener = std::net::TcpListener::bind(&settings.bind)
             .map_err(|e| anyhow::anyhow!("cannot bind {}: {e}", settings.bind))?;
         let addr = listener.local_addr()?;
-        let origin = format!(
-            "coordinator@{}:{}",
-            gethostname::gethostname().to_string_lossy(),
-            addr.port()
-        );
+        let origin = format!("coordinator@{}:{}", gethostname::gethostname().to_string_lossy(), addr.port());
         let workers = match settings.http_workers {
-            0 => std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(2),
+            0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
             n => n,
         };
         let body_limit = settings.max_body_bytes;
@@ -62,11 +56,7 @@ impl Application {
         .shutdown_timeout(10)
         .listen(listener)?
         .run();
-        Ok(Application {
-            coordinator,
-            server,
-            addr,
-        })
+        Ok(Application { coordinator, server, addr })
     }
 
     /// The bound address.
@@ -75,17 +65,17 @@ impl Application {
     }
 
     /// Serves until `shutdown` resolves, then stops gracefully.
-    pub async fn run_until_stopped(
-        self,
-        shutdown: impl Future<Output = &'static str>,
-    ) -> anyhow::Result<()> {
-        let Application {
-            coordinator,
-            server,
-            addr,
-        } = self;
+    pub async fn run_until_stopped(self, shutdown: impl Future<Output = &'static str>) -> anyhow::Result<()> {
+        let Application { coordinator, server, addr } = self;
         let stop = CancellationToken::new();
         let watch = tokio::spawn(watch_redis(coordinator.clone(), stop.clone()));
+        let acks = {
+            let (coordinator, stop) = (coordinator.clone(), stop.clone());
+            tokio::spawn(async move {
+                let inner = coordinator.inner();
+                crate::barrier::listen(inner.redis.clone(), inner.pool.clone(), &inner.acks, stop).await;
+            })
+        };
         info!(%addr, rules = coordinator.inner().rules.rules().count(), "coordinator listening");
         let handle = server.handle();
         let mut server = std::pin::pin!(server);
@@ -98,7 +88,7 @@ impl Application {
             }
         }
         stop.cancel();
-        let _ = watch.await;
+        let _ = tokio::join!(watch, acks);
         info!("coordinator stopped");
         Ok(())
     }
@@ -115,14 +105,17 @@ async fn watch_redis(coordinator: Coordinator, stop: CancellationToken) {
     loop {
         let check = async {
             let mut conn = inner.pool.get().await.map_err(|e| e.to_string())?;
-            shared::l2::ensure_epoch(&mut conn)
+            shared::l2::ensure_epoch(&mut conn).await.map_err(|e| e.to_string())?;
+            // Agents keep their staleness bound below the smallest announced
+            // value, so a node this coordinator stops awaiting has stopped
+            // trusting its L1 first. Repeated every check: Redis may restart empty.
+            shared::registry::announce_dead_after(&mut conn, &inner.origin, inner.settings.node_dead_after_ms)
                 .await
                 .map_err(|e| e.to_string())?;
             if !inner.redis_ok.load(Ordering::Acquire) {
                 // Newly (re)connected: Redis may have restarted without our scripts.
-                shared::invalidation::load_scripts(&mut conn)
-                    .await
-                    .map_err(|e| e.to_string())?;
+                shared::invalidation::load_scripts(&mut conn).await.map_err(|e| e.to_string())?;
+                warn_about_eviction(&mut conn).await;
             }
             Ok::<(), String>(())
         };
@@ -159,5 +152,29 @@ async fn watch_redis(coordinator: Coordinator, stop: CancellationToken) {
                 }
             } => {}
         }
+    }
+}
+
+/// Warns when Redis may evict keys under memory pressure: evicting `dcc:seq`
+/// or `dcc:epoch` would reuse sequence numbers, and evicting fill-token
+/// markers would let a stale fill through. `noeviction` (the default) is
+/// safe; a managed Redis that forbids `CONFIG` is skipped silently.
+async fn warn_about_eviction(conn: &mut deadpool_redis::Connection) {
+    let config: redis::RedisResult<Vec<String>> =
+        redis::cmd("CONFIG").arg("GET").arg("maxmemory*").query_async(conn).await;
+    let Ok(config) = config else {
+        return;
+    };
+    let pairs: Vec<(&str, &str)> =
+        config.chunks(2).filter_map(|p| Some((p.first()?.as_str(), p.get(1)?.as_str()))).collect();
+    let get = |name: &str| pairs.iter().find(|(k, _)| *k == name).map(|(_, v)| *v);
+    let limited = get("maxmemory").is_some_and(|m| m != "0");
+    let policy = get("maxmemory-policy").unwrap_or("noeviction");
+    if limited && policy != "noeviction" {
+        warn!(
+            maxmemory_policy = policy,
+            "Redis may evict keys (maxmemory is set and the policy is not noeviction): an evicted dcc:seq or \
+             fill-token marker can break the guarantees; use a Redis with maxmemory-policy noeviction"
+        );
     }
 }

@@ -13,11 +13,7 @@ pub const ENV_PREFIX: &str = "DCC_COORDINATOR";
 
 /// Command-line flags; each one overrides the file and the environment.
 #[derive(Debug, Parser)]
-#[command(
-    name = "coordinator",
-    version,
-    about = "Turns write events into invalidations for every node agent"
-)]
+#[command(name = "coordinator", version, about = "Turns write events into invalidations for every node agent")]
 pub struct Flags {
     /// TOML configuration file (settings and `[[rules]]`).
     #[arg(long)]
@@ -81,9 +77,8 @@ impl Settings {
             ("redis_url", flags.redis_url.clone()),
             ("log_json", flags.log_json.then(|| "true".to_string())),
         ];
-        let settings: Settings =
-            shared::service::load_settings(flags.config.as_deref(), ENV_PREFIX, &overrides)
-                .map_err(|e| format!("configuration error: {e}"))?;
+        let settings: Settings = shared::service::load_settings(flags.config.as_deref(), ENV_PREFIX, &overrides)
+            .map_err(|e| format!("configuration error: {e}"))?;
         settings.validate()?;
         Ok(settings)
     }
@@ -91,8 +86,10 @@ impl Settings {
     /// Checks values that would make the coordinator misbehave.
     pub fn validate(&self) -> Result<(), String> {
         let mut problems = Vec::new();
-        if self.node_dead_after_ms == 0 {
-            problems.push("node_dead_after_ms must be at least 1".to_string());
+        if self.node_dead_after_ms < 1000 {
+            // Agents keep their staleness bound under 0.9 x this, and need a
+            // couple of heartbeats (500 ms apart by default) within the bound.
+            problems.push("node_dead_after_ms must be at least 1000".to_string());
         }
         if self.log_max_len < 1000 {
             problems.push("log_max_len must be at least 1000".to_string());

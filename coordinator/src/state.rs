@@ -3,8 +3,9 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use actix_web::http::StatusCode;
 use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounter, IntGauge, Registry};
 use serde::Serialize;
 
@@ -12,6 +13,7 @@ use shared::invalidation::{self, Outcome, Request};
 use shared::protocol::Selector;
 use shared::service::{register, ApiError};
 
+use crate::barrier::{self, AckBoard, Barrier};
 use crate::cluster;
 use crate::rules::RuleSet;
 use crate::settings::Settings;
@@ -28,6 +30,10 @@ pub struct Inner {
     pub rules: RuleSet,
     /// Redis connections.
     pub pool: deadpool_redis::Pool,
+    /// For the acknowledgement subscription.
+    pub redis: redis::Client,
+    /// Agents' newest acknowledgements, for `wait=all`.
+    pub acks: AckBoard,
     /// This process, as recorded in messages it logs.
     pub origin: String,
     /// The last Redis check succeeded.
@@ -50,6 +56,10 @@ pub struct Metrics {
     pub l2_deleted: IntCounter,
     /// Time to run the invalidation path.
     pub invalidation_seconds: Histogram,
+    /// Time from logged to every live agent acknowledging (`wait=all`).
+    pub barrier_seconds: Histogram,
+    /// `wait=all` requests that timed out.
+    pub barrier_timeouts: IntCounter,
     /// 1 while Redis answers.
     pub redis_up: IntGauge,
     /// HTTP latency.
@@ -59,22 +69,12 @@ pub struct Metrics {
 impl Metrics {
     fn new() -> Self {
         let registry = Registry::new();
-        let counter = |name: &str, help: &str| {
-            register(
-                &registry,
-                IntCounter::new(name, help).unwrap_or_else(|e| panic!("{e}")),
-            )
-        };
+        let counter =
+            |name: &str, help: &str| register(&registry, IntCounter::new(name, help).unwrap_or_else(|e| panic!("{e}")));
         Metrics {
             events: counter("dcc_events_total", "Write events received"),
-            invalidations: counter(
-                "dcc_invalidations_logged_total",
-                "Invalidations logged and broadcast",
-            ),
-            l2_deleted: counter(
-                "dcc_l2_deleted_total",
-                "Entries deleted from L2 by invalidations",
-            ),
+            invalidations: counter("dcc_invalidations_logged_total", "Invalidations logged and broadcast"),
+            l2_deleted: counter("dcc_l2_deleted_total", "Entries deleted from L2 by invalidations"),
             invalidation_seconds: register(
                 &registry,
                 Histogram::with_opts(
@@ -82,16 +82,25 @@ impl Metrics {
                         "dcc_invalidation_duration_seconds",
                         "Time from request to logged and broadcast",
                     )
-                    .buckets(vec![
-                        0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0, 5.0,
-                    ]),
+                    .buckets(vec![0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0, 5.0]),
                 )
                 .unwrap_or_else(|e| panic!("{e}")),
             ),
+            barrier_seconds: register(
+                &registry,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "dcc_barrier_duration_seconds",
+                        "wait=all: time from logged to acknowledged by every live agent",
+                    )
+                    .buckets(vec![0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0, 5.0]),
+                )
+                .unwrap_or_else(|e| panic!("{e}")),
+            ),
+            barrier_timeouts: counter("dcc_barrier_timeouts_total", "wait=all requests answered 504"),
             redis_up: register(
                 &registry,
-                IntGauge::new("dcc_redis_up", "1 while Redis answers")
-                    .unwrap_or_else(|e| panic!("{e}")),
+                IntGauge::new("dcc_redis_up", "1 while Redis answers").unwrap_or_else(|e| panic!("{e}")),
             ),
             http: shared::service::http_latency_histogram(&registry),
             registry,
@@ -130,10 +139,13 @@ impl Coordinator {
     pub fn new(settings: Settings, origin: String) -> Result<Coordinator, String> {
         let rules = RuleSet::new(settings.rules.clone())?;
         let pool = shared::service::redis_pool(&settings.redis_url, settings.redis_pool_size)?;
+        let redis = redis::Client::open(settings.redis_url.as_str()).map_err(|e| format!("bad redis_url: {e}"))?;
         Ok(Coordinator(Arc::new(Inner {
             settings,
             rules,
             pool,
+            redis,
+            acks: AckBoard::default(),
             origin,
             redis_ok: AtomicBool::new(false),
             started: Instant::now(),
@@ -159,31 +171,68 @@ impl Coordinator {
     }
 
     /// Runs the invalidation path for a resolved request: delete from L2, log,
-    /// broadcast (all in [`shared::invalidation::execute`]); then counts nodes.
-    pub async fn invalidate(&self, request: Request) -> Result<InvalidationAnswer, ApiError> {
+    /// broadcast (all in [`shared::invalidation::execute`]); then counts nodes,
+    /// or with `wait` (`wait=all`) waits for every live node to apply it.
+    pub async fn invalidate(&self, request: Request, wait: Option<Duration>) -> Result<InvalidationAnswer, ApiError> {
         let started = Instant::now();
         let mut conn = self.conn().await?;
-        let outcome: Outcome =
-            invalidation::execute(&mut conn, request, self.0.settings.log_max_len)
-                .await
-                .map_err(|e| self.redis_failed(e))?;
+        let outcome: Outcome = invalidation::execute(&mut conn, request, self.0.settings.log_max_len)
+            .await
+            .map_err(|e| self.redis_failed(e))?;
         let m = &self.0.metrics;
-        m.invalidation_seconds
-            .observe(started.elapsed().as_secs_f64());
+        m.invalidation_seconds.observe(started.elapsed().as_secs_f64());
         if !outcome.duplicate {
             m.invalidations.inc();
             m.l2_deleted.inc_by(outcome.l2_deleted);
         }
-        let view = cluster::view(&mut conn, self.0.settings.node_dead_after_ms)
-            .await
-            .map_err(|e| self.redis_failed(e))?;
-        let live: Vec<_> = view.live().collect();
-        let nodes = NodeCount {
-            live: live.len(),
-            acked: live
-                .iter()
-                .filter(|n| n.applied_seq >= outcome.seq && view.epoch == outcome.epoch)
-                .count(),
+        let nodes = match wait {
+            None => {
+                let view = cluster::view(&mut conn, self.0.settings.node_dead_after_ms)
+                    .await
+                    .map_err(|e| self.redis_failed(e))?;
+                let live: Vec<_> = view.live().collect();
+                let acked = live.iter().filter(|n| n.applied_seq >= outcome.seq && view.epoch == outcome.epoch);
+                NodeCount { live: live.len(), acked: acked.count() }
+            }
+            Some(timeout) => {
+                drop(conn);
+                let logged = Instant::now();
+                let barrier = barrier::wait_for_all(
+                    &self.0.pool,
+                    &self.0.acks,
+                    self.0.settings.node_dead_after_ms,
+                    &outcome.epoch,
+                    outcome.seq,
+                    timeout,
+                )
+                .await
+                .map_err(|e| self.redis_failed(e))?;
+                match barrier {
+                    Barrier::Passed { live } => {
+                        m.barrier_seconds.observe(logged.elapsed().as_secs_f64());
+                        NodeCount { live, acked: live }
+                    }
+                    Barrier::TimedOut { live, lagging } => {
+                        m.barrier_timeouts.inc();
+                        let acked = live - lagging.len();
+                        return Err(ApiError::new(
+                            StatusCode::GATEWAY_TIMEOUT,
+                            "timeout",
+                            format!(
+                                "seq {} is logged and broadcast, but {} of {live} live agents had not applied it \
+                                 within {} ms",
+                                outcome.seq,
+                                lagging.len(),
+                                timeout.as_millis()
+                            ),
+                        )
+                        .with("seq", outcome.seq.into())
+                        .with("epoch", outcome.epoch.into())
+                        .with("nodes", serde_json::json!({"live": live, "acked": acked}))
+                        .with("lagging", lagging.into()));
+                    }
+                }
+            }
         };
         Ok(InvalidationAnswer {
             seq: outcome.seq,

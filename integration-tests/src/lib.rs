@@ -14,6 +14,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
+pub mod checker;
+
+/// A response header as a string (empty when absent or not text).
+pub fn header_str(resp: &reqwest::Response, name: &str) -> String {
+    resp.headers().get(name).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string()
+}
+
 /// A port nobody listens on right now.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -28,10 +35,7 @@ pub fn bin_path(name: &str) -> PathBuf {
     if let Ok(dir) = std::env::var("DCC_BIN_DIR") {
         return Path::new(&dir).join(name);
     }
-    if let Some(dir) = std::env::current_exe()
-        .ok()
-        .and_then(|p| p.parent().map(Path::to_path_buf))
-    {
+    if let Some(dir) = std::env::current_exe().ok().and_then(|p| p.parent().map(Path::to_path_buf)) {
         // Test executables live in target/<profile>/deps, tools in target/<profile>.
         for candidate in [dir.join(name), dir.join("..").join(name)] {
             if candidate.exists() {
@@ -39,9 +43,7 @@ pub fn bin_path(name: &str) -> PathBuf {
             }
         }
     }
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../target/debug")
-        .join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug").join(name)
 }
 
 /// A child process that is killed when dropped.
@@ -63,8 +65,7 @@ impl Proc {
         env: &[(&str, String)],
         log: PathBuf,
     ) -> anyhow::Result<Proc> {
-        let out =
-            std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let out = std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let err = out.try_clone()?;
         let mut cmd = Command::new(program);
         cmd.args(args).stdin(Stdio::null()).stdout(out).stderr(err);
@@ -74,14 +75,8 @@ impl Proc {
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "info");
         }
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("starting {}", program.display()))?;
-        Ok(Proc {
-            name: name.to_string(),
-            child: Some(child),
-            log,
-        })
+        let child = cmd.spawn().with_context(|| format!("starting {}", program.display()))?;
+        Ok(Proc { name: name.to_string(), child: Some(child), log })
     }
 
     /// The process id.
@@ -99,9 +94,7 @@ impl Proc {
 
     /// Whether it has exited (and how), without waiting.
     pub fn try_status(&mut self) -> Option<ExitStatus> {
-        self.child
-            .as_mut()
-            .and_then(|c| c.try_wait().ok().flatten())
+        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
     }
 
     /// Waits up to `timeout` for it to exit.
@@ -185,32 +178,18 @@ impl Redis {
         .iter()
         .map(|s| s.to_string())
         .collect();
-        let proc = Proc::spawn(
-            "redis-server",
-            &program,
-            &args,
-            &[],
-            dir.join(format!("redis-{port}.log")),
-        )?;
-        let redis = Redis {
-            port,
-            proc,
-            dir: dir.to_path_buf(),
-        };
+        let proc = Proc::spawn("redis-server", &program, &args, &[], dir.join(format!("redis-{port}.log")))?;
+        let redis = Redis { port, proc, dir: dir.to_path_buf() };
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if let Ok(mut conn) = redis.connection().await {
-                let pong: redis::RedisResult<String> =
-                    redis::cmd("PING").query_async(&mut conn).await;
+                let pong: redis::RedisResult<String> = redis::cmd("PING").query_async(&mut conn).await;
                 if pong.is_ok() {
                     return Ok(redis);
                 }
             }
             if Instant::now() > deadline {
-                bail!(
-                    "redis-server did not start on port {port}:\n{}",
-                    redis.proc.log_tail()
-                );
+                bail!("redis-server did not start on port {port}:\n{}", redis.proc.log_tail());
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -223,9 +202,7 @@ impl Redis {
 
     /// A fresh connection, for tests that look into Redis or inject faults.
     pub async fn connection(&self) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
-        redis::Client::open(self.url())?
-            .get_multiplexed_async_connection()
-            .await
+        redis::Client::open(self.url())?.get_multiplexed_async_connection().await
     }
 
     /// The working directory.
@@ -275,12 +252,7 @@ pub struct ClusterOptions {
 
 impl Default for ClusterOptions {
     fn default() -> Self {
-        ClusterOptions {
-            agents: 3,
-            coordinator_toml: String::new(),
-            agent_toml: String::new(),
-            ports: None,
-        }
+        ClusterOptions { agents: 3, coordinator_toml: String::new(), agent_toml: String::new(), ports: None }
     }
 }
 
@@ -314,31 +286,13 @@ impl Cluster {
     pub async fn start(options: ClusterOptions) -> anyhow::Result<Cluster> {
         let dir = tempfile::Builder::new().prefix("dcc-cluster-").tempdir()?;
         let redis = Redis::start(dir.path()).await?;
-        let port = |i: usize| {
-            options
-                .ports
-                .as_ref()
-                .and_then(|p| p.get(i).copied())
-                .unwrap_or_else(free_port)
-        };
-        let coordinator =
-            start_coordinator(dir.path(), &redis.url(), port(0), &options.coordinator_toml)?;
+        let port = |i: usize| options.ports.as_ref().and_then(|p| p.get(i).copied()).unwrap_or_else(free_port);
+        let coordinator = start_coordinator(dir.path(), &redis.url(), port(0), &options.coordinator_toml)?;
         let mut agents = Vec::new();
         for i in 1..=options.agents {
-            agents.push(start_agent(
-                dir.path(),
-                &redis.url(),
-                port(i),
-                &format!("agent-{i}"),
-                &options.agent_toml,
-            )?);
+            agents.push(start_agent(dir.path(), &redis.url(), port(i), &format!("agent-{i}"), &options.agent_toml)?);
         }
-        let cluster = Cluster {
-            agents,
-            coordinator,
-            redis,
-            dir,
-        };
+        let cluster = Cluster { agents, coordinator, redis, dir };
         let client = reqwest::Client::new();
         wait_ready(&client, &cluster.coordinator).await?;
         for agent in &cluster.agents {
@@ -359,18 +313,10 @@ impl Cluster {
 }
 
 /// Writes a config file and starts a coordinator with it.
-pub fn start_coordinator(
-    dir: &Path,
-    redis_url: &str,
-    port: u16,
-    extra_toml: &str,
-) -> anyhow::Result<Service> {
+pub fn start_coordinator(dir: &Path, redis_url: &str, port: u16, extra_toml: &str) -> anyhow::Result<Service> {
     let addr = format!("127.0.0.1:{port}");
     let config = dir.join(format!("coordinator-{port}.toml"));
-    write_config(
-        &config,
-        &format!("bind = \"{addr}\"\nredis_url = \"{redis_url}\"\n{extra_toml}\n"),
-    )?;
+    write_config(&config, &format!("bind = \"{addr}\"\nredis_url = \"{redis_url}\"\n{extra_toml}\n"))?;
     let proc = Proc::spawn(
         "coordinator",
         &bin_path("coordinator"),
@@ -382,13 +328,7 @@ pub fn start_coordinator(
 }
 
 /// Writes a config file and starts an agent with it.
-pub fn start_agent(
-    dir: &Path,
-    redis_url: &str,
-    port: u16,
-    node_id: &str,
-    extra_toml: &str,
-) -> anyhow::Result<Service> {
+pub fn start_agent(dir: &Path, redis_url: &str, port: u16, node_id: &str, extra_toml: &str) -> anyhow::Result<Service> {
     let addr = format!("127.0.0.1:{port}");
     let config = dir.join(format!("{node_id}.toml"));
     write_config(

@@ -18,7 +18,7 @@ use serde::Serialize;
 
 use shared::invalidation::{self, Outcome, Request};
 use shared::names::{self, InvalidName};
-use shared::protocol::{now_ms, FillToken, Selector};
+use shared::protocol::{FillToken, Selector};
 use shared::{l2, service::ApiError};
 
 use crate::l1::{self, L1};
@@ -58,8 +58,9 @@ pub type Flight = Shared<BoxFuture<'static, Result<Read, String>>>;
 ///
 /// L1 may answer only while the agent holds a recent *proof* of being in sync:
 /// a moment at which it was subscribed and had applied everything the log held.
-/// Proofs come from the heartbeat (every `heartbeat_interval_ms`) and from each
-/// catch-up; a proof older than the staleness bound makes L1 untrusted.
+/// Proofs come from the heartbeat (every `heartbeat_interval_ms`): at once when
+/// L1 has applied the head the heartbeat read, or as soon as it has; a proof
+/// older than the staleness bound makes L1 untrusted.
 #[derive(Debug, Default)]
 pub struct SyncState {
     /// Epoch of the log L1 is in sync with (empty until first known).
@@ -75,6 +76,10 @@ pub struct SyncState {
     pub redis_ok: AtomicBool,
     /// When the agent last proved it was in sync (monotonic clock).
     pub proven_at: Mutex<Option<Instant>>,
+    /// A heartbeat that found the log head ahead of L1 by messages still on
+    /// their way: (when it was sent, the head it read, the subscription).
+    /// Applying up to that head proves sync as of the heartbeat.
+    pub pending_proof: Mutex<Option<(Instant, u64, u64)>>,
     /// The staleness bound in force: the configured one, lowered below the
     /// coordinators' `node_dead_after_ms` when needed.
     pub bound_ms: AtomicU64,
@@ -162,6 +167,11 @@ pub enum AgentError {
     /// Neither L1 nor L2 can answer.
     #[error("{0}")]
     Unavailable(String),
+    /// A fill raced an invalidation: nothing was stored.
+    #[error(
+        "nothing was stored: {0}; read the source of truth again and retry without caching, or GET for a new token"
+    )]
+    StaleFill(&'static str),
 }
 
 impl From<AgentError> for ApiError {
@@ -169,14 +179,11 @@ impl From<AgentError> for ApiError {
         use actix_web::http::StatusCode;
         match e {
             AgentError::Invalid(n) => n.into(),
-            e @ AgentError::TooLarge { .. } => ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "payload_too_large",
-                e.to_string(),
-            ),
-            AgentError::Unavailable(m) => {
-                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", m)
+            e @ AgentError::TooLarge { .. } => {
+                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", e.to_string())
             }
+            AgentError::Unavailable(m) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", m),
+            e @ AgentError::StaleFill(_) => ApiError::new(StatusCode::CONFLICT, "stale_fill", e.to_string()),
         }
     }
 }
@@ -189,12 +196,9 @@ impl Agent {
     /// Builds an agent; nothing connects yet, so Redis may be down.
     pub fn new(settings: Settings, node_id: String, addr: String) -> Result<Agent, String> {
         let pool = shared::service::redis_pool(&settings.redis_url, settings.redis_pool_size)?;
-        let redis = redis::Client::open(settings.redis_url.as_str())
-            .map_err(|e| format!("bad redis_url: {e}"))?;
+        let redis = redis::Client::open(settings.redis_url.as_str()).map_err(|e| format!("bad redis_url: {e}"))?;
         let metrics = Metrics::new();
-        metrics
-            .l1_capacity
-            .set(i64::try_from(settings.l1_max_bytes).unwrap_or(i64::MAX));
+        metrics.l1_capacity.set(i64::try_from(settings.l1_max_bytes).unwrap_or(i64::MAX));
         let sync = SyncState::default();
         sync.bound_ms.store(settings.staleness_bound_ms, Ordering::Release);
         Ok(Agent(Arc::new(Inner {
@@ -227,7 +231,8 @@ impl Agent {
     fn l2_failed(&self, e: impl std::fmt::Display) -> AgentError {
         self.0.metrics.l2_errors.inc();
         AgentError::Unavailable(format!(
-            "Redis is unreachable ({e}) and L1 does not hold this key; retry shortly"
+            "Redis is unreachable ({e}), and L1 cannot answer: it does not hold this key, or it cannot be \
+             proven fresh while the agent is out of sync; retry shortly"
         ))
     }
 
@@ -314,17 +319,11 @@ impl Agent {
         names::validate_key(key)?;
         let s = &self.0.settings;
         if put.value.len() > s.max_value_bytes {
-            return Err(AgentError::TooLarge {
-                size: put.value.len(),
-                limit: s.max_value_bytes,
-            });
+            return Err(AgentError::TooLarge { size: put.value.len(), limit: s.max_value_bytes });
         }
         let ttl_secs = put.ttl_secs.unwrap_or(s.default_ttl_secs);
         if ttl_secs == 0 || ttl_secs > s.max_ttl_secs {
-            return Err(invalid(
-                "invalid_ttl",
-                format!("ttl must be between 1 and {} seconds", s.max_ttl_secs),
-            ));
+            return Err(invalid("invalid_ttl", format!("ttl must be between 1 and {} seconds", s.max_ttl_secs)));
         }
         for tag in &put.tags {
             names::validate_tag(tag)?;
@@ -333,19 +332,17 @@ impl Agent {
             names::validate_key(dep)
                 .map_err(|e| invalid("invalid_depends_on", format!("depends_on: {}", e.message)))?;
         }
-        if let Some(token) = &put.fill_token {
-            if FillToken::decode(token).is_none() {
-                return Err(invalid(
+        let token = match &put.fill_token {
+            None => None,
+            Some(token) => Some(FillToken::decode(token).ok_or_else(|| {
+                invalid(
                     "invalid_fill_token",
                     "fill_token is not one this service issued; use the X-Cache-Fill-Token of a 404".into(),
-                ));
-            }
-        }
-        let content_type = if put.content_type.is_empty() {
-            "application/octet-stream".to_string()
-        } else {
-            put.content_type
+                )
+            })?),
         };
+        let content_type =
+            if put.content_type.is_empty() { "application/octet-stream".to_string() } else { put.content_type };
 
         let guard = self.0.l1.fill_guard(tenant);
         let stored = l2::Entry {
@@ -356,16 +353,11 @@ impl Agent {
             ttl_ms: ttl_secs * 1000,
         };
         let mut conn = self.conn().await?;
-        l2::put(&mut conn, tenant, key, &stored, now_ms())
+        l2::put(&mut conn, tenant, key, &stored, token.as_ref())
             .await
-            .map_err(|e| self.l2_failed(e))?;
-        let entry = l1::Entry::new(
-            put.value,
-            content_type,
-            put.tags,
-            put.depends_on,
-            Duration::from_secs(ttl_secs),
-        );
+            .map_err(|e| self.l2_failed(e))?
+            .map_err(|stale| AgentError::StaleFill(stale.explain()))?;
+        let entry = l1::Entry::new(put.value, content_type, put.tags, put.depends_on, Duration::from_secs(ttl_secs));
         self.0.l1.insert(tenant, key, entry, guard);
         Ok(())
     }

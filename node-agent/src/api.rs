@@ -26,26 +26,17 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 fn tenant_and_key(req: &HttpRequest) -> Result<(String, String), ApiError> {
     let rest = req.path().strip_prefix("/v1/cache/").unwrap_or_default();
     let Some((tenant, key)) = rest.split_once('/') else {
-        return Err(ApiError::bad_request(
-            "invalid_key",
-            "use /v1/cache/{tenant}/{key}: the key is missing",
-        ));
+        return Err(ApiError::bad_request("invalid_key", "use /v1/cache/{tenant}/{key}: the key is missing"));
     };
     let decode = |s: &str, code: &'static str| {
-        percent_decode_str(s)
-            .decode_utf8()
-            .map(|c| c.into_owned())
-            .map_err(|_| {
-                ApiError::from(InvalidName {
-                    code,
-                    message: format!("{code}: the path is not valid percent-encoded UTF-8"),
-                })
+        percent_decode_str(s).decode_utf8().map(|c| c.into_owned()).map_err(|_| {
+            ApiError::from(InvalidName {
+                code,
+                message: format!("{code}: the path is not valid percent-encoded UTF-8"),
             })
+        })
     };
-    Ok((
-        decode(tenant, "invalid_tenant")?,
-        decode(key, "invalid_key")?,
-    ))
+    Ok((decode(tenant, "invalid_tenant")?, decode(key, "invalid_key")?))
 }
 
 async fn get_entry(req: HttpRequest, agent: web::Data<Agent>) -> Result<HttpResponse, ApiError> {
@@ -71,8 +62,7 @@ async fn get_entry(req: HttpRequest, agent: web::Data<Agent>) -> Result<HttpResp
             );
             let mut resp = actix_web::ResponseError::error_response(&err);
             if let Ok(v) = HeaderValue::from_str(&fill_token) {
-                resp.headers_mut()
-                    .insert(header::HeaderName::from_static("x-cache-fill-token"), v);
+                resp.headers_mut().insert(header::HeaderName::from_static("x-cache-fill-token"), v);
             }
             Ok(resp)
         }
@@ -80,23 +70,30 @@ async fn get_entry(req: HttpRequest, agent: web::Data<Agent>) -> Result<HttpResp
 }
 
 /// The PUT query: `ttl`, `tags`, `depends_on` (comma lists, or repeated), `fill_token`.
+/// Decodes one `application/x-www-form-urlencoded` component strictly: bytes
+/// that are not UTF-8 are refused, not replaced, so that a tag or a dependency
+/// is never stored under a name the client did not send.
+fn decode_query_component(raw: &str) -> Result<String, ApiError> {
+    let plus_as_space = raw.replace('+', " ");
+    percent_encoding::percent_decode_str(&plus_as_space).decode_utf8().map(|s| s.into_owned()).map_err(|_| {
+        ApiError::bad_request("invalid_query", format!("query component {raw:?} is not UTF-8 once percent-decoded"))
+    })
+}
+
 fn parse_put_query(query: &str) -> Result<Put, ApiError> {
     let mut put = Put::default();
-    for (name, value) in form_urlencoded::parse(query.as_bytes()) {
-        match name.as_ref() {
+    for pair in query.split('&').filter(|pair| !pair.is_empty()) {
+        let (raw_name, raw_value) = pair.split_once('=').unwrap_or((pair, ""));
+        let name = decode_query_component(raw_name)?;
+        let value = decode_query_component(raw_value)?;
+        match name.as_str() {
             "ttl" => {
-                let ttl = value
-                    .parse::<u64>()
-                    .ok()
-                    .filter(|t| *t >= 1)
-                    .ok_or_else(|| {
-                        ApiError::bad_request(
-                            "invalid_ttl",
-                            format!(
-                                "ttl must be a whole number of seconds, at least 1; got {value:?}"
-                            ),
-                        )
-                    })?;
+                let ttl = value.parse::<u64>().ok().filter(|t| *t >= 1).ok_or_else(|| {
+                    ApiError::bad_request(
+                        "invalid_ttl",
+                        format!("ttl must be a whole number of seconds, at least 1; got {value:?}"),
+                    )
+                })?;
                 put.ttl_secs = Some(ttl);
             }
             // An empty list (`tags=`) means none; an empty item (`a,,b`) is an error.
@@ -104,32 +101,24 @@ fn parse_put_query(query: &str) -> Result<Put, ApiError> {
             "tags" => put.tags.extend(value.split(',').map(str::to_string)),
             "depends_on" if value.is_empty() => {}
             "depends_on" => put.depends_on.extend(value.split(',').map(str::to_string)),
-            "fill_token" => put.fill_token = Some(value.into_owned()),
-            other => return Err(ApiError::bad_request(
-                "invalid_query",
-                format!(
-                    "unknown parameter {other:?}; PUT takes ttl, tags, depends_on and fill_token"
-                ),
-            )),
+            "fill_token" => put.fill_token = Some(value),
+            other => {
+                return Err(ApiError::bad_request(
+                    "invalid_query",
+                    format!("unknown parameter {other:?}; PUT takes ttl, tags, depends_on and fill_token"),
+                ))
+            }
         }
     }
     Ok(put)
 }
 
-async fn put_entry(
-    req: HttpRequest,
-    body: web::Payload,
-    agent: web::Data<Agent>,
-) -> Result<HttpResponse, ApiError> {
+async fn put_entry(req: HttpRequest, body: web::Payload, agent: web::Data<Agent>) -> Result<HttpResponse, ApiError> {
     let (tenant, key) = tenant_and_key(&req)?;
     let mut put = parse_put_query(req.query_string())?;
     put.value = read_body(&req, body, agent.inner().settings.max_value_bytes).await?;
-    put.content_type = req
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_string();
+    put.content_type =
+        req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
     agent.put(&tenant, &key, put).await?;
     Ok(HttpResponse::NoContent().finish())
 }
@@ -137,9 +126,7 @@ async fn put_entry(
 async fn delete_entry(req: HttpRequest, agent: web::Data<Agent>) -> Result<HttpResponse, ApiError> {
     let (tenant, key) = tenant_and_key(&req)?;
     let outcome = agent.delete(&tenant, &key).await?;
-    Ok(HttpResponse::NoContent()
-        .insert_header(("X-Invalidation-Seq", outcome.seq.to_string()))
-        .finish())
+    Ok(HttpResponse::NoContent().insert_header(("X-Invalidation-Seq", outcome.seq.to_string())).finish())
 }
 
 async fn status(agent: web::Data<Agent>) -> HttpResponse {
@@ -153,31 +140,17 @@ async fn healthz() -> HttpResponse {
 async fn readyz(agent: web::Data<Agent>) -> Result<HttpResponse, ApiError> {
     match agent.readiness() {
         Ok(()) => Ok(HttpResponse::Ok().json(serde_json::json!({"status": "ready"}))),
-        Err(reason) => Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not_ready",
-            format!("not ready: {reason}"),
-        )
-        .with("reason", reason.into())),
+        Err(reason) => Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", format!("not ready: {reason}"))
+            .with("reason", reason.into())),
     }
 }
 
 async fn metrics(agent: web::Data<Agent>) -> HttpResponse {
     let inner = agent.inner();
     let m = &inner.metrics;
-    m.l1_bytes
-        .set(i64::try_from(inner.l1.bytes()).unwrap_or(i64::MAX));
-    m.l1_entries
-        .set(i64::try_from(inner.l1.entries()).unwrap_or(i64::MAX));
-    m.l1_evictions.set(
-        i64::try_from(
-            inner
-                .l1
-                .stats
-                .evictions
-                .load(std::sync::atomic::Ordering::Relaxed),
-        )
-        .unwrap_or(i64::MAX),
-    );
+    m.l1_bytes.set(i64::try_from(inner.l1.bytes()).unwrap_or(i64::MAX));
+    m.l1_entries.set(i64::try_from(inner.l1.entries()).unwrap_or(i64::MAX));
+    m.l1_evictions
+        .set(i64::try_from(inner.l1.stats.evictions.load(std::sync::atomic::Ordering::Relaxed)).unwrap_or(i64::MAX));
     metrics_response(&m.registry)
 }

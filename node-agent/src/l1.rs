@@ -55,21 +55,8 @@ pub struct Entry {
 
 impl Entry {
     /// An entry expiring `ttl` from now.
-    pub fn new(
-        value: Bytes,
-        content_type: String,
-        tags: Vec<String>,
-        depends_on: Vec<String>,
-        ttl: Duration,
-    ) -> Self {
-        Entry {
-            value,
-            content_type,
-            tags,
-            depends_on,
-            expires_at: Instant::now() + ttl,
-            generation: 0,
-        }
+    pub fn new(value: Bytes, content_type: String, tags: Vec<String>, depends_on: Vec<String>, ttl: Duration) -> Self {
+        Entry { value, content_type, tags, depends_on, expires_at: Instant::now() + ttl, generation: 0 }
     }
 
     /// Time to live left.
@@ -79,14 +66,8 @@ impl Entry {
 
     /// Bytes it is charged for: key, tenant, value and metadata.
     fn weight(&self, key: &EntryKey) -> u32 {
-        let meta: usize = self
-            .tags
-            .iter()
-            .chain(&self.depends_on)
-            .map(String::len)
-            .sum();
-        let total =
-            key.tenant.len() + key.key.len() + self.value.len() + self.content_type.len() + meta;
+        let meta: usize = self.tags.iter().chain(&self.depends_on).map(String::len).sum();
+        let total = key.tenant.len() + key.key.len() + self.value.len() + self.content_type.len() + meta;
         u32::try_from(total).unwrap_or(u32::MAX)
     }
 }
@@ -136,10 +117,7 @@ struct Indexes {
 
 impl Indexes {
     fn guard(&self, tenant: &str) -> FillGuard {
-        FillGuard {
-            invalidations: self.invalidations.get(tenant).copied().unwrap_or(0),
-            flushes: self.flushes,
-        }
+        FillGuard { invalidations: self.invalidations.get(tenant).copied().unwrap_or(0), flushes: self.flushes }
     }
 }
 
@@ -167,12 +145,7 @@ pub struct L1 {
 struct PerEntryTtl;
 
 impl Expiry<EntryKey, Arc<Entry>> for PerEntryTtl {
-    fn expire_after_create(
-        &self,
-        _: &EntryKey,
-        value: &Arc<Entry>,
-        now: Instant,
-    ) -> Option<Duration> {
+    fn expire_after_create(&self, _: &EntryKey, value: &Arc<Entry>, now: Instant) -> Option<Duration> {
         Some(value.expires_at.saturating_duration_since(now))
     }
 
@@ -197,14 +170,12 @@ impl L1 {
             .max_capacity(capacity_bytes)
             .weigher(|k: &EntryKey, v: &Arc<Entry>| v.weight(k))
             .expire_after(PerEntryTtl)
-            .eviction_listener(
-                move |key: Arc<EntryKey>, value: Arc<Entry>, cause: RemovalCause| {
-                    if cause == RemovalCause::Size {
-                        listener_stats.evictions.fetch_add(1, Ordering::Relaxed);
-                    }
-                    lock(&listener_queue).push(((*key).clone(), value));
-                },
-            )
+            .eviction_listener(move |key: Arc<EntryKey>, value: Arc<Entry>, cause: RemovalCause| {
+                if cause == RemovalCause::Size {
+                    listener_stats.evictions.fetch_add(1, Ordering::Relaxed);
+                }
+                lock(&listener_queue).push(((*key).clone(), value));
+            })
             .build();
         L1 {
             cache,
@@ -218,10 +189,7 @@ impl L1 {
 
     /// The entry, if L1 holds it and it has not expired.
     pub fn get(&self, tenant: &str, key: &str) -> Option<Arc<Entry>> {
-        let entry = self.cache.get(&EntryKey {
-            tenant: tenant.to_string(),
-            key: key.to_string(),
-        })?;
+        let entry = self.cache.get(&EntryKey { tenant: tenant.to_string(), key: key.to_string() })?;
         (entry.expires_at > Instant::now()).then_some(entry)
     }
 
@@ -243,24 +211,12 @@ impl L1 {
         let t = idx.tenants.entry(tenant.to_string()).or_default();
         t.keys.insert(key.to_string(), generation);
         for tag in &entry.tags {
-            t.tags
-                .entry(tag.clone())
-                .or_default()
-                .insert(key.to_string(), generation);
+            t.tags.entry(tag.clone()).or_default().insert(key.to_string(), generation);
         }
         for dep in &entry.depends_on {
-            t.dependents
-                .entry(dep.clone())
-                .or_default()
-                .insert(key.to_string(), generation);
+            t.dependents.entry(dep.clone()).or_default().insert(key.to_string(), generation);
         }
-        self.cache.insert(
-            EntryKey {
-                tenant: tenant.to_string(),
-                key: key.to_string(),
-            },
-            Arc::new(entry),
-        );
+        self.cache.insert(EntryKey { tenant: tenant.to_string(), key: key.to_string() }, Arc::new(entry));
         true
     }
 
@@ -269,9 +225,7 @@ impl L1 {
     /// depending on one of those, transitively. Returns how many were dropped.
     pub fn apply(&self, selector: &Selector) -> usize {
         let mut idx = self.lock_indexes();
-        *idx.invalidations
-            .entry(selector.tenant.clone())
-            .or_insert(0) += 1;
+        *idx.invalidations.entry(selector.tenant.clone()).or_insert(0) += 1;
         let Some(t) = idx.tenants.get(&selector.tenant) else {
             return 0;
         };
@@ -283,12 +237,7 @@ impl L1 {
             }
         }
         for pattern in &selector.patterns {
-            doomed.extend(
-                t.keys
-                    .keys()
-                    .map(String::as_str)
-                    .filter(|k| glob::matches(pattern, k)),
-            );
+            doomed.extend(t.keys.keys().map(String::as_str).filter(|k| glob::matches(pattern, k)));
         }
         if selector.cascade {
             let mut frontier: Vec<&str> = doomed.iter().copied().collect();
@@ -303,17 +252,12 @@ impl L1 {
 
         let mut dropped = 0;
         for key in doomed {
-            let entry_key = EntryKey {
-                tenant: selector.tenant.clone(),
-                key: key.to_string(),
-            };
+            let entry_key = EntryKey { tenant: selector.tenant.clone(), key: key.to_string() };
             if self.cache.remove(&entry_key).is_some() {
                 dropped += 1;
             }
         }
-        self.stats
-            .invalidated
-            .fetch_add(dropped as u64, Ordering::Relaxed);
+        self.stats.invalidated.fetch_add(dropped as u64, Ordering::Relaxed);
         dropped
     }
 
@@ -417,11 +361,7 @@ mod tests {
     }
 
     fn selector(tenant: &str) -> Selector {
-        Selector {
-            tenant: tenant.into(),
-            cascade: true,
-            ..Selector::default()
-        }
+        Selector { tenant: tenant.into(), cascade: true, ..Selector::default() }
     }
 
     #[test]
@@ -433,34 +373,13 @@ mod tests {
         store(&l1, "t", "item:2", &["green"], &[]);
         store(&l1, "u", "item:1", &["red"], &[]);
 
-        assert_eq!(
-            l1.apply(&Selector {
-                tags: vec!["red".into()],
-                ..selector("t")
-            }),
-            2
-        );
+        assert_eq!(l1.apply(&Selector { tags: vec!["red".into()], ..selector("t") }), 2);
         assert!(l1.get("t", "list:1").is_none() && l1.get("t", "item:1").is_none());
-        assert!(
-            l1.get("u", "item:1").is_some(),
-            "another tenant is untouched"
-        );
+        assert!(l1.get("u", "item:1").is_some(), "another tenant is untouched");
 
-        assert_eq!(
-            l1.apply(&Selector {
-                patterns: vec!["list:*".into()],
-                ..selector("t")
-            }),
-            1
-        );
+        assert_eq!(l1.apply(&Selector { patterns: vec!["list:*".into()], ..selector("t") }), 1);
         assert!(l1.get("t", "list:2").is_none());
-        assert_eq!(
-            l1.apply(&Selector {
-                keys: vec!["item:2".into()],
-                ..selector("t")
-            }),
-            1
-        );
+        assert_eq!(l1.apply(&Selector { keys: vec!["item:2".into()], ..selector("t") }), 1);
         assert_eq!(l1.entries(), 1);
     }
 
@@ -474,29 +393,13 @@ mod tests {
         store(&l1, "t", "loop-b", &[], &["loop-a"]);
         store(&l1, "t", "alone", &[], &[]);
 
-        let no_cascade = Selector {
-            keys: vec!["base".into()],
-            cascade: false,
-            ..selector("t")
-        };
+        let no_cascade = Selector { keys: vec!["base".into()], cascade: false, ..selector("t") };
         assert_eq!(l1.apply(&no_cascade), 1);
         assert!(l1.get("t", "mid").is_some());
         // The index still knows mid depends on base, so a cascading invalidation follows it.
-        assert_eq!(
-            l1.apply(&Selector {
-                keys: vec!["base".into()],
-                ..selector("t")
-            }),
-            2
-        );
+        assert_eq!(l1.apply(&Selector { keys: vec!["base".into()], ..selector("t") }), 2);
         assert!(l1.get("t", "top").is_none());
-        assert_eq!(
-            l1.apply(&Selector {
-                keys: vec!["loop-a".into()],
-                ..selector("t")
-            }),
-            2
-        );
+        assert_eq!(l1.apply(&Selector { keys: vec!["loop-a".into()], ..selector("t") }), 2);
         assert!(l1.get("t", "alone").is_some());
     }
 
@@ -504,20 +407,14 @@ mod tests {
     fn a_fill_that_raced_an_invalidation_of_its_tenant_stays_out() {
         let l1 = L1::new(1 << 20);
         let guard = l1.fill_guard("t");
-        l1.apply(&Selector {
-            keys: vec!["other".into()],
-            ..selector("t")
-        });
+        l1.apply(&Selector { keys: vec!["other".into()], ..selector("t") });
         assert!(!l1.insert("t", "k", entry(&[], &[]), guard));
         assert!(l1.get("t", "k").is_none());
         assert_eq!(l1.stats.fills_refused.load(Ordering::Relaxed), 1);
 
         // Another tenant's invalidation does not void the fill.
         let guard = l1.fill_guard("t");
-        l1.apply(&Selector {
-            keys: vec!["k".into()],
-            ..selector("u")
-        });
+        l1.apply(&Selector { keys: vec!["k".into()], ..selector("u") });
         assert!(l1.insert("t", "k", entry(&[], &[]), guard));
 
         // A flush voids every fill guarded before it.
@@ -534,13 +431,7 @@ mod tests {
         store(&l1, "t", "k", &["a", "b"], &[]);
         l1.maintain();
         // The replaced entry's removal must not erase the new entry's record for tag "a".
-        assert_eq!(
-            l1.apply(&Selector {
-                tags: vec!["a".into()],
-                ..selector("t")
-            }),
-            1
-        );
+        assert_eq!(l1.apply(&Selector { tags: vec!["a".into()], ..selector("t") }), 1);
         assert!(l1.get("t", "k").is_none());
     }
 
@@ -563,13 +454,7 @@ mod tests {
     #[test]
     fn entries_expire_at_their_own_ttl() {
         let l1 = L1::new(1 << 20);
-        let short = Entry::new(
-            Bytes::from_static(b"v"),
-            String::new(),
-            vec![],
-            vec![],
-            Duration::from_millis(30),
-        );
+        let short = Entry::new(Bytes::from_static(b"v"), String::new(), vec![], vec![], Duration::from_millis(30));
         let guard = l1.fill_guard("t");
         assert!(l1.insert("t", "short", short, guard));
         store(&l1, "t", "long", &[], &[]);

@@ -1,9 +1,7 @@
 //! The agent's Prometheus metrics. The counters are also the source of the
 //! numbers in `GET /v1/status`, so the two never disagree.
 
-use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-};
+use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use shared::service::register;
 
 /// Every metric the agent exports.
@@ -49,24 +47,12 @@ impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
         let counter_vec = |name: &str, help: &str| {
-            register(
-                &registry,
-                IntCounterVec::new(Opts::new(name, help), &["layer"])
-                    .unwrap_or_else(|e| panic!("{e}")),
-            )
+            register(&registry, IntCounterVec::new(Opts::new(name, help), &["layer"]).unwrap_or_else(|e| panic!("{e}")))
         };
-        let counter = |name: &str, help: &str| {
-            register(
-                &registry,
-                IntCounter::new(name, help).unwrap_or_else(|e| panic!("{e}")),
-            )
-        };
-        let gauge = |name: &str, help: &str| {
-            register(
-                &registry,
-                IntGauge::new(name, help).unwrap_or_else(|e| panic!("{e}")),
-            )
-        };
+        let counter =
+            |name: &str, help: &str| register(&registry, IntCounter::new(name, help).unwrap_or_else(|e| panic!("{e}")));
+        let gauge =
+            |name: &str, help: &str| register(&registry, IntGauge::new(name, help).unwrap_or_else(|e| panic!("{e}")));
         Metrics {
             hits: counter_vec("dcc_cache_hits_total", "Cache hits by layer"),
             misses: counter_vec("dcc_cache_misses_total", "Cache misses by layer"),
@@ -78,22 +64,10 @@ impl Metrics {
             l1_bytes: gauge("dcc_l1_bytes", "Bytes held in L1, keys and values counted"),
             l1_entries: gauge("dcc_l1_entries", "Entries held in L1"),
             l1_capacity: gauge("dcc_l1_capacity_bytes", "L1 capacity in bytes"),
-            l1_evictions: gauge(
-                "dcc_l1_evictions_total",
-                "Entries evicted from L1 to make room",
-            ),
-            applied: counter(
-                "dcc_invalidations_applied_total",
-                "Invalidation messages applied to L1",
-            ),
-            replayed: counter(
-                "dcc_invalidations_replayed_total",
-                "Invalidation messages replayed from the log",
-            ),
-            gaps: counter(
-                "dcc_invalidation_gaps_total",
-                "Gaps in sequence numbers detected",
-            ),
+            l1_evictions: gauge("dcc_l1_evictions_total", "Entries evicted from L1 to make room"),
+            applied: counter("dcc_invalidations_applied_total", "Invalidation messages applied to L1"),
+            replayed: counter("dcc_invalidations_replayed_total", "Invalidation messages replayed from the log"),
+            gaps: counter("dcc_invalidation_gaps_total", "Gaps in sequence numbers detected"),
             flushes: counter("dcc_l1_flushes_total", "Full flushes of L1"),
             applied_seq: gauge("dcc_applied_seq", "Highest invalidation seq applied"),
             ready: gauge("dcc_ready", "1 when the agent is ready"),
@@ -104,9 +78,7 @@ impl Metrics {
                         "dcc_propagation_lag_seconds",
                         "Time from an invalidation being logged to this agent applying it",
                     )
-                    .buckets(vec![
-                        0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0,
-                    ]),
+                    .buckets(vec![0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0]),
                 )
                 .unwrap_or_else(|e| panic!("{e}")),
             ),

@@ -29,22 +29,16 @@ impl Application {
         let listener = std::net::TcpListener::bind(&settings.bind)
             .map_err(|e| anyhow::anyhow!("cannot bind {}: {e}", settings.bind))?;
         let addr = listener.local_addr()?;
-        let node_id = settings.node_id.clone().unwrap_or_else(|| {
-            format!(
-                "{}:{}",
-                gethostname::gethostname().to_string_lossy(),
-                addr.port()
-            )
-        });
+        let node_id = settings
+            .node_id
+            .clone()
+            .unwrap_or_else(|| format!("{}:{}", gethostname::gethostname().to_string_lossy(), addr.port()));
         let workers = match settings.http_workers {
-            0 => std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(2),
+            0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
             n => n,
         };
         let body_limit = settings.max_value_bytes;
-        let agent =
-            Agent::new(settings, node_id, addr.to_string()).map_err(|e| anyhow::anyhow!(e))?;
+        let agent = Agent::new(settings, node_id, addr.to_string()).map_err(|e| anyhow::anyhow!(e))?;
         let data = web::Data::new(agent.clone());
         let latency = shared::service::HttpLatency(agent.inner().metrics.http.clone());
         let server = HttpServer::new(move || {
@@ -62,11 +56,7 @@ impl Application {
         .shutdown_timeout(10)
         .listen(listener)?
         .run();
-        Ok(Application {
-            agent,
-            server,
-            addr,
-        })
+        Ok(Application { agent, server, addr })
     }
 
     /// The bound address.
@@ -76,15 +66,8 @@ impl Application {
 
     /// Serves until `shutdown` resolves, then stops gracefully: in-flight
     /// requests finish, background tasks stop, the node deregisters.
-    pub async fn run_until_stopped(
-        self,
-        shutdown: impl Future<Output = &'static str>,
-    ) -> anyhow::Result<()> {
-        let Application {
-            agent,
-            server,
-            addr,
-        } = self;
+    pub async fn run_until_stopped(self, shutdown: impl Future<Output = &'static str>) -> anyhow::Result<()> {
+        let Application { agent, server, addr } = self;
         let stop = CancellationToken::new();
         let tasks = sync::spawn(&agent, stop.clone());
         info!(%addr, node_id = agent.node_id(), "node agent listening");

@@ -12,11 +12,7 @@ pub const ENV_PREFIX: &str = "DCC_AGENT";
 
 /// Command-line flags; each one overrides the file and the environment.
 #[derive(Debug, Parser)]
-#[command(
-    name = "node-agent",
-    version,
-    about = "L1 cache sidecar kept coherent with Redis"
-)]
+#[command(name = "node-agent", version, about = "L1 cache sidecar kept coherent with Redis")]
 pub struct Flags {
     /// TOML configuration file.
     #[arg(long)]
@@ -96,9 +92,8 @@ impl Settings {
             ("node_id", flags.node_id.clone()),
             ("log_json", flags.log_json.then(|| "true".to_string())),
         ];
-        let settings: Settings =
-            shared::service::load_settings(flags.config.as_deref(), ENV_PREFIX, &overrides)
-                .map_err(|e| format!("configuration error: {e}"))?;
+        let settings: Settings = shared::service::load_settings(flags.config.as_deref(), ENV_PREFIX, &overrides)
+            .map_err(|e| format!("configuration error: {e}"))?;
         settings.validate()?;
         Ok(settings)
     }
@@ -118,24 +113,19 @@ impl Settings {
         if self.staleness_bound_ms == 0 {
             problems.push("staleness_bound_ms must be at least 1");
         }
-        if self.heartbeat_interval_ms == 0
-            || self.heartbeat_interval_ms * 2 > self.staleness_bound_ms
-        {
-            problems.push(
-                "heartbeat_interval_ms must be at least 1 and at most half of staleness_bound_ms",
-            );
+        if self.heartbeat_interval_ms == 0 || self.heartbeat_interval_ms * 2 > self.staleness_bound_ms {
+            problems.push("heartbeat_interval_ms must be at least 1 and at most half of staleness_bound_ms");
+        }
+        if self.log_max_len < 1000 {
+            // The log is shared: an agent's DELETE trims it for everyone.
+            problems.push("log_max_len must be at least 1000");
         }
         if self.redis_pool_size == 0 {
             problems.push("redis_pool_size must be at least 1");
         }
         if let Some(id) = &self.node_id {
-            if id.is_empty()
-                || id.len() > 128
-                || id.chars().any(|c| c.is_control() || c.is_whitespace())
-            {
-                problems.push(
-                    "node_id must be 1 to 128 characters without whitespace or control characters",
-                );
+            if id.is_empty() || id.len() > 128 || id.chars().any(|c| c.is_control() || c.is_whitespace()) {
+                problems.push("node_id must be 1 to 128 characters without whitespace or control characters");
             }
         }
         if redis::Client::open(self.redis_url.as_str()).is_err() {

@@ -56,14 +56,9 @@ async fn subscribe_loop(agent: Agent, shutdown: CancellationToken) {
 }
 
 /// One subscription's life. Returns `Ok` only on shutdown.
-async fn subscribe_and_apply(
-    agent: &Agent,
-    shutdown: &CancellationToken,
-    backoff: &mut Backoff,
-) -> anyhow::Result<()> {
+async fn subscribe_and_apply(agent: &Agent, shutdown: &CancellationToken, backoff: &mut Backoff) -> anyhow::Result<()> {
     let inner = agent.inner();
-    let mut pubsub =
-        tokio::time::timeout(Duration::from_secs(2), inner.redis.get_async_pubsub()).await??;
+    let mut pubsub = tokio::time::timeout(Duration::from_secs(2), inner.redis.get_async_pubsub()).await??;
     pubsub.subscribe(schema::CHANNEL).await?;
     inner.sync.subscription.fetch_add(1, Ordering::AcqRel);
     inner.sync.subscribed.store(true, Ordering::Release);
@@ -71,10 +66,7 @@ async fn subscribe_and_apply(
     catch_up(agent).await?;
     backoff.reset();
     inner.sync.report_now.notify_one();
-    info!(
-        applied_seq = inner.sync.applied_seq.load(Ordering::Acquire),
-        "subscribed to invalidations"
-    );
+    info!(applied_seq = inner.sync.applied_seq.load(Ordering::Acquire), "subscribed to invalidations");
 
     let mut messages = pubsub.on_message();
     loop {
@@ -92,14 +84,13 @@ async fn subscribe_and_apply(
 }
 
 /// Brings L1 up to the log head: after (re)subscribing, and whenever the
-/// heartbeat finds the head ahead. Ends with a proof of sync as of the moment
-/// the head was read.
+/// heartbeat finds the head ahead. Ends by asking for a heartbeat, which
+/// proves the sync.
 async fn catch_up(agent: &Agent) -> anyhow::Result<()> {
     let inner = agent.inner();
     let mut conn = inner.pool.get().await?;
     // Newly (re)connected: Redis may have restarted without our scripts.
     shared::invalidation::load_scripts(&mut conn).await?;
-    let read_at = Instant::now();
     let (epoch, head) = l2::head(&mut conn).await?;
     let known = lock(&inner.sync.epoch).clone();
     if known.is_empty() {
@@ -116,7 +107,10 @@ async fn catch_up(agent: &Agent) -> anyhow::Result<()> {
             replay_or_flush(agent, &mut conn, applied + 1, head, &epoch).await?;
         }
     }
-    inner.sync.prove(read_at);
+    // The proof of sync comes from the heartbeat this asks for, not from
+    // here: a proof is only ever as recent as a heartbeat that Redis has
+    // recorded, so that a node the coordinators consider dead (no heartbeat
+    // for node_dead_after_ms) has run out of proof first.
     inner.sync.report_now.notify_one();
     Ok(())
 }
@@ -174,10 +168,7 @@ async fn replay_or_flush(
             }
         }
         _ => {
-            flush(
-                agent,
-                &format!("missed invalidations {from}..={to} are no longer in the log"),
-            );
+            flush(agent, &format!("missed invalidations {from}..={to} are no longer in the log"));
             adopt(agent, epoch.to_string(), to);
         }
     }
@@ -193,17 +184,27 @@ fn apply(agent: &Agent, msg: &InvalidationMessage) {
     }
     inner.sync.applied_seq.fetch_max(msg.seq, Ordering::AcqRel);
     inner.sync.applied.notify_one();
+    prove_pending(agent, msg.seq);
     inner.metrics.applied.inc();
-    inner
-        .metrics
-        .applied_seq
-        .set(i64::try_from(msg.seq).unwrap_or(i64::MAX));
+    inner.metrics.applied_seq.set(i64::try_from(msg.seq).unwrap_or(i64::MAX));
     let lag_ms = now_ms().saturating_sub(msg.ts_ms);
-    inner
-        .metrics
-        .propagation_lag
-        .observe(lag_ms as f64 / 1000.0);
+    inner.metrics.propagation_lag.observe(lag_ms as f64 / 1000.0);
     debug!(seq = msg.seq, dropped, lag_ms, "applied invalidation");
+}
+
+/// Completes a heartbeat's proof of sync once L1 has applied the head it read
+/// (on the subscription it was sent on).
+fn prove_pending(agent: &Agent, applied: u64) {
+    let sync = &agent.inner().sync;
+    let mut pending = lock(&sync.pending_proof);
+    if let Some((sent_at, head, subscription)) = *pending {
+        if subscription != sync.subscription.load(Ordering::Acquire) {
+            *pending = None;
+        } else if applied >= head {
+            *pending = None;
+            sync.prove(sent_at);
+        }
+    }
 }
 
 /// Drops all of L1.
@@ -218,40 +219,39 @@ fn adopt(agent: &Agent, epoch: String, seq: u64) {
     let sync = &agent.inner().sync;
     *lock(&sync.epoch) = epoch;
     sync.applied_seq.store(seq, Ordering::Release);
-    agent
-        .inner()
-        .metrics
-        .applied_seq
-        .set(i64::try_from(seq).unwrap_or(i64::MAX));
+    sync.applied.notify_one();
+    agent.inner().metrics.applied_seq.set(i64::try_from(seq).unwrap_or(i64::MAX));
 }
 
-/// Publishes this node's applied seq to `dcc:acks` as soon as it moves, so the
-/// coordinator sees acknowledgements within a round trip rather than a
-/// heartbeat. Bursts coalesce: while one write is in flight, later applies
-/// only leave the notification set, and the next write carries the newest seq.
+/// Acknowledges this node's applied seq as soon as it moves (stored in
+/// `dcc:acks` and published on `dcc:acked`), so that a coordinator holding a
+/// `wait=all` request hears of it within a round trip rather than a heartbeat.
+/// Bursts coalesce: while one write is in flight, later applies only leave the
+/// notification set, and the next write carries the newest seq.
 async fn acknowledge_loop(agent: Agent, shutdown: CancellationToken) {
     let inner = agent.inner();
-    let mut acked = 0;
+    let mut acked: Option<(String, u64)> = None;
     loop {
         tokio::select! {
             _ = inner.sync.applied.notified() => {}
             _ = shutdown.cancelled() => return,
         }
+        let epoch = lock(&inner.sync.epoch).clone();
         let seq = inner.sync.applied_seq.load(Ordering::Acquire);
-        if seq == acked {
+        if epoch.is_empty() || acked.as_ref().is_some_and(|(e, s)| *e == epoch && *s == seq) {
             continue;
         }
-        let Ok(mut conn) = inner.pool.get().await else {
-            continue;
+        let ack = registry::Ack { node_id: inner.node_id.clone(), epoch, seq };
+        let written = match inner.pool.get().await {
+            Ok(mut conn) => registry::acknowledge(&mut conn, &ack).await.is_ok(),
+            Err(_) => false,
         };
-        let written: redis::RedisResult<()> = redis::cmd("HSET")
-            .arg(schema::ACKS)
-            .arg(&inner.node_id)
-            .arg(seq)
-            .query_async(&mut conn)
-            .await;
-        if written.is_ok() {
-            acked = seq;
+        if written {
+            acked = Some((ack.epoch, ack.seq));
+        } else {
+            // Redis is away: try again shortly rather than at the next apply.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            inner.sync.applied.notify_one();
         }
     }
 }
@@ -289,8 +289,18 @@ async fn heartbeat_loop(agent: Agent, shutdown: CancellationToken) {
                 let same_epoch = beat.epoch.as_deref() == Some(known.as_str());
                 if subscribed && same_epoch && applied >= beat.head {
                     inner.sync.prove(sent_at);
-                } else if subscribed && (!same_epoch || applied < previous_head.min(beat.head)) {
-                    debug!(applied, head = beat.head, "behind the log head; catching up");
+                } else if subscribed && same_epoch {
+                    // Messages up to the head are probably in flight: the
+                    // subscriber proves sync as of `sent_at` once it has applied them.
+                    *lock(&inner.sync.pending_proof) = Some((sent_at, beat.head, subscription));
+                    prove_pending(&agent, inner.sync.applied_seq.load(Ordering::Acquire));
+                    // Still behind what the previous beat saw: messages were lost.
+                    if applied < previous_head.min(beat.head) {
+                        debug!(applied, head = beat.head, "behind the log head; catching up");
+                        inner.sync.catch_up_now.notify_one();
+                    }
+                } else if subscribed {
+                    debug!(epoch = ?beat.epoch, "the log has a new epoch; catching up");
                     inner.sync.catch_up_now.notify_one();
                 }
                 previous_head = beat.head;
@@ -311,21 +321,34 @@ async fn heartbeat_loop(agent: Agent, shutdown: CancellationToken) {
 fn adjust_bound(agent: &Agent, dead_after_ms: Option<u64>) {
     let inner = agent.inner();
     let configured = inner.settings.staleness_bound_ms;
-    let bound = match dead_after_ms {
-        Some(dead_after) => configured.min(dead_after - dead_after / 10),
-        None => configured,
+    // No announcement (Redis restarted, no coordinator yet): keep the bound
+    // in force rather than raise it.
+    let Some(dead_after) = dead_after_ms else {
+        return;
     };
+    let bound = configured.min(dead_after - dead_after / 10);
     let previous = inner.sync.bound_ms.swap(bound, Ordering::AcqRel);
-    if bound != previous && bound < configured {
+    if bound == previous {
+        return;
+    }
+    if bound < configured {
         warn!(
             configured_ms = configured,
             in_force_ms = bound,
-            node_dead_after_ms = dead_after_ms,
+            node_dead_after_ms = dead_after,
             "staleness_bound_ms must stay below the coordinators' node_dead_after_ms: lowering it; \
              raise node_dead_after_ms or lower staleness_bound_ms to silence this"
         );
-    } else if bound != previous {
+    } else {
         info!(staleness_bound_ms = bound, "staleness bound restored to its configured value");
+    }
+    if bound < 2 * inner.settings.heartbeat_interval_ms {
+        warn!(
+            staleness_bound_ms = bound,
+            heartbeat_interval_ms = inner.settings.heartbeat_interval_ms,
+            "the staleness bound in force is under two heartbeats: L1 will often be bypassed; \
+             lower heartbeat_interval_ms or raise the coordinators' node_dead_after_ms"
+        );
     }
 }
 

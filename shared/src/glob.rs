@@ -124,6 +124,60 @@ pub fn check(pattern: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
+/// Translates a (well-formed, see [`check`]) glob into an anchored Lua
+/// pattern with the same meaning, so that a Redis script can match keys
+/// against recently invalidated patterns with `string.find`.
+pub fn to_lua_pattern(pattern: &str) -> String {
+    // Lua's magic characters; any other byte stands for itself.
+    fn literal(out: &mut Vec<u8>, b: u8) {
+        if b"^$()%.[]*+-?".contains(&b) {
+            out.push(b'%');
+        }
+        out.push(b);
+    }
+    let p = pattern.as_bytes();
+    let mut out = vec![b'^'];
+    let mut i = 0;
+    while i < p.len() {
+        match p[i] {
+            b'*' => out.extend_from_slice(b".*"),
+            b'?' => out.push(b'.'),
+            b'\\' if i + 1 < p.len() => {
+                i += 1;
+                literal(&mut out, p[i]);
+            }
+            b'[' => {
+                out.push(b'[');
+                i += 1;
+                if p.get(i) == Some(&b'^') {
+                    out.push(b'^');
+                    i += 1;
+                }
+                while i < p.len() && p[i] != b']' {
+                    if p[i] == b'\\' && i + 1 < p.len() {
+                        literal(&mut out, p[i + 1]);
+                        i += 2;
+                    } else if p.get(i + 1) == Some(&b'-') && p.get(i + 2).is_some_and(|&e| e != b']') {
+                        let (lo, hi) = (p[i].min(p[i + 2]), p[i].max(p[i + 2]));
+                        literal(&mut out, lo);
+                        out.push(b'-');
+                        literal(&mut out, hi);
+                        i += 3;
+                    } else {
+                        literal(&mut out, p[i]);
+                        i += 1;
+                    }
+                }
+                out.push(b']');
+            }
+            b => literal(&mut out, b),
+        }
+        i += 1;
+    }
+    out.push(b'$');
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// Is this pattern only stars, so that it covers a whole tenant?
 pub fn matches_everything(pattern: &str) -> bool {
     !pattern.is_empty() && pattern.bytes().all(|b| b == b'*')
@@ -177,6 +231,17 @@ mod tests {
         assert!(matches("caf?", "cafe"));
         assert!(matches("caf*", "café"));
         assert!(matches("*é", "café"));
+    }
+
+    #[test]
+    fn lua_translation() {
+        assert_eq!(to_lua_pattern("suppliers:list:*"), "^suppliers:list:.*$");
+        assert_eq!(to_lua_pattern("a?c"), "^a.c$");
+        assert_eq!(to_lua_pattern("k[a-c]x"), "^k[a-c]x$");
+        assert_eq!(to_lua_pattern("k[^a]"), "^k[^a]$");
+        assert_eq!(to_lua_pattern("a\\*b"), "^a%*b$");
+        assert_eq!(to_lua_pattern("100%.x(y)"), "^100%%%.x%(y%)$");
+        assert_eq!(to_lua_pattern("k[c-a]"), "^k[a-c]$");
     }
 
     #[test]

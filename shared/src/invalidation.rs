@@ -2,15 +2,18 @@
 //!
 //! 1. **Resolve** happened before this module: the coordinator turned events and
 //!    rules into [`Selector`]s (an agent's `DELETE` is one key).
-//! 2. **Delete from L2** ([`execute`]): exact keys, every member of each tag
-//!    (detached first, then drained in chunks), every key of the tenant matching
+//! 2. **Announce, then delete from L2** ([`execute`]): [`begin`] marks the
+//!    tenant as having an invalidation in flight and writes fill-token markers
+//!    for its keys, tags and patterns, so that no fill racing it can store an
+//!    old value. Then the deletion: exact keys, every member of each tag
+//!    (moved to the tag's draining set first, then drained in chunks), every key of the tenant matching
 //!    each pattern (`ZSCAN` over the tenant's key index, never `KEYS`), then,
 //!    with `cascade`, the keys that `depends_on` any of those, transitively.
 //!    The dependents found are added to the selector's keys, so that agents
 //!    drop them even when their own indexes do not know the chain.
 //! 3. **Log and broadcast** ([`append`]): one script takes the next seq,
 //!    appends the message to the `dcc:log` stream (trimmed to a configured
-//!    length) and publishes it on `dcc:inv`. Seq, log and broadcast are
+//!    length), publishes it on `dcc:inv` and ends the in-flight mark. Seq, log and broadcast are
 //!    therefore atomic and in one order, even with two coordinators.
 //! 4. **Apply to L1**: every agent's subscriber hands the message to its L1
 //!    (`node_agent::l1::L1::apply`), which drops matching entries.
@@ -24,9 +27,9 @@ use std::sync::LazyLock;
 use redis::aio::ConnectionLike;
 use redis::{RedisResult, Script};
 
-use crate::l2;
 use crate::protocol::{now_ms, MessageBody, Selector};
 use crate::schema;
+use crate::{glob, l2};
 
 /// How long an `event_id` is remembered for idempotent retries.
 pub const EVENT_ID_TTL_SECS: u64 = 24 * 3600;
@@ -59,53 +62,97 @@ pub struct Outcome {
 }
 
 /// Runs steps 2 and 3 of the path; see the module docs.
-pub async fn execute(
-    conn: &mut impl ConnectionLike,
-    request: Request,
-    log_max_len: u64,
-) -> RedisResult<Outcome> {
+pub async fn execute(conn: &mut impl ConnectionLike, request: Request, log_max_len: u64) -> RedisResult<Outcome> {
     if let Some(seq) = already_logged(conn, &request.event_ids).await? {
         let (epoch, _) = l2::head(conn).await?;
-        return Ok(Outcome {
-            epoch,
-            seq,
-            duplicate: true,
-            ..Outcome::default()
-        });
+        return Ok(Outcome { epoch, seq, duplicate: true, ..Outcome::default() });
     }
 
-    // Step 2: delete from L2, collecting dependents into each selector's keys.
+    // Step 2: announce to fill tokens, then delete from L2, collecting
+    // dependents into each selector's keys.
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let mut marks = Vec::with_capacity(request.items.len());
+    for selector in &request.items {
+        marks.push(begin(conn, selector, &id).await?);
+    }
     let mut l2_deleted = 0;
     let mut invalidated = Vec::with_capacity(request.items.len());
-    for selector in request.items {
-        let (deleted, selector) = delete_selector(conn, selector).await?;
+    for (selector, mark) in request.items.into_iter().zip(marks) {
+        let (deleted, selector) = delete_selector(conn, selector, mark).await?;
         l2_deleted += deleted;
         invalidated.push(selector);
     }
 
     // Step 3: log and broadcast.
-    let (epoch, seq) = append(
-        conn,
-        &invalidated,
-        &request.origin,
-        &request.event_ids,
-        log_max_len,
+    let (epoch, seq) = append(conn, &invalidated, &request.origin, &request.event_ids, &id, log_max_len).await?;
+    Ok(Outcome { epoch, seq, invalidated, l2_deleted, duplicate: false })
+}
+
+/// How long an invalidation may stay in flight before fills stop waiting for
+/// it (it only matters when its issuer died midway).
+pub const IN_FLIGHT_TTL_MS: u64 = 30_000;
+
+/// Marks an invalidation as in flight for its tenant and writes the
+/// fill-token markers of its explicit keys, tags and patterns. Every marker
+/// gets the *mark*: one above the log head now, so that it is above the seq
+/// of every fill token issued before this moment. Returns the mark.
+static BEGIN: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+-- KEYS[1] seq, KEYS[2] pending, KEYS[3] pattern markers, KEYS[4] pattern marker times,
+-- KEYS[5..] markers (keys, tags)
+-- ARGV: invalidation id, in-flight ttl ms, marker ttl ms, then Lua patterns
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local mark = tonumber(redis.call('GET', KEYS[1]) or '0') + 1
+local marker_ttl = tonumber(ARGV[3])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), ARGV[1])
+redis.call('PEXPIRE', KEYS[2], marker_ttl)
+for i = 5, #KEYS do
+  local old = tonumber(redis.call('GET', KEYS[i]) or '0')
+  if old < mark then redis.call('SET', KEYS[i], mark, 'PX', marker_ttl) end
+end
+if #ARGV > 3 then
+  local old = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now - marker_ttl, 'LIMIT', 0, 100)
+  if #old > 0 then
+    redis.call('ZREM', KEYS[3], unpack(old))
+    redis.call('ZREM', KEYS[4], unpack(old))
+  end
+  for i = 4, #ARGV do
+    redis.call('ZADD', KEYS[3], 'GT', mark, ARGV[i])
+    redis.call('ZADD', KEYS[4], now, ARGV[i])
+  end
+  redis.call('PEXPIRE', KEYS[3], marker_ttl)
+  redis.call('PEXPIRE', KEYS[4], marker_ttl)
+end
+return mark",
     )
-    .await?;
-    Ok(Outcome {
-        epoch,
-        seq,
-        invalidated,
-        l2_deleted,
-        duplicate: false,
-    })
+});
+
+/// Step 2a: see [`BEGIN`].
+async fn begin(conn: &mut impl ConnectionLike, selector: &Selector, id: &str) -> RedisResult<u64> {
+    let tenant = &selector.tenant;
+    let mut inv = BEGIN.prepare_invoke();
+    inv.key(schema::SEQ)
+        .key(schema::pending(tenant))
+        .key(schema::pattern_markers(tenant))
+        .key(schema::pattern_marker_times(tenant));
+    for key in &selector.keys {
+        inv.key(schema::key_marker(tenant, key));
+    }
+    for tag in &selector.tags {
+        inv.key(schema::tag_marker(tenant, tag));
+    }
+    inv.arg(id).arg(IN_FLIGHT_TTL_MS).arg(l2::MARKER_TTL_MS);
+    for pattern in &selector.patterns {
+        inv.arg(glob::to_lua_pattern(pattern));
+    }
+    inv.invoke_async(conn).await
 }
 
 /// The highest seq recorded for these event ids, if every one of them was logged.
-async fn already_logged(
-    conn: &mut impl ConnectionLike,
-    event_ids: &[(String, String)],
-) -> RedisResult<Option<u64>> {
+async fn already_logged(conn: &mut impl ConnectionLike, event_ids: &[(String, String)]) -> RedisResult<Option<u64>> {
     if event_ids.is_empty() {
         return Ok(None);
     }
@@ -114,11 +161,7 @@ async fn already_logged(
         cmd.arg(schema::event(tenant, id));
     }
     let seqs: Vec<Option<u64>> = cmd.query_async(conn).await?;
-    Ok(seqs
-        .iter()
-        .copied()
-        .collect::<Option<Vec<u64>>>()
-        .and_then(|s| s.into_iter().max()))
+    Ok(seqs.iter().copied().collect::<Option<Vec<u64>>>().and_then(|s| s.into_iter().max()))
 }
 
 /// Deletes everything one selector covers from L2. Returns the number of
@@ -126,29 +169,23 @@ async fn already_logged(
 async fn delete_selector(
     conn: &mut impl ConnectionLike,
     mut selector: Selector,
+    mark: u64,
 ) -> RedisResult<(u64, Selector)> {
     let tenant = selector.tenant.clone();
     let cascade = selector.cascade;
-    let now = now_ms();
     let mut deleted = 0;
     // Keys deleted so far, to stop cascades at cycles and repeated dependents.
     let mut seen: HashSet<String> = HashSet::new();
     let mut dependents = Vec::new();
 
-    let delete =
-        async |conn: &mut _, keys: Vec<String>, deleted: &mut u64, deps: &mut Vec<String>| {
-            let (n, found) = l2::delete_keys(conn, &tenant, &keys, cascade, now).await?;
-            *deleted += n;
-            deps.extend(found);
-            RedisResult::Ok(())
-        };
+    let delete = async |conn: &mut _, keys: Vec<String>, deleted: &mut u64, deps: &mut Vec<String>| {
+        let (n, found) = l2::delete_keys(conn, &tenant, &keys, cascade, mark).await?;
+        *deleted += n;
+        deps.extend(found);
+        RedisResult::Ok(())
+    };
 
-    let exact: Vec<String> = selector
-        .keys
-        .iter()
-        .filter(|k| seen.insert((*k).clone()))
-        .cloned()
-        .collect();
+    let exact: Vec<String> = selector.keys.iter().filter(|k| seen.insert((*k).clone())).cloned().collect();
     delete(conn, exact, &mut deleted, &mut dependents).await?;
 
     for tag in &selector.tags {
@@ -156,15 +193,13 @@ async fn delete_selector(
             continue;
         };
         loop {
-            let members = l2::pop_members(conn, &set).await?;
+            let members = l2::peek_members(conn, &set).await?;
             if members.is_empty() {
                 break;
             }
-            let fresh: Vec<String> = members
-                .into_iter()
-                .filter(|k| seen.insert(k.clone()))
-                .collect();
+            let fresh: Vec<String> = members.iter().filter(|k| seen.insert((*k).clone())).cloned().collect();
             delete(conn, fresh, &mut deleted, &mut dependents).await?;
+            l2::forget_members(conn, &set, &members).await?;
         }
     }
 
@@ -173,11 +208,7 @@ async fn delete_selector(
         let mut cursor = 0;
         loop {
             let (next, members) = l2::scan_index(conn, &index, cursor, Some(pattern)).await?;
-            let fresh: Vec<String> = members
-                .into_iter()
-                .map(|(k, _)| k)
-                .filter(|k| seen.insert(k.clone()))
-                .collect();
+            let fresh: Vec<String> = members.into_iter().map(|(k, _)| k).filter(|k| seen.insert(k.clone())).collect();
             delete(conn, fresh, &mut deleted, &mut dependents).await?;
             if next == 0 {
                 break;
@@ -188,10 +219,8 @@ async fn delete_selector(
 
     // Cascade along depends_on, breadth first; `seen` stops cycles.
     while !dependents.is_empty() {
-        let wave: Vec<String> = std::mem::take(&mut dependents)
-            .into_iter()
-            .filter(|k| seen.insert(k.clone()))
-            .collect();
+        let wave: Vec<String> =
+            std::mem::take(&mut dependents).into_iter().filter(|k| seen.insert(k.clone())).collect();
         if wave.is_empty() {
             break;
         }
@@ -201,14 +230,15 @@ async fn delete_selector(
     Ok((deleted, selector))
 }
 
-/// Takes the next seq, appends the message to the log and publishes it, in one
-/// atomic step. The epoch is created here if Redis lost it (with the seq), so a
-/// restarted Redis starts a new epoch at seq 1.
+/// Takes the next seq, appends the message to the log, publishes it and ends
+/// the in-flight marks, in one atomic step. The epoch is created here if Redis
+/// lost it (with the seq), so a restarted Redis starts a new epoch at seq 1.
 static APPEND: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
--- KEYS[1] epoch, KEYS[2] seq, KEYS[3] log, KEYS[4..] event-id markers
--- ARGV: epoch candidate, message tail, log max length, channel, event-id ttl
+-- KEYS[1] epoch, KEYS[2] seq, KEYS[3] log, then ARGV[6] event-id markers, then pending zsets
+-- ARGV: epoch candidate, message tail, log max length, channel, event-id ttl,
+--       number of event-id markers, invalidation id
 local epoch = redis.call('GET', KEYS[1])
 if not epoch then
   epoch = ARGV[1]
@@ -218,8 +248,12 @@ local seq = redis.call('INCR', KEYS[2])
 local msg = '{"v":1,"epoch":"' .. epoch .. '","seq":' .. seq .. ',' .. ARGV[2]
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], seq .. '-0', 'm', msg)
 redis.call('PUBLISH', ARGV[4], msg)
-for i = 4, #KEYS do
+local events = tonumber(ARGV[6])
+for i = 4, 3 + events do
   redis.call('SET', KEYS[i], seq, 'EX', ARGV[5])
+end
+for i = 4 + events, #KEYS do
+  redis.call('ZREM', KEYS[i], ARGV[7])
 end
 return {epoch, seq}"#,
     )
@@ -229,7 +263,7 @@ return {epoch, seq}"#,
 /// after a (re)connection does not pay for it. (Calls still fall back to
 /// sending the script if Redis lost its cache.)
 pub async fn load_scripts(conn: &mut impl ConnectionLike) -> RedisResult<()> {
-    for script in l2::scripts().into_iter().chain([&*APPEND]) {
+    for script in l2::scripts().into_iter().chain([&*BEGIN, &*APPEND]) {
         script.load_async(conn).await?;
     }
     Ok(())
@@ -241,23 +275,25 @@ pub async fn append(
     invalidated: &[Selector],
     origin: &str,
     event_ids: &[(String, String)],
+    id: &str,
     log_max_len: u64,
 ) -> RedisResult<(String, u64)> {
-    let body = MessageBody {
-        ts_ms: now_ms(),
-        origin,
-        invalidations: invalidated,
-    };
+    let body = MessageBody { ts_ms: now_ms(), origin, invalidations: invalidated };
     let mut inv = APPEND.prepare_invoke();
     inv.key(schema::EPOCH).key(schema::SEQ).key(schema::LOG);
-    for (tenant, id) in event_ids {
-        inv.key(schema::event(tenant, id));
+    for (tenant, event_id) in event_ids {
+        inv.key(schema::event(tenant, event_id));
+    }
+    for selector in invalidated {
+        inv.key(schema::pending(&selector.tenant));
     }
     inv.arg(uuid::Uuid::new_v4().simple().to_string())
         .arg(body.encode_tail())
         .arg(log_max_len.max(1))
         .arg(schema::CHANNEL)
-        .arg(EVENT_ID_TTL_SECS);
+        .arg(EVENT_ID_TTL_SECS)
+        .arg(event_ids.len())
+        .arg(id);
     inv.invoke_async(conn).await
 }
 
@@ -282,40 +318,26 @@ pub async fn preview(conn: &mut impl ConnectionLike, items: &[Selector]) -> Redi
         let tenant = &selector.tenant;
         let mut seen: HashSet<String> = HashSet::new();
         let mut candidates: Vec<String> = selector.keys.clone();
-        let scan =
-            async |conn: &mut _, index: String, pattern: Option<&str>, out: &mut Vec<String>| {
-                let mut cursor = 0;
-                loop {
-                    let (next, members) = l2::scan_index(conn, &index, cursor, pattern).await?;
-                    out.extend(
-                        members
-                            .into_iter()
-                            .filter(|(_, exp)| *exp > now)
-                            .map(|(k, _)| k),
-                    );
-                    if next == 0 {
-                        return RedisResult::Ok(());
-                    }
-                    cursor = next;
+        let scan = async |conn: &mut _, index: String, pattern: Option<&str>, out: &mut Vec<String>| {
+            let mut cursor = 0;
+            loop {
+                let (next, members) = l2::scan_index(conn, &index, cursor, pattern).await?;
+                out.extend(members.into_iter().filter(|(_, exp)| *exp > now).map(|(k, _)| k));
+                if next == 0 {
+                    return RedisResult::Ok(());
                 }
-            };
+                cursor = next;
+            }
+        };
         for tag in &selector.tags {
             scan(conn, schema::tag(tenant, tag), None, &mut candidates).await?;
         }
         for pattern in &selector.patterns {
-            scan(
-                conn,
-                schema::tenant_keys(tenant),
-                Some(pattern),
-                &mut candidates,
-            )
-            .await?;
+            scan(conn, schema::tenant_keys(tenant), Some(pattern), &mut candidates).await?;
         }
         while !candidates.is_empty() {
-            let fresh: Vec<String> = std::mem::take(&mut candidates)
-                .into_iter()
-                .filter(|k| seen.insert(k.clone()))
-                .collect();
+            let fresh: Vec<String> =
+                std::mem::take(&mut candidates).into_iter().filter(|k| seen.insert(k.clone())).collect();
             let live = l2::existing(conn, tenant, &fresh).await?;
             preview.count += live.len() as u64;
             for key in &live {

@@ -67,20 +67,13 @@ pub(crate) fn scripts() -> [&'static Script; 4] {
 
 /// Returns the epoch of this Redis dataset, creating it if needed.
 pub async fn ensure_epoch(conn: &mut impl ConnectionLike) -> RedisResult<String> {
-    ENSURE_EPOCH
-        .key(schema::EPOCH)
-        .arg(uuid::Uuid::new_v4().simple().to_string())
-        .invoke_async(conn)
-        .await
+    ENSURE_EPOCH.key(schema::EPOCH).arg(uuid::Uuid::new_v4().simple().to_string()).invoke_async(conn).await
 }
 
 /// The head of the log: the epoch and the last seq handed out in it.
 pub async fn head(conn: &mut impl ConnectionLike) -> RedisResult<(String, u64)> {
-    let (epoch, seq): (Option<String>, Option<u64>) = redis::pipe()
-        .get(schema::EPOCH)
-        .get(schema::SEQ)
-        .query_async(conn)
-        .await?;
+    let (epoch, seq): (Option<String>, Option<u64>) =
+        redis::pipe().get(schema::EPOCH).get(schema::SEQ).query_async(conn).await?;
     let epoch = match epoch {
         Some(e) => e,
         None => ensure_epoch(conn).await?,
@@ -88,38 +81,33 @@ pub async fn head(conn: &mut impl ConnectionLike) -> RedisResult<(String, u64)> 
     Ok((epoch, seq.unwrap_or(0)))
 }
 
-/// Reads an entry, and the log position just before it.
+/// What one pipelined read returns: epoch, seq, time, the entry's fields, its PTTL.
+type ReadReply = (Option<String>, Option<u64>, (u64, u64), HashMap<String, Vec<u8>>, i64);
+
+/// Reads an entry, and the log position just before it (in the same
+/// pipeline, which Redis runs in order), which is the fill token of a miss.
 pub async fn get(conn: &mut impl ConnectionLike, tenant: &str, key: &str) -> RedisResult<Lookup> {
     let vkey = schema::value(tenant, key);
-    let (epoch, seq, fields, pttl): (Option<String>, Option<u64>, HashMap<String, Vec<u8>>, i64) =
-        redis::pipe()
-            .get(schema::EPOCH)
-            .get(schema::SEQ)
-            .hgetall(&vkey)
-            .pttl(&vkey)
-            .query_async(conn)
-            .await?;
+    let (epoch, seq, (secs, micros), fields, pttl): ReadReply = redis::pipe()
+        .get(schema::EPOCH)
+        .get(schema::SEQ)
+        .cmd("TIME")
+        .hgetall(&vkey)
+        .pttl(&vkey)
+        .query_async(conn)
+        .await?;
     let epoch = match epoch {
         Some(e) => e,
         None => ensure_epoch(conn).await?,
     };
-    let token = FillToken {
-        epoch,
-        seq: seq.unwrap_or(0),
-    };
-    Ok(Lookup {
-        entry: entry_from_fields(fields, pttl),
-        token,
-    })
+    let token = FillToken { epoch, seq: seq.unwrap_or(0), issued_ms: secs * 1000 + micros / 1000 };
+    Ok(Lookup { entry: entry_from_fields(fields, pttl), token })
 }
 
 fn entry_from_fields(mut fields: HashMap<String, Vec<u8>>, pttl: i64) -> Option<Entry> {
     // A hash without `v` is not an entry (or expired between the two reads).
     let value = fields.remove("v")?;
-    let text = |f: Option<Vec<u8>>| {
-        f.map(|b| String::from_utf8_lossy(&b).into_owned())
-            .unwrap_or_default()
-    };
+    let text = |f: Option<Vec<u8>>| f.map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
     let split = |s: String, sep: char| -> Vec<String> {
         if s.is_empty() {
             Vec::new()
@@ -141,40 +129,107 @@ fn entry_from_fields(mut fields: HashMap<String, Vec<u8>>, pttl: i64) -> Option<
 /// dependents set of each key it depends on. Each index is a zset scored by the
 /// member's expiry, expires itself with its last member, and sheds a few expired
 /// members on every write, so indexes stay proportional to live entries.
+///
+/// With a fill token, the write happens only if nothing that covers the entry
+/// was invalidated since the token was issued: the token's epoch is current,
+/// it has not expired, no invalidation of the tenant is in flight, no marker of
+/// the key, its tags or the keys it depends on is above the token's seq, and no
+/// pattern invalidated above that seq matches the key. Check and write are one
+/// atomic script, so no invalidation can slip between them.
 static PUT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
--- KEYS[1] entry hash, KEYS[2..] index zsets (tenant keys, tags, dependents)
--- ARGV: value, content type, tags, deps, ttl ms, now ms, key
+-- KEYS[1] entry hash, KEYS[2] epoch, KEYS[3] pending, KEYS[4] pattern markers,
+-- KEYS[5 .. 4+nm] markers (key, tags, depends_on keys), then index zsets
+-- (tenant keys, tags, dependents).
+-- ARGV: value, content type, tags, deps, ttl ms, key, nm,
+--       token epoch ('' without a token), token seq, token issued ms, token ttl ms
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local nm = tonumber(ARGV[7])
+if ARGV[8] ~= '' then
+  if redis.call('GET', KEYS[2]) ~= ARGV[8] then return 'epoch' end
+  if now - tonumber(ARGV[10]) > tonumber(ARGV[11]) then return 'expired' end
+  if redis.call('ZCOUNT', KEYS[3], now, '+inf') > 0 then return 'in_flight' end
+  local seq = tonumber(ARGV[9])
+  for i = 5, 4 + nm do
+    local m = redis.call('GET', KEYS[i])
+    if m and tonumber(m) > seq then return 'invalidated' end
+  end
+  for _, p in ipairs(redis.call('ZRANGEBYSCORE', KEYS[4], '(' .. seq, '+inf')) do
+    if string.find(ARGV[6], p) then return 'invalidated' end
+  end
+end
 local ttl = tonumber(ARGV[5])
-local now = tonumber(ARGV[6])
 local expiry = now + ttl
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'v', ARGV[1], 'ct', ARGV[2], 'tags', ARGV[3], 'deps', ARGV[4])
 redis.call('PEXPIRE', KEYS[1], ttl)
-for i = 2, #KEYS do
+for i = 5 + nm, #KEYS do
   local idx = KEYS[i]
-  redis.call('ZADD', idx, 'GT', expiry, ARGV[7])
+  redis.call('ZADD', idx, 'GT', expiry, ARGV[6])
   local gone = redis.call('ZRANGEBYSCORE', idx, '-inf', now, 'LIMIT', 0, 8)
   if #gone > 0 then redis.call('ZREM', idx, unpack(gone)) end
   local left = redis.call('PTTL', idx)
   if left == -1 or left < ttl then redis.call('PEXPIRE', idx, ttl) end
 end
-return 1",
+return 'ok'",
     )
 });
 
-/// Writes an entry to L2 with its indexes, atomically.
+/// Why a write with a fill token was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StaleFill {
+    /// Redis lost its data since the token was issued.
+    Epoch,
+    /// The token is older than [`crate::protocol::FILL_TOKEN_TTL_MS`].
+    Expired,
+    /// An invalidation of the tenant is in flight.
+    InFlight,
+    /// Something covering the entry was invalidated after the token.
+    Invalidated,
+}
+
+impl StaleFill {
+    /// What to tell the client.
+    pub fn explain(self) -> &'static str {
+        match self {
+            StaleFill::Epoch => "Redis lost its data since the fill token was issued",
+            StaleFill::Expired => "the fill token has expired",
+            StaleFill::InFlight => "an invalidation of this tenant is in progress",
+            StaleFill::Invalidated => {
+                "the key, one of its tags or depends_on keys, or a pattern matching it was invalidated after the fill token was issued"
+            }
+        }
+    }
+}
+
+/// Writes an entry to L2 with its indexes, atomically; with a fill token, only
+/// if nothing covering it was invalidated since (see [`PUT`]).
 pub async fn put(
     conn: &mut impl ConnectionLike,
     tenant: &str,
     key: &str,
     entry: &Entry,
-    now_ms: u64,
-) -> RedisResult<()> {
+    token: Option<&FillToken>,
+) -> RedisResult<Result<(), StaleFill>> {
     let mut inv = PUT.prepare_invoke();
     inv.key(schema::value(tenant, key))
-        .key(schema::tenant_keys(tenant));
+        .key(schema::EPOCH)
+        .key(schema::pending(tenant))
+        .key(schema::pattern_markers(tenant));
+    let mut markers = 0;
+    if token.is_some() {
+        inv.key(schema::key_marker(tenant, key));
+        for tag in &entry.tags {
+            inv.key(schema::tag_marker(tenant, tag));
+        }
+        for dep in &entry.depends_on {
+            inv.key(schema::key_marker(tenant, dep));
+        }
+        markers = 1 + entry.tags.len() + entry.depends_on.len();
+    }
+    inv.key(schema::tenant_keys(tenant));
     for tag in &entry.tags {
         inv.key(schema::tag(tenant, tag));
     }
@@ -187,43 +242,60 @@ pub async fn put(
         .arg(entry.tags.join(","))
         .arg(deps)
         .arg(entry.ttl_ms.max(1))
-        .arg(now_ms)
-        .arg(key);
-    let _: i64 = inv.invoke_async(conn).await?;
-    Ok(())
+        .arg(key)
+        .arg(markers);
+    match token {
+        Some(t) => inv.arg(&t.epoch).arg(t.seq).arg(t.issued_ms).arg(crate::protocol::FILL_TOKEN_TTL_MS),
+        None => inv.arg("").arg(0).arg(0).arg(0),
+    };
+    let outcome: String = inv.invoke_async(conn).await?;
+    Ok(match outcome.as_str() {
+        "ok" => Ok(()),
+        "epoch" => Err(StaleFill::Epoch),
+        "expired" => Err(StaleFill::Expired),
+        "in_flight" => Err(StaleFill::InFlight),
+        _ => Err(StaleFill::Invalidated),
+    })
 }
 
-/// Deletes one chunk of entries by key, removes them from the tenant index and,
-/// with `cascade`, returns (and drops) their dependents sets.
+/// Deletes one chunk of entries by key, marks each key for fill tokens,
+/// removes them from the tenant index and, with `cascade`, returns (and drops)
+/// their dependents sets.
 static DELETE_KEYS: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
--- KEYS[1] tenant index, then pairs: entry hash, dependents zset
--- ARGV: now ms, cascade ('1' or '0'), then the keys themselves
-local now = tonumber(ARGV[1])
+-- KEYS[1] tenant index, then triples: entry hash, dependents zset, key marker
+-- ARGV: cascade ('1' or '0'), marker value, marker ttl ms, then the keys themselves
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local mark = tonumber(ARGV[2])
 local deleted = 0
 local deps = {}
-for i = 1, (#KEYS - 1) / 2 do
-  deleted = deleted + redis.call('UNLINK', KEYS[2 * i])
-  redis.call('ZREM', KEYS[1], ARGV[2 + i])
-  if ARGV[2] == '1' then
-    local d = redis.call('ZRANGEBYSCORE', KEYS[2 * i + 1], now, '+inf')
+for i = 1, (#KEYS - 1) / 3 do
+  local entry, dependents, marker = KEYS[3 * i - 1], KEYS[3 * i], KEYS[3 * i + 1]
+  deleted = deleted + redis.call('UNLINK', entry)
+  redis.call('ZREM', KEYS[1], ARGV[3 + i])
+  local old = tonumber(redis.call('GET', marker) or '0')
+  if old < mark then redis.call('SET', marker, mark, 'PX', ARGV[3]) end
+  if ARGV[1] == '1' then
+    local d = redis.call('ZRANGEBYSCORE', dependents, now, '+inf')
     for _, m in ipairs(d) do deps[#deps + 1] = m end
-    redis.call('UNLINK', KEYS[2 * i + 1])
+    redis.call('UNLINK', dependents)
   end
 end
 return {deleted, deps}",
     )
 });
 
-/// Deletes entries by exact key, in chunks. Returns how many existed, and the
-/// keys that depend on them (only with `cascade`).
+/// Deletes entries by exact key, in chunks, marking each key with `mark` for
+/// fill tokens. Returns how many existed, and the keys that depend on them
+/// (only with `cascade`).
 pub async fn delete_keys(
     conn: &mut impl ConnectionLike,
     tenant: &str,
     keys: &[String],
     cascade: bool,
-    now_ms: u64,
+    mark: u64,
 ) -> RedisResult<(u64, Vec<String>)> {
     let mut deleted = 0;
     let mut dependents = Vec::new();
@@ -232,9 +304,10 @@ pub async fn delete_keys(
         inv.key(schema::tenant_keys(tenant));
         for key in chunk {
             inv.key(schema::value(tenant, key))
-                .key(schema::dependents(tenant, key));
+                .key(schema::dependents(tenant, key))
+                .key(schema::key_marker(tenant, key));
         }
-        inv.arg(now_ms).arg(if cascade { "1" } else { "0" });
+        inv.arg(if cascade { "1" } else { "0" }).arg(mark).arg(MARKER_TTL_MS);
         for key in chunk {
             inv.arg(key);
         }
@@ -245,45 +318,45 @@ pub async fn delete_keys(
     Ok((deleted, dependents))
 }
 
-/// Moves a tag's member set aside under a private name, so that entries stored
-/// after this moment are not swept up by the drain that follows.
+/// How long fill-token markers live: longer than a token.
+pub const MARKER_TTL_MS: u64 = crate::protocol::FILL_TOKEN_TTL_MS + 10_000;
+
+/// Moves a tag's members into the tag's draining set, so that entries stored
+/// after this moment are not swept up by the drain that follows. The draining
+/// set is the same for every invalidation of the tag: members left there by a
+/// drain that was cut short (its coordinator died) are merged with the new
+/// ones and deleted this time.
 static DETACH: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 if redis.call('EXISTS', KEYS[1]) == 1 then
-  redis.call('RENAME', KEYS[1], KEYS[2])
-  if redis.call('PTTL', KEYS[2]) < 0 then redis.call('PEXPIRE', KEYS[2], 3600000) end
-  return 1
+  redis.call('ZUNIONSTORE', KEYS[2], 2, KEYS[2], KEYS[1], 'AGGREGATE', 'MAX')
+  redis.call('DEL', KEYS[1])
 end
-return 0",
+return redis.call('EXISTS', KEYS[2])",
     )
 });
 
 /// Detaches a tag's members (see [`DETACH`]); returns the name of the set to
-/// drain with [`pop_members`], or `None` when the tag has no members.
-pub async fn detach_tag(
-    conn: &mut impl ConnectionLike,
-    tenant: &str,
-    tag: &str,
-) -> RedisResult<Option<String>> {
-    let draining = schema::draining(tenant, tag, &uuid::Uuid::new_v4().simple().to_string());
-    let moved: i64 = DETACH
-        .key(schema::tag(tenant, tag))
-        .key(&draining)
-        .invoke_async(conn)
-        .await?;
-    Ok((moved == 1).then_some(draining))
+/// drain with [`peek_members`] and [`forget_members`], or `None` when there is
+/// nothing to drain.
+pub async fn detach_tag(conn: &mut impl ConnectionLike, tenant: &str, tag: &str) -> RedisResult<Option<String>> {
+    let draining = schema::draining(tenant, tag);
+    let pending: i64 = DETACH.key(schema::tag(tenant, tag)).key(&draining).invoke_async(conn).await?;
+    Ok((pending == 1).then_some(draining))
 }
 
-/// Pops up to [`CHUNK`] members from a detached set; empty when it is drained
-/// (Redis deletes an empty zset by itself).
-pub async fn pop_members(conn: &mut impl ConnectionLike, set: &str) -> RedisResult<Vec<String>> {
-    let popped: Vec<(String, f64)> = redis::cmd("ZPOPMIN")
-        .arg(set)
-        .arg(CHUNK)
-        .query_async(conn)
-        .await?;
-    Ok(popped.into_iter().map(|(m, _)| m).collect())
+/// Up to [`CHUNK`] members of a draining set; empty when it is drained. They
+/// stay in the set until [`forget_members`], after their entries are deleted,
+/// so that a second coordinator draining the same tag cannot find the set
+/// empty (and log its invalidation) while entries are still in L2.
+pub async fn peek_members(conn: &mut impl ConnectionLike, set: &str) -> RedisResult<Vec<String>> {
+    redis::cmd("ZRANGE").arg(set).arg(0).arg(CHUNK - 1).query_async(conn).await
+}
+
+/// Removes drained members from a draining set (Redis deletes it once empty).
+pub async fn forget_members(conn: &mut impl ConnectionLike, set: &str, members: &[String]) -> RedisResult<()> {
+    redis::cmd("ZREM").arg(set).arg(members).query_async(conn).await
 }
 
 /// One step of a `ZSCAN` over an index zset: the next cursor, and the members
@@ -304,11 +377,7 @@ pub async fn scan_index(
 }
 
 /// Which of these keys have an entry in L2 (one pipeline).
-pub async fn existing(
-    conn: &mut impl ConnectionLike,
-    tenant: &str,
-    keys: &[String],
-) -> RedisResult<Vec<String>> {
+pub async fn existing(conn: &mut impl ConnectionLike, tenant: &str, keys: &[String]) -> RedisResult<Vec<String>> {
     let mut found = Vec::new();
     for chunk in keys.chunks(CHUNK) {
         let mut pipe = redis::pipe();
@@ -316,13 +385,7 @@ pub async fn existing(
             pipe.exists(schema::value(tenant, key));
         }
         let flags: Vec<bool> = pipe.query_async(conn).await?;
-        found.extend(
-            chunk
-                .iter()
-                .zip(flags)
-                .filter(|(_, f)| *f)
-                .map(|(k, _)| k.clone()),
-        );
+        found.extend(chunk.iter().zip(flags).filter(|(_, f)| *f).map(|(k, _)| k.clone()));
     }
     Ok(found)
 }

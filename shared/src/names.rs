@@ -30,9 +30,7 @@ fn invalid(code: &'static str, message: String) -> InvalidName {
 pub fn validate_tenant(tenant: &str) -> Result<(), InvalidName> {
     let ok = !tenant.is_empty()
         && tenant.len() <= MAX_TENANT_CHARS
-        && tenant
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        && tenant.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
     if ok {
         Ok(())
     } else {
@@ -51,17 +49,11 @@ pub fn validate_key(key: &str) -> Result<(), InvalidName> {
     if key.is_empty() || key.len() > MAX_KEY_BYTES {
         return Err(invalid(
             "invalid_key",
-            format!(
-                "a key must be 1 to {MAX_KEY_BYTES} bytes long, got {} bytes",
-                key.len()
-            ),
+            format!("a key must be 1 to {MAX_KEY_BYTES} bytes long, got {} bytes", key.len()),
         ));
     }
     if key.chars().any(char::is_control) {
-        return Err(invalid(
-            "invalid_key",
-            format!("key {:?} contains a control character", truncate(key)),
-        ));
+        return Err(invalid("invalid_key", format!("key {:?} contains a control character", truncate(key))));
     }
     Ok(())
 }
@@ -71,22 +63,13 @@ pub fn validate_tag(tag: &str) -> Result<(), InvalidName> {
     if tag.is_empty() || tag.len() > MAX_TAG_BYTES {
         return Err(invalid(
             "invalid_tag",
-            format!(
-                "a tag must be 1 to {MAX_TAG_BYTES} bytes long, got {} bytes",
-                tag.len()
-            ),
+            format!("a tag must be 1 to {MAX_TAG_BYTES} bytes long, got {} bytes", tag.len()),
         ));
     }
-    if tag
-        .chars()
-        .any(|c| c == ',' || c.is_whitespace() || c.is_control())
-    {
+    if tag.chars().any(|c| c == ',' || c.is_whitespace() || c.is_control()) {
         return Err(invalid(
             "invalid_tag",
-            format!(
-                "tag {:?} must not contain commas, whitespace or control characters",
-                truncate(tag)
-            ),
+            format!("tag {:?} must not contain commas, whitespace or control characters", truncate(tag)),
         ));
     }
     Ok(())
@@ -104,24 +87,16 @@ pub fn validate_pattern(pattern: &str, confirm: bool) -> Result<(), InvalidName>
     if pattern.len() > MAX_KEY_BYTES * 2 || pattern.chars().any(char::is_control) {
         return Err(invalid(
             "invalid_pattern",
-            format!(
-                "pattern {:?} is too long or contains a control character",
-                truncate(pattern)
-            ),
+            format!("pattern {:?} is too long or contains a control character", truncate(pattern)),
         ));
     }
     if let Err(why) = glob::check(pattern) {
-        return Err(invalid(
-            "invalid_pattern",
-            format!("pattern {:?} is not a valid glob: {why}", truncate(pattern)),
-        ));
+        return Err(invalid("invalid_pattern", format!("pattern {:?} is not a valid glob: {why}", truncate(pattern))));
     }
     if glob::matches_everything(pattern) && !confirm {
         return Err(invalid(
             "confirm_required",
-            format!(
-                "pattern {pattern:?} covers every key of the tenant; send \"confirm\": true to do that"
-            ),
+            format!("pattern {pattern:?} covers every key of the tenant; send \"confirm\": true to do that"),
         ));
     }
     Ok(())
@@ -155,10 +130,7 @@ mod tests {
         assert!(validate_key("supplier:42/detail").is_ok());
         assert!(validate_key("ünïcode key").is_ok());
         assert!(validate_key(&"k".repeat(1024)).is_ok());
-        assert_eq!(
-            validate_key(&"k".repeat(1025)).unwrap_err().code,
-            "invalid_key"
-        );
+        assert_eq!(validate_key(&"k".repeat(1025)).unwrap_err().code, "invalid_key");
         assert!(validate_key("").is_err());
         assert!(validate_key("a\nb").is_err());
         assert!(validate_key("a\u{7f}b").is_err());
@@ -179,26 +151,11 @@ mod tests {
     fn patterns() {
         assert!(validate_pattern("suppliers:list:*", false).is_ok());
         assert!(validate_pattern("a[bc]?", false).is_ok());
-        assert_eq!(
-            validate_pattern("", false).unwrap_err().code,
-            "invalid_pattern"
-        );
-        assert_eq!(
-            validate_pattern("*", false).unwrap_err().code,
-            "confirm_required"
-        );
-        assert_eq!(
-            validate_pattern("**", false).unwrap_err().code,
-            "confirm_required"
-        );
+        assert_eq!(validate_pattern("", false).unwrap_err().code, "invalid_pattern");
+        assert_eq!(validate_pattern("*", false).unwrap_err().code, "confirm_required");
+        assert_eq!(validate_pattern("**", false).unwrap_err().code, "confirm_required");
         assert!(validate_pattern("*", true).is_ok());
-        assert_eq!(
-            validate_pattern("a[bc", false).unwrap_err().code,
-            "invalid_pattern"
-        );
-        assert_eq!(
-            validate_pattern("a\\", false).unwrap_err().code,
-            "invalid_pattern"
-        );
+        assert_eq!(validate_pattern("a[bc", false).unwrap_err().code, "invalid_pattern");
+        assert_eq!(validate_pattern("a\\", false).unwrap_err().code, "invalid_pattern");
     }
 }

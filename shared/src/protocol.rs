@@ -98,9 +98,7 @@ pub enum DecodeError {
     #[error("malformed invalidation message: {0}")]
     Malformed(#[from] serde_json::Error),
     /// A version this build does not understand.
-    #[error(
-        "invalidation message version {0} is not supported (this build reads {MESSAGE_VERSION})"
-    )]
+    #[error("invalidation message version {0} is not supported (this build reads {MESSAGE_VERSION})")]
     Version(u32),
 }
 
@@ -126,32 +124,36 @@ impl InvalidationMessage {
 }
 
 /// A fill token: the log position (epoch and seq) observed, atomically with the
-/// L2 miss, before a value is loaded from the source of truth. Any invalidation
-/// with a higher seq in the same epoch happened after the miss.
+/// L2 miss, before a value is loaded from the source of truth, and when (Redis
+/// time). Any invalidation that began after the miss has a higher seq bound;
+/// see `docs/guarantees.md`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FillToken {
     /// Epoch at the time of the miss.
     pub epoch: String,
     /// Highest seq in the log at the time of the miss.
     pub seq: u64,
+    /// Redis time of the miss (Unix ms); tokens expire.
+    pub issued_ms: u64,
 }
+
+/// How long a fill token stays usable.
+pub const FILL_TOKEN_TTL_MS: u64 = 60_000;
 
 impl FillToken {
     /// The opaque header value.
     pub fn encode(&self) -> String {
-        format!("{}.{}", self.epoch, self.seq)
+        format!("{}.{}.{}", self.epoch, self.seq, self.issued_ms)
     }
 
     /// Parses a header value; `None` for anything this build did not issue.
     pub fn decode(token: &str) -> Option<Self> {
-        let (epoch, seq) = token.rsplit_once('.')?;
-        if epoch.is_empty() || !epoch.bytes().all(|b| b.is_ascii_hexdigit()) {
+        let mut parts = token.split('.');
+        let (epoch, seq, issued) = (parts.next()?, parts.next()?, parts.next()?);
+        if parts.next().is_some() || epoch.is_empty() || !epoch.bytes().all(|b| b.is_ascii_hexdigit()) {
             return None;
         }
-        Some(FillToken {
-            epoch: epoch.to_string(),
-            seq: seq.parse().ok()?,
-        })
+        Some(FillToken { epoch: epoch.to_string(), seq: seq.parse().ok()?, issued_ms: issued.parse().ok()? })
     }
 }
 
@@ -183,10 +185,7 @@ pub struct NodeReport {
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -206,11 +205,7 @@ mod tests {
     #[test]
     fn message_round_trip_through_the_script_header() {
         let items = sample();
-        let body = MessageBody {
-            ts_ms: 5,
-            origin: "test",
-            invalidations: &items,
-        };
+        let body = MessageBody { ts_ms: 5, origin: "test", invalidations: &items };
         let wire = InvalidationMessage::assemble("abc123", 42, &body);
         let msg = InvalidationMessage::decode(wire.as_bytes()).expect("decodes");
         assert_eq!(msg.v, 1);
@@ -223,10 +218,7 @@ mod tests {
     #[test]
     fn other_versions_and_garbage_are_refused() {
         let wire = r#"{"v":2,"epoch":"e","seq":1,"ts_ms":0,"origin":"x","invalidations":[]}"#;
-        assert!(matches!(
-            InvalidationMessage::decode(wire.as_bytes()),
-            Err(DecodeError::Version(2))
-        ));
+        assert!(matches!(InvalidationMessage::decode(wire.as_bytes()), Err(DecodeError::Version(2))));
         assert!(InvalidationMessage::decode(b"not json").is_err());
         assert!(InvalidationMessage::decode(br#"{"v":1}"#).is_err());
     }
@@ -240,13 +232,12 @@ mod tests {
 
     #[test]
     fn fill_tokens() {
-        let t = FillToken {
-            epoch: "00ff".into(),
-            seq: 7,
-        };
+        let t = FillToken { epoch: "00ff".into(), seq: 7, issued_ms: 1_700_000_000_000 };
         assert_eq!(FillToken::decode(&t.encode()), Some(t));
         assert_eq!(FillToken::decode("garbage"), None);
-        assert_eq!(FillToken::decode("zz.1"), None);
-        assert_eq!(FillToken::decode("ab.x"), None);
+        assert_eq!(FillToken::decode("zz.1.2"), None);
+        assert_eq!(FillToken::decode("ab.x.2"), None);
+        assert_eq!(FillToken::decode("ab.1"), None);
+        assert_eq!(FillToken::decode("ab.1.2.3"), None);
     }
 }

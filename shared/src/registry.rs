@@ -71,6 +71,50 @@ pub async fn announce_dead_after(conn: &mut impl ConnectionLike, origin: &str, m
     redis::cmd("HSET").arg(schema::COORDINATORS).arg(origin).arg(ms).query_async(conn).await
 }
 
+/// An agent's acknowledgement: it has applied everything up to `seq` in `epoch`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ack {
+    /// The acknowledging node.
+    pub node_id: String,
+    /// The epoch of the log it follows.
+    pub epoch: String,
+    /// The highest seq it applied.
+    pub seq: u64,
+}
+
+impl Ack {
+    /// Parses an [`schema::ACK_CHANNEL`] message, `"{epoch} {seq} {node_id}"`.
+    pub fn decode(payload: &str) -> Option<Ack> {
+        let mut parts = payload.splitn(3, ' ');
+        let (epoch, seq, node_id) = (parts.next()?, parts.next()?, parts.next()?);
+        Some(Ack { node_id: node_id.to_string(), epoch: epoch.to_string(), seq: seq.parse().ok()? })
+    }
+
+    /// Parses a [`schema::ACKS`] hash value, `"{epoch} {seq}"`.
+    fn decode_stored(node_id: &str, value: &str) -> Option<Ack> {
+        let (epoch, seq) = value.split_once(' ')?;
+        Some(Ack { node_id: node_id.to_string(), epoch: epoch.to_string(), seq: seq.parse().ok()? })
+    }
+}
+
+/// Records an acknowledgement (for the cluster view and late-starting
+/// coordinators) and publishes it (for `wait=all` barriers in progress).
+pub async fn acknowledge(conn: &mut impl ConnectionLike, ack: &Ack) -> RedisResult<()> {
+    redis::pipe()
+        .hset(schema::ACKS, &ack.node_id, format!("{} {}", ack.epoch, ack.seq))
+        .ignore()
+        .publish(schema::ACK_CHANNEL, format!("{} {} {}", ack.epoch, ack.seq, ack.node_id))
+        .ignore()
+        .query_async(conn)
+        .await
+}
+
+/// Every stored acknowledgement.
+pub async fn acknowledgements(conn: &mut impl ConnectionLike) -> RedisResult<Vec<Ack>> {
+    let stored: Vec<(String, String)> = redis::cmd("HGETALL").arg(schema::ACKS).query_async(conn).await?;
+    Ok(stored.iter().filter_map(|(node, value)| Ack::decode_stored(node, value)).collect())
+}
+
 /// Removes a node from the registry (clean shutdown).
 pub async fn deregister(conn: &mut impl ConnectionLike, node_id: &str) -> RedisResult<()> {
     redis::pipe()
@@ -85,15 +129,15 @@ pub async fn deregister(conn: &mut impl ConnectionLike, node_id: &str) -> RedisR
 }
 
 /// A registered node: its last report, when Redis received its last
-/// heartbeat, and its last acknowledged seq.
+/// heartbeat, and its last acknowledgement.
 #[derive(Debug, Clone)]
 pub struct Registered {
     /// The report.
     pub report: NodeReport,
     /// Redis time of the last heartbeat (Unix ms).
     pub last_beat_ms: u64,
-    /// Highest seq acknowledged (0 when none).
-    pub acked_seq: u64,
+    /// Its last acknowledgement, if any.
+    pub ack: Option<Ack>,
 }
 
 /// Every registered node and Redis's current time; nodes silent for longer
@@ -119,14 +163,30 @@ pub async fn nodes(conn: &mut impl ConnectionLike, forget_after_ms: u64) -> Redi
     for (id, _) in &ids {
         pipe.arg(id);
     }
-    let (reports, acks): (Vec<Option<String>>, Vec<Option<u64>>) = pipe.query_async(conn).await?;
+    let (reports, acks): (Vec<Option<String>>, Vec<Option<String>>) = pipe.query_async(conn).await?;
     let nodes = ids
         .into_iter()
         .zip(reports.into_iter().zip(acks))
-        .filter_map(|((_, score), (report, ack))| {
+        .filter_map(|((id, score), (report, ack))| {
             let report: NodeReport = serde_json::from_str(&report?).ok()?;
-            Some(Registered { report, last_beat_ms: score as u64, acked_seq: ack.unwrap_or(0) })
+            let ack = ack.and_then(|value| Ack::decode_stored(&id, &value));
+            Some(Registered { report, last_beat_ms: score as u64, ack })
         })
         .collect();
     Ok((now, nodes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn acks_round_trip_and_refuse_garbage() {
+        let ack = Ack::decode("e1 42 node-a b").expect("valid ack");
+        assert_eq!(ack, Ack { node_id: "node-a b".into(), epoch: "e1".into(), seq: 42 });
+        assert_eq!(Ack::decode_stored("n", "e1 7"), Some(Ack { node_id: "n".into(), epoch: "e1".into(), seq: 7 }));
+        assert_eq!(Ack::decode("e1 x node"), None);
+        assert_eq!(Ack::decode("e1 5"), None);
+        assert_eq!(Ack::decode_stored("n", "7"), None);
+    }
 }

@@ -15,6 +15,11 @@
 //! | `dcc:t:{tenant}:keys` | zset | every key of the tenant → expiry (Unix ms); pattern scans walk this |
 //! | `dcc:t:{tenant}:tag:{tag}` | zset | keys carrying the tag → expiry |
 //! | `dcc:t:{tenant}:dep:{key}` | zset | keys that `depends_on` this key → expiry |
+//! | `dcc:t:{tenant}:mk:{key}` | string | fill-token marker: seq bound of the last invalidation that touched the key |
+//! | `dcc:t:{tenant}:mt:{tag}` | string | fill-token marker of a tag |
+//! | `dcc:t:{tenant}:mp` | zset | invalidated patterns (as Lua patterns) → seq bound |
+//! | `dcc:t:{tenant}:mpt` | zset | the same patterns → when (Redis time), for pruning |
+//! | `dcc:t:{tenant}:pending` | zset | invalidations in flight → deadline (Redis time) |
 //! | `dcc:t:{tenant}:event:{id}` | string | seq an `event_id` was logged under (idempotency, 24 h) |
 //!
 //! Tenant names cannot contain `:`, so `dcc:t:{tenant}:` is an unambiguous prefix.
@@ -33,8 +38,11 @@ pub const NODES: &str = "dcc:nodes";
 /// Coordinators' `node_dead_after_ms`, by coordinator.
 pub const COORDINATORS: &str = "dcc:coordinators";
 
-/// Acknowledgements: node id → highest seq applied.
+/// Acknowledgements: node id → `"{epoch} {seq}"`, the highest seq it applied.
 pub const ACKS: &str = "dcc:acks";
+
+/// Acknowledgements as they happen (`"{epoch} {seq} {node_id}"`), for `wait=all`.
+pub const ACK_CHANNEL: &str = "dcc:acked";
 
 /// A node's last report.
 pub fn node(node_id: &str) -> String {
@@ -61,12 +69,38 @@ pub fn dependents(tenant: &str, key: &str) -> String {
     format!("dcc:t:{tenant}:dep:{key}")
 }
 
+/// Fill-token marker of a key.
+pub fn key_marker(tenant: &str, key: &str) -> String {
+    format!("dcc:t:{tenant}:mk:{key}")
+}
+
+/// Fill-token marker of a tag.
+pub fn tag_marker(tenant: &str, tag: &str) -> String {
+    format!("dcc:t:{tenant}:mt:{tag}")
+}
+
+/// Invalidated patterns by seq bound.
+pub fn pattern_markers(tenant: &str) -> String {
+    format!("dcc:t:{tenant}:mp")
+}
+
+/// Invalidated patterns by time, for pruning.
+pub fn pattern_marker_times(tenant: &str) -> String {
+    format!("dcc:t:{tenant}:mpt")
+}
+
+/// Invalidations of the tenant in flight.
+pub fn pending(tenant: &str) -> String {
+    format!("dcc:t:{tenant}:pending")
+}
+
 /// The seq an event id was logged under.
 pub fn event(tenant: &str, event_id: &str) -> String {
     format!("dcc:t:{tenant}:event:{event_id}")
 }
 
-/// A private name for a tag's member set while it is being drained.
-pub fn draining(tenant: &str, tag: &str, nonce: &str) -> String {
-    format!("dcc:t:{tenant}:draining:{nonce}:{tag}")
+/// A tag's members being deleted (see `l2::detach_tag`). One per tag, so that a
+/// drain cut short by a crash is finished by the next invalidation of the tag.
+pub fn draining(tenant: &str, tag: &str) -> String {
+    format!("dcc:t:{tenant}:draining:{tag}")
 }

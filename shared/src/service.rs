@@ -29,12 +29,7 @@ pub struct ApiError {
 impl ApiError {
     /// An error with a status, code and message.
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        ApiError {
-            status,
-            code,
-            message: message.into(),
-            extra: None,
-        }
+        ApiError { status, code, message: message.into(), extra: None }
     }
 
     /// 400 with a code.
@@ -53,9 +48,7 @@ impl ApiError {
 
     /// Adds a top-level field to the JSON body.
     pub fn with(mut self, field: &str, value: serde_json::Value) -> Self {
-        self.extra
-            .get_or_insert_with(Default::default)
-            .insert(field.to_string(), value);
+        self.extra.get_or_insert_with(Default::default).insert(field.to_string(), value);
         self
     }
 }
@@ -87,45 +80,33 @@ impl From<InvalidName> for ApiError {
 
 /// JSON body extraction: size limit and JSON errors for bad bodies.
 pub fn json_config(limit: usize) -> actix_web::web::JsonConfig {
-    actix_web::web::JsonConfig::default()
-        .limit(limit)
-        .error_handler(|err, _req| {
-            use actix_web::error::JsonPayloadError as E;
-            let api = match &err {
-                E::Overflow { .. } | E::OverflowKnownLength { .. } => ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "payload_too_large",
-                    format!("{err}; split the request"),
-                ),
-                E::ContentType => ApiError::new(
-                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                    "unsupported_media_type",
-                    "send the body as JSON with Content-Type: application/json",
-                ),
-                _ => ApiError::bad_request(
-                    "invalid_json",
-                    format!("the body is not valid JSON for this endpoint: {err}"),
-                ),
-            };
-            api.into()
-        })
+    actix_web::web::JsonConfig::default().limit(limit).error_handler(|err, _req| {
+        use actix_web::error::JsonPayloadError as E;
+        let api = match &err {
+            E::Overflow { .. } | E::OverflowKnownLength { .. } => {
+                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", format!("{err}; split the request"))
+            }
+            E::ContentType => ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "send the body as JSON with Content-Type: application/json",
+            ),
+            _ => ApiError::bad_request("invalid_json", format!("the body is not valid JSON for this endpoint: {err}")),
+        };
+        api.into()
+    })
 }
 
 /// Query-string extraction: a JSON 400 for malformed parameters.
 pub fn query_config() -> actix_web::web::QueryConfig {
-    actix_web::web::QueryConfig::default().error_handler(|err, _req| {
-        ApiError::bad_request("invalid_query", format!("bad query string: {err}")).into()
-    })
+    actix_web::web::QueryConfig::default()
+        .error_handler(|err, _req| ApiError::bad_request("invalid_query", format!("bad query string: {err}")).into())
 }
 
 /// The answer to any unknown route or method.
 pub async fn not_found() -> HttpResponse {
-    ApiError::new(
-        StatusCode::NOT_FOUND,
-        "not_found",
-        "no such endpoint or method; see the README for the API",
-    )
-    .error_response()
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint or method; see the README for the API")
+        .error_response()
 }
 
 /// Loads a settings tree in layers: defaults (the struct's serde defaults), then
@@ -137,17 +118,10 @@ pub fn load_settings<T: DeserializeOwned>(
 ) -> Result<T, config::ConfigError> {
     let mut builder = config::Config::builder();
     if let Some(path) = file {
-        builder = builder.add_source(
-            config::File::from(path)
-                .format(config::FileFormat::Toml)
-                .required(true),
-        );
+        builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml).required(true));
     }
     builder = builder.add_source(
-        config::Environment::with_prefix(env_prefix)
-            .prefix_separator("_")
-            .separator("__")
-            .try_parsing(true),
+        config::Environment::with_prefix(env_prefix).prefix_separator("_").separator("__").try_parsing(true),
     );
     for (key, value) in flags {
         builder = builder.set_override_option(*key, value.clone())?;
@@ -161,16 +135,9 @@ pub fn init_tracing(json: bool) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(ansi)
-        .with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr);
     // A second call (tests embedding a service) keeps the first subscriber.
-    let _ = if json {
-        builder.json().try_init()
-    } else {
-        builder.try_init()
-    };
+    let _ = if json { builder.json().try_init() } else { builder.try_init() };
 }
 
 /// Renders a Prometheus registry as text exposition.
@@ -179,15 +146,8 @@ pub fn metrics_response(registry: &prometheus::Registry) -> HttpResponse {
     let encoder = prometheus::TextEncoder::new();
     let mut buf = Vec::new();
     match encoder.encode(&registry.gather(), &mut buf) {
-        Ok(()) => HttpResponse::Ok()
-            .content_type(encoder.format_type())
-            .body(buf),
-        Err(e) => ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "metrics_failed",
-            e.to_string(),
-        )
-        .error_response(),
+        Ok(()) => HttpResponse::Ok().content_type(encoder.format_type()).body(buf),
+        Err(e) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "metrics_failed", e.to_string()).error_response(),
     }
 }
 
@@ -195,10 +155,7 @@ pub fn metrics_response(registry: &prometheus::Registry) -> HttpResponse {
 pub fn http_latency_histogram(registry: &prometheus::Registry) -> prometheus::HistogramVec {
     let hist = prometheus::HistogramVec::new(
         prometheus::HistogramOpts::new("dcc_http_request_duration_seconds", "HTTP request latency")
-            .buckets(vec![
-                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0,
-                5.0,
-            ]),
+            .buckets(vec![0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0, 5.0]),
         &["method", "route", "status"],
     )
     .unwrap_or_else(|e| panic!("static metric definition is valid: {e}"));
@@ -206,10 +163,7 @@ pub fn http_latency_histogram(registry: &prometheus::Registry) -> prometheus::Hi
 }
 
 /// Registers a collector; metric names are static, so a clash is a programming error.
-pub fn register<C: prometheus::core::Collector + Clone + 'static>(
-    registry: &prometheus::Registry,
-    c: C,
-) -> C {
+pub fn register<C: prometheus::core::Collector + Clone + 'static>(registry: &prometheus::Registry, c: C) -> C {
     if let Err(e) = registry.register(Box::new(c.clone())) {
         panic!("metric registered twice: {e}");
     }
@@ -225,8 +179,7 @@ pub fn redis_pool(url: &str, max_size: usize) -> Result<deadpool_redis::Pool, St
     pool.timeouts.create = Some(Duration::from_secs(2));
     pool.timeouts.recycle = Some(Duration::from_secs(1));
     cfg.pool = Some(pool);
-    cfg.create_pool(Some(deadpool_redis::Runtime::Tokio1))
-        .map_err(|e| format!("bad redis_url {url:?}: {e}"))
+    cfg.create_pool(Some(deadpool_redis::Runtime::Tokio1)).map_err(|e| format!("bad redis_url {url:?}: {e}"))
 }
 
 /// Exponential reconnect backoff, from 50 ms up to 5 s, reset on success.
@@ -238,9 +191,7 @@ pub struct Backoff {
 
 impl Default for Backoff {
     fn default() -> Self {
-        Backoff {
-            next: Duration::from_millis(50),
-        }
+        Backoff { next: Duration::from_millis(50) }
     }
 }
 
@@ -262,10 +213,7 @@ pub async fn shutdown_signal() -> &'static str {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        match (
-            signal(SignalKind::interrupt()),
-            signal(SignalKind::terminate()),
-        ) {
+        match (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) {
             (Ok(mut int), Ok(mut term)) => tokio::select! {
                 _ = int.recv() => "SIGINT",
                 _ = term.recv() => "SIGTERM",
@@ -313,9 +261,8 @@ pub async fn read_body(
     }
     let mut body = actix_web::web::BytesMut::with_capacity(declared.unwrap_or(0).min(limit));
     while let Some(chunk) = payload.next().await {
-        let chunk = chunk.map_err(|e| {
-            ApiError::bad_request("invalid_body", format!("could not read the body: {e}"))
-        })?;
+        let chunk =
+            chunk.map_err(|e| ApiError::bad_request("invalid_body", format!("could not read the body: {e}")))?;
         if body.len() + chunk.len() > limit {
             return Err(too_large(body.len() + chunk.len()));
         }
@@ -339,10 +286,7 @@ pub async fn record_latency<B: actix_web::body::MessageBody>(
     let histogram = req.app_data::<HttpLatency>().cloned();
     let resp = next.call(req).await?;
     if let Some(HttpLatency(h)) = histogram {
-        let route = resp
-            .request()
-            .match_pattern()
-            .unwrap_or_else(|| "unmatched".into());
+        let route = resp.request().match_pattern().unwrap_or_else(|| "unmatched".into());
         h.with_label_values(&[method.as_str(), route.as_str(), resp.status().as_str()])
             .observe(start.elapsed().as_secs_f64());
     }

@@ -28,24 +28,15 @@ fn step(title: &str) {
 
 async fn run() -> anyhow::Result<()> {
     step("Starting a private redis-server, a coordinator and 3 node agents");
-    let options = ClusterOptions {
-        agents: 3,
-        coordinator_toml: deploy_coordinator_toml(),
-        ..Default::default()
-    };
-    let cluster = Cluster::start(options)
-        .await
-        .context("starting the cluster")?;
+    let options = ClusterOptions { agents: 3, coordinator_toml: deploy_coordinator_toml(), ..Default::default() };
+    let cluster = Cluster::start(options).await.context("starting the cluster")?;
     println!("   redis        {}", cluster.redis.url());
     println!("   coordinator  http://{}", cluster.coordinator.addr);
     for agent in &cluster.agents {
         println!("   {:<12} http://{}", agent.proc.name, agent.addr);
     }
     let http = Client::new();
-    let demo = Demo {
-        cluster: &cluster,
-        http: &http,
-    };
+    let demo = Demo { cluster: &cluster, http: &http };
     let result = demo.story().await;
     if result.is_err() {
         let dir = cluster.keep_logs();
@@ -77,11 +68,7 @@ impl Demo<'_> {
             .send()
             .await?;
         if resp.status().as_u16() != 204 {
-            bail!(
-                "PUT {key} answered {}: {}",
-                resp.status(),
-                resp.text().await.unwrap_or_default()
-            );
+            bail!("PUT {key} answered {}: {}", resp.status(), resp.text().await.unwrap_or_default());
         }
         Ok(())
     }
@@ -89,22 +76,12 @@ impl Demo<'_> {
     /// (status, X-Cache) of a GET.
     async fn get(&self, i: usize, key: &str) -> anyhow::Result<(u16, String)> {
         let resp = self.http.get(self.agent_url(i, "acme", key)).send().await?;
-        let layer = resp
-            .headers()
-            .get("x-cache")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("-")
-            .to_string();
+        let layer = resp.headers().get("x-cache").and_then(|v| v.to_str().ok()).unwrap_or("-").to_string();
         Ok((resp.status().as_u16(), layer))
     }
 
     async fn post(&self, path: &str, body: Value) -> anyhow::Result<Value> {
-        let resp = self
-            .http
-            .post(self.cluster.coordinator.url(path))
-            .json(&body)
-            .send()
-            .await?;
+        let resp = self.http.post(self.cluster.coordinator.url(path)).json(&body).send().await?;
         let status = resp.status().as_u16();
         let answer: Value = resp.json().await?;
         if status != 200 {
@@ -119,30 +96,15 @@ impl Demo<'_> {
 
         step("1. A value is filled through agent-1");
         let (status, _) = self.get(0, key).await?;
-        println!(
-            "   GET acme/{key} on agent-1 -> {status} (a miss: the app loads it from its database)"
-        );
-        self.put(
-            0,
-            key,
-            "?tags=supplier:42&ttl=300",
-            r#"{"id":42,"name":"Acme Steel"}"#,
-        )
-        .await?;
+        println!("   GET acme/{key} on agent-1 -> {status} (a miss: the app loads it from its database)");
+        self.put(0, key, "?tags=supplier:42&ttl=300", r#"{"id":42,"name":"Acme Steel"}"#).await?;
         println!("   PUT acme/{key}?tags=supplier:42 on agent-1 -> 204 (stored in Redis and agent-1's L1)");
 
         step("2. The other agents read it: first from Redis (L2), then from their own memory (L1)");
         for i in 0..3 {
             let first = self.get(i, key).await?;
             let second = self.get(i, key).await?;
-            println!(
-                "   {}: {} from {}, then {} from {}",
-                name(i),
-                first.0,
-                first.1,
-                second.0,
-                second.1
-            );
+            println!("   {}: {} from {}, then {} from {}", name(i), first.0, first.1, second.0, second.1);
             if second.1 != "L1" {
                 bail!("{} did not serve the second read from L1", name(i));
             }
@@ -150,15 +112,10 @@ impl Demo<'_> {
 
         step("3. The app writes supplier 42 to its database and posts a write event");
         let started = Instant::now();
-        let watchers: Vec<_> = (0..3)
-            .map(|i| self.watch_until_gone(i, key, started))
-            .collect();
+        let watchers: Vec<_> = (0..3).map(|i| self.watch_until_gone(i, key, started)).collect();
         let post = async {
             let answer = self
-                .post(
-                    "/v1/events",
-                    json!({"tenant": "acme", "entity": "supplier", "id": "42", "op": "update"}),
-                )
+                .post("/v1/events", json!({"tenant": "acme", "entity": "supplier", "id": "42", "op": "update"}))
                 .await;
             (answer, started.elapsed())
         };
@@ -174,16 +131,9 @@ impl Demo<'_> {
         for (i, d) in dropped.into_iter().enumerate() {
             let d = d?;
             last = last.max(d);
-            println!(
-                "   {} stopped serving it {:.2} ms after the event was sent",
-                name(i),
-                ms(d)
-            );
+            println!("   {} stopped serving it {:.2} ms after the event was sent", name(i), ms(d));
         }
-        println!(
-            "   => every agent dropped the key within {:.2} ms of the event",
-            ms(last)
-        );
+        println!("   => every agent dropped the key within {:.2} ms of the event", ms(last));
 
         step("4. A rules cascade: a supplier change reaches payments, orders and the ledger");
         let related = [
@@ -201,24 +151,13 @@ impl Demo<'_> {
                 self.get(i, k).await?;
             }
         }
-        println!(
-            "   cached on every agent: {}",
-            related.map(|(k, _)| k).join(", ")
-        );
+        println!("   cached on every agent: {}", related.map(|(k, _)| k).join(", "));
         println!("   (report:q3 depends_on ledger:2026)");
-        let answer = self
-            .post(
-                "/v1/events",
-                json!({"tenant": "acme", "entity": "supplier", "id": "7", "op": "update"}),
-            )
-            .await?;
-        println!(
-            "   event supplier 7 -> seq {}: tags {}",
-            answer["seq"], answer["invalidated"][0]["tags"]
-        );
+        let answer =
+            self.post("/v1/events", json!({"tenant": "acme", "entity": "supplier", "id": "7", "op": "update"})).await?;
+        println!("   event supplier 7 -> seq {}: tags {}", answer["seq"], answer["invalidated"][0]["tags"]);
         println!("   patterns {}", answer["invalidated"][0]["patterns"]);
-        self.wait_applied(answer["seq"].as_u64().unwrap_or(0))
-            .await?;
+        self.wait_applied(answer["seq"].as_u64().unwrap_or(0)).await?;
         for (k, _) in related {
             let states: Vec<String> = {
                 let mut v = Vec::new();
@@ -227,24 +166,15 @@ impl Demo<'_> {
                 }
                 v
             };
-            let verdict = if states.iter().all(|s| s == "404") {
-                "dropped everywhere"
-            } else {
-                "kept"
-            };
+            let verdict = if states.iter().all(|s| s == "404") { "dropped everywhere" } else { "kept" };
             println!("   {k:<30} {verdict:<20} ({})", states.join(" "));
         }
 
         step("5. The cluster's health");
         // Agents report on every heartbeat (500 ms): wait for reports made after the story.
         tokio::time::sleep(Duration::from_millis(600)).await;
-        let health: Value = self
-            .http
-            .get(self.cluster.coordinator.url("/v1/cluster/health"))
-            .send()
-            .await?
-            .json()
-            .await?;
+        let health: Value =
+            self.http.get(self.cluster.coordinator.url("/v1/cluster/health")).send().await?.json().await?;
         println!("   status {}, log seq {}", health["status"], health["seq"]);
         println!(
             "   redis {} using {}, {} clients, keyspace hits {} / misses {}",
@@ -271,12 +201,7 @@ impl Demo<'_> {
     }
 
     /// Polls agent `i` until `key` is gone; returns the time since `started`.
-    async fn watch_until_gone(
-        &self,
-        i: usize,
-        key: &str,
-        started: Instant,
-    ) -> anyhow::Result<Duration> {
+    async fn watch_until_gone(&self, i: usize, key: &str, started: Instant) -> anyhow::Result<Duration> {
         let url = self.agent_url(i, "acme", key);
         loop {
             let resp = self.http.get(&url).send().await?;
@@ -293,13 +218,7 @@ impl Demo<'_> {
         let deadline = Instant::now() + Duration::from_secs(10);
         for agent in &self.cluster.agents {
             loop {
-                let status: Value = self
-                    .http
-                    .get(agent.url("/v1/status"))
-                    .send()
-                    .await?
-                    .json()
-                    .await?;
+                let status: Value = self.http.get(agent.url("/v1/status")).send().await?.json().await?;
                 if status["applied_seq"].as_u64().unwrap_or(0) >= seq {
                     break;
                 }

@@ -7,6 +7,7 @@
 
 mod bad_input;
 mod cache_api;
+mod faults;
 mod invalidation;
 mod operations;
 
@@ -30,23 +31,14 @@ pub struct TestCluster {
 impl TestCluster {
     /// Starts a cluster with `agents` agents and the given extra coordinator TOML.
     pub async fn start(agents: usize, coordinator_toml: &str) -> TestCluster {
-        let options = ClusterOptions {
-            agents,
-            coordinator_toml: coordinator_toml.into(),
-            ..ClusterOptions::default()
-        };
+        let options = ClusterOptions { agents, coordinator_toml: coordinator_toml.into(), ..ClusterOptions::default() };
         TestCluster::with(options).await
     }
 
     /// Starts a cluster with full options.
     pub async fn with(options: ClusterOptions) -> TestCluster {
-        let cluster = Cluster::start(options)
-            .await
-            .unwrap_or_else(|e| panic!("cluster failed to start: {e:#}"));
-        TestCluster {
-            cluster,
-            http: Client::new(),
-        }
+        let cluster = Cluster::start(options).await.unwrap_or_else(|e| panic!("cluster failed to start: {e:#}"));
+        TestCluster { cluster, http: Client::new() }
     }
 
     /// Agent `i`.
@@ -55,19 +47,9 @@ impl TestCluster {
     }
 
     /// `PUT /v1/cache/{tenant}/{key}{query}` on agent `i`.
-    pub async fn put(
-        &self,
-        i: usize,
-        tenant: &str,
-        key: &str,
-        query: &str,
-        body: &str,
-    ) -> Response {
+    pub async fn put(&self, i: usize, tenant: &str, key: &str, query: &str, body: &str) -> Response {
         self.http
-            .put(
-                self.agent(i)
-                    .url(&format!("/v1/cache/{tenant}/{}{query}", encode(key))),
-            )
+            .put(self.agent(i).url(&format!("/v1/cache/{tenant}/{}{query}", encode(key))))
             .header("content-type", "text/plain")
             .body(body.to_string())
             .send()
@@ -79,21 +61,13 @@ impl TestCluster {
     pub async fn put_ok(&self, i: usize, tenant: &str, key: &str, query: &str, body: &str) {
         let resp = self.put(i, tenant, key, query, body).await;
         let status = resp.status().as_u16();
-        assert_eq!(
-            status,
-            204,
-            "PUT {tenant}/{key}{query}: {}",
-            resp.text().await.unwrap_or_default()
-        );
+        assert_eq!(status, 204, "PUT {tenant}/{key}{query}: {}", resp.text().await.unwrap_or_default());
     }
 
     /// `GET /v1/cache/{tenant}/{key}` on agent `i`.
     pub async fn get(&self, i: usize, tenant: &str, key: &str) -> Response {
         self.http
-            .get(
-                self.agent(i)
-                    .url(&format!("/v1/cache/{tenant}/{}", encode(key))),
-            )
+            .get(self.agent(i).url(&format!("/v1/cache/{tenant}/{}", encode(key))))
             .send()
             .await
             .unwrap_or_else(|e| panic!("GET failed: {e}"))
@@ -113,10 +87,7 @@ impl TestCluster {
             let (status, _, _) = self.read(i, tenant, key).await;
             assert_eq!(status, 200, "{tenant}/{key} via agent {i}");
             let (_, layer, _) = self.read(i, tenant, key).await;
-            assert_eq!(
-                layer, "L1",
-                "{tenant}/{key} via agent {i} on the second read"
-            );
+            assert_eq!(layer, "L1", "{tenant}/{key} via agent {i} on the second read");
         }
     }
 
@@ -149,12 +120,7 @@ impl TestCluster {
 
     /// GET JSON from a service.
     pub async fn get_json(&self, service: &Service, path: &str) -> (u16, Value) {
-        let resp = self
-            .http
-            .get(service.url(path))
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("GET {path}: {e}"));
+        let resp = self.http.get(service.url(path)).send().await.unwrap_or_else(|e| panic!("GET {path}: {e}"));
         let status = resp.status().as_u16();
         (status, resp.json().await.unwrap_or(Value::Null))
     }
@@ -168,11 +134,7 @@ impl TestCluster {
                 if status["applied_seq"].as_u64().unwrap_or(0) >= seq {
                     break;
                 }
-                assert!(
-                    Instant::now() < deadline,
-                    "{} did not apply seq {seq}: {status}",
-                    agent.proc.name
-                );
+                assert!(Instant::now() < deadline, "{} did not apply seq {seq}: {status}", agent.proc.name);
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
@@ -183,10 +145,7 @@ impl TestCluster {
         self.wait_applied(seq).await;
         for i in 0..self.cluster.agents.len() {
             let (status, layer, body) = self.read(i, tenant, key).await;
-            assert_eq!(
-                status, 404,
-                "{tenant}/{key} still served by agent {i} from {layer}: {body}"
-            );
+            assert_eq!(status, 404, "{tenant}/{key} still served by agent {i} from {layer}: {body}");
         }
     }
 
@@ -194,10 +153,7 @@ impl TestCluster {
     pub async fn assert_kept_everywhere(&self, tenant: &str, key: &str) {
         for i in 0..self.cluster.agents.len() {
             let (status, _, _) = self.read(i, tenant, key).await;
-            assert_eq!(
-                status, 200,
-                "{tenant}/{key} wrongly invalidated on agent {i}"
-            );
+            assert_eq!(status, 200, "{tenant}/{key} wrongly invalidated on agent {i}");
         }
     }
 }
@@ -217,11 +173,7 @@ pub fn encode(key: &str) -> String {
 
 /// A response header as a string (empty when absent).
 pub fn header(resp: &Response, name: &str) -> String {
-    resp.headers()
-        .get(name)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_string()
+    resp.headers().get(name).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string()
 }
 
 /// Polls `check` until it returns true or `timeout` passes.
@@ -244,7 +196,5 @@ where
 
 /// The seq of a coordinator answer.
 pub fn seq(answer: &Value) -> u64 {
-    answer["seq"]
-        .as_u64()
-        .unwrap_or_else(|| panic!("no seq in {answer}"))
+    answer["seq"].as_u64().unwrap_or_else(|| panic!("no seq in {answer}"))
 }

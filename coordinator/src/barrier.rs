@@ -1,0 +1,213 @@
+//! The `wait=all` barrier: answer only when every live agent has applied an
+//! invalidation, or give up with the names of those that have not.
+//!
+//! Agents acknowledge each applied seq by publishing on [`schema::ACK_CHANNEL`]
+//! (and storing it in [`schema::ACKS`]). [`listen`] keeps the newest
+//! acknowledgement of every node on the [`AckBoard`]; [`wait_for_all`] checks
+//! the live nodes against it after every change. Liveness comes from the
+//! registry (heartbeats stamped with Redis time) and is re-read every
+//! [`LIVENESS_REFRESH`], so a node that falls silent stops being awaited once
+//! it is `node_dead_after_ms` old. That is safe because an agent's staleness
+//! bound is kept below `node_dead_after_ms` (see `node_agent::sync`): by the
+//! time it is no longer awaited it has stopped answering from L1.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use shared::registry::{self, Ack};
+use shared::schema;
+use shared::service::Backoff;
+
+use crate::cluster::{self, NodeView};
+
+/// How often a waiting barrier re-reads which nodes are live (and their
+/// stored acknowledgements, in case the ack subscription is down).
+pub const LIVENESS_REFRESH: Duration = Duration::from_millis(100);
+
+/// The newest acknowledgement of every node, and a signal for each change.
+pub struct AckBoard {
+    latest: Mutex<HashMap<String, Ack>>,
+    changed: watch::Sender<u64>,
+}
+
+impl Default for AckBoard {
+    fn default() -> Self {
+        AckBoard { latest: Mutex::new(HashMap::new()), changed: watch::channel(0).0 }
+    }
+}
+
+impl AckBoard {
+    /// Records an acknowledgement: within one epoch only a higher seq counts;
+    /// a different epoch replaces the old one (the node followed Redis into a new one).
+    pub fn record(&self, ack: Ack) {
+        let mut latest = self.latest.lock().unwrap_or_else(|p| p.into_inner());
+        let newer = match latest.get(&ack.node_id) {
+            Some(old) => old.epoch != ack.epoch || old.seq < ack.seq,
+            None => true,
+        };
+        if newer {
+            latest.insert(ack.node_id.clone(), ack);
+            drop(latest);
+            self.changed.send_modify(|n| *n += 1);
+        }
+    }
+
+    /// Whether `node_id` has acknowledged `seq` of `epoch`, or follows
+    /// `current_epoch`, a newer one (joining it flushed its L1).
+    fn covers(&self, node_id: &str, epoch: &str, seq: u64, current_epoch: &str) -> bool {
+        let latest = self.latest.lock().unwrap_or_else(|p| p.into_inner());
+        latest
+            .get(node_id)
+            .is_some_and(|a| (a.epoch == epoch && a.seq >= seq) || (current_epoch != epoch && a.epoch == current_epoch))
+    }
+}
+
+/// Follows the acknowledgement channel for as long as the coordinator runs,
+/// reconnecting with backoff. After each subscription it reads the stored
+/// acknowledgements, so that none published while it was away is missed.
+pub async fn listen(redis: redis::Client, pool: deadpool_redis::Pool, board: &AckBoard, shutdown: CancellationToken) {
+    let mut backoff = Backoff::default();
+    while !shutdown.is_cancelled() {
+        let followed = async {
+            let mut pubsub = tokio::time::timeout(Duration::from_secs(2), redis.get_async_pubsub()).await??;
+            pubsub.subscribe(schema::ACK_CHANNEL).await?;
+            let mut conn = pool.get().await?;
+            for ack in registry::acknowledgements(&mut conn).await? {
+                board.record(ack);
+            }
+            drop(conn);
+            backoff.reset();
+            info!("following agents' acknowledgements");
+            let mut messages = pubsub.on_message();
+            while let Some(msg) = messages.next().await {
+                match msg.get_payload::<String>().ok().as_deref().and_then(Ack::decode) {
+                    Some(ack) => board.record(ack),
+                    None => warn!("ignoring an unreadable acknowledgement"),
+                }
+            }
+            anyhow::Ok(())
+        };
+        tokio::select! {
+            result = followed => match result {
+                Ok(()) => warn!("acknowledgement subscription closed; reconnecting"),
+                Err(e) => warn!(error = %e, "acknowledgement subscription failed; reconnecting"),
+            },
+            _ = shutdown.cancelled() => return,
+        }
+        tokio::select! {
+            _ = backoff.wait() => {}
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// How a barrier ended.
+#[derive(Debug)]
+pub enum Barrier {
+    /// Every live node applied the invalidation.
+    Passed {
+        /// How many nodes were live at the end.
+        live: usize,
+    },
+    /// The timeout ran out first.
+    TimedOut {
+        /// How many nodes were live at the end.
+        live: usize,
+        /// Live nodes that had not applied it, by id.
+        lagging: Vec<String>,
+    },
+}
+
+/// Waits until every live node has applied `seq` of `epoch`, or `timeout`.
+pub async fn wait_for_all(
+    pool: &deadpool_redis::Pool,
+    board: &AckBoard,
+    node_dead_after_ms: u64,
+    epoch: &str,
+    seq: u64,
+    timeout: Duration,
+) -> anyhow::Result<Barrier> {
+    let deadline = Instant::now() + timeout;
+    let mut changes = board.changed.subscribe();
+    loop {
+        // Who is live now, and what the registry already knows they applied.
+        let view = {
+            let mut conn = pool.get().await?;
+            cluster::view(&mut conn, node_dead_after_ms).await?
+        };
+        let covered_by_view = |n: &NodeView| {
+            if view.epoch == epoch {
+                n.in_epoch && n.applied_seq >= seq
+            } else {
+                n.in_epoch
+            }
+        };
+        let live: Vec<&NodeView> = view.live().collect();
+        let refresh_at = Instant::now() + LIVENESS_REFRESH;
+        loop {
+            changes.borrow_and_update();
+            let lagging: Vec<String> = live
+                .iter()
+                .filter(|n| !covered_by_view(n) && !board.covers(&n.node_id, epoch, seq, &view.epoch))
+                .map(|n| n.node_id.clone())
+                .collect();
+            if lagging.is_empty() {
+                return Ok(Barrier::Passed { live: live.len() });
+            }
+            if Instant::now() >= deadline {
+                return Ok(Barrier::TimedOut { live: live.len(), lagging });
+            }
+            tokio::select! {
+                changed = changes.changed() => {
+                    if changed.is_err() {
+                        // The board is gone (shutting down): fall back to polling.
+                        tokio::time::sleep_until(refresh_at.min(deadline)).await;
+                        break;
+                    }
+                }
+                _ = tokio::time::sleep_until(refresh_at.min(deadline)) => {
+                    if Instant::now() >= refresh_at {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ack(node: &str, epoch: &str, seq: u64) -> Ack {
+        Ack { node_id: node.into(), epoch: epoch.into(), seq }
+    }
+
+    #[test]
+    fn the_board_keeps_the_newest_ack_per_node() {
+        let board = AckBoard::default();
+        board.record(ack("a", "e1", 5));
+        board.record(ack("a", "e1", 3));
+        assert!(board.covers("a", "e1", 5, "e1"));
+        assert!(!board.covers("a", "e1", 6, "e1"));
+        assert!(!board.covers("b", "e1", 1, "e1"));
+    }
+
+    #[test]
+    fn a_node_in_a_newer_epoch_covers_an_older_invalidation() {
+        let board = AckBoard::default();
+        board.record(ack("a", "e1", 5));
+        board.record(ack("a", "e2", 1));
+        // Redis restarted (e2): the node flushed when it joined e2.
+        assert!(board.covers("a", "e1", 9, "e2"));
+        // But an ack in e2 says nothing about e1 while e1 is still current.
+        assert!(!board.covers("a", "e1", 9, "e1"));
+    }
+}

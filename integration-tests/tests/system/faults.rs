@@ -1,0 +1,339 @@
+//! Coherence under faults: the `wait=all` barrier, fill tokens across agents,
+//! and each injected fault (a dropped subscriber, an output-buffer overflow,
+//! Redis killed and restarted empty, a frozen agent, a killed coordinator,
+//! two coordinators), ending with the stale-read checker.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use integration_tests::checker;
+use integration_tests::{start_coordinator, wait_ready, wait_status, ClusterOptions, Redis};
+use nix::sys::signal::Signal;
+use serde_json::{json, Value};
+
+use crate::{header, seq, wait_until, TestCluster};
+
+/// Long enough for reconnect backoff and a busy machine.
+const RECOVERY: Duration = Duration::from_secs(30);
+
+/// POSTs to the coordinator at `path` with a query, returning status and body.
+async fn post(t: &TestCluster, base: &str, path: &str, body: Value) -> (u16, Value) {
+    let resp = t.http.post(format!("{base}{path}")).json(&body).send().await.unwrap_or_else(|e| panic!("{path}: {e}"));
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+/// Reads a key through agent `i`, returning the status only.
+async fn status_of(t: &TestCluster, i: usize, key: &str) -> u16 {
+    t.read(i, "acme", key).await.0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_all_answers_once_every_agent_has_applied_it() {
+    let t = TestCluster::start(3, "").await;
+    let base = t.cluster.coordinator.url("");
+    for round in 0..5 {
+        let key = format!("barrier:{round}");
+        t.put_ok(0, "acme", &key, "?tags=supplier:1", "old").await;
+        t.warm("acme", &key).await;
+        let (status, answer) =
+            post(&t, &base, "/v1/events?wait=all", json!({"tenant": "acme", "entity": "supplier", "id": "1"})).await;
+        assert_eq!(status, 200, "round {round}: {answer}");
+        assert_eq!(answer["nodes"], json!({"live": 3, "acked": 3}), "round {round}: {answer}");
+        // No polling: the 200 itself promises that no agent serves it any more.
+        for i in 0..3 {
+            let (status, layer, body) = t.read(i, "acme", &key).await;
+            assert_eq!(status, 404, "round {round}: agent {i} served {body} from {layer} after wait=all");
+        }
+    }
+    // The same for /v1/invalidate.
+    t.put_ok(1, "acme", "barrier:direct", "", "old").await;
+    t.warm("acme", "barrier:direct").await;
+    let (status, answer) = post(
+        &t,
+        &base,
+        "/v1/invalidate?wait=all&timeout_ms=10000",
+        json!({"tenant": "acme", "keys": ["barrier:direct"]}),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    for i in 0..3 {
+        assert_eq!(status_of(&t, i, "barrier:direct").await, 404, "agent {i}");
+    }
+    // A bad timeout is a 400.
+    let (status, answer) =
+        post(&t, &base, "/v1/events?wait=all&timeout_ms=0", json!({"tenant": "acme", "entity": "x"})).await;
+    assert_eq!((status, answer["error"].as_str()), (400, Some("invalid_query")), "{answer}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_agent_is_named_then_no_longer_awaited_and_never_serves_stale() {
+    let t = TestCluster::start(3, "node_dead_after_ms = 3000\n").await;
+    let base = t.cluster.coordinator.url("");
+    t.put_ok(0, "acme", "frozen:k", "", "old").await;
+    t.warm("acme", "frozen:k").await;
+
+    let frozen = t.agent(2);
+    frozen.proc.signal(Signal::SIGSTOP).expect("SIGSTOP");
+    // A short timeout: the frozen agent is still live, so it is named.
+    let (status, answer) =
+        post(&t, &base, "/v1/invalidate?wait=all&timeout_ms=300", json!({"tenant": "acme", "keys": ["frozen:k"]}))
+            .await;
+    assert_eq!(status, 504, "{answer}");
+    assert_eq!(answer["error"], "timeout", "{answer}");
+    assert_eq!(answer["lagging"], json!(["agent-3"]), "{answer}");
+    assert_eq!(answer["nodes"]["acked"], 2, "{answer}");
+    assert!(answer["seq"].as_u64().is_some(), "a 504 still gives the seq: {answer}");
+
+    // The default timeout outlasts node_dead_after_ms: the frozen agent
+    // stops being awaited and the barrier passes without it.
+    let (status, answer) =
+        post(&t, &base, "/v1/invalidate?wait=all", json!({"tenant": "acme", "keys": ["frozen:k"]})).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["nodes"], json!({"live": 2, "acked": 2}), "{answer}");
+
+    // Thawed, its first answer must not be the invalidated value, although
+    // its L1 still held it when it froze.
+    frozen.proc.signal(Signal::SIGCONT).expect("SIGCONT");
+    let (status, layer, body) = t.read(2, "acme", "frozen:k").await;
+    assert_eq!(status, 404, "the thawed agent served {body} from {layer}");
+    t.wait_applied(seq(&answer)).await;
+    assert_eq!(status_of(&t, 2, "frozen:k").await, 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fill_tokens_hold_across_agents_without_false_conflicts() {
+    let t = TestCluster::start(2, "").await;
+    // Agent 1 misses and gets a token; the coordinator invalidates the key;
+    // agent 2 tries to store what was read before: refused.
+    let miss = t.get(0, "acme", "token:k").await;
+    assert_eq!(miss.status().as_u16(), 404);
+    let token = header(&miss, "x-cache-fill-token");
+    assert!(!token.is_empty(), "a miss carries a fill token");
+    t.invalidate(json!({"tenant": "acme", "keys": ["token:k"]})).await;
+    let resp = t.put(1, "acme", "token:k", &format!("?fill_token={token}"), "read before the write").await;
+    assert_eq!(resp.status().as_u16(), 409, "{}", resp.text().await.unwrap_or_default());
+    assert_eq!(status_of(&t, 1, "token:k").await, 404, "nothing was stored");
+    assert_eq!(status_of(&t, 0, "token:k").await, 404, "nothing was stored");
+
+    // The same through a tag and through a pattern.
+    for (query, selector) in [
+        ("?tags=sup:7", json!({"tenant": "acme", "tags": ["sup:7"]})),
+        ("", json!({"tenant": "acme", "patterns": ["token:p*"]})),
+    ] {
+        let key = if query.is_empty() { "token:pat" } else { "token:tagged" };
+        let miss = t.get(0, "acme", key).await;
+        let token = header(&miss, "x-cache-fill-token");
+        t.invalidate(selector.clone()).await;
+        let sep = if query.is_empty() { "?" } else { "&" };
+        let resp = t.put(1, "acme", key, &format!("{query}{sep}fill_token={token}"), "old").await;
+        assert_eq!(resp.status().as_u16(), 409, "{selector}: {}", resp.text().await.unwrap_or_default());
+    }
+
+    // Unrelated invalidations (another key, another tag, another tenant, a
+    // pattern that does not match) do not refuse the fill.
+    let miss = t.get(0, "acme", "token:fresh").await;
+    let token = header(&miss, "x-cache-fill-token");
+    for selector in [
+        json!({"tenant": "acme", "keys": ["token:other"]}),
+        json!({"tenant": "acme", "tags": ["unrelated"]}),
+        json!({"tenant": "globex", "keys": ["token:fresh"]}),
+        json!({"tenant": "acme", "patterns": ["other:*", "token:fresh?"]}),
+    ] {
+        t.invalidate(selector).await;
+    }
+    let resp = t.put(1, "acme", "token:fresh", &format!("?tags=t1&fill_token={token}"), "fresh").await;
+    assert_eq!(resp.status().as_u16(), 204, "a false conflict: {}", resp.text().await.unwrap_or_default());
+    assert_eq!(t.read(0, "acme", "token:fresh").await.2, "fresh");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_dropped_by_the_output_buffer_limit_replays_what_it_missed() {
+    let t = TestCluster::start(2, "").await;
+    let mut redis = t.cluster.redis.connection().await.expect("Redis");
+    t.put_ok(0, "acme", "overflow:k", "", "old").await;
+    t.warm("acme", "overflow:k").await;
+
+    let limit = |v: &str| redis::cmd("CONFIG").arg("SET").arg("client-output-buffer-limit").arg(v).clone();
+    let _: () = limit("pubsub 16kb 0 0").query_async(&mut redis).await.expect("CONFIG SET");
+    let victim = t.agent(1);
+    victim.proc.signal(Signal::SIGSTOP).expect("SIGSTOP");
+    // A burst of large messages while it cannot read: Redis drops it.
+    let keys: Vec<String> = (0..400).map(|i| format!("burst:{i}:{}", "x".repeat(40))).collect();
+    for _ in 0..40 {
+        t.invalidate(json!({"tenant": "burst", "keys": keys})).await;
+    }
+    let last = t.invalidate(json!({"tenant": "acme", "keys": ["overflow:k"]})).await;
+    victim.proc.signal(Signal::SIGCONT).expect("SIGCONT");
+    let _: () = limit("pubsub 32mb 8mb 60").query_async(&mut redis).await.expect("CONFIG SET");
+
+    // It never answers with the old value, and it catches up by replaying.
+    let (_, layer, body) = t.read(1, "acme", "overflow:k").await;
+    assert_ne!(body, "old", "agent 2 served the invalidated value from {layer}");
+    t.wait_applied(seq(&last)).await;
+    assert_eq!(status_of(&t, 1, "overflow:k").await, 404);
+    let (_, status) = t.get_json(victim, "/v1/status").await;
+    let inv = &status["invalidations"];
+    assert!(inv["gaps_detected"].as_u64().unwrap_or(0) >= 1, "no gap was detected: {status}");
+    assert!(
+        inv["replayed"].as_u64().unwrap_or(0) >= 1 || inv["full_flushes"].as_u64().unwrap_or(0) >= 1,
+        "nothing was replayed or flushed: {status}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_and_restarted_empty_never_lets_l1_serve_the_old_data() {
+    let mut t = TestCluster::start(2, "").await;
+    t.put_ok(0, "acme", "restart:k", "", "old").await;
+    t.warm("acme", "restart:k").await;
+    let port = t.cluster.redis.port;
+    t.cluster.redis.proc.kill();
+
+    // While Redis is gone nothing can prove L1 fresh: once the staleness
+    // bound runs out, agents answer 503 instead of their L1 copy.
+    for i in 0..2 {
+        let agent = t.agent(i);
+        let unready = wait_status(&t.http, agent, "/readyz", 503, RECOVERY).await;
+        unready.unwrap_or_else(|e| panic!("agent {i} still ready without Redis: {e:#}"));
+        let ok = wait_until(RECOVERY, || async { status_of(&t, i, "restart:k").await == 503 }).await;
+        assert!(ok, "agent {i} kept serving L1 without Redis");
+    }
+
+    // Back, empty: a new epoch. Every agent flushes; the key is gone.
+    t.cluster.redis = Redis::start_on(t.cluster.dir.path(), port).await.expect("restart Redis");
+    for i in 0..2 {
+        wait_ready(&t.http, t.agent(i)).await.unwrap_or_else(|e| panic!("agent {i}: {e:#}"));
+        let (status, layer, body) = t.read(i, "acme", "restart:k").await;
+        assert_eq!(status, 404, "agent {i} served {body} from {layer} after Redis came back empty");
+        let (_, s) = t.get_json(t.agent(i), "/v1/status").await;
+        assert!(s["invalidations"]["full_flushes"].as_u64().unwrap_or(0) >= 1, "agent {i} did not flush: {s}");
+    }
+    // And the system works again: the coordinator logs in the new epoch.
+    wait_ready(&t.http, &t.cluster.coordinator).await.expect("coordinator ready");
+    t.put_ok(0, "acme", "restart:k", "", "new").await;
+    t.warm("acme", "restart:k").await;
+    let answer = t.invalidate(json!({"tenant": "acme", "keys": ["restart:k"]})).await;
+    t.assert_gone_everywhere(seq(&answer), "acme", "restart:k").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_killed_mid_stream_is_retried_safely_with_the_same_event_ids() {
+    let mut t = TestCluster::start(2, "").await;
+    // 40 tagged groups of keys, one event each.
+    for n in 0..40 {
+        for k in 0..5 {
+            t.put_ok(0, "acme", &format!("crash:{n}:{k}"), &format!("?tags=item:{n}"), "old").await;
+        }
+    }
+    let base = t.cluster.coordinator.url("");
+    let port: u16 = t.cluster.coordinator.addr.rsplit(':').next().and_then(|p| p.parse().ok()).expect("port");
+    let http = t.http.clone();
+    let sent = Arc::new(AtomicUsize::new(0));
+    let progress = sent.clone();
+    let stream = tokio::spawn(async move {
+        let mut failed = Vec::new();
+        for n in 0..40 {
+            let event =
+                json!({"tenant": "acme", "entity": "item", "id": n.to_string(), "event_id": format!("crash-{n}")});
+            let ok = http.post(format!("{base}/v1/events")).json(&event).send().await.is_ok_and(|r| r.status() == 200);
+            if !ok {
+                failed.push(n);
+            }
+            progress.fetch_add(1, Ordering::AcqRel);
+        }
+        failed
+    });
+    // kill -9 in the middle of the stream.
+    assert!(wait_until(RECOVERY, || async { sent.load(Ordering::Acquire) >= 10 }).await, "the stream stalled");
+    t.cluster.coordinator.proc.kill();
+    let failed = stream.await.expect("event stream");
+    assert!(!failed.is_empty(), "the coordinator died before the stream ended, so some events failed");
+
+    // Restarted, the client retries every event (those that got a 200 too:
+    // it cannot always know). Retries of logged ids are duplicates.
+    t.cluster.coordinator =
+        start_coordinator(t.cluster.dir.path(), &t.cluster.redis.url(), port, "").expect("restart coordinator");
+    wait_ready(&t.http, &t.cluster.coordinator).await.expect("coordinator ready");
+    let mut last = 0;
+    for n in 0..40 {
+        let event = json!({"tenant": "acme", "entity": "item", "id": n.to_string(), "event_id": format!("crash-{n}")});
+        let answer = t.event(event).await;
+        if !failed.contains(&n) {
+            assert_eq!(answer["duplicate"], true, "event {n} got a 200 before, so its retry is a duplicate: {answer}");
+        }
+        last = last.max(seq(&answer));
+    }
+    // Every key is gone everywhere, and no drain was left half done.
+    t.wait_applied(last).await;
+    for n in 0..40 {
+        for k in 0..5 {
+            for i in 0..2 {
+                assert_eq!(status_of(&t, i, &format!("crash:{n}:{k}")).await, 404, "crash:{n}:{k} via agent {i}");
+            }
+        }
+    }
+    let mut redis = t.cluster.redis.connection().await.expect("Redis");
+    let leftovers: Vec<String> =
+        redis::cmd("KEYS").arg("dcc:t:acme:draining:*").query_async(&mut redis).await.expect("KEYS (test only)");
+    assert!(leftovers.is_empty(), "drains left behind: {leftovers:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_coordinators_share_one_log() {
+    let t = TestCluster::with(ClusterOptions { agents: 2, ..ClusterOptions::default() }).await;
+    let second = start_coordinator(t.cluster.dir.path(), &t.cluster.redis.url(), integration_tests::free_port(), "")
+        .expect("second coordinator");
+    wait_ready(&t.http, &second).await.expect("second coordinator ready");
+    let bases = [t.cluster.coordinator.url(""), second.url("")];
+
+    // Both at once, interleaved: every seq is handed out once, with no gap.
+    let mut tasks = Vec::new();
+    for (c, base) in bases.iter().enumerate() {
+        let (http, base) = (t.http.clone(), base.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut seqs = Vec::new();
+            for n in 0..25 {
+                let body = json!({"tenant": "acme", "keys": [format!("two:{c}:{n}")]});
+                let resp = http.post(format!("{base}/v1/invalidate?wait=all")).json(&body).send().await;
+                let answer: Value = match resp {
+                    Ok(r) if r.status() == 200 => r.json().await.unwrap_or(Value::Null),
+                    other => panic!("coordinator {c}: {other:?}"),
+                };
+                seqs.push(seq(&answer));
+            }
+            seqs
+        }));
+    }
+    let mut all = Vec::new();
+    for task in tasks {
+        all.extend(task.await.expect("task"));
+    }
+    all.sort_unstable();
+    let first = all[0];
+    assert_eq!(all, (first..first + 50).collect::<Vec<_>>(), "seqs are unique and contiguous");
+    t.wait_applied(first + 49).await;
+    // Either coordinator's invalidation reaches the agents.
+    t.put_ok(0, "acme", "two:k", "", "old").await;
+    t.warm("acme", "two:k").await;
+    let (status, _) =
+        post(&t, &bases[1], "/v1/invalidate?wait=all", json!({"tenant": "acme", "keys": ["two:k"]})).await;
+    assert_eq!(status, 200);
+    for i in 0..2 {
+        assert_eq!(status_of(&t, i, "two:k").await, 404, "agent {i}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stale_read_checker_counts_zero_under_every_fault() {
+    let secs = std::env::var("DCC_CHECKER_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(40);
+    let options = checker::Options { duration: Duration::from_secs(secs), ..checker::Options::default() };
+    let report = checker::run(options).await.unwrap_or_else(|e| panic!("checker: {e:#}"));
+    println!("{report}");
+    assert!(report.stale.is_empty(), "{report}");
+    assert!(report.hits >= 1000, "too few reads to mean anything: {report}");
+    assert!(report.writes_acked >= 50, "too few acknowledged writes to mean anything: {report}");
+    for kind in ["client_kill_pubsub", "output_buffer_overflow", "freeze_agent", "redis_restart", "coordinator_kill"] {
+        assert!(report.faults.get(kind).is_some_and(|n| *n >= 1), "{kind} was never injected: {report}");
+    }
+}
