@@ -11,8 +11,9 @@ demo: redis release
 	./target/release/demo
 
 ## test: every unit and integration test, against real redis-server processes
+## (one test at a time: each starts a whole cluster, and a 2-core machine has room for one)
 test: redis build
-	$(CARGO) test --workspace --all-targets
+	$(CARGO) test --workspace --all-targets -- --test-threads=1
 
 ## run: the same cluster in the foreground until Ctrl-C, with its URLs
 run: redis release

@@ -60,7 +60,7 @@ impl Default for Options {
             duration: Duration::from_secs(40),
             agents: 3,
             items: 16,
-            writers: 4,
+            writers: 2,
             readers_per_agent: 2,
             faults: true,
             fault_every: Duration::from_millis(2500),
@@ -168,7 +168,11 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
         agents: cluster.agents.iter().map(|a| a.url("")).collect(),
         coordinator: Mutex::new(cluster.coordinator.url("")),
     });
-    let http = Client::builder().timeout(Duration::from_secs(15)).pool_max_idle_per_host(64).build()?;
+    let http = Client::builder()
+        .timeout(Duration::from_secs(15))
+        .pool_max_idle_per_host(64)
+        .pool_idle_timeout(Duration::from_secs(2))
+        .build()?;
 
     let mut tasks = Vec::new();
     for w in 0..options.writers {
@@ -258,6 +262,8 @@ async fn reader(shared: Arc<Shared>, http: Client, agent: usize, items: usize, s
     let mut rng = fastrand::Rng::with_seed(seed);
     let base = shared.agents[agent].clone();
     while !shared.stop.load(Ordering::Acquire) {
+        // A short pause between reads leaves CPU for the rest of a small machine.
+        tokio::time::sleep(Duration::from_millis(2)).await;
         let item = rng.usize(..items);
         let url = format!("{base}/v1/cache/{TENANT}/item:{item}");
         let began = Instant::now();
@@ -320,7 +326,7 @@ async fn chaos(shared: Arc<Shared>, mut cluster: Cluster, options: Options) -> a
     let kinds = ["client_kill_pubsub", "output_buffer_overflow", "freeze_agent", "redis_restart", "coordinator_kill"];
     let mut rng = fastrand::Rng::with_seed(42);
     let mut turn = 0;
-    let http = Client::builder().timeout(Duration::from_secs(5)).build()?;
+    let http = Client::builder().timeout(Duration::from_secs(5)).pool_idle_timeout(Duration::from_secs(2)).build()?;
     loop {
         tokio::time::sleep(options.fault_every).await;
         if shared.stop.load(Ordering::Acquire) {

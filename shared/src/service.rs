@@ -170,14 +170,16 @@ pub fn register<C: prometheus::core::Collector + Clone + 'static>(registry: &pro
     c
 }
 
-/// A Redis connection pool that never waits long: a request fails fast with 503
-/// when Redis is down, instead of hanging.
+/// A Redis connection pool that never waits long: a request fails with 503
+/// when Redis is down (at once when it refuses connections), instead of hanging.
 pub fn redis_pool(url: &str, max_size: usize) -> Result<deadpool_redis::Pool, String> {
     let mut cfg = deadpool_redis::Config::from_url(url);
     let mut pool = deadpool_redis::PoolConfig::new(max_size);
-    pool.timeouts.wait = Some(Duration::from_secs(2));
-    pool.timeouts.create = Some(Duration::from_secs(2));
-    pool.timeouts.recycle = Some(Duration::from_secs(1));
+    // Refused connections (Redis down) fail at once; these bound a Redis, or
+    // a machine, too busy to answer.
+    pool.timeouts.wait = Some(Duration::from_secs(5));
+    pool.timeouts.create = Some(Duration::from_secs(5));
+    pool.timeouts.recycle = Some(Duration::from_secs(2));
     cfg.pool = Some(pool);
     cfg.create_pool(Some(deadpool_redis::Runtime::Tokio1)).map_err(|e| format!("bad redis_url {url:?}: {e}"))
 }

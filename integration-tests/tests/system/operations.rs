@@ -16,7 +16,11 @@ const RECOVERY_DEADLINE: Duration = Duration::from_secs(30);
 
 /// A client that gives up rather than hang: a hang is a failure too.
 fn client() -> Client {
-    Client::builder().timeout(Duration::from_secs(10)).build().unwrap_or_else(|e| panic!("HTTP client: {e}"))
+    Client::builder()
+        .timeout(Duration::from_secs(10))
+        .pool_idle_timeout(Duration::from_secs(2))
+        .build()
+        .unwrap_or_else(|e| panic!("HTTP client: {e}"))
 }
 
 /// GETs `url`; returns status and JSON body (`Null` if not JSON).
