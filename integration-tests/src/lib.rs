@@ -202,7 +202,8 @@ impl Redis {
 
     /// A fresh connection, for tests that look into Redis or inject faults.
     pub async fn connection(&self) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
-        redis::Client::open(self.url())?.get_multiplexed_async_connection().await
+        let config = redis::AsyncConnectionConfig::new().set_response_timeout(Some(Duration::from_secs(10)));
+        redis::Client::open(self.url())?.get_multiplexed_async_connection_with_config(&config).await
     }
 
     /// The working directory.

@@ -173,15 +173,23 @@ pub fn register<C: prometheus::core::Collector + Clone + 'static>(registry: &pro
 /// A Redis connection pool that never waits long: a request fails with 503
 /// when Redis is down (at once when it refuses connections), instead of hanging.
 pub fn redis_pool(url: &str, max_size: usize) -> Result<deadpool_redis::Pool, String> {
-    let mut cfg = deadpool_redis::Config::from_url(url);
-    let mut pool = deadpool_redis::PoolConfig::new(max_size);
+    // redis-rs times a reply out after 500 ms by default: too tight for a busy
+    // machine, where it turns a slow moment into a 503.
+    let connection = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(5)))
+        .set_response_timeout(Some(Duration::from_secs(5)));
+    let manager =
+        deadpool_redis::Manager::new_with_config(url, connection).map_err(|e| format!("bad redis_url {url:?}: {e}"))?;
     // Refused connections (Redis down) fail at once; these bound a Redis, or
     // a machine, too busy to answer.
-    pool.timeouts.wait = Some(Duration::from_secs(5));
-    pool.timeouts.create = Some(Duration::from_secs(5));
-    pool.timeouts.recycle = Some(Duration::from_secs(2));
-    cfg.pool = Some(pool);
-    cfg.create_pool(Some(deadpool_redis::Runtime::Tokio1)).map_err(|e| format!("bad redis_url {url:?}: {e}"))
+    deadpool_redis::Pool::builder(manager)
+        .max_size(max_size)
+        .wait_timeout(Some(Duration::from_secs(5)))
+        .create_timeout(Some(Duration::from_secs(5)))
+        .recycle_timeout(Some(Duration::from_secs(2)))
+        .runtime(deadpool_redis::Runtime::Tokio1)
+        .build()
+        .map_err(|e| format!("cannot build the Redis pool for {url:?}: {e}"))
 }
 
 /// Exponential reconnect backoff, from 50 ms up to 5 s, reset on success.
