@@ -57,7 +57,7 @@ pub struct Options {
 impl Default for Options {
     fn default() -> Self {
         Options {
-            duration: Duration::from_secs(40),
+            duration: Duration::from_secs(50),
             agents: 3,
             items: 16,
             writers: 2,
