@@ -10,6 +10,12 @@
 //! it is `node_dead_after_ms` old. That is safe because an agent's staleness
 //! bound is kept below `node_dead_after_ms` (see `node_agent::sync`): by the
 //! time it is no longer awaited it has stopped answering from L1.
+//!
+//! The same reasoning covers nodes the registry does not list at all: when
+//! Redis loses its data (a new epoch) the registry starts empty, so a barrier
+//! in an epoch younger than `node_dead_after_ms` waits for the epoch to age
+//! (see [`cluster::ClusterView::settles_in_ms`]): an agent that has not
+//! re-registered by then has stopped trusting its L1 too.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -122,6 +128,9 @@ pub enum Barrier {
         live: usize,
         /// Live nodes that had not applied it, by id.
         lagging: Vec<String>,
+        /// The epoch is younger than `node_dead_after_ms`: nodes that have
+        /// not re-registered since Redis lost its data could not be ruled out.
+        settling: bool,
     },
 }
 
@@ -158,11 +167,14 @@ pub async fn wait_for_all(
                 .filter(|n| !covered_by_view(n) && !board.covers(&n.node_id, epoch, seq, &view.epoch))
                 .map(|n| n.node_id.clone())
                 .collect();
-            if lagging.is_empty() {
+            // Right after Redis lost its data, an agent missing from the new
+            // registry may still answer from L1: wait until it cannot.
+            let settling = view.settles_in_ms > 0;
+            if lagging.is_empty() && !settling {
                 return Ok(Barrier::Passed { live: live.len() });
             }
             if Instant::now() >= deadline {
-                return Ok(Barrier::TimedOut { live: live.len(), lagging });
+                return Ok(Barrier::TimedOut { live: live.len(), lagging, settling });
             }
             tokio::select! {
                 changed = changes.changed() => {

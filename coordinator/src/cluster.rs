@@ -7,8 +7,8 @@ use redis::aio::ConnectionLike;
 use redis::RedisResult;
 use serde::Serialize;
 
-use shared::l2;
 use shared::registry::{self, Registered};
+use shared::{l2, schema};
 
 /// Registry entries silent this many times `node_dead_after_ms` are forgotten.
 const FORGET_AFTER_DEAD_PERIODS: u64 = 60;
@@ -52,6 +52,12 @@ pub struct ClusterView {
     pub seq: u64,
     /// Nodes by id.
     pub nodes: Vec<NodeView>,
+    /// How long until the registry is sure to list every live node: a new
+    /// epoch means Redis lost its data, registry included, and a node that
+    /// has not re-registered yet may still trust its L1 until a full
+    /// `node_dead_after_ms` after the epoch began. 0 once that has passed.
+    #[serde(skip)]
+    pub settles_in_ms: u64,
 }
 
 impl ClusterView {
@@ -65,6 +71,9 @@ impl ClusterView {
 pub async fn view(conn: &mut impl ConnectionLike, node_dead_after_ms: u64) -> RedisResult<ClusterView> {
     let (now, registered) = registry::nodes(conn, node_dead_after_ms.saturating_mul(FORGET_AFTER_DEAD_PERIODS)).await?;
     let (epoch, seq) = l2::head(conn).await?;
+    // Missing only if someone deleted it by hand: nothing to wait for then.
+    let born: Option<u64> = redis::cmd("GET").arg(schema::EPOCH_BORN).query_async(conn).await?;
+    let settles_in_ms = born.map_or(0, |born| (born + node_dead_after_ms).saturating_sub(now));
     let mut nodes = BTreeMap::new();
     for Registered { report: r, last_beat_ms, ack } in registered {
         let last_seen_ms = now.saturating_sub(last_beat_ms);
@@ -100,7 +109,7 @@ pub async fn view(conn: &mut impl ConnectionLike, node_dead_after_ms: u64) -> Re
             },
         );
     }
-    Ok(ClusterView { epoch, seq, nodes: nodes.into_values().collect() })
+    Ok(ClusterView { epoch, seq, nodes: nodes.into_values().collect(), settles_in_ms })
 }
 
 /// Redis's own health, from `INFO`.

@@ -212,24 +212,31 @@ impl Coordinator {
                         m.barrier_seconds.observe(logged.elapsed().as_secs_f64());
                         NodeCount { live, acked: live }
                     }
-                    Barrier::TimedOut { live, lagging } => {
+                    Barrier::TimedOut { live, lagging, settling } => {
                         m.barrier_timeouts.inc();
                         let acked = live - lagging.len();
-                        return Err(ApiError::new(
-                            StatusCode::GATEWAY_TIMEOUT,
-                            "timeout",
+                        let message = if lagging.is_empty() && settling {
+                            format!(
+                                "seq {} is logged and broadcast, but Redis lost its data less than \
+                                 node_dead_after_ms ago: agents that have not registered again since could still \
+                                 answer from L1 within the {} ms timeout",
+                                outcome.seq,
+                                timeout.as_millis()
+                            )
+                        } else {
                             format!(
                                 "seq {} is logged and broadcast, but {} of {live} live agents had not applied it \
                                  within {} ms",
                                 outcome.seq,
                                 lagging.len(),
                                 timeout.as_millis()
-                            ),
-                        )
-                        .with("seq", outcome.seq.into())
-                        .with("epoch", outcome.epoch.into())
-                        .with("nodes", serde_json::json!({"live": live, "acked": acked}))
-                        .with("lagging", lagging.into()));
+                            )
+                        };
+                        return Err(ApiError::new(StatusCode::GATEWAY_TIMEOUT, "timeout", message)
+                            .with("seq", outcome.seq.into())
+                            .with("epoch", outcome.epoch.into())
+                            .with("nodes", serde_json::json!({"live": live, "acked": acked}))
+                            .with("lagging", lagging.into()));
                     }
                 }
             }

@@ -143,6 +143,9 @@ struct Shared {
     stop: AtomicBool,
     agents: Vec<String>,
     coordinator: Mutex<String>,
+    /// When the run began, and when each fault began, to explain a stale read.
+    started: Instant,
+    fault_log: Mutex<Vec<(Instant, &'static str)>>,
 }
 
 impl Shared {
@@ -167,6 +170,8 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
         stop: AtomicBool::new(false),
         agents: cluster.agents.iter().map(|a| a.url("")).collect(),
         coordinator: Mutex::new(cluster.coordinator.url("")),
+        started: Instant::now(),
+        fault_log: Mutex::new(Vec::new()),
     });
     let http = Client::builder()
         .timeout(Duration::from_secs(15))
@@ -207,16 +212,28 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
 fn judge(shared: &Shared) -> Vec<String> {
     let acked = shared.acked.lock().unwrap_or_else(|p| p.into_inner());
     let hits = shared.hits.lock().unwrap_or_else(|p| p.into_inner());
+    let faults = shared.fault_log.lock().unwrap_or_else(|p| p.into_inner());
+    let secs = |at: Instant| at.saturating_duration_since(shared.started).as_secs_f64();
     let mut stale = Vec::new();
     for hit in hits.iter() {
-        let required = acked[hit.item].iter().filter(|(_, at)| *at < hit.began).map(|(v, _)| *v).max();
-        if let Some(required) = required.filter(|r| hit.version < *r) {
+        let required = acked[hit.item].iter().filter(|(_, at)| *at < hit.began).max_by_key(|(v, _)| *v);
+        if let Some((required, acked_at)) = required.filter(|(r, _)| hit.version < *r) {
+            let fault = faults
+                .iter()
+                .rev()
+                .find(|(at, _)| *at < hit.began)
+                .map_or("no fault before it".to_string(), |(at, kind)| {
+                    format!("last fault {kind} at {:.2}s", secs(*at))
+                });
             stale.push(format!(
-                "agent {} returned item {} version {} from {} but version {required} had been acknowledged",
+                "agent {} returned item {} version {} from {} in a read begun at {:.2}s, but version {required} \
+                 had been acknowledged at {:.2}s ({fault})",
                 hit.agent + 1,
                 hit.item,
                 hit.version,
-                hit.layer
+                hit.layer,
+                secs(hit.began),
+                secs(*acked_at),
             ));
         }
     }
@@ -337,6 +354,7 @@ async fn chaos(shared: Arc<Shared>, mut cluster: Cluster, options: Options) -> a
         }
         let kind = kinds[turn % kinds.len()];
         turn += 1;
+        shared.fault_log.lock().unwrap_or_else(|p| p.into_inner()).push((Instant::now(), kind));
         let injected = match kind {
             "client_kill_pubsub" => client_kill_pubsub(&cluster).await,
             "output_buffer_overflow" => output_buffer_overflow(&cluster, &http, &mut rng).await,

@@ -236,23 +236,26 @@ async fn delete_selector(
 static APPEND: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
--- KEYS[1] epoch, KEYS[2] seq, KEYS[3] log, then ARGV[6] event-id markers, then pending zsets
+-- KEYS[1] epoch, KEYS[2] seq, KEYS[3] log, KEYS[4] epoch birth,
+-- then ARGV[6] event-id markers, then pending zsets
 -- ARGV: epoch candidate, message tail, log max length, channel, event-id ttl,
 --       number of event-id markers, invalidation id
 local epoch = redis.call('GET', KEYS[1])
 if not epoch then
+  local t = redis.call('TIME')
   epoch = ARGV[1]
   redis.call('SET', KEYS[1], epoch)
+  redis.call('SET', KEYS[4], t[1] * 1000 + math.floor(t[2] / 1000))
 end
 local seq = redis.call('INCR', KEYS[2])
 local msg = '{"v":1,"epoch":"' .. epoch .. '","seq":' .. seq .. ',' .. ARGV[2]
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], seq .. '-0', 'm', msg)
 redis.call('PUBLISH', ARGV[4], msg)
 local events = tonumber(ARGV[6])
-for i = 4, 3 + events do
+for i = 5, 4 + events do
   redis.call('SET', KEYS[i], seq, 'EX', ARGV[5])
 end
-for i = 4 + events, #KEYS do
+for i = 5 + events, #KEYS do
   redis.call('ZREM', KEYS[i], ARGV[7])
 end
 return {epoch, seq}"#,
@@ -280,7 +283,7 @@ pub async fn append(
 ) -> RedisResult<(String, u64)> {
     let body = MessageBody { ts_ms: now_ms(), origin, invalidations: invalidated };
     let mut inv = APPEND.prepare_invoke();
-    inv.key(schema::EPOCH).key(schema::SEQ).key(schema::LOG);
+    inv.key(schema::EPOCH).key(schema::SEQ).key(schema::LOG).key(schema::EPOCH_BORN);
     for (tenant, event_id) in event_ids {
         inv.key(schema::event(tenant, event_id));
     }

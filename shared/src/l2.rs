@@ -47,13 +47,17 @@ pub struct Lookup {
 /// control characters, so a newline never occurs inside one.
 const DEPS_SEPARATOR: char = '\n';
 
-/// Creates the epoch if Redis has none (a fresh or emptied dataset) and returns it.
+/// Creates the epoch if Redis has none (a fresh or emptied dataset), with its
+/// birth time, and returns it.
 static ENSURE_EPOCH: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
+-- KEYS[1] epoch, KEYS[2] epoch birth; ARGV[1] epoch candidate
 local e = redis.call('GET', KEYS[1])
 if not e then
+  local t = redis.call('TIME')
   redis.call('SET', KEYS[1], ARGV[1])
+  redis.call('SET', KEYS[2], t[1] * 1000 + math.floor(t[2] / 1000))
   e = ARGV[1]
 end
 return e",
@@ -67,7 +71,12 @@ pub(crate) fn scripts() -> [&'static Script; 4] {
 
 /// Returns the epoch of this Redis dataset, creating it if needed.
 pub async fn ensure_epoch(conn: &mut impl ConnectionLike) -> RedisResult<String> {
-    ENSURE_EPOCH.key(schema::EPOCH).arg(uuid::Uuid::new_v4().simple().to_string()).invoke_async(conn).await
+    ENSURE_EPOCH
+        .key(schema::EPOCH)
+        .key(schema::EPOCH_BORN)
+        .arg(uuid::Uuid::new_v4().simple().to_string())
+        .invoke_async(conn)
+        .await
 }
 
 /// The head of the log: the epoch and the last seq handed out in it.

@@ -4,6 +4,7 @@
 //! | key | type | what |
 //! |---|---|---|
 //! | `dcc:epoch` | string | identity of this Redis dataset; recreated when Redis lost its data |
+//! | `dcc:epoch:born` | string (int) | when the epoch began (Redis time, Unix ms); the registry is complete `node_dead_after_ms` later |
 //! | `dcc:seq` | string (int) | last sequence number handed out in this epoch |
 //! | `dcc:log` | stream | the invalidation log; entry id `{seq}-0`, field `m` = message |
 //! | `dcc:inv` | pub/sub channel | every invalidation message, as logged |
@@ -26,6 +27,10 @@
 
 /// Identity of the current Redis dataset.
 pub const EPOCH: &str = "dcc:epoch";
+/// When the current epoch began (Redis time, Unix ms). Created with the epoch:
+/// a registry that began empty lists every live node only once a full
+/// `node_dead_after_ms` has passed since.
+pub const EPOCH_BORN: &str = "dcc:epoch:born";
 /// Last sequence number handed out.
 pub const SEQ: &str = "dcc:seq";
 /// The invalidation log (a stream).
