@@ -52,6 +52,15 @@ pub struct Options {
     pub faults: bool,
     /// Pause between faults.
     pub fault_every: Duration,
+    /// After `duration`, go on until this many reads were judged, this many
+    /// writes acknowledged and every fault injected once (so that a starved
+    /// machine yields a run that means something, only slower), but no
+    /// longer than `give_up_after` in all.
+    pub min_reads: u64,
+    /// See `min_reads`.
+    pub min_writes: u64,
+    /// See `min_reads`.
+    pub give_up_after: Duration,
 }
 
 impl Default for Options {
@@ -64,9 +73,16 @@ impl Default for Options {
             readers_per_agent: 2,
             faults: true,
             fault_every: Duration::from_millis(2500),
+            min_reads: 500,
+            min_writes: 50,
+            give_up_after: Duration::from_secs(300),
         }
     }
 }
+
+/// The faults, injected in this order, round after round.
+pub const FAULTS: [&str; 5] =
+    ["client_kill_pubsub", "output_buffer_overflow", "freeze_agent", "redis_restart", "coordinator_kill"];
 
 /// The coordinator's config for a checker run: a short `node_dead_after_ms`,
 /// so that a frozen agent stops being awaited within a few seconds.
@@ -101,11 +117,13 @@ pub struct Report {
     pub faults: BTreeMap<&'static str, u64>,
     /// Stale reads found by the history check, described.
     pub stale: Vec<String>,
+    /// How long readers and writers ran.
+    pub ran_for: Duration,
 }
 
 impl std::fmt::Display for Report {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        writeln!(f, "stale-read checker")?;
+        writeln!(f, "stale-read checker, {:.0} s", self.ran_for.as_secs_f64())?;
         writeln!(f, "  cache reads judged: {} (L1 {}, L2 {})", self.hits, self.l1_hits, self.l2_hits)?;
         writeln!(f, "  misses: {} (fills stored {}, refused 409 {})", self.misses, self.fills, self.fills_refused)?;
         writeln!(f, "  503 answers: {}, failed requests: {}", self.unavailable, self.errors)?;
@@ -149,6 +167,14 @@ struct Shared {
 }
 
 impl Shared {
+    /// Whether the run has done the minimum of work that `options` asks for.
+    fn enough(&self, options: &Options) -> bool {
+        let report = self.counters.lock().unwrap_or_else(|p| p.into_inner());
+        report.hits >= options.min_reads
+            && report.writes_acked >= options.min_writes
+            && (!options.faults || FAULTS.iter().all(|kind| report.faults.contains_key(kind)))
+    }
+
     fn count(&self, f: impl FnOnce(&mut Report)) {
         f(&mut self.counters.lock().unwrap_or_else(|p| p.into_inner()));
     }
@@ -196,7 +222,12 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
         tokio::spawn(async move { chaos(shared, cluster, options).await })
     };
     tokio::time::sleep(options.duration).await;
+    let started = shared.started;
+    while !shared.enough(&options) && started.elapsed() < options.give_up_after.max(options.duration) {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     shared.stop.store(true, Ordering::Release);
+    let ran_for = started.elapsed();
     let cluster = chaos.await.context("chaos task")??;
     for task in tasks {
         task.await.context("checker task")?;
@@ -205,6 +236,7 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
 
     let mut report = std::mem::take(&mut *shared.counters.lock().unwrap_or_else(|p| p.into_inner()));
     report.stale = judge(&shared);
+    report.ran_for = ran_for;
     Ok(report)
 }
 
@@ -340,7 +372,6 @@ async fn reader(shared: Arc<Shared>, http: Client, agent: usize, items: usize, s
 
 /// The faults, in turn, until the run ends. Returns the cluster (it owns the processes).
 async fn chaos(shared: Arc<Shared>, mut cluster: Cluster, options: Options) -> anyhow::Result<Cluster> {
-    let kinds = ["client_kill_pubsub", "output_buffer_overflow", "freeze_agent", "redis_restart", "coordinator_kill"];
     let mut rng = fastrand::Rng::with_seed(42);
     let mut turn = 0;
     let http = Client::builder().timeout(Duration::from_secs(5)).pool_idle_timeout(Duration::from_secs(2)).build()?;
@@ -352,7 +383,7 @@ async fn chaos(shared: Arc<Shared>, mut cluster: Cluster, options: Options) -> a
         if !options.faults {
             continue;
         }
-        let kind = kinds[turn % kinds.len()];
+        let kind = FAULTS[turn % FAULTS.len()];
         turn += 1;
         shared.fault_log.lock().unwrap_or_else(|p| p.into_inner()).push((Instant::now(), kind));
         let injected = match kind {
@@ -385,9 +416,16 @@ async fn output_buffer_overflow(cluster: &Cluster, http: &Client, rng: &mut fast
     let victim = cluster.agent(rng.usize(..cluster.agents.len()));
     victim.proc.signal(Signal::SIGSTOP)?;
     let keys: Vec<String> = (0..400).map(|i| format!("burst:{i}:{}", "x".repeat(40))).collect();
+    // About 800 KB for the frozen subscriber; on a starved machine, whatever
+    // 6 s allow (the victim stays frozen no longer than that).
+    let deadline = Instant::now() + Duration::from_secs(6);
     for _ in 0..40 {
+        if Instant::now() >= deadline {
+            break;
+        }
         let body = json!({"tenant": "burst", "keys": keys});
-        let _ = http.post(cluster.coordinator.url("/v1/invalidate")).json(&body).send().await;
+        let post = http.post(cluster.coordinator.url("/v1/invalidate")).json(&body).timeout(Duration::from_secs(2));
+        let _ = post.send().await;
     }
     victim.proc.signal(Signal::SIGCONT)?;
     let _: () = set("pubsub 32mb 8mb 60").query_async(&mut conn).await?;
