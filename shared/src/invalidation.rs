@@ -2,10 +2,9 @@
 //!
 //! 1. **Resolve** happened before this module: the coordinator turned events and
 //!    rules into [`Selector`]s (an agent's `DELETE` is one key).
-//! 2. **Announce, then delete from L2** ([`execute`]): [`begin`] marks the
-//!    tenant as having an invalidation in flight and writes fill-token markers
-//!    for its keys, tags and patterns, so that no fill racing it can store an
-//!    old value. Then the deletion: exact keys, every member of each tag
+//! 2. **Announce, then delete from L2** ([`execute`]): [`begin`] writes
+//!    fill-token markers for its keys, tags and patterns, so that no fill
+//!    racing it can store an old value. Then the deletion: exact keys, every member of each tag
 //!    (moved to the tag's draining set first, then drained in chunks), every key of the tenant matching
 //!    each pattern (`ZSCAN` over the tenant's key index, never `KEYS`), then,
 //!    with `cascade`, the keys that `depends_on` any of those, transitively.
@@ -13,7 +12,7 @@
 //!    drop them even when their own indexes do not know the chain.
 //! 3. **Log and broadcast** ([`append`]): one script takes the next seq,
 //!    appends the message to the `dcc:log` stream (trimmed to a configured
-//!    length), publishes it on `dcc:inv` and ends the in-flight mark. Seq, log and broadcast are
+//!    length) and publishes it on `dcc:inv`. Seq, log and broadcast are
 //!    therefore atomic and in one order, even with two coordinators.
 //! 4. **Apply to L1**: every agent's subscriber hands the message to its L1
 //!    (`node_agent::l1::L1::apply`), which drops matching entries.
@@ -70,10 +69,9 @@ pub async fn execute(conn: &mut impl ConnectionLike, request: Request, log_max_l
 
     // Step 2: announce to fill tokens, then delete from L2, collecting
     // dependents into each selector's keys.
-    let id = uuid::Uuid::new_v4().simple().to_string();
     let mut marks = Vec::with_capacity(request.items.len());
     for selector in &request.items {
-        marks.push(begin(conn, selector, &id).await?);
+        marks.push(begin(conn, selector).await?);
     }
     let mut l2_deleted = 0;
     let mut invalidated = Vec::with_capacity(request.items.len());
@@ -84,67 +82,65 @@ pub async fn execute(conn: &mut impl ConnectionLike, request: Request, log_max_l
     }
 
     // Step 3: log and broadcast.
-    let (epoch, seq) = append(conn, &invalidated, &request.origin, &request.event_ids, &id, log_max_len).await?;
+    let (epoch, seq) = append(conn, &invalidated, &request.origin, &request.event_ids, log_max_len).await?;
     Ok(Outcome { epoch, seq, invalidated, l2_deleted, duplicate: false })
 }
 
-/// How long an invalidation may stay in flight before fills stop waiting for
-/// it (it only matters when its issuer died midway).
-pub const IN_FLIGHT_TTL_MS: u64 = 30_000;
-
-/// Marks an invalidation as in flight for its tenant and writes the
-/// fill-token markers of its explicit keys, tags and patterns. Every marker
-/// gets the *mark*: one above the log head now, so that it is above the seq
-/// of every fill token issued before this moment. Returns the mark.
+/// Writes the fill-token markers of an invalidation's explicit keys, tags and
+/// patterns. Every marker gets the *mark*: one above the log head now, so
+/// that it is above the seq of every fill token issued before this moment.
+/// Returns the mark.
+///
+/// Why markers are enough: a fill's `PUT` script and each step of the
+/// deletion are atomic, so for every entry one of two things happens first.
+/// Either the fill writes (and indexes) the entry before the deletion looks
+/// for it, and the deletion removes it; or the deletion (or this script)
+/// marks it first, and a fill whose token predates this moment is refused.
+/// A token issued after this moment was issued after the write it announces,
+/// so the value read with it is not stale.
 static BEGIN: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
--- KEYS[1] seq, KEYS[2] pending, KEYS[3] pattern markers, KEYS[4] pattern marker times,
--- KEYS[5..] markers (keys, tags)
--- ARGV: invalidation id, in-flight ttl ms, marker ttl ms, then Lua patterns
+-- KEYS[1] seq, KEYS[2] pattern markers, KEYS[3] pattern marker times,
+-- KEYS[4..] markers (keys, tags)
+-- ARGV: marker ttl ms, then Lua patterns
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 local mark = tonumber(redis.call('GET', KEYS[1]) or '0') + 1
-local marker_ttl = tonumber(ARGV[3])
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
-redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), ARGV[1])
-redis.call('PEXPIRE', KEYS[2], marker_ttl)
-for i = 5, #KEYS do
+local marker_ttl = tonumber(ARGV[1])
+for i = 4, #KEYS do
   local old = tonumber(redis.call('GET', KEYS[i]) or '0')
   if old < mark then redis.call('SET', KEYS[i], mark, 'PX', marker_ttl) end
 end
-if #ARGV > 3 then
-  local old = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now - marker_ttl, 'LIMIT', 0, 100)
+if #ARGV > 1 then
+  local old = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now - marker_ttl, 'LIMIT', 0, 100)
   if #old > 0 then
+    redis.call('ZREM', KEYS[2], unpack(old))
     redis.call('ZREM', KEYS[3], unpack(old))
-    redis.call('ZREM', KEYS[4], unpack(old))
   end
-  for i = 4, #ARGV do
-    redis.call('ZADD', KEYS[3], 'GT', mark, ARGV[i])
-    redis.call('ZADD', KEYS[4], now, ARGV[i])
+  for i = 2, #ARGV do
+    redis.call('ZADD', KEYS[2], 'GT', mark, ARGV[i])
+    redis.call('ZADD', KEYS[3], now, ARGV[i])
   end
+  redis.call('PEXPIRE', KEYS[2], marker_ttl)
   redis.call('PEXPIRE', KEYS[3], marker_ttl)
-  redis.call('PEXPIRE', KEYS[4], marker_ttl)
 end
 return mark",
     )
 });
 
 /// Step 2a: see [`BEGIN`].
-async fn begin(conn: &mut impl ConnectionLike, selector: &Selector, id: &str) -> RedisResult<u64> {
+async fn begin(conn: &mut impl ConnectionLike, selector: &Selector) -> RedisResult<u64> {
     let tenant = &selector.tenant;
     let mut inv = BEGIN.prepare_invoke();
-    inv.key(schema::SEQ)
-        .key(schema::pending(tenant))
-        .key(schema::pattern_markers(tenant))
-        .key(schema::pattern_marker_times(tenant));
+    inv.key(schema::SEQ).key(schema::pattern_markers(tenant)).key(schema::pattern_marker_times(tenant));
     for key in &selector.keys {
         inv.key(schema::key_marker(tenant, key));
     }
     for tag in &selector.tags {
         inv.key(schema::tag_marker(tenant, tag));
     }
-    inv.arg(id).arg(IN_FLIGHT_TTL_MS).arg(l2::MARKER_TTL_MS);
+    inv.arg(l2::MARKER_TTL_MS);
     for pattern in &selector.patterns {
         inv.arg(glob::to_lua_pattern(pattern));
     }
@@ -230,16 +226,15 @@ async fn delete_selector(
     Ok((deleted, selector))
 }
 
-/// Takes the next seq, appends the message to the log, publishes it and ends
-/// the in-flight marks, in one atomic step. The epoch is created here if Redis
+/// Takes the next seq, appends the message to the log and publishes it, in
+/// one atomic step. The epoch is created here if Redis
 /// lost it (with the seq), so a restarted Redis starts a new epoch at seq 1.
 static APPEND: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
 -- KEYS[1] epoch, KEYS[2] seq, KEYS[3] log, KEYS[4] epoch birth,
--- then ARGV[6] event-id markers, then pending zsets
--- ARGV: epoch candidate, message tail, log max length, channel, event-id ttl,
---       number of event-id markers, invalidation id
+-- then the event-id markers
+-- ARGV: epoch candidate, message tail, log max length, channel, event-id ttl
 local epoch = redis.call('GET', KEYS[1])
 if not epoch then
   local t = redis.call('TIME')
@@ -251,12 +246,8 @@ local seq = redis.call('INCR', KEYS[2])
 local msg = '{"v":1,"epoch":"' .. epoch .. '","seq":' .. seq .. ',' .. ARGV[2]
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], seq .. '-0', 'm', msg)
 redis.call('PUBLISH', ARGV[4], msg)
-local events = tonumber(ARGV[6])
-for i = 5, 4 + events do
+for i = 5, #KEYS do
   redis.call('SET', KEYS[i], seq, 'EX', ARGV[5])
-end
-for i = 5 + events, #KEYS do
-  redis.call('ZREM', KEYS[i], ARGV[7])
 end
 return {epoch, seq}"#,
     )
@@ -278,7 +269,6 @@ pub async fn append(
     invalidated: &[Selector],
     origin: &str,
     event_ids: &[(String, String)],
-    id: &str,
     log_max_len: u64,
 ) -> RedisResult<(String, u64)> {
     let body = MessageBody { ts_ms: now_ms(), origin, invalidations: invalidated };
@@ -287,16 +277,11 @@ pub async fn append(
     for (tenant, event_id) in event_ids {
         inv.key(schema::event(tenant, event_id));
     }
-    for selector in invalidated {
-        inv.key(schema::pending(&selector.tenant));
-    }
     inv.arg(uuid::Uuid::new_v4().simple().to_string())
         .arg(body.encode_tail())
         .arg(log_max_len.max(1))
         .arg(schema::CHANNEL)
-        .arg(EVENT_ID_TTL_SECS)
-        .arg(event_ids.len())
-        .arg(id);
+        .arg(EVENT_ID_TTL_SECS);
     inv.invoke_async(conn).await
 }
 

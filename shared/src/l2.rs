@@ -141,15 +141,15 @@ fn entry_from_fields(mut fields: HashMap<String, Vec<u8>>, pttl: i64) -> Option<
 ///
 /// With a fill token, the write happens only if nothing that covers the entry
 /// was invalidated since the token was issued: the token's epoch is current,
-/// it has not expired, no invalidation of the tenant is in flight, no marker of
-/// the key, its tags or the keys it depends on is above the token's seq, and no
-/// pattern invalidated above that seq matches the key. Check and write are one
-/// atomic script, so no invalidation can slip between them.
+/// it has not expired, no marker of the key, its tags or the keys it depends
+/// on is above the token's seq, and no pattern invalidated above that seq
+/// matches the key. Check and write are one atomic script, so no invalidation
+/// can slip between them (see `invalidation::BEGIN` for why that is enough).
 static PUT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
--- KEYS[1] entry hash, KEYS[2] epoch, KEYS[3] pending, KEYS[4] pattern markers,
--- KEYS[5 .. 4+nm] markers (key, tags, depends_on keys), then index zsets
+-- KEYS[1] entry hash, KEYS[2] epoch, KEYS[3] pattern markers,
+-- KEYS[4 .. 3+nm] markers (key, tags, depends_on keys), then index zsets
 -- (tenant keys, tags, dependents).
 -- ARGV: value, content type, tags, deps, ttl ms, key, nm,
 --       token epoch ('' without a token), token seq, token issued ms, token ttl ms
@@ -159,13 +159,12 @@ local nm = tonumber(ARGV[7])
 if ARGV[8] ~= '' then
   if redis.call('GET', KEYS[2]) ~= ARGV[8] then return 'epoch' end
   if now - tonumber(ARGV[10]) > tonumber(ARGV[11]) then return 'expired' end
-  if redis.call('ZCOUNT', KEYS[3], now, '+inf') > 0 then return 'in_flight' end
   local seq = tonumber(ARGV[9])
-  for i = 5, 4 + nm do
+  for i = 4, 3 + nm do
     local m = redis.call('GET', KEYS[i])
     if m and tonumber(m) > seq then return 'invalidated' end
   end
-  for _, p in ipairs(redis.call('ZRANGEBYSCORE', KEYS[4], '(' .. seq, '+inf')) do
+  for _, p in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '(' .. seq, '+inf')) do
     if string.find(ARGV[6], p) then return 'invalidated' end
   end
 end
@@ -174,7 +173,7 @@ local expiry = now + ttl
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'v', ARGV[1], 'ct', ARGV[2], 'tags', ARGV[3], 'deps', ARGV[4])
 redis.call('PEXPIRE', KEYS[1], ttl)
-for i = 5 + nm, #KEYS do
+for i = 4 + nm, #KEYS do
   local idx = KEYS[i]
   redis.call('ZADD', idx, 'GT', expiry, ARGV[6])
   local gone = redis.call('ZRANGEBYSCORE', idx, '-inf', now, 'LIMIT', 0, 8)
@@ -193,8 +192,6 @@ pub enum StaleFill {
     Epoch,
     /// The token is older than [`crate::protocol::FILL_TOKEN_TTL_MS`].
     Expired,
-    /// An invalidation of the tenant is in flight.
-    InFlight,
     /// Something covering the entry was invalidated after the token.
     Invalidated,
 }
@@ -205,7 +202,6 @@ impl StaleFill {
         match self {
             StaleFill::Epoch => "Redis lost its data since the fill token was issued",
             StaleFill::Expired => "the fill token has expired",
-            StaleFill::InFlight => "an invalidation of this tenant is in progress",
             StaleFill::Invalidated => {
                 "the key, one of its tags or depends_on keys, or a pattern matching it was invalidated after the fill token was issued"
             }
@@ -223,10 +219,7 @@ pub async fn put(
     token: Option<&FillToken>,
 ) -> RedisResult<Result<(), StaleFill>> {
     let mut inv = PUT.prepare_invoke();
-    inv.key(schema::value(tenant, key))
-        .key(schema::EPOCH)
-        .key(schema::pending(tenant))
-        .key(schema::pattern_markers(tenant));
+    inv.key(schema::value(tenant, key)).key(schema::EPOCH).key(schema::pattern_markers(tenant));
     let mut markers = 0;
     if token.is_some() {
         inv.key(schema::key_marker(tenant, key));
@@ -262,7 +255,6 @@ pub async fn put(
         "ok" => Ok(()),
         "epoch" => Err(StaleFill::Epoch),
         "expired" => Err(StaleFill::Expired),
-        "in_flight" => Err(StaleFill::InFlight),
         _ => Err(StaleFill::Invalidated),
     })
 }

@@ -20,7 +20,6 @@
 //! | `dcc:t:{tenant}:mt:{tag}` | string | fill-token marker of a tag |
 //! | `dcc:t:{tenant}:mp` | zset | invalidated patterns (as Lua patterns) → seq bound |
 //! | `dcc:t:{tenant}:mpt` | zset | the same patterns → when (Redis time), for pruning |
-//! | `dcc:t:{tenant}:pending` | zset | invalidations in flight → deadline (Redis time) |
 //! | `dcc:t:{tenant}:event:{id}` | string | seq an `event_id` was logged under (idempotency, 24 h) |
 //!
 //! Tenant names cannot contain `:`, so `dcc:t:{tenant}:` is an unambiguous prefix.
@@ -92,11 +91,6 @@ pub fn pattern_markers(tenant: &str) -> String {
 /// Invalidated patterns by time, for pruning.
 pub fn pattern_marker_times(tenant: &str) -> String {
     format!("dcc:t:{tenant}:mpt")
-}
-
-/// Invalidations of the tenant in flight.
-pub fn pending(tenant: &str) -> String {
-    format!("dcc:t:{tenant}:pending")
 }
 
 /// The seq an event id was logged under.

@@ -17,13 +17,6 @@ use crate::{header, seq, wait_until, TestCluster};
 /// Long enough for reconnect backoff and a busy machine.
 const RECOVERY: Duration = Duration::from_secs(30);
 
-/// POSTs to the coordinator at `path` with a query, returning status and body.
-async fn post(t: &TestCluster, base: &str, path: &str, body: Value) -> (u16, Value) {
-    let resp = t.http.post(format!("{base}{path}")).json(&body).send().await.unwrap_or_else(|e| panic!("{path}: {e}"));
-    let status = resp.status().as_u16();
-    (status, resp.json().await.unwrap_or(Value::Null))
-}
-
 /// Reads a key through agent `i`, returning the status only.
 async fn status_of(t: &TestCluster, i: usize, key: &str) -> u16 {
     t.read(i, "acme", key).await.0
@@ -32,13 +25,12 @@ async fn status_of(t: &TestCluster, i: usize, key: &str) -> u16 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wait_all_answers_once_every_agent_has_applied_it() {
     let t = TestCluster::start(3, "").await;
-    let base = t.cluster.coordinator.url("");
     for round in 0..5 {
         let key = format!("barrier:{round}");
         t.put_ok(0, "acme", &key, "?tags=supplier:1", "old").await;
         t.warm("acme", &key).await;
         let (status, answer) =
-            post(&t, &base, "/v1/events?wait=all", json!({"tenant": "acme", "entity": "supplier", "id": "1"})).await;
+            t.coordinator_post("/v1/events?wait=all", json!({"tenant": "acme", "entity": "supplier", "id": "1"})).await;
         assert_eq!(status, 200, "round {round}: {answer}");
         assert_eq!(answer["nodes"], json!({"live": 3, "acked": 3}), "round {round}: {answer}");
         // No polling: the 200 itself promises that no agent serves it any more.
@@ -50,36 +42,34 @@ async fn wait_all_answers_once_every_agent_has_applied_it() {
     // The same for /v1/invalidate.
     t.put_ok(1, "acme", "barrier:direct", "", "old").await;
     t.warm("acme", "barrier:direct").await;
-    let (status, answer) = post(
-        &t,
-        &base,
-        "/v1/invalidate?wait=all&timeout_ms=10000",
-        json!({"tenant": "acme", "keys": ["barrier:direct"]}),
-    )
-    .await;
+    let (status, answer) = t
+        .coordinator_post(
+            "/v1/invalidate?wait=all&timeout_ms=10000",
+            json!({"tenant": "acme", "keys": ["barrier:direct"]}),
+        )
+        .await;
     assert_eq!(status, 200, "{answer}");
     for i in 0..3 {
         assert_eq!(status_of(&t, i, "barrier:direct").await, 404, "agent {i}");
     }
     // A bad timeout is a 400.
     let (status, answer) =
-        post(&t, &base, "/v1/events?wait=all&timeout_ms=0", json!({"tenant": "acme", "entity": "x"})).await;
+        t.coordinator_post("/v1/events?wait=all&timeout_ms=0", json!({"tenant": "acme", "entity": "x"})).await;
     assert_eq!((status, answer["error"].as_str()), (400, Some("invalid_query")), "{answer}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_agent_is_named_then_no_longer_awaited_and_never_serves_stale() {
     let t = TestCluster::start(3, "node_dead_after_ms = 3000\n").await;
-    let base = t.cluster.coordinator.url("");
     t.put_ok(0, "acme", "frozen:k", "", "old").await;
     t.warm("acme", "frozen:k").await;
 
     let frozen = t.agent(2);
     frozen.proc.signal(Signal::SIGSTOP).expect("SIGSTOP");
     // A short timeout: the frozen agent is still live, so it is named.
-    let (status, answer) =
-        post(&t, &base, "/v1/invalidate?wait=all&timeout_ms=300", json!({"tenant": "acme", "keys": ["frozen:k"]}))
-            .await;
+    let (status, answer) = t
+        .coordinator_post("/v1/invalidate?wait=all&timeout_ms=300", json!({"tenant": "acme", "keys": ["frozen:k"]}))
+        .await;
     assert_eq!(status, 504, "{answer}");
     assert_eq!(answer["error"], "timeout", "{answer}");
     assert_eq!(answer["lagging"], json!(["agent-3"]), "{answer}");
@@ -89,7 +79,7 @@ async fn a_frozen_agent_is_named_then_no_longer_awaited_and_never_serves_stale()
     // The default timeout outlasts node_dead_after_ms: the frozen agent
     // stops being awaited and the barrier passes without it.
     let (status, answer) =
-        post(&t, &base, "/v1/invalidate?wait=all", json!({"tenant": "acme", "keys": ["frozen:k"]})).await;
+        t.coordinator_post("/v1/invalidate?wait=all", json!({"tenant": "acme", "keys": ["frozen:k"]})).await;
     assert_eq!(status, 200, "{answer}");
     assert_eq!(answer["nodes"], json!({"live": 2, "acked": 2}), "{answer}");
 
@@ -165,10 +155,14 @@ async fn a_subscriber_dropped_by_the_output_buffer_limit_replays_what_it_missed(
         t.invalidate(json!({"tenant": "burst", "keys": keys})).await;
     }
     let last = t.invalidate(json!({"tenant": "acme", "keys": ["overflow:k"]})).await;
+    // Without wait=all the promise is bounded staleness: the invalidation
+    // may be served until the agent's proof of sync is older than its
+    // staleness bound (2 s by default). Stay frozen past it.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
     victim.proc.signal(Signal::SIGCONT).expect("SIGCONT");
     let _: () = limit("pubsub 32mb 8mb 60").query_async(&mut redis).await.expect("CONFIG SET");
 
-    // It never answers with the old value, and it catches up by replaying.
+    // Past its bound it never answers with the old value, and it catches up by replaying.
     let (_, layer, body) = t.read(1, "acme", "overflow:k").await;
     assert_ne!(body, "old", "agent 2 served the invalidated value from {layer}");
     t.wait_applied(seq(&last)).await;
@@ -215,6 +209,37 @@ async fn redis_killed_and_restarted_empty_never_lets_l1_serve_the_old_data() {
     t.warm("acme", "restart:k").await;
     let answer = t.invalidate(json!({"tenant": "acme", "keys": ["restart:k"]})).await;
     t.assert_gone_everywhere(seq(&answer), "acme", "restart:k").await;
+}
+
+/// Redis restarted empty has an empty registry: an agent that has not
+/// re-registered is invisible, yet may still trust its L1 for up to its
+/// bound. `wait=all` must not pass before the new epoch is
+/// `node_dead_after_ms` old (the stale-read checker found this hole).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_all_right_after_redis_lost_its_data_waits_for_agents_it_cannot_see_yet() {
+    let mut t = TestCluster::start(1, "node_dead_after_ms = 10000\n").await;
+    t.put_ok(0, "acme", "settle:k", "", "old").await;
+    t.warm("acme", "settle:k").await;
+    let port = t.cluster.redis.port;
+    t.cluster.redis.proc.kill();
+    t.cluster.redis = Redis::start_on(t.cluster.dir.path(), port).await.expect("restart Redis");
+    wait_ready(&t.http, &t.cluster.coordinator).await.expect("coordinator ready");
+
+    // Seconds into a 10 s old epoch: whether or not the agent is back in the
+    // registry, the barrier cannot pass yet.
+    let (status, answer) = t
+        .coordinator_post("/v1/invalidate?wait=all&timeout_ms=300", json!({"tenant": "acme", "keys": ["settle:k"]}))
+        .await;
+    assert_eq!((status, answer["error"].as_str()), (504, Some("timeout")), "{answer}");
+
+    // With the default timeout (node_dead_after_ms + 1 s) it passes, and
+    // then the agent, back in the registry, has flushed or applied it.
+    let (status, answer) =
+        t.coordinator_post("/v1/invalidate?wait=all", json!({"tenant": "acme", "keys": ["settle:k"]})).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["nodes"], json!({"live": 1, "acked": 1}), "{answer}");
+    let (status, layer, body) = t.read(0, "acme", "settle:k").await;
+    assert_eq!(status, 404, "the agent served {body} from {layer} after wait=all");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -317,7 +342,7 @@ async fn two_coordinators_share_one_log() {
     t.put_ok(0, "acme", "two:k", "", "old").await;
     t.warm("acme", "two:k").await;
     let (status, _) =
-        post(&t, &bases[1], "/v1/invalidate?wait=all", json!({"tenant": "acme", "keys": ["two:k"]})).await;
+        t.post_to(&format!("{}/v1/invalidate?wait=all", bases[1]), json!({"tenant": "acme", "keys": ["two:k"]})).await;
     assert_eq!(status, 200);
     for i in 0..2 {
         assert_eq!(status_of(&t, i, "two:k").await, 404, "agent {i}");

@@ -101,13 +101,12 @@ impl TestCluster {
 
     /// POSTs JSON to the coordinator; returns status and body.
     pub async fn coordinator_post(&self, path: &str, body: Value) -> (u16, Value) {
-        let resp = self
-            .http
-            .post(self.cluster.coordinator.url(path))
-            .json(&body)
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("POST {path} failed: {e}"));
+        self.post_to(&self.cluster.coordinator.url(path), body).await
+    }
+
+    /// POSTs JSON to any URL (a second coordinator, say); returns status and body.
+    pub async fn post_to(&self, url: &str, body: Value) -> (u16, Value) {
+        let resp = self.http.post(url).json(&body).send().await.unwrap_or_else(|e| panic!("POST {url} failed: {e}"));
         let status = resp.status().as_u16();
         (status, resp.json().await.unwrap_or(Value::Null))
     }
