@@ -18,7 +18,7 @@
 //! re-registered by then has stopped trusting its L1 too.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -31,7 +31,7 @@ use shared::registry::{self, Ack};
 use shared::schema;
 use shared::service::Backoff;
 
-use crate::cluster::{self, NodeView};
+use crate::cluster::{self, ClusterView, NodeView};
 
 /// How often a waiting barrier re-reads which nodes are live (and their
 /// stored acknowledgements, in case the ack subscription is down).
@@ -114,6 +114,46 @@ pub async fn listen(redis: redis::Client, pool: deadpool_redis::Pool, board: &Ac
     }
 }
 
+/// The cluster view that every waiting barrier shares, so that a thousand
+/// concurrent `wait=all` requests cost one registry read per
+/// [`LIVENESS_REFRESH`], not a thousand.
+#[derive(Default)]
+pub struct Liveness {
+    /// The newest view, with the moment its read began.
+    latest: Mutex<Option<(Instant, Arc<ClusterView>)>>,
+    /// Held by the one waiter that reads a new view; the others then use it.
+    reading: tokio::sync::Mutex<()>,
+}
+
+impl Liveness {
+    /// A view whose read began at or after `since`: the newest one if it
+    /// qualifies, otherwise a new read.
+    async fn view_since(
+        &self,
+        pool: &deadpool_redis::Pool,
+        node_dead_after_ms: u64,
+        since: Instant,
+    ) -> anyhow::Result<Arc<ClusterView>> {
+        if let Some(view) = self.cached(since) {
+            return Ok(view);
+        }
+        let _reading = self.reading.lock().await;
+        if let Some(view) = self.cached(since) {
+            return Ok(view);
+        }
+        let began = Instant::now();
+        let mut conn = pool.get().await?;
+        let view = Arc::new(cluster::view(&mut conn, node_dead_after_ms).await?);
+        *self.latest.lock().unwrap_or_else(|p| p.into_inner()) = Some((began, view.clone()));
+        Ok(view)
+    }
+
+    fn cached(&self, since: Instant) -> Option<Arc<ClusterView>> {
+        let latest = self.latest.lock().unwrap_or_else(|p| p.into_inner());
+        latest.as_ref().filter(|(began, _)| *began >= since).map(|(_, view)| view.clone())
+    }
+}
+
 /// How a barrier ended.
 #[derive(Debug)]
 pub enum Barrier {
@@ -135,22 +175,26 @@ pub enum Barrier {
 }
 
 /// Waits until every live node has applied `seq` of `epoch`, or `timeout`.
+/// Call it after `seq` was logged: liveness is judged only on registry reads
+/// that began after that, because a node counted dead before the invalidation
+/// existed could have come back and proved itself in sync without it.
 pub async fn wait_for_all(
     pool: &deadpool_redis::Pool,
     board: &AckBoard,
+    liveness: &Liveness,
     node_dead_after_ms: u64,
     epoch: &str,
     seq: u64,
     timeout: Duration,
 ) -> anyhow::Result<Barrier> {
-    let deadline = Instant::now() + timeout;
+    let called = Instant::now();
+    let deadline = called + timeout;
     let mut changes = board.changed.subscribe();
     loop {
-        // Who is live now, and what the registry already knows they applied.
-        let view = {
-            let mut conn = pool.get().await?;
-            cluster::view(&mut conn, node_dead_after_ms).await?
-        };
+        // Who is live now (as of a read at most one refresh old, and begun
+        // after the call), and what the registry already knows they applied.
+        let since = Instant::now().checked_sub(LIVENESS_REFRESH).map_or(called, |t| t.max(called));
+        let view = liveness.view_since(pool, node_dead_after_ms, since).await?;
         let covered_by_view = |n: &NodeView| {
             if view.epoch == epoch {
                 n.in_epoch && n.applied_seq >= seq

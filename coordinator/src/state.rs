@@ -13,7 +13,7 @@ use shared::invalidation::{self, Outcome, Request};
 use shared::protocol::Selector;
 use shared::service::{register, ApiError};
 
-use crate::barrier::{self, AckBoard, Barrier};
+use crate::barrier::{self, AckBoard, Barrier, Liveness};
 use crate::cluster;
 use crate::rules::RuleSet;
 use crate::settings::Settings;
@@ -34,6 +34,8 @@ pub struct Inner {
     pub redis: redis::Client,
     /// Agents' newest acknowledgements, for `wait=all`.
     pub acks: AckBoard,
+    /// The cluster view shared by every `wait=all` in progress.
+    pub liveness: Liveness,
     /// This process, as recorded in messages it logs.
     pub origin: String,
     /// The last Redis check succeeded.
@@ -146,6 +148,7 @@ impl Coordinator {
             pool,
             redis,
             acks: AckBoard::default(),
+            liveness: Liveness::default(),
             origin,
             redis_ok: AtomicBool::new(false),
             started: Instant::now(),
@@ -200,6 +203,7 @@ impl Coordinator {
                 let barrier = barrier::wait_for_all(
                     &self.0.pool,
                     &self.0.acks,
+                    &self.0.liveness,
                     self.0.settings.node_dead_after_ms,
                     &outcome.epoch,
                     outcome.seq,

@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -54,6 +54,9 @@ pub struct Inner {
 /// One shared L2 read.
 pub type Flight = Shared<BoxFuture<'static, Result<Read, String>>>;
 
+/// The moment proofs of sync are counted from (the first use in this process).
+static CLOCK_ORIGIN: LazyLock<Instant> = LazyLock::new(Instant::now);
+
 /// Where this agent stands with respect to the invalidation log.
 ///
 /// L1 may answer only while the agent holds a recent *proof* of being in sync:
@@ -74,8 +77,9 @@ pub struct SyncState {
     pub subscription: AtomicU64,
     /// The last heartbeat reached Redis.
     pub redis_ok: AtomicBool,
-    /// When the agent last proved it was in sync (monotonic clock).
-    pub proven_at: Mutex<Option<Instant>>,
+    /// When the agent last proved it was in sync: nanoseconds after
+    /// [`CLOCK_ORIGIN`], 0 for never. An atomic, because every read checks it.
+    pub proven_at: AtomicU64,
     /// A heartbeat that found the log head ahead of L1 by messages still on
     /// their way: (when it was sent, the head it read, the subscription).
     /// Applying up to that head proves sync as of the heartbeat.
@@ -94,16 +98,23 @@ pub struct SyncState {
 impl SyncState {
     /// Whether L1 may answer: a proof of sync younger than the bound.
     pub fn in_sync(&self) -> bool {
-        let bound = Duration::from_millis(self.bound_ms.load(Ordering::Acquire));
-        crate::sync::lock(&self.proven_at).is_some_and(|at| at.elapsed() < bound)
+        let proven = self.proven_at.load(Ordering::Acquire);
+        if proven == 0 {
+            return false;
+        }
+        let age = CLOCK_ORIGIN.elapsed().saturating_sub(Duration::from_nanos(proven - 1));
+        age < Duration::from_millis(self.bound_ms.load(Ordering::Acquire))
     }
 
     /// Records a proof of sync made at `at` (keeps the newest).
     pub fn prove(&self, at: Instant) {
-        let mut proven = crate::sync::lock(&self.proven_at);
-        if proven.is_none_or(|p| p < at) {
-            *proven = Some(at);
-        }
+        let Some(since) = at.checked_duration_since(*CLOCK_ORIGIN) else {
+            // Older than the origin (forced when the agent is built): no proof.
+            return;
+        };
+        let nanos = since.as_nanos();
+        // +1 keeps 0 for "never"; u64 nanoseconds last 584 years.
+        self.proven_at.fetch_max(u64::try_from(nanos).unwrap_or(u64::MAX - 1) + 1, Ordering::AcqRel);
     }
 }
 
@@ -199,6 +210,7 @@ impl Agent {
         let redis = redis::Client::open(settings.redis_url.as_str()).map_err(|e| format!("bad redis_url: {e}"))?;
         let metrics = Metrics::new();
         metrics.l1_capacity.set(i64::try_from(settings.l1_max_bytes).unwrap_or(i64::MAX));
+        LazyLock::force(&CLOCK_ORIGIN);
         let sync = SyncState::default();
         sync.bound_ms.store(settings.staleness_bound_ms, Ordering::Release);
         Ok(Agent(Arc::new(Inner {
@@ -520,4 +532,40 @@ pub struct InvalidationStatus {
     pub entries_dropped: u64,
     /// Fills kept out of L1 because an invalidation raced them.
     pub fills_refused: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn l1_is_trusted_only_with_a_proof_younger_than_the_bound() {
+        LazyLock::force(&CLOCK_ORIGIN);
+        let sync = SyncState::default();
+        sync.bound_ms.store(60_000, Ordering::Release);
+        assert!(!sync.in_sync(), "no proof yet");
+
+        let now = Instant::now();
+        sync.prove(now);
+        assert!(sync.in_sync());
+        // An older proof never replaces a newer one.
+        sync.prove(now - Duration::from_millis(1));
+        assert_eq!(sync.proven_at.load(Ordering::Acquire), now.duration_since(*CLOCK_ORIGIN).as_nanos() as u64 + 1);
+
+        // Past the bound, the same proof no longer counts.
+        sync.bound_ms.store(1, Ordering::Release);
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(!sync.in_sync());
+    }
+
+    #[test]
+    fn a_proof_from_before_the_clock_origin_is_ignored() {
+        LazyLock::force(&CLOCK_ORIGIN);
+        let sync = SyncState::default();
+        sync.bound_ms.store(u64::MAX / 2, Ordering::Release);
+        if let Some(before) = CLOCK_ORIGIN.checked_sub(Duration::from_secs(1)) {
+            sync.prove(before);
+            assert!(!sync.in_sync());
+        }
+    }
 }
