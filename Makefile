@@ -4,7 +4,7 @@
 CARGO ?= cargo
 SHELL := /bin/bash
 
-.PHONY: demo test run chaos build release lint redis clean
+.PHONY: demo test run chaos bench build release lint redis clean
 
 ## demo: start a private Redis, a coordinator and 3 agents; tell the story; stop everything
 demo: redis release
@@ -23,6 +23,12 @@ run: redis release
 CHAOS_SECS ?= 300
 chaos: redis release
 	./target/release/chaos $(CHAOS_SECS)
+
+## bench: criterion micro-benchmarks, then the system side by side with Redis; writes BENCHMARKS.md
+## (QUICK=1 for a short pass that only checks everything runs; it writes BENCHMARKS.quick.md)
+bench: redis release
+	$(CARGO) bench -p shared -p node-agent $(if $(QUICK),-- --quick,)
+	./target/release/bench $(if $(QUICK),--quick --out BENCHMARKS.quick.md,)
 
 ## lint: formatting and clippy, warnings are errors
 lint:

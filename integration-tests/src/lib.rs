@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
+pub mod bench;
 pub mod checker;
 
 /// A response header as a string (empty when absent or not text).

@@ -185,17 +185,26 @@ async fn delete_selector(
     delete(conn, exact, &mut deleted, &mut dependents).await?;
 
     for tag in &selector.tags {
-        let Some(set) = l2::detach_tag(conn, &tenant, tag).await? else {
-            continue;
-        };
+        // A draining set found first is finished first; then this tag's own
+        // members are detached and drained.
         loop {
-            let members = l2::peek_members(conn, &set).await?;
-            if members.is_empty() {
+            let (set, done) = match l2::detach_tag(conn, &tenant, tag).await? {
+                l2::Detached::Nothing => break,
+                l2::Detached::Leftover(set) => (set, false),
+                l2::Detached::Members(set) => (set, true),
+            };
+            loop {
+                let (n, members, found) = l2::drain_chunk(conn, &tenant, &set, cascade, mark).await?;
+                if members.is_empty() {
+                    break;
+                }
+                deleted += n;
+                dependents.extend(found);
+                seen.extend(members);
+            }
+            if done {
                 break;
             }
-            let fresh: Vec<String> = members.iter().filter(|k| seen.insert((*k).clone())).cloned().collect();
-            delete(conn, fresh, &mut deleted, &mut dependents).await?;
-            l2::forget_members(conn, &set, &members).await?;
         }
     }
 

@@ -66,7 +66,7 @@ return e",
 
 /// The scripts of this module, for [`crate::invalidation::load_scripts`].
 pub(crate) fn scripts() -> [&'static Script; 4] {
-    [&ENSURE_EPOCH, &PUT, &DELETE_KEYS, &DETACH]
+    [&ENSURE_EPOCH, &PUT, &DELETE, &DETACH]
 }
 
 /// Returns the epoch of this Redis dataset, creating it if needed.
@@ -259,34 +259,63 @@ pub async fn put(
     })
 }
 
-/// Deletes one chunk of entries by key, marks each key for fill tokens,
-/// removes them from the tenant index and, with `cascade`, returns (and drops)
-/// their dependents sets.
-static DELETE_KEYS: LazyLock<Script> = LazyLock::new(|| {
+/// Deletes one chunk of entries, marks each key for fill tokens, removes them
+/// from the tenant index and, with `cascade`, returns (and drops) their
+/// dependents sets. The chunk is either the keys given, or the first members
+/// of a tag's draining set, which leave the set in the same step, once their
+/// entries are gone (so a second coordinator draining the same tag cannot
+/// find the set empty while entries are still in L2).
+static DELETE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
--- KEYS[1] tenant index, then triples: entry hash, dependents zset, key marker
--- ARGV: cascade ('1' or '0'), marker value, marker ttl ms, then the keys themselves
+-- KEYS[1] tenant index, KEYS[2] (optional) a draining set to take the chunk from
+-- ARGV: cascade ('1' or '0'), marker value, marker ttl ms, then the key
+--       prefixes of entries, dependents sets and key markers, then either
+--       the chunk size (draining) or the keys themselves
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 local mark = tonumber(ARGV[2])
+local keys
+if #KEYS == 2 then
+  keys = redis.call('ZRANGE', KEYS[2], 0, tonumber(ARGV[7]) - 1)
+else
+  keys = {unpack(ARGV, 7)}
+end
 local deleted = 0
 local deps = {}
-for i = 1, (#KEYS - 1) / 3 do
-  local entry, dependents, marker = KEYS[3 * i - 1], KEYS[3 * i], KEYS[3 * i + 1]
-  deleted = deleted + redis.call('UNLINK', entry)
-  redis.call('ZREM', KEYS[1], ARGV[3 + i])
+for _, key in ipairs(keys) do
+  deleted = deleted + redis.call('UNLINK', ARGV[4] .. key)
+  redis.call('ZREM', KEYS[1], key)
+  local marker = ARGV[6] .. key
   local old = tonumber(redis.call('GET', marker) or '0')
   if old < mark then redis.call('SET', marker, mark, 'PX', ARGV[3]) end
   if ARGV[1] == '1' then
-    local d = redis.call('ZRANGEBYSCORE', dependents, now, '+inf')
-    for _, m in ipairs(d) do deps[#deps + 1] = m end
+    local dependents = ARGV[5] .. key
+    for _, m in ipairs(redis.call('ZRANGEBYSCORE', dependents, now, '+inf')) do deps[#deps + 1] = m end
     redis.call('UNLINK', dependents)
   end
 end
-return {deleted, deps}",
+if #KEYS == 2 and #keys > 0 then redis.call('ZREM', KEYS[2], unpack(keys)) end
+return {deleted, keys, deps}",
     )
 });
+
+/// What one [`DELETE`] call did: entries that existed, the keys handled, and
+/// the dependents found (with `cascade`).
+type Deleted = (u64, Vec<String>, Vec<String>);
+
+/// A [`DELETE`] call with the common arguments in place.
+fn delete_call(tenant: &str, cascade: bool, mark: u64) -> redis::ScriptInvocation<'static> {
+    let mut inv = DELETE.prepare_invoke();
+    inv.key(schema::tenant_keys(tenant))
+        .arg(if cascade { "1" } else { "0" })
+        .arg(mark)
+        .arg(MARKER_TTL_MS)
+        .arg(schema::value(tenant, ""))
+        .arg(schema::dependents(tenant, ""))
+        .arg(schema::key_marker(tenant, ""));
+    inv
+}
 
 /// Deletes entries by exact key, in chunks, marking each key with `mark` for
 /// fill tokens. Returns how many existed, and the keys that depend on them
@@ -301,63 +330,77 @@ pub async fn delete_keys(
     let mut deleted = 0;
     let mut dependents = Vec::new();
     for chunk in keys.chunks(CHUNK) {
-        let mut inv = DELETE_KEYS.prepare_invoke();
-        inv.key(schema::tenant_keys(tenant));
-        for key in chunk {
-            inv.key(schema::value(tenant, key))
-                .key(schema::dependents(tenant, key))
-                .key(schema::key_marker(tenant, key));
-        }
-        inv.arg(if cascade { "1" } else { "0" }).arg(mark).arg(MARKER_TTL_MS);
+        let mut inv = delete_call(tenant, cascade, mark);
         for key in chunk {
             inv.arg(key);
         }
-        let (n, deps): (u64, Vec<String>) = inv.invoke_async(conn).await?;
+        let (n, _, deps): Deleted = inv.invoke_async(conn).await?;
         deleted += n;
         dependents.extend(deps);
     }
     Ok((deleted, dependents))
 }
 
+/// Deletes the next [`DRAIN_CHUNK`] members of a draining set (see
+/// [`detach_tag`]) and removes them from it. Returns how many entries existed,
+/// the members handled (none once the set is drained) and their dependents.
+pub async fn drain_chunk(
+    conn: &mut impl ConnectionLike,
+    tenant: &str,
+    set: &str,
+    cascade: bool,
+    mark: u64,
+) -> RedisResult<(u64, Vec<String>, Vec<String>)> {
+    let mut inv = delete_call(tenant, cascade, mark);
+    inv.key(set).arg(DRAIN_CHUNK);
+    inv.invoke_async(conn).await
+}
+
+/// Members deleted by one [`drain_chunk`] call: small enough that the call
+/// stays in the low milliseconds.
+pub const DRAIN_CHUNK: usize = 500;
+
 /// How long fill-token markers live: longer than a token.
 pub const MARKER_TTL_MS: u64 = crate::protocol::FILL_TOKEN_TTL_MS + 10_000;
 
-/// Moves a tag's members into the tag's draining set, so that entries stored
-/// after this moment are not swept up by the drain that follows. The draining
-/// set is the same for every invalidation of the tag: members left there by a
-/// drain that was cut short (its coordinator died) are merged with the new
-/// ones and deleted this time.
+/// Detaches a tag's members for deletion: renames the tag's set to the tag's
+/// draining set (O(1), however many members), so that entries stored after
+/// this moment are not swept up by the drain that follows. There is one
+/// draining set per tag: if one is already there (another invalidation of the
+/// tag is draining it, or died while doing so) nothing is renamed, and the
+/// caller drains that set first and detaches again.
 static DETACH: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
+if redis.call('EXISTS', KEYS[2]) == 1 then return 1 end
 if redis.call('EXISTS', KEYS[1]) == 1 then
-  redis.call('ZUNIONSTORE', KEYS[2], 2, KEYS[2], KEYS[1], 'AGGREGATE', 'MAX')
-  redis.call('DEL', KEYS[1])
+  redis.call('RENAME', KEYS[1], KEYS[2])
+  return 2
 end
-return redis.call('EXISTS', KEYS[2])",
+return 0",
     )
 });
 
-/// Detaches a tag's members (see [`DETACH`]); returns the name of the set to
-/// drain with [`peek_members`] and [`forget_members`], or `None` when there is
-/// nothing to drain.
-pub async fn detach_tag(conn: &mut impl ConnectionLike, tenant: &str, tag: &str) -> RedisResult<Option<String>> {
+/// What [`detach_tag`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Detached {
+    /// The tag has no members: nothing to drain.
+    Nothing,
+    /// A draining set was already there: drain it, then detach again.
+    Leftover(String),
+    /// The tag's members are now in this draining set: drain it, and done.
+    Members(String),
+}
+
+/// Detaches a tag's members (see [`DETACH`]).
+pub async fn detach_tag(conn: &mut impl ConnectionLike, tenant: &str, tag: &str) -> RedisResult<Detached> {
     let draining = schema::draining(tenant, tag);
-    let pending: i64 = DETACH.key(schema::tag(tenant, tag)).key(&draining).invoke_async(conn).await?;
-    Ok((pending == 1).then_some(draining))
-}
-
-/// Up to [`CHUNK`] members of a draining set; empty when it is drained. They
-/// stay in the set until [`forget_members`], after their entries are deleted,
-/// so that a second coordinator draining the same tag cannot find the set
-/// empty (and log its invalidation) while entries are still in L2.
-pub async fn peek_members(conn: &mut impl ConnectionLike, set: &str) -> RedisResult<Vec<String>> {
-    redis::cmd("ZRANGE").arg(set).arg(0).arg(CHUNK - 1).query_async(conn).await
-}
-
-/// Removes drained members from a draining set (Redis deletes it once empty).
-pub async fn forget_members(conn: &mut impl ConnectionLike, set: &str, members: &[String]) -> RedisResult<()> {
-    redis::cmd("ZREM").arg(set).arg(members).query_async(conn).await
+    let found: i64 = DETACH.key(schema::tag(tenant, tag)).key(&draining).invoke_async(conn).await?;
+    Ok(match found {
+        1 => Detached::Leftover(draining),
+        2 => Detached::Members(draining),
+        _ => Detached::Nothing,
+    })
 }
 
 /// One step of a `ZSCAN` over an index zset: the next cursor, and the members

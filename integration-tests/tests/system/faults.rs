@@ -304,6 +304,39 @@ async fn a_coordinator_killed_mid_stream_is_retried_safely_with_the_same_event_i
     assert!(leftovers.is_empty(), "drains left behind: {leftovers:?}");
 }
 
+/// A tag drain cut short (its coordinator died after detaching the tag) leaves
+/// a draining set; the next invalidation of the tag finishes it, then drains
+/// the members stored since, and leaves no draining set behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_next_invalidation_of_a_tag_finishes_a_drain_cut_short() {
+    let t = TestCluster::start(1, "").await;
+    let mut redis = t.cluster.redis.connection().await.expect("Redis");
+    for k in 0..1200 {
+        t.put_ok(0, "acme", &format!("left:old:{k}"), "?tags=left", "old").await;
+    }
+    // What DETACH does before a crash: the tag's set becomes its draining set.
+    let _: () = redis::cmd("RENAME")
+        .arg("dcc:t:acme:tag:left")
+        .arg("dcc:t:acme:draining:left")
+        .query_async(&mut redis)
+        .await
+        .expect("RENAME");
+    for k in 0..3 {
+        t.put_ok(0, "acme", &format!("left:new:{k}"), "?tags=left", "new").await;
+    }
+    let answer = t.invalidate(json!({"tenant": "acme", "tags": ["left"]})).await;
+    assert_eq!(answer["l2_deleted"], 1203, "{answer}");
+    for key in ["left:old:0", "left:old:1199", "left:new:2"] {
+        let exists: bool =
+            redis::cmd("EXISTS").arg(format!("dcc:t:acme:v:{key}")).query_async(&mut redis).await.expect("EXISTS");
+        assert!(!exists, "{key} is still in L2");
+    }
+    for set in ["dcc:t:acme:draining:left", "dcc:t:acme:tag:left"] {
+        let exists: bool = redis::cmd("EXISTS").arg(set).query_async(&mut redis).await.expect("EXISTS");
+        assert!(!exists, "{set} is left behind");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_coordinators_share_one_log() {
     let t = TestCluster::with(ClusterOptions { agents: 2, ..ClusterOptions::default() }).await;

@@ -1,0 +1,93 @@
+//! `make bench`: starts a private Redis, a coordinator and agents (release
+//! builds), measures them side by side with Redis itself, and writes
+//! `BENCHMARKS.md`. `bench --quick` (`make bench QUICK=1`) is a short pass
+//! that checks everything runs; `--out FILE` writes elsewhere.
+//! See `integration_tests::bench` for what each figure is.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::Context;
+use integration_tests::bench::{self, fanout, hits, scale, Options};
+use integration_tests::{free_port, start_agent, wait_ready, Cluster, ClusterOptions};
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let quick = args.iter().any(|a| a == "--quick") || std::env::var("QUICK").is_ok_and(|v| !v.is_empty());
+    let out = args
+        .iter()
+        .position(|a| a == "--out")
+        .and_then(|i| args.get(i + 1))
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../BENCHMARKS.md"));
+    let options = if quick { Options::quick() } else { Options::full() };
+    let command = if quick { "make bench QUICK=1" } else { "make bench" };
+    let started = Instant::now();
+
+    eprintln!("starting Redis, a coordinator and 8 agents");
+    let mut cluster = Cluster::start(ClusterOptions { agents: 8, ..ClusterOptions::default() }).await?;
+    let redis_url = cluster.redis.url();
+    let coordinator = cluster.coordinator.url("");
+    let mut rows = Vec::new();
+    let mut notes = Vec::new();
+
+    eprintln!("1-2. L1 hits vs Redis GET");
+    let (r, n) = hits::run(&options, &cluster.agent(0).addr, &redis_url).await?;
+    rows.extend(r);
+    notes.extend(n);
+
+    eprintln!("3. propagation to 8 agents");
+    let (r, n) = fanout::propagation(&options, &coordinator, &redis_url, 8).await?;
+    rows.push(r);
+    notes.push(n);
+
+    eprintln!("4. wait=all round trip");
+    let (r, n) = fanout::barrier(&options, &coordinator, 8).await?;
+    rows.push(r);
+    notes.push(n);
+
+    eprintln!("5. event throughput");
+    let (r, n) = fanout::throughput(&options, &coordinator, &redis_url).await?;
+    rows.extend(r);
+    notes.push(n);
+
+    eprintln!("3. propagation to 32 agents");
+    let client = reqwest::Client::new();
+    for i in 9..=32 {
+        let agent = start_agent(cluster.dir.path(), &redis_url, free_port(), &format!("agent-{i}"), "")?;
+        cluster.agents.push(agent);
+    }
+    for agent in &cluster.agents {
+        wait_ready(&client, agent).await?;
+    }
+    let (r, n) = fanout::propagation(&options, &coordinator, &redis_url, 32).await?;
+    rows.push(r);
+    notes.push(n);
+    // Back to 8, so that the next measures do not pay for 24 idle agents.
+    cluster.agents.truncate(8);
+
+    eprintln!("6. invalidation at scale");
+    let (r, n) = scale::invalidation(&options, &coordinator, &redis_url).await?;
+    rows.extend(r);
+    notes.push(n);
+
+    eprintln!("7. agent memory");
+    let memory_agent =
+        start_agent(cluster.dir.path(), &redis_url, free_port(), "agent-memory", "l1_max_bytes = 1073741824\n")?;
+    wait_ready(&client, &memory_agent).await?;
+    let pid = memory_agent.proc.pid().context("the memory agent has no pid")?;
+    let (r, n) = scale::memory(&options, &memory_agent.addr, pid).await?;
+    rows.push(r);
+    notes.push(n);
+    drop(memory_agent);
+    drop(cluster);
+
+    let micro = bench::criterion_table(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/criterion"));
+    let mut text = bench::report(&rows, &options, command, &notes);
+    text.push_str(&micro);
+    std::fs::write(&out, &text).with_context(|| format!("writing {}", out.display()))?;
+    println!("{text}");
+    eprintln!("wrote {} in {:.0} s", out.display(), started.elapsed().as_secs_f64());
+    Ok(())
+}
