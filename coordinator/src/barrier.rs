@@ -67,7 +67,7 @@ impl AckBoard {
 
     /// Whether `node_id` has acknowledged `seq` of `epoch`, or follows
     /// `current_epoch`, a newer one (joining it flushed its L1).
-    fn covers(&self, node_id: &str, epoch: &str, seq: u64, current_epoch: &str) -> bool {
+    pub fn covers(&self, node_id: &str, epoch: &str, seq: u64, current_epoch: &str) -> bool {
         let latest = self.latest.lock().unwrap_or_else(|p| p.into_inner());
         latest
             .get(node_id)
@@ -128,7 +128,7 @@ pub struct Liveness {
 impl Liveness {
     /// A view whose read began at or after `since`: the newest one if it
     /// qualifies, otherwise a new read.
-    async fn view_since(
+    pub async fn view_since(
         &self,
         pool: &deadpool_redis::Pool,
         node_dead_after_ms: u64,

@@ -7,6 +7,7 @@
 //! - [`events`]: events and invalidation requests, validated and grouped.
 //! - [`rules`]: rule templates, dependents, cycle detection.
 //! - [`state`]: runs the invalidation path ([`state::Coordinator::invalidate`]).
+//! - [`batch`]: group commit: concurrent invalidations merged into one.
 //! - [`barrier`]: agents' acknowledgements and the `wait=all` barrier.
 //! - [`cluster`]: the nodes' reports and Redis's health.
 //! - [`api`]: the HTTP endpoints.
@@ -14,6 +15,7 @@
 
 pub mod api;
 pub mod barrier;
+pub mod batch;
 pub mod cluster;
 pub mod events;
 pub mod rules;

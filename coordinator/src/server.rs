@@ -68,6 +68,7 @@ impl Application {
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = &'static str>) -> anyhow::Result<()> {
         let Application { coordinator, server, addr } = self;
         let stop = CancellationToken::new();
+        coordinator.inner().batcher.start(stop.clone());
         let watch = tokio::spawn(watch_redis(coordinator.clone(), stop.clone()));
         let acks = {
             let (coordinator, stop) = (coordinator.clone(), stop.clone());

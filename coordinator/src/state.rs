@@ -9,12 +9,12 @@ use actix_web::http::StatusCode;
 use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounter, IntGauge, Registry};
 use serde::Serialize;
 
-use shared::invalidation::{self, Outcome, Request};
+use shared::invalidation::{Outcome, Request};
 use shared::protocol::Selector;
 use shared::service::{register, ApiError};
 
 use crate::barrier::{self, AckBoard, Barrier, Liveness};
-use crate::cluster;
+use crate::batch::Batcher;
 use crate::rules::RuleSet;
 use crate::settings::Settings;
 
@@ -36,6 +36,8 @@ pub struct Inner {
     pub acks: AckBoard,
     /// The cluster view shared by every `wait=all` in progress.
     pub liveness: Liveness,
+    /// Group commit of concurrent invalidations.
+    pub batcher: Batcher,
     /// This process, as recorded in messages it logs.
     pub origin: String,
     /// The last Redis check succeeded.
@@ -142,6 +144,7 @@ impl Coordinator {
         let rules = RuleSet::new(settings.rules.clone())?;
         let pool = shared::service::redis_pool(&settings.redis_url, settings.redis_pool_size)?;
         let redis = redis::Client::open(settings.redis_url.as_str()).map_err(|e| format!("bad redis_url: {e}"))?;
+        let batcher = Batcher::new(pool.clone(), settings.log_max_len);
         Ok(Coordinator(Arc::new(Inner {
             settings,
             rules,
@@ -149,6 +152,7 @@ impl Coordinator {
             redis,
             acks: AckBoard::default(),
             liveness: Liveness::default(),
+            batcher,
             origin,
             redis_ok: AtomicBool::new(false),
             started: Instant::now(),
@@ -178,10 +182,8 @@ impl Coordinator {
     /// or with `wait` (`wait=all`) waits for every live node to apply it.
     pub async fn invalidate(&self, request: Request, wait: Option<Duration>) -> Result<InvalidationAnswer, ApiError> {
         let started = Instant::now();
-        let mut conn = self.conn().await?;
-        let outcome: Outcome = invalidation::execute(&mut conn, request, self.0.settings.log_max_len)
-            .await
-            .map_err(|e| self.redis_failed(e))?;
+        // Possibly merged with requests running at the same time (group commit).
+        let outcome: Outcome = self.0.batcher.execute(request).await.map_err(|e| self.redis_failed(e))?;
         let m = &self.0.metrics;
         m.invalidation_seconds.observe(started.elapsed().as_secs_f64());
         if !outcome.duplicate {
@@ -190,15 +192,23 @@ impl Coordinator {
         }
         let nodes = match wait {
             None => {
-                let view = cluster::view(&mut conn, self.0.settings.node_dead_after_ms)
+                // Informational: who is live (a view up to a second old, shared
+                // with every other request) and who has acknowledged already.
+                let since = Instant::now().checked_sub(Duration::from_secs(1)).unwrap_or(started);
+                let view = self
+                    .0
+                    .liveness
+                    .view_since(&self.0.pool, self.0.settings.node_dead_after_ms, since.into())
                     .await
                     .map_err(|e| self.redis_failed(e))?;
                 let live: Vec<_> = view.live().collect();
-                let acked = live.iter().filter(|n| n.applied_seq >= outcome.seq && view.epoch == outcome.epoch);
+                let acked = live.iter().filter(|n| {
+                    (view.epoch == outcome.epoch && n.in_epoch && n.applied_seq >= outcome.seq)
+                        || self.0.acks.covers(&n.node_id, &outcome.epoch, outcome.seq, &view.epoch)
+                });
                 NodeCount { live: live.len(), acked: acked.count() }
             }
             Some(timeout) => {
-                drop(conn);
                 let logged = Instant::now();
                 let barrier = barrier::wait_for_all(
                     &self.0.pool,

@@ -148,7 +148,10 @@ async fn begin(conn: &mut impl ConnectionLike, selector: &Selector) -> RedisResu
 }
 
 /// The highest seq recorded for these event ids, if every one of them was logged.
-async fn already_logged(conn: &mut impl ConnectionLike, event_ids: &[(String, String)]) -> RedisResult<Option<u64>> {
+pub async fn already_logged(
+    conn: &mut impl ConnectionLike,
+    event_ids: &[(String, String)],
+) -> RedisResult<Option<u64>> {
     if event_ids.is_empty() {
         return Ok(None);
     }
@@ -158,6 +161,37 @@ async fn already_logged(conn: &mut impl ConnectionLike, event_ids: &[(String, St
     }
     let seqs: Vec<Option<u64>> = cmd.query_async(conn).await?;
     Ok(seqs.iter().copied().collect::<Option<Vec<u64>>>().and_then(|s| s.into_iter().max()))
+}
+
+/// Merges requests into one, for group commit: per tenant and `cascade`, the
+/// union of their keys, tags and patterns (first occurrence order), and all
+/// their event ids. Invalidating the union invalidates everything each one
+/// covers. The origin is the first request's.
+pub fn merge(requests: Vec<Request>) -> Request {
+    let mut merged = Request::default();
+    for (i, request) in requests.into_iter().enumerate() {
+        if i == 0 {
+            merged.origin = request.origin;
+        }
+        merged.event_ids.extend(request.event_ids);
+        for item in request.items {
+            match merged.items.iter_mut().find(|m| m.tenant == item.tenant && m.cascade == item.cascade) {
+                Some(m) => {
+                    m.keys.extend(item.keys);
+                    m.tags.extend(item.tags);
+                    m.patterns.extend(item.patterns);
+                }
+                None => merged.items.push(item),
+            }
+        }
+    }
+    for item in &mut merged.items {
+        for list in [&mut item.keys, &mut item.tags, &mut item.patterns] {
+            let mut seen = HashSet::new();
+            list.retain(|x| seen.insert(x.clone()));
+        }
+    }
+    merged
 }
 
 /// Deletes everything one selector covers from L2. Returns the number of
@@ -387,4 +421,41 @@ pub async fn read_log(
         }
     }
     Ok(Some(messages))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn selector(tenant: &str, keys: &[&str], tags: &[&str], cascade: bool) -> Selector {
+        Selector {
+            tenant: tenant.into(),
+            keys: keys.iter().map(|s| s.to_string()).collect(),
+            tags: tags.iter().map(|s| s.to_string()).collect(),
+            patterns: Vec::new(),
+            cascade,
+        }
+    }
+
+    #[test]
+    fn merging_unites_selectors_per_tenant_and_cascade() {
+        let a = Request {
+            items: vec![selector("acme", &["k1", "k2"], &["t1"], true), selector("globex", &["g"], &[], true)],
+            event_ids: vec![("acme".into(), "e1".into())],
+            origin: "c1".into(),
+        };
+        let b = Request {
+            items: vec![selector("acme", &["k2", "k3"], &["t1", "t2"], true), selector("acme", &["x"], &[], false)],
+            event_ids: vec![("acme".into(), "e2".into())],
+            origin: "c2".into(),
+        };
+        let merged = merge(vec![a, b]);
+        assert_eq!(merged.origin, "c1");
+        assert_eq!(merged.event_ids.len(), 2);
+        assert_eq!(merged.items.len(), 3);
+        assert_eq!(merged.items[0].keys, ["k1", "k2", "k3"]);
+        assert_eq!(merged.items[0].tags, ["t1", "t2"]);
+        assert_eq!(merged.items[1].tenant, "globex");
+        assert_eq!((merged.items[2].keys.clone(), merged.items[2].cascade), (vec!["x".to_string()], false));
+    }
 }

@@ -1,7 +1,9 @@
 //! `make bench`: starts a private Redis, a coordinator and agents (release
 //! builds), measures them side by side with Redis itself, and writes
 //! `BENCHMARKS.md`. `bench --quick` (`make bench QUICK=1`) is a short pass
-//! that checks everything runs; `--out FILE` writes elsewhere.
+//! that checks everything runs; `--out FILE` writes elsewhere; `--only
+//! NAME[,NAME]` runs some measures (hits, propagation, barrier, throughput,
+//! propagation32, scale, memory), for profiling one of them.
 //! See `integration_tests::bench` for what each figure is.
 
 use std::path::{Path, PathBuf};
@@ -21,6 +23,12 @@ async fn main() -> anyhow::Result<()> {
         .and_then(|i| args.get(i + 1))
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../BENCHMARKS.md"));
+    let only: Option<Vec<String>> = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1))
+        .map(|list| list.split(',').map(str::to_string).collect());
+    let wanted = |name: &str| only.as_ref().is_none_or(|o| o.iter().any(|n| n == name));
     let options = if quick { Options::quick() } else { Options::full() };
     let command = if quick { "make bench QUICK=1" } else { "make bench" };
     let started = Instant::now();
@@ -32,55 +40,63 @@ async fn main() -> anyhow::Result<()> {
     let mut rows = Vec::new();
     let mut notes = Vec::new();
 
-    eprintln!("1-2. L1 hits vs Redis GET");
-    let (r, n) = hits::run(&options, &cluster.agent(0).addr, &redis_url).await?;
-    rows.extend(r);
-    notes.extend(n);
-
-    eprintln!("3. propagation to 8 agents");
-    let (r, n) = fanout::propagation(&options, &coordinator, &redis_url, 8).await?;
-    rows.push(r);
-    notes.push(n);
-
-    eprintln!("4. wait=all round trip");
-    let (r, n) = fanout::barrier(&options, &coordinator, 8).await?;
-    rows.push(r);
-    notes.push(n);
-
-    eprintln!("5. event throughput");
-    let (r, n) = fanout::throughput(&options, &coordinator, &redis_url).await?;
-    rows.extend(r);
-    notes.push(n);
-
-    eprintln!("3. propagation to 32 agents");
+    if wanted("hits") {
+        eprintln!("1-2. L1 hits vs Redis GET");
+        let (r, n) = hits::run(&options, &cluster.agent(0).addr, &redis_url).await?;
+        rows.extend(r);
+        notes.extend(n);
+    }
+    if wanted("propagation") {
+        eprintln!("3. propagation to 8 agents");
+        let (r, n) = fanout::propagation(&options, &coordinator, &redis_url, 8).await?;
+        rows.push(r);
+        notes.push(n);
+    }
+    if wanted("barrier") {
+        eprintln!("4. wait=all round trip");
+        let (r, n) = fanout::barrier(&options, &coordinator, 8).await?;
+        rows.push(r);
+        notes.push(n);
+    }
+    if wanted("throughput") {
+        eprintln!("5. event throughput");
+        let (r, n) = fanout::throughput(&options, &coordinator, &redis_url).await?;
+        rows.extend(r);
+        notes.push(n);
+    }
     let client = reqwest::Client::new();
-    for i in 9..=32 {
-        let agent = start_agent(cluster.dir.path(), &redis_url, free_port(), &format!("agent-{i}"), "")?;
-        cluster.agents.push(agent);
+    if wanted("propagation32") {
+        eprintln!("3. propagation to 32 agents");
+        for i in 9..=32 {
+            let agent = start_agent(cluster.dir.path(), &redis_url, free_port(), &format!("agent-{i}"), "")?;
+            cluster.agents.push(agent);
+        }
+        for agent in &cluster.agents {
+            wait_ready(&client, agent).await?;
+        }
+        let (r, n) = fanout::propagation(&options, &coordinator, &redis_url, 32).await?;
+        rows.push(r);
+        notes.push(n);
+        // Back to 8, so that the next measures do not pay for 24 idle agents.
+        cluster.agents.truncate(8);
     }
-    for agent in &cluster.agents {
-        wait_ready(&client, agent).await?;
+    if wanted("scale") {
+        eprintln!("6. invalidation at scale");
+        let (r, n) = scale::invalidation(&options, &coordinator, &redis_url).await?;
+        rows.extend(r);
+        notes.push(n);
     }
-    let (r, n) = fanout::propagation(&options, &coordinator, &redis_url, 32).await?;
-    rows.push(r);
-    notes.push(n);
-    // Back to 8, so that the next measures do not pay for 24 idle agents.
-    cluster.agents.truncate(8);
-
-    eprintln!("6. invalidation at scale");
-    let (r, n) = scale::invalidation(&options, &coordinator, &redis_url).await?;
-    rows.extend(r);
-    notes.push(n);
-
-    eprintln!("7. agent memory");
-    let memory_agent =
-        start_agent(cluster.dir.path(), &redis_url, free_port(), "agent-memory", "l1_max_bytes = 1073741824\n")?;
-    wait_ready(&client, &memory_agent).await?;
-    let pid = memory_agent.proc.pid().context("the memory agent has no pid")?;
-    let (r, n) = scale::memory(&options, &memory_agent.addr, pid).await?;
-    rows.push(r);
-    notes.push(n);
-    drop(memory_agent);
+    if wanted("memory") {
+        eprintln!("7. agent memory");
+        let memory_agent =
+            start_agent(cluster.dir.path(), &redis_url, free_port(), "agent-memory", "l1_max_bytes = 1073741824\n")?;
+        wait_ready(&client, &memory_agent).await?;
+        let pid = memory_agent.proc.pid().context("the memory agent has no pid")?;
+        let (r, n) = scale::memory(&options, &memory_agent.addr, pid).await?;
+        rows.push(r);
+        notes.push(n);
+        drop(memory_agent);
+    }
     drop(cluster);
 
     let micro = bench::criterion_table(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/criterion"));

@@ -1,0 +1,160 @@
+//! Group commit: invalidations that arrive while others are running share
+//! one trip through the invalidation path.
+//!
+//! A few *lanes* take requests from one queue. A lane that finds the queue
+//! empty runs the first request at once (no added latency when idle); a lane
+//! that finds several waiting takes them all (up to [`MAX_REQUESTS`]), merges
+//! them ([`invalidation::merge`]) and runs the union once: one set of Redis
+//! calls, one seq, one broadcast for all of them. That is how a stream of
+//! single events costs about what batches cost.
+//!
+//! A merged request answers every caller with the same seq; `invalidated` and
+//! `l2_deleted` then describe the merged invalidation (for the caller's
+//! tenants only). Retries of event ids already logged are answered on their
+//! own, as duplicates, before merging.
+
+use std::collections::HashSet;
+use std::sync::Mutex;
+
+use deadpool_redis::Pool;
+use shared::invalidation::{self, Outcome, Request};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+/// Most requests merged into one invalidation.
+pub const MAX_REQUESTS: usize = 64;
+/// Merged invalidations that may run at once.
+pub const LANES: usize = 4;
+
+/// One request waiting for its outcome.
+struct Job {
+    request: Request,
+    reply: oneshot::Sender<Result<Outcome, String>>,
+}
+
+/// The queue and its lanes.
+pub struct Batcher {
+    queue: mpsc::Sender<Job>,
+    /// Taken by [`Batcher::start`]; until then requests run one by one.
+    waiting: Mutex<Option<mpsc::Receiver<Job>>>,
+    pool: Pool,
+    log_max_len: u64,
+}
+
+impl Batcher {
+    /// A batcher over `pool`; it batches once [`Batcher::start`] runs its lanes.
+    pub fn new(pool: Pool, log_max_len: u64) -> Batcher {
+        let (queue, waiting) = mpsc::channel(4 * MAX_REQUESTS);
+        Batcher { queue, waiting: Mutex::new(Some(waiting)), pool, log_max_len }
+    }
+
+    /// Starts the lanes on the current runtime; they stop with `stop`.
+    pub fn start(&self, stop: CancellationToken) {
+        let Some(receiver) = self.waiting.lock().unwrap_or_else(|p| p.into_inner()).take() else {
+            return;
+        };
+        let receiver = std::sync::Arc::new(tokio::sync::Mutex::new(receiver));
+        for _ in 0..LANES {
+            let (receiver, pool, stop) = (receiver.clone(), self.pool.clone(), stop.clone());
+            let log_max_len = self.log_max_len;
+            tokio::spawn(async move {
+                loop {
+                    let jobs = tokio::select! {
+                        jobs = take(&receiver) => jobs,
+                        _ = stop.cancelled() => return,
+                    };
+                    match jobs {
+                        Some(jobs) => run(&pool, log_max_len, jobs).await,
+                        None => return,
+                    }
+                }
+            });
+        }
+    }
+
+    /// Runs a request through the invalidation path, possibly merged with others.
+    pub async fn execute(&self, request: Request) -> Result<Outcome, String> {
+        let started = self.waiting.lock().unwrap_or_else(|p| p.into_inner()).is_none();
+        if !started {
+            let mut conn = self.pool.get().await.map_err(|e| e.to_string())?;
+            return invalidation::execute(&mut conn, request, self.log_max_len).await.map_err(|e| e.to_string());
+        }
+        let (reply, outcome) = oneshot::channel();
+        self.queue.send(Job { request, reply }).await.map_err(|_| "the coordinator is shutting down".to_string())?;
+        outcome.await.map_err(|_| "the invalidation was abandoned (shutting down)".to_string())?
+    }
+}
+
+/// The next request, and every other one already waiting (up to [`MAX_REQUESTS`]).
+async fn take(receiver: &tokio::sync::Mutex<mpsc::Receiver<Job>>) -> Option<Vec<Job>> {
+    let mut receiver = receiver.lock().await;
+    let first = receiver.recv().await?;
+    let mut jobs = vec![first];
+    while jobs.len() < MAX_REQUESTS {
+        match receiver.try_recv() {
+            Ok(job) => jobs.push(job),
+            Err(_) => break,
+        }
+    }
+    Some(jobs)
+}
+
+/// Runs one request as it is, or several merged, and answers each caller.
+async fn run(pool: &Pool, log_max_len: u64, mut jobs: Vec<Job>) {
+    let mut conn = match pool.get().await {
+        Ok(conn) => conn,
+        Err(e) => {
+            for job in jobs {
+                let _ = job.reply.send(Err(e.to_string()));
+            }
+            return;
+        }
+    };
+    if jobs.len() == 1 {
+        let job = jobs.remove(0);
+        let outcome = invalidation::execute(&mut conn, job.request, log_max_len).await;
+        let _ = job.reply.send(outcome.map_err(|e| e.to_string()));
+        return;
+    }
+
+    // Retries of logged event ids: answered as duplicates, not merged.
+    let mut fresh = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        match invalidation::already_logged(&mut conn, &job.request.event_ids).await {
+            Ok(None) => fresh.push(job),
+            Ok(Some(seq)) => {
+                let outcome = shared::l2::head(&mut conn).await.map(|(epoch, _)| Outcome {
+                    epoch,
+                    seq,
+                    duplicate: true,
+                    ..Outcome::default()
+                });
+                let _ = job.reply.send(outcome.map_err(|e| e.to_string()));
+            }
+            Err(e) => {
+                let _ = job.reply.send(Err(e.to_string()));
+            }
+        }
+    }
+    if fresh.is_empty() {
+        return;
+    }
+
+    let tenants: Vec<HashSet<String>> =
+        fresh.iter().map(|job| job.request.items.iter().map(|s| s.tenant.clone()).collect()).collect();
+    let (requests, replies): (Vec<Request>, Vec<_>) = fresh.into_iter().map(|job| (job.request, job.reply)).unzip();
+    let merged = invalidation::merge(requests);
+    match invalidation::execute(&mut conn, merged, log_max_len).await {
+        Ok(outcome) => {
+            for (reply, tenants) in replies.into_iter().zip(tenants) {
+                let invalidated = outcome.invalidated.iter().filter(|s| tenants.contains(&s.tenant)).cloned().collect();
+                let _ = reply.send(Ok(Outcome { invalidated, ..outcome.clone() }));
+            }
+        }
+        Err(e) => {
+            for reply in replies {
+                let _ = reply.send(Err(e.to_string()));
+            }
+        }
+    }
+}
