@@ -11,9 +11,11 @@ demo: redis release
 	./target/release/demo
 
 ## test: every unit and integration test, against real redis-server processes
-## (one test at a time: each starts a whole cluster, and a 2-core machine has room for one)
+## (one test at a time: each starts a whole cluster, and a 2-core machine has room for one;
+## then the criterion benches once each, as tests: criterion takes no --test-threads)
 test: redis build
-	$(CARGO) test --workspace --all-targets -- --test-threads=1
+	$(CARGO) test --workspace --lib --bins --tests -- --test-threads=1
+	$(CARGO) test --workspace --benches
 
 ## run: the same cluster in the foreground until Ctrl-C, with its URLs
 run: redis release
