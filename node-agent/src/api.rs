@@ -2,7 +2,7 @@
 //! the answer as the contract says. Plus the operational endpoints.
 
 use actix_web::http::header::{self, HeaderValue};
-use actix_web::http::StatusCode;
+use actix_web::http::{Method, StatusCode};
 use actix_web::{web, HttpRequest, HttpResponse};
 use percent_encoding::percent_decode_str;
 
@@ -11,11 +11,11 @@ use shared::service::{metrics_response, read_body, ApiError};
 
 use crate::agent::{Agent, Layer, Put, Read};
 
-/// Registers every route.
+/// Registers every route. The cache API is a scope with one handler that
+/// dispatches on the method: a prefix match, where a `{rest:.*}` route would
+/// run a regex on every read (about a tenth of an agent's CPU under load).
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.route("/v1/cache/{rest:.*}", web::get().to(get_entry))
-        .route("/v1/cache/{rest:.*}", web::put().to(put_entry))
-        .route("/v1/cache/{rest:.*}", web::delete().to(delete_entry))
+    cfg.service(web::scope("/v1/cache").default_service(web::to(cache_entry)))
         .route("/v1/status", web::get().to(status))
         .route("/healthz", web::get().to(healthz))
         .route("/readyz", web::get().to(readyz))
@@ -37,6 +37,20 @@ fn tenant_and_key(req: &HttpRequest) -> Result<(String, String), ApiError> {
         })
     };
     Ok((decode(tenant, "invalid_tenant")?, decode(key, "invalid_key")?))
+}
+
+/// `/v1/cache/{tenant}/{key}`, by method.
+async fn cache_entry(req: HttpRequest, body: web::Payload, agent: web::Data<Agent>) -> Result<HttpResponse, ApiError> {
+    match *req.method() {
+        Method::GET => get_entry(req, agent).await,
+        Method::PUT => put_entry(req, body, agent).await,
+        Method::DELETE => delete_entry(req, agent).await,
+        _ => Err(ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "a cache entry takes GET, PUT and DELETE",
+        )),
+    }
 }
 
 async fn get_entry(req: HttpRequest, agent: web::Data<Agent>) -> Result<HttpResponse, ApiError> {

@@ -296,7 +296,11 @@ pub async fn record_latency<B: actix_web::body::MessageBody>(
     let histogram = req.app_data::<HttpLatency>().cloned();
     let resp = next.call(req).await?;
     if let Some(HttpLatency(h)) = histogram {
-        let route = resp.request().match_pattern().unwrap_or_else(|| "unmatched".into());
+        let route = resp.request().match_pattern().unwrap_or_else(|| {
+            // The agent's cache API is one scope without a route pattern.
+            if resp.request().path().starts_with("/v1/cache/") { "/v1/cache/{tenant}/{key}" } else { "unmatched" }
+                .into()
+        });
         h.with_label_values(&[method.as_str(), route.as_str(), resp.status().as_str()])
             .observe(start.elapsed().as_secs_f64());
     }
