@@ -143,7 +143,7 @@ impl Liveness {
         }
         let began = Instant::now();
         let mut conn = pool.get().await?;
-        let view = Arc::new(cluster::view(&mut conn, node_dead_after_ms).await?);
+        let view = Arc::new(cluster::liveness(&mut conn, node_dead_after_ms).await?);
         *self.latest.lock().unwrap_or_else(|p| p.into_inner()) = Some((began, view.clone()));
         Ok(view)
     }

@@ -112,6 +112,62 @@ pub async fn view(conn: &mut impl ConnectionLike, node_dead_after_ms: u64) -> Re
     Ok(ClusterView { epoch, seq, nodes: nodes.into_values().collect(), settles_in_ms })
 }
 
+/// Who is live and what each node acknowledged, in one round trip: what
+/// `wait=all` needs, without the nodes' reports. Nodes carry no address or
+/// L1 figures here; `applied_seq` and `in_epoch` come from their acknowledgements.
+pub async fn liveness(conn: &mut impl ConnectionLike, node_dead_after_ms: u64) -> RedisResult<ClusterView> {
+    type Reply = ((u64, u64), Vec<(String, f64)>, Vec<(String, String)>, Option<String>, Option<u64>, Option<u64>);
+    let ((secs, micros), beats, acks, epoch, seq, born): Reply = redis::pipe()
+        .cmd("TIME")
+        .zrange_withscores(schema::NODES, 0, -1)
+        .hgetall(schema::ACKS)
+        .get(schema::EPOCH)
+        .get(schema::SEQ)
+        .get(schema::EPOCH_BORN)
+        .query_async(conn)
+        .await?;
+    let now = secs * 1000 + micros / 1000;
+    let epoch = epoch.unwrap_or_default();
+    let seq = seq.unwrap_or(0);
+    let acks: std::collections::HashMap<String, String> = acks.into_iter().collect();
+    let nodes = beats
+        .into_iter()
+        .map(|(node_id, beat)| {
+            let last_seen_ms = now.saturating_sub(beat as u64);
+            let ack = acks.get(&node_id).and_then(|v| v.split_once(' '));
+            let acked_seq = ack.filter(|(e, _)| *e == epoch).and_then(|(_, s)| s.parse::<u64>().ok());
+            let in_epoch = acked_seq.is_some();
+            let applied_seq = acked_seq.unwrap_or(0);
+            let lag = if in_epoch { seq.saturating_sub(applied_seq) } else { seq };
+            let status = if last_seen_ms > node_dead_after_ms {
+                "dead"
+            } else if !in_epoch {
+                "unsynced"
+            } else if lag > 0 {
+                "lagging"
+            } else {
+                "synced"
+            };
+            NodeView {
+                node_id,
+                addr: String::new(),
+                status,
+                applied_seq,
+                lag,
+                last_seen_ms,
+                l1_entries: 0,
+                l1_bytes: 0,
+                hit_ratio: 0.0,
+                ready: status != "unsynced",
+                staleness_bound_ms: 0,
+                in_epoch,
+            }
+        })
+        .collect();
+    let settles_in_ms = born.map_or(0, |born| (born + node_dead_after_ms).saturating_sub(now));
+    Ok(ClusterView { epoch, seq, nodes, settles_in_ms })
+}
+
 /// Redis's own health, from `INFO`.
 pub async fn redis_info(conn: &mut impl ConnectionLike) -> RedisResult<serde_json::Value> {
     let info: String = redis::cmd("INFO").query_async(conn).await?;

@@ -218,11 +218,12 @@ async fn delete_selector(
     let exact: Vec<String> = selector.keys.iter().filter(|k| seen.insert((*k).clone())).cloned().collect();
     delete(conn, exact, &mut deleted, &mut dependents).await?;
 
-    for tag in &selector.tags {
-        // A draining set found first is finished first; then this tag's own
-        // members are detached and drained.
+    // Every tag detached in one call; a draining set found first is finished
+    // first, then that tag is detached again and its own members drained.
+    let detached = l2::detach_tags(conn, &tenant, &selector.tags).await?;
+    for (tag, mut state) in selector.tags.iter().zip(detached) {
         loop {
-            let (set, done) = match l2::detach_tag(conn, &tenant, tag).await? {
+            let (set, done) = match state {
                 l2::Detached::Nothing => break,
                 l2::Detached::Leftover(set) => (set, false),
                 l2::Detached::Members(set) => (set, true),
@@ -239,6 +240,8 @@ async fn delete_selector(
             if done {
                 break;
             }
+            let again = l2::detach_tags(conn, &tenant, std::slice::from_ref(tag)).await?;
+            state = again.into_iter().next().unwrap_or(l2::Detached::Nothing);
         }
     }
 

@@ -281,21 +281,30 @@ if #KEYS == 2 then
 else
   keys = {unpack(ARGV, 7)}
 end
-local deleted = 0
-local deps = {}
-for _, key in ipairs(keys) do
-  deleted = deleted + redis.call('UNLINK', ARGV[4] .. key)
-  redis.call('ZREM', KEYS[1], key)
-  local marker = ARGV[6] .. key
-  local old = tonumber(redis.call('GET', marker) or '0')
-  if old < mark then redis.call('SET', marker, mark, 'PX', ARGV[3]) end
-  if ARGV[1] == '1' then
-    local dependents = ARGV[5] .. key
-    for _, m in ipairs(redis.call('ZRANGEBYSCORE', dependents, now, '+inf')) do deps[#deps + 1] = m end
-    redis.call('UNLINK', dependents)
-  end
+if #keys == 0 then return {0, keys, {}} end
+-- One call per kind of work, not per key: entries, index records, markers.
+local entries, markers = {}, {}
+for i, key in ipairs(keys) do
+  entries[i] = ARGV[4] .. key
+  markers[i] = ARGV[6] .. key
 end
-if #KEYS == 2 and #keys > 0 then redis.call('ZREM', KEYS[2], unpack(keys)) end
+local deleted = redis.call('UNLINK', unpack(entries))
+redis.call('ZREM', KEYS[1], unpack(keys))
+local old = redis.call('MGET', unpack(markers))
+for i, marker in ipairs(markers) do
+  if not old[i] or tonumber(old[i]) < mark then redis.call('SET', marker, mark, 'PX', ARGV[3]) end
+end
+local deps = {}
+if ARGV[1] == '1' then
+  local sets = {}
+  for i, key in ipairs(keys) do
+    sets[i] = ARGV[5] .. key
+    for _, m in ipairs(redis.call('ZRANGEBYSCORE', sets[i], now, '+inf')) do deps[#deps + 1] = m end
+  end
+  redis.call('UNLINK', unpack(sets))
+end
+-- The members read above, still first in the set (the script is atomic).
+if #KEYS == 2 then redis.call('ZREMRANGEBYRANK', KEYS[2], 0, #keys - 1) end
 return {deleted, keys, deps}",
     )
 });
@@ -342,7 +351,7 @@ pub async fn delete_keys(
 }
 
 /// Deletes the next [`DRAIN_CHUNK`] members of a draining set (see
-/// [`detach_tag`]) and removes them from it. Returns how many entries existed,
+/// [`detach_tags`]) and removes them from it. Returns how many entries existed,
 /// the members handled (none once the set is drained) and their dependents.
 pub async fn drain_chunk(
     conn: &mut impl ConnectionLike,
@@ -372,16 +381,23 @@ pub const MARKER_TTL_MS: u64 = crate::protocol::FILL_TOKEN_TTL_MS + 10_000;
 static DETACH: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
-if redis.call('EXISTS', KEYS[2]) == 1 then return 1 end
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  redis.call('RENAME', KEYS[1], KEYS[2])
-  return 2
+-- KEYS: pairs of (tag set, its draining set); returns one status per pair
+local found = {}
+for i = 1, #KEYS, 2 do
+  if redis.call('EXISTS', KEYS[i + 1]) == 1 then
+    found[#found + 1] = 1
+  elseif redis.call('EXISTS', KEYS[i]) == 1 then
+    redis.call('RENAME', KEYS[i], KEYS[i + 1])
+    found[#found + 1] = 2
+  else
+    found[#found + 1] = 0
+  end
 end
-return 0",
+return found",
     )
 });
 
-/// What [`detach_tag`] found.
+/// What [`detach_tags`] found for a tag.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Detached {
     /// The tag has no members: nothing to drain.
@@ -392,15 +408,23 @@ pub enum Detached {
     Members(String),
 }
 
-/// Detaches a tag's members (see [`DETACH`]).
-pub async fn detach_tag(conn: &mut impl ConnectionLike, tenant: &str, tag: &str) -> RedisResult<Detached> {
-    let draining = schema::draining(tenant, tag);
-    let found: i64 = DETACH.key(schema::tag(tenant, tag)).key(&draining).invoke_async(conn).await?;
-    Ok(match found {
-        1 => Detached::Leftover(draining),
-        2 => Detached::Members(draining),
-        _ => Detached::Nothing,
-    })
+/// Detaches the members of each tag (see [`DETACH`]), one call per
+/// [`CHUNK`] tags: an event that names many tags costs one round trip.
+pub async fn detach_tags(conn: &mut impl ConnectionLike, tenant: &str, tags: &[String]) -> RedisResult<Vec<Detached>> {
+    let mut out = Vec::with_capacity(tags.len());
+    for chunk in tags.chunks(CHUNK) {
+        let mut inv = DETACH.prepare_invoke();
+        for tag in chunk {
+            inv.key(schema::tag(tenant, tag)).key(schema::draining(tenant, tag));
+        }
+        let found: Vec<i64> = inv.invoke_async(conn).await?;
+        out.extend(chunk.iter().zip(found).map(|(tag, found)| match found {
+            1 => Detached::Leftover(schema::draining(tenant, tag)),
+            2 => Detached::Members(schema::draining(tenant, tag)),
+            _ => Detached::Nothing,
+        }));
+    }
+    Ok(out)
 }
 
 /// One step of a `ZSCAN` over an index zset: the next cursor, and the members

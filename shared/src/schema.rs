@@ -98,7 +98,7 @@ pub fn event(tenant: &str, event_id: &str) -> String {
     format!("dcc:t:{tenant}:event:{event_id}")
 }
 
-/// A tag's members being deleted (see `l2::detach_tag`). One per tag, so that a
+/// A tag's members being deleted (see `l2::detach_tags`). One per tag, so that a
 /// drain cut short by a crash is finished by the next invalidation of the tag.
 pub fn draining(tenant: &str, tag: &str) -> String {
     format!("dcc:t:{tenant}:draining:{tag}")
