@@ -231,6 +231,9 @@ fn adopt(agent: &Agent, epoch: String, seq: u64) {
 async fn acknowledge_loop(agent: Agent, shutdown: CancellationToken) {
     let inner = agent.inner();
     let mut acked: Option<(String, u64)> = None;
+    // A connection of its own, kept open: an ack is one round trip, with no
+    // pool checkout (whose liveness check would be a second one).
+    let mut connection: Option<redis::aio::MultiplexedConnection> = None;
     loop {
         tokio::select! {
             _ = inner.sync.applied.notified() => {}
@@ -242,18 +245,30 @@ async fn acknowledge_loop(agent: Agent, shutdown: CancellationToken) {
             continue;
         }
         let ack = registry::Ack { node_id: inner.node_id.clone(), epoch, seq };
-        let written = match inner.pool.get().await {
-            Ok(mut conn) => registry::acknowledge(&mut conn, &ack).await.is_ok(),
-            Err(_) => false,
+        if connection.is_none() {
+            connection = ack_connection(&inner.redis).await.ok();
+        }
+        let written = match connection.as_mut() {
+            Some(conn) => registry::acknowledge(conn, &ack).await.is_ok(),
+            None => false,
         };
         if written {
             acked = Some((ack.epoch, ack.seq));
         } else {
-            // Redis is away: try again shortly rather than at the next apply.
+            // Redis is away: reconnect and try again shortly rather than at the next apply.
+            connection = None;
             tokio::time::sleep(Duration::from_millis(200)).await;
             inner.sync.applied.notify_one();
         }
     }
+}
+
+/// The acknowledger's connection, with the same timeouts as the pool's.
+async fn ack_connection(redis: &redis::Client) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
+    let config = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(5)))
+        .set_response_timeout(Some(Duration::from_secs(5)));
+    redis.get_multiplexed_async_connection_with_config(&config).await
 }
 
 /// Reports this node to Redis, proves it is in sync, and notices when it is
