@@ -297,11 +297,14 @@ end
 local deps = {}
 if ARGV[1] == '1' then
   local sets = {}
-  for i, key in ipairs(keys) do
-    sets[i] = ARGV[5] .. key
-    for _, m in ipairs(redis.call('ZRANGEBYSCORE', sets[i], now, '+inf')) do deps[#deps + 1] = m end
+  for i, key in ipairs(keys) do sets[i] = ARGV[5] .. key end
+  -- Most entries have no dependents: one EXISTS tells, before any per-key read.
+  if redis.call('EXISTS', unpack(sets)) > 0 then
+    for _, set in ipairs(sets) do
+      for _, m in ipairs(redis.call('ZRANGEBYSCORE', set, now, '+inf')) do deps[#deps + 1] = m end
+    end
+    redis.call('UNLINK', unpack(sets))
   end
-  redis.call('UNLINK', unpack(sets))
 end
 -- The members read above, still first in the set (the script is atomic).
 if #KEYS == 2 then redis.call('ZREMRANGEBYRANK', KEYS[2], 0, #keys - 1) end
