@@ -5,12 +5,12 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use futures_util::StreamExt;
 use redis::AsyncCommands;
 use serde_json::{json, Value};
 
-use super::{median, percentile, ratios, spread, Options, Row};
+use super::{median, per_second, percentile, ratios, spread, Options, Row};
 
 /// Events per second of the propagation runs.
 const RATE: u64 = 1000;
@@ -187,7 +187,7 @@ pub async fn propagation(
     let http = reqwest::Client::builder().pool_max_idle_per_host(256).build()?;
     let redis = redis::Client::open(redis_url)?;
     let run = (options.run * 2).max(Duration::from_secs(1));
-    let (mut ours, mut raw, mut ours_p99, mut raw_p99) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut ours, mut raw, mut ours_p99) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..options.rounds {
         let o = ours_propagation(&http, coordinator, &redis, agents, run).await?;
         let r = raw_fanout(&redis, agents, run).await?;
@@ -200,7 +200,6 @@ pub async fn propagation(
             percentile(&r, 99.0)
         );
         ours_p99.push(percentile(&o, 99.0));
-        raw_p99.push(percentile(&r, 99.0));
         ours.extend(o);
         raw.extend(r);
     }
@@ -235,7 +234,6 @@ pub async fn propagation(
          200-byte messages at the same rate, from `PUBLISH` to the last receipt.",
         run.as_millis()
     );
-    let _ = raw_p99;
     Ok((row, note))
 }
 
@@ -314,11 +312,7 @@ async fn ours_throughput(
             anyhow::Ok(n)
         }));
     }
-    let mut total = 0;
-    for task in tasks {
-        total += task.await.context("writer")??;
-    }
-    Ok(total as f64 / started.elapsed().as_secs_f64())
+    per_second(tasks, started).await
 }
 
 /// `PUBLISH`es per second from `WRITERS` connections.
@@ -342,11 +336,7 @@ async fn raw_publish(redis: &redis::Client, run: Duration) -> anyhow::Result<f64
             anyhow::Ok(n)
         }));
     }
-    let mut total = 0;
-    for task in tasks {
-        total += task.await??;
-    }
-    Ok(total as f64 / started.elapsed().as_secs_f64())
+    per_second(tasks, started).await
 }
 
 /// Measure 5: event throughput, single and batched, vs raw `PUBLISH`.

@@ -13,7 +13,7 @@ use node_agent::agent::{Agent, Layer, Put, Read};
 use redis::AsyncCommands;
 use tokio_util::sync::CancellationToken;
 
-use super::{median, ratios, spread, Options, Row};
+use super::{median, per_second, ratios, spread, Options, Row};
 
 const TENANT: &str = "bench";
 const KEY: &str = "hit:100b";
@@ -72,11 +72,7 @@ async fn agent_throughput(addr: &str, run: Duration) -> anyhow::Result<f64> {
             anyhow::Ok(n)
         }));
     }
-    let mut total = 0;
-    for task in tasks {
-        total += task.await??;
-    }
-    Ok(total as f64 / started.elapsed().as_secs_f64())
+    per_second(tasks, started).await
 }
 
 /// GETs per second of `TASKS` redis-rs connections, each looping for `run`.
@@ -101,11 +97,7 @@ async fn redis_throughput(client: &redis::Client, run: Duration) -> anyhow::Resu
             anyhow::Ok(n)
         }));
     }
-    let mut total = 0;
-    for task in tasks {
-        total += task.await??;
-    }
-    Ok(total as f64 / started.elapsed().as_secs_f64())
+    per_second(tasks, started).await
 }
 
 /// Median latency in µs of one client sending requests one after another.
@@ -158,11 +150,7 @@ async fn embedded_throughput(agent: &Agent, run: Duration) -> anyhow::Result<f64
             anyhow::Ok(n)
         }));
     }
-    let mut total = 0;
-    for task in tasks {
-        total += task.await??;
-    }
-    Ok(total as f64 / started.elapsed().as_secs_f64())
+    per_second(tasks, started).await
 }
 
 /// Stores the value in the agent (L2 and its L1) and in Redis under a plain key,

@@ -108,6 +108,18 @@ pub fn ratios(ours: &[f64], baseline: &[f64]) -> Vec<f64> {
     ours.iter().zip(baseline).map(|(o, b)| if *b > 0.0 { o / b } else { 0.0 }).collect()
 }
 
+/// Operations per second: the counts the tasks return, over the time since `started`.
+pub async fn per_second(
+    tasks: Vec<tokio::task::JoinHandle<anyhow::Result<u64>>>,
+    started: std::time::Instant,
+) -> anyhow::Result<f64> {
+    let mut total = 0;
+    for task in tasks {
+        total += task.await??;
+    }
+    Ok(total as f64 / started.elapsed().as_secs_f64())
+}
+
 /// What the report says about the machine: CPU, cores, memory, load.
 pub fn machine() -> String {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
