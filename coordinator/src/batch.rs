@@ -14,6 +14,7 @@
 //! own, as duplicates, before merging.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use deadpool_redis::Pool;
@@ -37,6 +38,8 @@ pub struct Batcher {
     queue: mpsc::Sender<Job>,
     /// Taken by [`Batcher::start`]; until then requests run one by one.
     waiting: Mutex<Option<mpsc::Receiver<Job>>>,
+    /// The lanes run.
+    started: AtomicBool,
     pool: Pool,
     log_max_len: u64,
 }
@@ -45,7 +48,7 @@ impl Batcher {
     /// A batcher over `pool`; it batches once [`Batcher::start`] runs its lanes.
     pub fn new(pool: Pool, log_max_len: u64) -> Batcher {
         let (queue, waiting) = mpsc::channel(4 * MAX_REQUESTS);
-        Batcher { queue, waiting: Mutex::new(Some(waiting)), pool, log_max_len }
+        Batcher { queue, waiting: Mutex::new(Some(waiting)), started: AtomicBool::new(false), pool, log_max_len }
     }
 
     /// Starts the lanes on the current runtime; they stop with `stop`.
@@ -53,6 +56,7 @@ impl Batcher {
         let Some(receiver) = self.waiting.lock().unwrap_or_else(|p| p.into_inner()).take() else {
             return;
         };
+        self.started.store(true, Ordering::Release);
         let receiver = std::sync::Arc::new(tokio::sync::Mutex::new(receiver));
         for _ in 0..LANES {
             let (receiver, pool, stop) = (receiver.clone(), self.pool.clone(), stop.clone());
@@ -74,8 +78,7 @@ impl Batcher {
 
     /// Runs a request through the invalidation path, possibly merged with others.
     pub async fn execute(&self, request: Request) -> Result<Outcome, String> {
-        let started = self.waiting.lock().unwrap_or_else(|p| p.into_inner()).is_none();
-        if !started {
+        if !self.started.load(Ordering::Acquire) {
             let mut conn = self.pool.get().await.map_err(|e| e.to_string())?;
             return invalidation::execute(&mut conn, request, self.log_max_len).await.map_err(|e| e.to_string());
         }
@@ -118,24 +121,30 @@ async fn run(pool: &Pool, log_max_len: u64, mut jobs: Vec<Job>) {
     }
 
     // Retries of logged event ids: answered as duplicates, not merged.
-    let mut fresh = Vec::with_capacity(jobs.len());
-    for job in jobs {
-        match invalidation::already_logged(&mut conn, &job.request.event_ids).await {
-            Ok(None) => fresh.push(job),
-            Ok(Some(seq)) => {
-                let outcome = shared::l2::head(&mut conn).await.map(|(epoch, _)| Outcome {
-                    epoch,
-                    seq,
-                    duplicate: true,
-                    ..Outcome::default()
-                });
-                let _ = job.reply.send(outcome.map_err(|e| e.to_string()));
-            }
-            Err(e) => {
+    let ids: Vec<&[(String, String)]> = jobs.iter().map(|job| job.request.event_ids.as_slice()).collect();
+    let logged = match invalidation::already_logged_each(&mut conn, &ids).await {
+        Ok(logged) => logged,
+        Err(e) => {
+            for job in jobs {
                 let _ = job.reply.send(Err(e.to_string()));
             }
+            return;
+        }
+    };
+    let (duplicates, fresh): (Vec<_>, Vec<_>) = jobs.into_iter().zip(logged).partition(|(_, seq)| seq.is_some());
+    if !duplicates.is_empty() {
+        let head = shared::l2::head(&mut conn).await.map_err(|e| e.to_string());
+        for (job, seq) in duplicates {
+            let outcome = head.clone().map(|(epoch, _)| Outcome {
+                epoch,
+                seq: seq.unwrap_or_default(),
+                duplicate: true,
+                ..Outcome::default()
+            });
+            let _ = job.reply.send(outcome);
         }
     }
+    let fresh: Vec<Job> = fresh.into_iter().map(|(job, _)| job).collect();
     if fresh.is_empty() {
         return;
     }

@@ -71,9 +71,8 @@ impl ClusterView {
 pub async fn view(conn: &mut impl ConnectionLike, node_dead_after_ms: u64) -> RedisResult<ClusterView> {
     let (now, registered) = registry::nodes(conn, node_dead_after_ms.saturating_mul(FORGET_AFTER_DEAD_PERIODS)).await?;
     let (epoch, seq) = l2::head(conn).await?;
-    // Missing only if someone deleted it by hand: nothing to wait for then.
     let born: Option<u64> = redis::cmd("GET").arg(schema::EPOCH_BORN).query_async(conn).await?;
-    let settles_in_ms = born.map_or(0, |born| (born + node_dead_after_ms).saturating_sub(now));
+    let settles_in_ms = settles_in_ms(born, node_dead_after_ms, now);
     let mut nodes = BTreeMap::new();
     for Registered { report: r, last_beat_ms, ack } in registered {
         let last_seen_ms = now.saturating_sub(last_beat_ms);
@@ -82,15 +81,7 @@ pub async fn view(conn: &mut impl ConnectionLike, node_dead_after_ms: u64) -> Re
         let applied_seq = if r.epoch == epoch { r.applied_seq.max(acked_seq) } else { acked_seq };
         let in_epoch = r.epoch == epoch || acked_seq > 0;
         let lag = if in_epoch { seq.saturating_sub(applied_seq) } else { seq };
-        let status = if last_seen_ms > node_dead_after_ms {
-            "dead"
-        } else if !r.ready || !in_epoch {
-            "unsynced"
-        } else if lag > 0 {
-            "lagging"
-        } else {
-            "synced"
-        };
+        let status = status(last_seen_ms > node_dead_after_ms, r.ready && in_epoch, lag);
         nodes.insert(
             r.node_id.clone(),
             NodeView {
@@ -139,15 +130,7 @@ pub async fn liveness(conn: &mut impl ConnectionLike, node_dead_after_ms: u64) -
             let in_epoch = acked_seq.is_some();
             let applied_seq = acked_seq.unwrap_or(0);
             let lag = if in_epoch { seq.saturating_sub(applied_seq) } else { seq };
-            let status = if last_seen_ms > node_dead_after_ms {
-                "dead"
-            } else if !in_epoch {
-                "unsynced"
-            } else if lag > 0 {
-                "lagging"
-            } else {
-                "synced"
-            };
+            let status = status(last_seen_ms > node_dead_after_ms, in_epoch, lag);
             NodeView {
                 node_id,
                 addr: String::new(),
@@ -164,8 +147,27 @@ pub async fn liveness(conn: &mut impl ConnectionLike, node_dead_after_ms: u64) -
             }
         })
         .collect();
-    let settles_in_ms = born.map_or(0, |born| (born + node_dead_after_ms).saturating_sub(now));
-    Ok(ClusterView { epoch, seq, nodes, settles_in_ms })
+    Ok(ClusterView { epoch, seq, nodes, settles_in_ms: settles_in_ms(born, node_dead_after_ms, now) })
+}
+
+/// A node's status: `dead` when silent too long, `unsynced` when not ready or
+/// not in the current epoch, `lagging` when behind the head, else `synced`.
+fn status(silent: bool, synced_epoch: bool, lag: u64) -> &'static str {
+    if silent {
+        "dead"
+    } else if !synced_epoch {
+        "unsynced"
+    } else if lag > 0 {
+        "lagging"
+    } else {
+        "synced"
+    }
+}
+
+/// See [`ClusterView::settles_in_ms`]. A missing birth (deleted by hand)
+/// leaves nothing to wait for.
+fn settles_in_ms(born: Option<u64>, node_dead_after_ms: u64, now: u64) -> u64 {
+    born.map_or(0, |born| (born + node_dead_after_ms).saturating_sub(now))
 }
 
 /// Redis's own health, from `INFO`.

@@ -40,7 +40,7 @@ impl Application {
         let body_limit = settings.max_body_bytes;
         let coordinator = Coordinator::new(settings, origin).map_err(|e| anyhow::anyhow!(e))?;
         let data = web::Data::new(coordinator.clone());
-        let latency = shared::service::HttpLatency(coordinator.inner().metrics.http.clone());
+        let latency = shared::service::HttpLatency(coordinator.inner().metrics.http.clone(), None);
         let server = HttpServer::new(move || {
             App::new()
                 .app_data(data.clone())

@@ -11,6 +11,9 @@ use shared::service::{metrics_response, read_body, ApiError};
 
 use crate::agent::{Agent, Layer, Put, Read};
 
+/// The cache API's scope, and its route label in the latency metrics.
+pub const CACHE_SCOPE: (&str, &str) = ("/v1/cache/", "/v1/cache/{tenant}/{key}");
+
 /// Registers every route. The cache API is a scope with one handler that
 /// dispatches on the method: a prefix match, where a `{rest:.*}` route would
 /// run a regex on every read (about a tenth of an agent's CPU under load).

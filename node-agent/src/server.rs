@@ -40,7 +40,7 @@ impl Application {
         let body_limit = settings.max_value_bytes;
         let agent = Agent::new(settings, node_id, addr.to_string()).map_err(|e| anyhow::anyhow!(e))?;
         let data = web::Data::new(agent.clone());
-        let latency = shared::service::HttpLatency(agent.inner().metrics.http.clone());
+        let latency = shared::service::HttpLatency(agent.inner().metrics.http.clone(), Some(api::CACHE_SCOPE));
         let server = HttpServer::new(move || {
             App::new()
                 .app_data(data.clone())

@@ -246,7 +246,8 @@ async fn acknowledge_loop(agent: Agent, shutdown: CancellationToken) {
         }
         let ack = registry::Ack { node_id: inner.node_id.clone(), epoch, seq };
         if connection.is_none() {
-            connection = ack_connection(&inner.redis).await.ok();
+            let config = shared::service::connection_config();
+            connection = inner.redis.get_multiplexed_async_connection_with_config(&config).await.ok();
         }
         let written = match connection.as_mut() {
             Some(conn) => registry::acknowledge(conn, &ack).await.is_ok(),
@@ -261,14 +262,6 @@ async fn acknowledge_loop(agent: Agent, shutdown: CancellationToken) {
             inner.sync.applied.notify_one();
         }
     }
-}
-
-/// The acknowledger's connection, with the same timeouts as the pool's.
-async fn ack_connection(redis: &redis::Client) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
-    let config = redis::AsyncConnectionConfig::new()
-        .set_connection_timeout(Some(Duration::from_secs(5)))
-        .set_response_timeout(Some(Duration::from_secs(5)));
-    redis.get_multiplexed_async_connection_with_config(&config).await
 }
 
 /// Reports this node to Redis, proves it is in sync, and notices when it is

@@ -148,19 +148,31 @@ async fn begin(conn: &mut impl ConnectionLike, selector: &Selector) -> RedisResu
 }
 
 /// The highest seq recorded for these event ids, if every one of them was logged.
-pub async fn already_logged(
+async fn already_logged(conn: &mut impl ConnectionLike, event_ids: &[(String, String)]) -> RedisResult<Option<u64>> {
+    Ok(already_logged_each(conn, &[event_ids]).await?.pop().flatten())
+}
+
+/// [`already_logged`] for several requests' event ids, in one round trip.
+pub async fn already_logged_each(
     conn: &mut impl ConnectionLike,
-    event_ids: &[(String, String)],
-) -> RedisResult<Option<u64>> {
-    if event_ids.is_empty() {
-        return Ok(None);
+    requests: &[&[(String, String)]],
+) -> RedisResult<Vec<Option<u64>>> {
+    let mut pipe = redis::pipe();
+    for event_ids in requests.iter().filter(|ids| !ids.is_empty()) {
+        pipe.cmd("MGET");
+        for (tenant, id) in event_ids.iter() {
+            pipe.arg(schema::event(tenant, id));
+        }
     }
-    let mut cmd = redis::cmd("MGET");
-    for (tenant, id) in event_ids {
-        cmd.arg(schema::event(tenant, id));
-    }
-    let seqs: Vec<Option<u64>> = cmd.query_async(conn).await?;
-    Ok(seqs.iter().copied().collect::<Option<Vec<u64>>>().and_then(|s| s.into_iter().max()))
+    let mut found: std::vec::IntoIter<Vec<Option<u64>>> =
+        if pipe.cmd_iter().next().is_none() { Vec::new() } else { pipe.query_async(conn).await? }.into_iter();
+    Ok(requests
+        .iter()
+        .map(|ids| match ids.is_empty() {
+            true => None,
+            false => found.next().and_then(|seqs| seqs.into_iter().collect::<Option<Vec<u64>>>()?.into_iter().max()),
+        })
+        .collect())
 }
 
 /// Merges requests into one, for group commit: per tenant and `cascade`, the

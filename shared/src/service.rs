@@ -170,16 +170,21 @@ pub fn register<C: prometheus::core::Collector + Clone + 'static>(registry: &pro
     c
 }
 
-/// A Redis connection pool that never waits long: a request fails with 503
-/// when Redis is down (at once when it refuses connections), instead of hanging.
-pub fn redis_pool(url: &str, max_size: usize) -> Result<deadpool_redis::Pool, String> {
+/// Timeouts for every Redis connection: 5 s to connect, 5 s for a reply.
+pub fn connection_config() -> redis::AsyncConnectionConfig {
     // redis-rs times a reply out after 500 ms by default: too tight for a busy
     // machine, where it turns a slow moment into a 503.
-    let connection = redis::AsyncConnectionConfig::new()
+    redis::AsyncConnectionConfig::new()
         .set_connection_timeout(Some(Duration::from_secs(5)))
-        .set_response_timeout(Some(Duration::from_secs(5)));
-    let manager =
-        deadpool_redis::Manager::new_with_config(url, connection).map_err(|e| format!("bad redis_url {url:?}: {e}"))?;
+        .set_response_timeout(Some(Duration::from_secs(5)))
+}
+
+/// A Redis connection pool that never waits long: a request fails with 503
+/// when Redis is down (at once when it refuses connections), instead of
+/// hanging. Connections get [`connection_config`]'s timeouts.
+pub fn redis_pool(url: &str, max_size: usize) -> Result<deadpool_redis::Pool, String> {
+    let manager = deadpool_redis::Manager::new_with_config(url, connection_config())
+        .map_err(|e| format!("bad redis_url {url:?}: {e}"))?;
     // Refused connections (Redis down) fail at once; these bound a Redis, or
     // a machine, too busy to answer.
     deadpool_redis::Pool::builder(manager)
@@ -281,9 +286,11 @@ pub async fn read_body(
     Ok(body.freeze())
 }
 
-/// The HTTP latency histogram, as app data for [`record_latency`].
+/// The HTTP latency histogram, as app data for [`record_latency`], and the
+/// route label of a scope that answers without a route pattern, if the
+/// service has one: `(path prefix, label)`.
 #[derive(Clone)]
-pub struct HttpLatency(pub prometheus::HistogramVec);
+pub struct HttpLatency(pub prometheus::HistogramVec, pub Option<(&'static str, &'static str)>);
 
 /// Middleware (`actix_web::middleware::from_fn`): records every request's
 /// latency by method, route template and status in the app's [`HttpLatency`].
@@ -295,11 +302,10 @@ pub async fn record_latency<B: actix_web::body::MessageBody>(
     let method = req.method().to_string();
     let histogram = req.app_data::<HttpLatency>().cloned();
     let resp = next.call(req).await?;
-    if let Some(HttpLatency(h)) = histogram {
+    if let Some(HttpLatency(h, scope)) = histogram {
         let route = resp.request().match_pattern().unwrap_or_else(|| {
-            // The agent's cache API is one scope without a route pattern.
-            if resp.request().path().starts_with("/v1/cache/") { "/v1/cache/{tenant}/{key}" } else { "unmatched" }
-                .into()
+            let path = resp.request().path();
+            scope.filter(|(prefix, _)| path.starts_with(prefix)).map_or("unmatched", |(_, label)| label).into()
         });
         h.with_label_values(&[method.as_str(), route.as_str(), resp.status().as_str()])
             .observe(start.elapsed().as_secs_f64());
