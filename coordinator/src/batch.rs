@@ -17,15 +17,15 @@ use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
-use deadpool_redis::Pool;
+use deadpool_redis::{Connection, Pool};
 use shared::invalidation::{self, Outcome, Request};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 /// Most requests merged into one invalidation.
-pub const MAX_REQUESTS: usize = 64;
+pub const MAX_REQUESTS: usize = 256;
 /// Merged invalidations that may run at once.
-pub const LANES: usize = 4;
+pub const LANES: usize = 2;
 
 /// One request waiting for its outcome.
 struct Job {
@@ -62,13 +62,17 @@ impl Batcher {
             let (receiver, pool, stop) = (receiver.clone(), self.pool.clone(), stop.clone());
             let log_max_len = self.log_max_len;
             tokio::spawn(async move {
+                // The lane keeps its connection between runs: a pooled checkout
+                // costs a round trip (the pool pings a connection it hands out).
+                // It is dropped after an error, and a fresh one taken.
+                let mut conn: Option<Connection> = None;
                 loop {
                     let jobs = tokio::select! {
                         jobs = take(&receiver) => jobs,
                         _ = stop.cancelled() => return,
                     };
                     match jobs {
-                        Some(jobs) => run(&pool, log_max_len, jobs).await,
+                        Some(jobs) => run(&pool, &mut conn, log_max_len, jobs).await,
                         None => return,
                     }
                 }
@@ -103,37 +107,48 @@ async fn take(receiver: &tokio::sync::Mutex<mpsc::Receiver<Job>>) -> Option<Vec<
 }
 
 /// Runs one request as it is, or several merged, and answers each caller.
-async fn run(pool: &Pool, log_max_len: u64, mut jobs: Vec<Job>) {
-    let mut conn = match pool.get().await {
-        Ok(conn) => conn,
-        Err(e) => {
-            for job in jobs {
-                let _ = job.reply.send(Err(e.to_string()));
+async fn run(pool: &Pool, lane_conn: &mut Option<Connection>, log_max_len: u64, jobs: Vec<Job>) {
+    let mut conn = match lane_conn.take() {
+        Some(conn) => conn,
+        None => match pool.get().await {
+            Ok(conn) => conn,
+            Err(e) => {
+                for job in jobs {
+                    let _ = job.reply.send(Err(e.to_string()));
+                }
+                return;
             }
-            return;
-        }
+        },
     };
+    if run_on(&mut conn, log_max_len, jobs).await {
+        *lane_conn = Some(conn);
+    }
+}
+
+/// [`run`] on a connection; false when Redis failed (the connection is then dropped).
+async fn run_on(conn: &mut Connection, log_max_len: u64, mut jobs: Vec<Job>) -> bool {
     if jobs.len() == 1 {
         let job = jobs.remove(0);
-        let outcome = invalidation::execute(&mut conn, job.request, log_max_len).await;
+        let outcome = invalidation::execute(conn, job.request, log_max_len).await;
+        let ok = outcome.is_ok();
         let _ = job.reply.send(outcome.map_err(|e| e.to_string()));
-        return;
+        return ok;
     }
 
     // Retries of logged event ids: answered as duplicates, not merged.
     let ids: Vec<&[(String, String)]> = jobs.iter().map(|job| job.request.event_ids.as_slice()).collect();
-    let logged = match invalidation::already_logged_each(&mut conn, &ids).await {
+    let logged = match invalidation::already_logged_each(conn, &ids).await {
         Ok(logged) => logged,
         Err(e) => {
             for job in jobs {
                 let _ = job.reply.send(Err(e.to_string()));
             }
-            return;
+            return false;
         }
     };
     let (duplicates, fresh): (Vec<_>, Vec<_>) = jobs.into_iter().zip(logged).partition(|(_, seq)| seq.is_some());
     if !duplicates.is_empty() {
-        let head = shared::l2::head(&mut conn).await.map_err(|e| e.to_string());
+        let head = shared::l2::head(conn).await.map_err(|e| e.to_string());
         for (job, seq) in duplicates {
             let outcome = head.clone().map(|(epoch, _)| Outcome {
                 epoch,
@@ -146,24 +161,26 @@ async fn run(pool: &Pool, log_max_len: u64, mut jobs: Vec<Job>) {
     }
     let fresh: Vec<Job> = fresh.into_iter().map(|(job, _)| job).collect();
     if fresh.is_empty() {
-        return;
+        return true;
     }
 
     let tenants: Vec<HashSet<String>> =
         fresh.iter().map(|job| job.request.items.iter().map(|s| s.tenant.clone()).collect()).collect();
     let (requests, replies): (Vec<Request>, Vec<_>) = fresh.into_iter().map(|job| (job.request, job.reply)).unzip();
     let merged = invalidation::merge(requests);
-    match invalidation::execute(&mut conn, merged, log_max_len).await {
+    match invalidation::execute(conn, merged, log_max_len).await {
         Ok(outcome) => {
             for (reply, tenants) in replies.into_iter().zip(tenants) {
                 let invalidated = outcome.invalidated.iter().filter(|s| tenants.contains(&s.tenant)).cloned().collect();
                 let _ = reply.send(Ok(Outcome { invalidated, ..outcome.clone() }));
             }
+            true
         }
         Err(e) => {
             for reply in replies {
                 let _ = reply.send(Err(e.to_string()));
             }
+            false
         }
     }
 }

@@ -94,8 +94,9 @@ impl Settings {
         if self.log_max_len < 1000 {
             problems.push("log_max_len must be at least 1000".to_string());
         }
-        if self.redis_pool_size == 0 {
-            problems.push("redis_pool_size must be at least 1".to_string());
+        if self.redis_pool_size <= crate::batch::LANES {
+            // Each group-commit lane keeps a connection; the rest serve reads.
+            problems.push(format!("redis_pool_size must be at least {}", crate::batch::LANES + 1));
         }
         if redis::Client::open(self.redis_url.as_str()).is_err() {
             problems.push("redis_url is not a valid Redis URL".to_string());

@@ -2,7 +2,7 @@
 //!
 //! 1. **Resolve** happened before this module: the coordinator turned events and
 //!    rules into [`Selector`]s (an agent's `DELETE` is one key).
-//! 2. **Announce, then delete from L2** ([`execute`]): [`begin`] writes
+//! 2. **Announce, then delete from L2** ([`execute`]): [`announce`] writes
 //!    fill-token markers for its keys, tags and patterns, so that no fill
 //!    racing it can store an old value. Then the deletion: exact keys, every member of each tag
 //!    (moved to the tag's draining set first, then drained in chunks), every key of the tenant matching
@@ -67,16 +67,13 @@ pub async fn execute(conn: &mut impl ConnectionLike, request: Request, log_max_l
         return Ok(Outcome { epoch, seq, duplicate: true, ..Outcome::default() });
     }
 
-    // Step 2: announce to fill tokens, then delete from L2, collecting
-    // dependents into each selector's keys.
-    let mut marks = Vec::with_capacity(request.items.len());
-    for selector in &request.items {
-        marks.push(begin(conn, selector).await?);
-    }
+    // Step 2: announce to fill tokens and detach tags' members, then delete
+    // from L2, collecting dependents into each selector's keys.
+    let announced = announce(conn, &request.items).await?;
     let mut l2_deleted = 0;
     let mut invalidated = Vec::with_capacity(request.items.len());
-    for (selector, mark) in request.items.into_iter().zip(marks) {
-        let (deleted, selector) = delete_selector(conn, selector, mark).await?;
+    for (selector, (mark, detached)) in request.items.into_iter().zip(announced) {
+        let (deleted, selector) = delete_selector(conn, selector, mark, detached).await?;
         l2_deleted += deleted;
         invalidated.push(selector);
     }
@@ -129,8 +126,8 @@ return mark",
     )
 });
 
-/// Step 2a: see [`BEGIN`].
-async fn begin(conn: &mut impl ConnectionLike, selector: &Selector) -> RedisResult<u64> {
+/// The [`BEGIN`] call of one selector.
+fn begin_call(selector: &Selector) -> redis::ScriptInvocation<'static> {
     let tenant = &selector.tenant;
     let mut inv = BEGIN.prepare_invoke();
     inv.key(schema::SEQ).key(schema::pattern_markers(tenant)).key(schema::pattern_marker_times(tenant));
@@ -144,7 +141,49 @@ async fn begin(conn: &mut impl ConnectionLike, selector: &Selector) -> RedisResu
     for pattern in &selector.patterns {
         inv.arg(glob::to_lua_pattern(pattern));
     }
-    inv.invoke_async(conn).await
+    inv
+}
+
+/// Step 2a, for every selector in one round trip: its [`BEGIN`] (the
+/// markers; returns the mark), then the [`l2::DETACH`](l2::detach_tags) of
+/// its tags. Redis runs a pipeline in order, so every marker is written
+/// before the deletion looks for a single entry. Returns each selector's
+/// mark and what detaching its tags found.
+async fn announce(conn: &mut impl ConnectionLike, items: &[Selector]) -> RedisResult<Vec<(u64, Vec<l2::Detached>)>> {
+    let mut pipe = redis::pipe();
+    let mut detach_chunks = Vec::with_capacity(items.len());
+    for selector in items {
+        pipe.invoke_script(&begin_call(selector));
+        let calls = l2::detach_calls(&selector.tenant, &selector.tags);
+        detach_chunks.push(calls.len());
+        for inv in &calls {
+            pipe.invoke_script(inv);
+        }
+    }
+    let replies: Vec<redis::Value> = match pipe.query_async(conn).await {
+        // Redis lost its script cache (a restart): load the scripts and send
+        // it again. Running part of it twice is harmless: markers only rise,
+        // and a tag detached already reads as a draining set to finish.
+        Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+            load_scripts(conn).await?;
+            pipe.query_async(conn).await?
+        }
+        other => other?,
+    };
+    let mut replies = replies.into_iter();
+    let mut next =
+        || replies.next().ok_or_else(|| redis::RedisError::from((redis::ErrorKind::Parse, "short pipeline reply")));
+    let mut out = Vec::with_capacity(items.len());
+    for (selector, chunks) in items.iter().zip(detach_chunks) {
+        let mark: u64 = redis::from_redis_value(next()?)?;
+        let mut found = Vec::with_capacity(selector.tags.len());
+        for _ in 0..chunks {
+            let chunk: Vec<i64> = redis::from_redis_value(next()?)?;
+            found.extend(chunk);
+        }
+        out.push((mark, l2::detached(&selector.tenant, &selector.tags, found)));
+    }
+    Ok(out)
 }
 
 /// The highest seq recorded for these event ids, if every one of them was logged.
@@ -212,6 +251,7 @@ async fn delete_selector(
     conn: &mut impl ConnectionLike,
     mut selector: Selector,
     mark: u64,
+    detached: Vec<l2::Detached>,
 ) -> RedisResult<(u64, Selector)> {
     let tenant = selector.tenant.clone();
     let cascade = selector.cascade;
@@ -230,9 +270,8 @@ async fn delete_selector(
     let exact: Vec<String> = selector.keys.iter().filter(|k| seen.insert((*k).clone())).cloned().collect();
     delete(conn, exact, &mut deleted, &mut dependents).await?;
 
-    // Every tag detached in one call; a draining set found first is finished
-    // first, then that tag is detached again and its own members drained.
-    let detached = l2::detach_tags(conn, &tenant, &selector.tags).await?;
+    // Every tag was detached by `announce`; a draining set found first is
+    // finished first, then that tag is detached again and its own members drained.
     for (tag, mut state) in selector.tags.iter().zip(detached) {
         loop {
             let (set, done) = match state {

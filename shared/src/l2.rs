@@ -414,20 +414,38 @@ pub enum Detached {
 /// Detaches the members of each tag (see [`DETACH`]), one call per
 /// [`CHUNK`] tags: an event that names many tags costs one round trip.
 pub async fn detach_tags(conn: &mut impl ConnectionLike, tenant: &str, tags: &[String]) -> RedisResult<Vec<Detached>> {
-    let mut out = Vec::with_capacity(tags.len());
-    for chunk in tags.chunks(CHUNK) {
-        let mut inv = DETACH.prepare_invoke();
-        for tag in chunk {
-            inv.key(schema::tag(tenant, tag)).key(schema::draining(tenant, tag));
-        }
-        let found: Vec<i64> = inv.invoke_async(conn).await?;
-        out.extend(chunk.iter().zip(found).map(|(tag, found)| match found {
+    let mut found = Vec::with_capacity(tags.len());
+    for inv in detach_calls(tenant, tags) {
+        let chunk: Vec<i64> = inv.invoke_async(conn).await?;
+        found.extend(chunk);
+    }
+    Ok(detached(tenant, tags, found))
+}
+
+/// The [`DETACH`] calls of [`detach_tags`], one per [`CHUNK`] tags, for a
+/// caller that sends them in a pipeline with other work.
+pub fn detach_calls(tenant: &str, tags: &[String]) -> Vec<redis::ScriptInvocation<'static>> {
+    tags.chunks(CHUNK)
+        .map(|chunk| {
+            let mut inv = DETACH.prepare_invoke();
+            for tag in chunk {
+                inv.key(schema::tag(tenant, tag)).key(schema::draining(tenant, tag));
+            }
+            inv
+        })
+        .collect()
+}
+
+/// Reads the statuses the [`detach_calls`] answered, one per tag in order.
+pub fn detached(tenant: &str, tags: &[String], found: Vec<i64>) -> Vec<Detached> {
+    tags.iter()
+        .zip(found)
+        .map(|(tag, found)| match found {
             1 => Detached::Leftover(schema::draining(tenant, tag)),
             2 => Detached::Members(schema::draining(tenant, tag)),
             _ => Detached::Nothing,
-        }));
-    }
-    Ok(out)
+        })
+        .collect()
 }
 
 /// One step of a `ZSCAN` over an index zset: the next cursor, and the members

@@ -4,16 +4,15 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper::client::conn::http1::SendRequest;
-use hyper_util::rt::TokioIo;
 use node_agent::agent::{Agent, Layer, Put, Read};
 use redis::AsyncCommands;
 use tokio_util::sync::CancellationToken;
 
-use super::{median, per_second, ratios, spread, Options, Row};
+use super::{http_connection, median, per_second, ratios, spread, Options, Row};
 
 const TENANT: &str = "bench";
 const KEY: &str = "hit:100b";
@@ -24,17 +23,6 @@ pub const TASKS: usize = 50;
 /// The value every run reads: 100 bytes.
 fn value() -> Bytes {
     Bytes::from(vec![b'v'; 100])
-}
-
-/// One HTTP/1.1 connection to the agent, driven by hyper.
-async fn http_connection(addr: &str) -> anyhow::Result<SendRequest<Empty<Bytes>>> {
-    let stream = tokio::net::TcpStream::connect(addr).await.with_context(|| format!("connect {addr}"))?;
-    stream.set_nodelay(true)?;
-    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    Ok(sender)
 }
 
 /// One GET that must be an L1 hit of the 100-byte value.

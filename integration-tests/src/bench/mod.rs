@@ -80,6 +80,24 @@ pub struct Row {
     pub met: bool,
 }
 
+/// One HTTP/1.1 connection driven by hyper, with Nagle off, as every
+/// HTTP client of the bench uses (no connection pool in the way).
+pub async fn http_connection<B>(addr: &str) -> anyhow::Result<hyper::client::conn::http1::SendRequest<B>>
+where
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    use anyhow::Context as _;
+    let stream = tokio::net::TcpStream::connect(addr).await.with_context(|| format!("connect {addr}"))?;
+    stream.set_nodelay(true)?;
+    let (sender, connection) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(sender)
+}
+
 /// Median of a sample (0 when empty).
 pub fn median(values: &[f64]) -> f64 {
     percentile(values, 50.0)

@@ -3,7 +3,8 @@
 //! `BENCHMARKS.md`. `bench --quick` (`make bench QUICK=1`) is a short pass
 //! that checks everything runs; `--out FILE` writes elsewhere; `--only
 //! NAME[,NAME]` runs some measures (hits, propagation, barrier, throughput,
-//! propagation32, scale, memory), for profiling one of them.
+//! propagation32, scale, memory), for profiling one of them; `--run-ms N`
+//! makes each run N ms long (to hold a load steady under a profiler).
 //! See `integration_tests::bench` for what each figure is.
 
 use std::path::{Path, PathBuf};
@@ -29,7 +30,10 @@ async fn main() -> anyhow::Result<()> {
         .and_then(|i| args.get(i + 1))
         .map(|list| list.split(',').map(str::to_string).collect());
     let wanted = |name: &str| only.as_ref().is_none_or(|o| o.iter().any(|n| n == name));
-    let options = if quick { Options::quick() } else { Options::full() };
+    let mut options = if quick { Options::quick() } else { Options::full() };
+    if let Some(ms) = args.iter().position(|a| a == "--run-ms").and_then(|i| args.get(i + 1)) {
+        options.run = std::time::Duration::from_millis(ms.parse().context("--run-ms takes milliseconds")?);
+    }
     let command = if quick { "make bench QUICK=1" } else { "make bench" };
     let started = Instant::now();
 
