@@ -35,7 +35,7 @@ fn value() -> Bytes {
 fn entry(value: &Bytes, tags: &[&str]) -> Entry {
     Entry::new(
         value.clone(),
-        "application/json".into(),
+        "application/json",
         tags.iter().map(|t| t.to_string()).collect(),
         Vec::new(),
         Duration::from_secs(3600),

@@ -308,7 +308,7 @@ impl Agent {
                 m.hits.with_label_values(&["l2"]).inc();
                 let entry = l1::Entry::new(
                     Bytes::from(found.value),
-                    found.content_type,
+                    &found.content_type,
                     found.tags,
                     found.depends_on,
                     Duration::from_millis(found.ttl_ms),
@@ -369,7 +369,7 @@ impl Agent {
             .await
             .map_err(|e| self.l2_failed(e))?
             .map_err(|stale| AgentError::StaleFill(stale.explain()))?;
-        let entry = l1::Entry::new(put.value, content_type, put.tags, put.depends_on, Duration::from_secs(ttl_secs));
+        let entry = l1::Entry::new(put.value, &content_type, put.tags, put.depends_on, Duration::from_secs(ttl_secs));
         self.0.l1.insert(tenant, key, entry, guard);
         Ok(())
     }

@@ -14,9 +14,11 @@
 //! queue is folded into the indexes at the next write, matched by generation so
 //! that a replaced entry never removes the index records of its successor.
 
+use std::borrow::Borrow;
+use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -27,13 +29,48 @@ use moka::Expiry;
 use shared::glob;
 use shared::protocol::Selector;
 
-/// Identifies an entry: tenant and key.
+/// An entry's name: its tenant, a NUL, its key, in one shared string
+/// (a tenant cannot contain NUL; see `shared::names`). The cache and every
+/// index record of the entry hold the same string, so a key is stored once
+/// however many indexes name it, and a lookup by `&str` allocates nothing.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct EntryKey {
-    /// The tenant.
-    pub tenant: String,
-    /// The key within the tenant.
-    pub key: String,
+struct EntryKey(Arc<str>);
+
+impl EntryKey {
+    fn new(tenant: &str, key: &str) -> Self {
+        EntryKey(with_name(tenant, key, |name| Arc::from(name)))
+    }
+
+    fn tenant(&self) -> &str {
+        self.0.split_once('\0').map_or(&*self.0, |(tenant, _)| tenant)
+    }
+
+    fn key(&self) -> &str {
+        self.0.split_once('\0').map_or("", |(_, key)| key)
+    }
+}
+
+impl Borrow<str> for EntryKey {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Calls `f` with the name of `tenant`/`key` (see [`EntryKey`]), spelled out
+/// in a buffer of this thread: reads name entries without allocating.
+fn with_name<R>(tenant: &str, key: &str, f: impl FnOnce(&str) -> R) -> R {
+    thread_local!(static NAME: RefCell<String> = const { RefCell::new(String::new()) });
+    NAME.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut name) => {
+            name.clear();
+            name.push_str(tenant);
+            name.push('\0');
+            name.push_str(key);
+            f(&name)
+        }
+        // Only if `f` itself named an entry: spell this one out afresh.
+        Err(_) => f(&format!("{tenant}\0{key}")),
+    })
 }
 
 /// An entry held in L1.
@@ -41,22 +78,46 @@ pub struct EntryKey {
 pub struct Entry {
     /// The value.
     pub value: Bytes,
-    /// Its content type.
-    pub content_type: String,
+    /// Its content type (the common ones shared, not copied per entry).
+    pub content_type: Arc<str>,
     /// Tags it carries.
-    pub tags: Vec<String>,
+    pub tags: Box<[String]>,
     /// Keys it depends on.
-    pub depends_on: Vec<String>,
+    pub depends_on: Box<[String]>,
     /// When it expires (the same moment as in L2).
     pub expires_at: Instant,
     /// Insertion generation, to match index records with this very entry.
     generation: u64,
 }
 
+/// Content types most entries have, held once for all of them.
+static COMMON_CONTENT_TYPES: LazyLock<[Arc<str>; 5]> = LazyLock::new(|| {
+    [
+        "application/octet-stream",
+        "application/json",
+        "text/plain; charset=utf-8",
+        "text/plain",
+        "text/html; charset=utf-8",
+    ]
+    .map(Arc::from)
+});
+
 impl Entry {
     /// An entry expiring `ttl` from now.
-    pub fn new(value: Bytes, content_type: String, tags: Vec<String>, depends_on: Vec<String>, ttl: Duration) -> Self {
-        Entry { value, content_type, tags, depends_on, expires_at: Instant::now() + ttl, generation: 0 }
+    pub fn new(value: Bytes, content_type: &str, tags: Vec<String>, depends_on: Vec<String>, ttl: Duration) -> Self {
+        let content_type = COMMON_CONTENT_TYPES
+            .iter()
+            .find(|common| ***common == *content_type)
+            .cloned()
+            .unwrap_or_else(|| Arc::from(content_type));
+        Entry {
+            value,
+            content_type,
+            tags: tags.into_boxed_slice(),
+            depends_on: depends_on.into_boxed_slice(),
+            expires_at: Instant::now() + ttl,
+            generation: 0,
+        }
     }
 
     /// Time to live left.
@@ -65,9 +126,10 @@ impl Entry {
     }
 
     /// Bytes it is charged for: key, tenant, value and metadata.
-    fn weight(&self, key: &EntryKey) -> u32 {
+    fn weight(&self, name: &EntryKey) -> u32 {
         let meta: usize = self.tags.iter().chain(&self.depends_on).map(String::len).sum();
-        let total = key.tenant.len() + key.key.len() + self.value.len() + self.content_type.len() + meta;
+        // The name is tenant, NUL, key: the NUL is not charged.
+        let total = name.0.len() - 1 + self.value.len() + self.content_type.len() + meta;
         u32::try_from(total).unwrap_or(u32::MAX)
     }
 }
@@ -93,15 +155,16 @@ pub struct L1Stats {
     pub fills_refused: AtomicU64,
 }
 
-/// Index records of one tenant; every record holds the generation of the entry it was made for.
+/// Index records of one tenant; every record holds the generation of the
+/// entry it was made for, and names it by the entry's shared name.
 #[derive(Debug, Default)]
 struct TenantIndex {
-    /// Every key of the tenant in L1 (patterns walk this).
-    keys: HashMap<String, u64>,
-    /// Tag -> keys carrying it.
-    tags: HashMap<String, HashMap<String, u64>>,
-    /// Key -> keys that depend on it.
-    dependents: HashMap<String, HashMap<String, u64>>,
+    /// Every entry of the tenant in L1 (patterns walk this).
+    keys: HashMap<EntryKey, u64>,
+    /// Tag -> entries carrying it.
+    tags: HashMap<String, HashMap<EntryKey, u64>>,
+    /// Key -> entries that depend on it.
+    dependents: HashMap<String, HashMap<EntryKey, u64>>,
 }
 
 #[derive(Debug, Default)]
@@ -170,11 +233,11 @@ impl L1 {
             .max_capacity(capacity_bytes)
             .weigher(|k: &EntryKey, v: &Arc<Entry>| v.weight(k))
             .expire_after(PerEntryTtl)
-            .eviction_listener(move |key: Arc<EntryKey>, value: Arc<Entry>, cause: RemovalCause| {
+            .eviction_listener(move |name: Arc<EntryKey>, value: Arc<Entry>, cause: RemovalCause| {
                 if cause == RemovalCause::Size {
                     listener_stats.evictions.fetch_add(1, Ordering::Relaxed);
                 }
-                lock(&listener_queue).push(((*key).clone(), value));
+                lock(&listener_queue).push(((*name).clone(), value));
             })
             .build();
         L1 {
@@ -189,7 +252,7 @@ impl L1 {
 
     /// The entry, if L1 holds it and it has not expired.
     pub fn get(&self, tenant: &str, key: &str) -> Option<Arc<Entry>> {
-        let entry = self.cache.get(&EntryKey { tenant: tenant.to_string(), key: key.to_string() })?;
+        let entry = with_name(tenant, key, |name| self.cache.get(name))?;
         (entry.expires_at > Instant::now()).then_some(entry)
     }
 
@@ -208,15 +271,16 @@ impl L1 {
         }
         let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
         entry.generation = generation;
+        let name = EntryKey::new(tenant, key);
         let t = idx.tenants.entry(tenant.to_string()).or_default();
-        t.keys.insert(key.to_string(), generation);
+        t.keys.insert(name.clone(), generation);
         for tag in &entry.tags {
-            t.tags.entry(tag.clone()).or_default().insert(key.to_string(), generation);
+            t.tags.entry(tag.clone()).or_default().insert(name.clone(), generation);
         }
         for dep in &entry.depends_on {
-            t.dependents.entry(dep.clone()).or_default().insert(key.to_string(), generation);
+            t.dependents.entry(dep.clone()).or_default().insert(name.clone(), generation);
         }
-        self.cache.insert(EntryKey { tenant: tenant.to_string(), key: key.to_string() }, Arc::new(entry));
+        self.cache.insert(name, Arc::new(entry));
         true
     }
 
@@ -230,30 +294,29 @@ impl L1 {
             return 0;
         };
 
-        let mut doomed: HashSet<&str> = selector.keys.iter().map(String::as_str).collect();
+        let mut doomed: HashSet<EntryKey> = selector.keys.iter().map(|k| EntryKey::new(&selector.tenant, k)).collect();
         for tag in &selector.tags {
             if let Some(members) = t.tags.get(tag) {
-                doomed.extend(members.keys().map(String::as_str));
+                doomed.extend(members.keys().cloned());
             }
         }
         for pattern in &selector.patterns {
-            doomed.extend(t.keys.keys().map(String::as_str).filter(|k| glob::matches(pattern, k)));
+            doomed.extend(t.keys.keys().filter(|name| glob::matches(pattern, name.key())).cloned());
         }
         if selector.cascade {
-            let mut frontier: Vec<&str> = doomed.iter().copied().collect();
-            while let Some(key) = frontier.pop() {
-                for dependent in t.dependents.get(key).into_iter().flat_map(HashMap::keys) {
-                    if doomed.insert(dependent) {
-                        frontier.push(dependent);
+            let mut frontier: Vec<EntryKey> = doomed.iter().cloned().collect();
+            while let Some(name) = frontier.pop() {
+                for dependent in t.dependents.get(name.key()).into_iter().flat_map(HashMap::keys) {
+                    if doomed.insert(dependent.clone()) {
+                        frontier.push(dependent.clone());
                     }
                 }
             }
         }
 
         let mut dropped = 0;
-        for key in doomed {
-            let entry_key = EntryKey { tenant: selector.tenant.clone(), key: key.to_string() };
-            if self.cache.remove(&entry_key).is_some() {
+        for name in doomed {
+            if self.cache.remove(&name).is_some() {
                 dropped += 1;
             }
         }
@@ -306,18 +369,18 @@ impl L1 {
 }
 
 /// Removes the index records that were made for this very entry.
-fn forget(idx: &mut Indexes, key: &EntryKey, entry: &Entry) {
-    let Some(t) = idx.tenants.get_mut(&key.tenant) else {
+fn forget(idx: &mut Indexes, name: &EntryKey, entry: &Entry) {
+    let Some(t) = idx.tenants.get_mut(name.tenant()) else {
         return;
     };
     let generation = entry.generation;
-    let drop_record = |map: &mut HashMap<String, HashMap<String, u64>>, name: &str| {
-        if let Some(members) = map.get_mut(name) {
-            if members.get(&key.key) == Some(&generation) {
-                members.remove(&key.key);
+    let drop_record = |map: &mut HashMap<String, HashMap<EntryKey, u64>>, record: &str| {
+        if let Some(members) = map.get_mut(record) {
+            if members.get(name) == Some(&generation) {
+                members.remove(name);
             }
             if members.is_empty() {
-                map.remove(name);
+                map.remove(record);
             }
         }
     };
@@ -327,11 +390,11 @@ fn forget(idx: &mut Indexes, key: &EntryKey, entry: &Entry) {
     for dep in &entry.depends_on {
         drop_record(&mut t.dependents, dep);
     }
-    if t.keys.get(&key.key) == Some(&generation) {
-        t.keys.remove(&key.key);
+    if t.keys.get(name) == Some(&generation) {
+        t.keys.remove(name);
     }
     if t.keys.is_empty() && t.tags.is_empty() && t.dependents.is_empty() {
-        idx.tenants.remove(&key.tenant);
+        idx.tenants.remove(name.tenant());
     }
 }
 
@@ -348,7 +411,7 @@ mod tests {
     fn entry(tags: &[&str], deps: &[&str]) -> Entry {
         Entry::new(
             Bytes::from_static(b"value"),
-            "text/plain".into(),
+            "text/plain",
             tags.iter().map(|s| s.to_string()).collect(),
             deps.iter().map(|s| s.to_string()).collect(),
             Duration::from_secs(60),
@@ -454,7 +517,7 @@ mod tests {
     #[test]
     fn entries_expire_at_their_own_ttl() {
         let l1 = L1::new(1 << 20);
-        let short = Entry::new(Bytes::from_static(b"v"), String::new(), vec![], vec![], Duration::from_millis(30));
+        let short = Entry::new(Bytes::from_static(b"v"), "", vec![], vec![], Duration::from_millis(30));
         let guard = l1.fill_guard("t");
         assert!(l1.insert("t", "short", short, guard));
         store(&l1, "t", "long", &[], &[]);

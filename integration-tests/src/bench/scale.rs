@@ -163,7 +163,7 @@ fn rss(pid: u32) -> anyhow::Result<u64> {
 
 /// Measure 7: an agent's RSS per L1 entry after `l1_entries` PUTs of 100
 /// bytes, against the bytes stored (key and value).
-pub async fn memory(options: &Options, agent_addr: &str, agent_pid: u32) -> anyhow::Result<(Row, String)> {
+pub async fn memory(options: &Options, agent_addr: &str, agent_pid: u32) -> anyhow::Result<(Vec<Row>, String)> {
     let count = options.l1_entries;
     let before = rss(agent_pid)?;
     let mut tasks = Vec::new();
@@ -216,11 +216,62 @@ pub async fn memory(options: &Options, agent_addr: &str, agent_pid: u32) -> anyh
         target: "≤ 2x, plus a fixed overhead".into(),
         met: ratio <= 2.0,
     };
+    let floor = moka_floor(count).await?;
+    let floor_row = Row {
+        measure: format!("the same {count} entries in a bare moka cache (L1's settings, no indexes)"),
+        ours: format!("{floor:.0} bytes per entry"),
+        baseline: "109 bytes per entry".into(),
+        result: format!("{:.2}x the bytes stored", floor / 109.0),
+        target: "(reported: the floor under L1)".into(),
+        met: true,
+    };
     let note = format!(
         "Memory: a dedicated agent process (l1_max_bytes 1 GiB); {count} PUTs of 100-byte values with \
          9-byte keys through its HTTP API; RSS (`VmRSS`) read before and after, the growth divided by the \
-         entries. The fixed overhead is the RSS before ({:.0} MiB).",
+         entries. The fixed overhead is the RSS before ({:.0} MiB). The floor: a child process of the bench \
+         (mimalloc, as the agent) fills a bare `moka::sync::Cache<String, Bytes>` with the same names and \
+         values and L1's settings (byte weigher, per-entry expiry, removal listener), and reports its RSS \
+         growth per entry: what moka itself costs, before any index of ours.",
         before as f64 / 1048576.0
     );
-    Ok((row, note))
+    Ok((vec![row, floor_row], note))
+}
+
+/// Runs [`moka_floor_child`] in a child process (a clean heap) and reads its answer.
+async fn moka_floor(count: usize) -> anyhow::Result<f64> {
+    let exe = std::env::current_exe()?;
+    let out = tokio::process::Command::new(exe).arg("--moka-floor").arg(count.to_string()).output().await?;
+    if !out.status.success() {
+        bail!("the moka floor child failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.trim().parse().map_err(|e| anyhow::anyhow!("the moka floor child printed {text:?}: {e}"))
+}
+
+/// In the child: RSS growth per entry of a bare moka cache holding `count`
+/// 100-byte values under the names L1 gives them ("mem", NUL, "m:0000000").
+pub fn moka_floor_child(count: usize) -> anyhow::Result<f64> {
+    struct Ttl;
+    impl moka::Expiry<String, Bytes> for Ttl {
+        fn expire_after_create(&self, _: &String, _: &Bytes, _: std::time::Instant) -> Option<Duration> {
+            Some(Duration::from_secs(3600))
+        }
+    }
+    let pid = std::process::id();
+    let before = rss(pid)?;
+    let cache: moka::sync::Cache<String, Bytes> = moka::sync::Cache::builder()
+        .max_capacity(1 << 30)
+        .weigher(|k: &String, v: &Bytes| u32::try_from(k.len() + v.len()).unwrap_or(u32::MAX))
+        .expire_after(Ttl)
+        .eviction_listener(|_, _, _| {})
+        .build();
+    for i in 0..count {
+        cache.insert(format!("mem\0m:{i:07}"), Bytes::from(vec![b'v'; 100]));
+    }
+    cache.run_pending_tasks();
+    if cache.entry_count() != count as u64 {
+        bail!("the bare cache holds {} entries, not {count}", cache.entry_count());
+    }
+    let after = rss(pid)?;
+    Ok(after.saturating_sub(before) as f64 / count as f64)
 }

@@ -14,9 +14,18 @@ use anyhow::Context;
 use integration_tests::bench::{self, fanout, hits, scale, Options};
 use integration_tests::{free_port, start_agent, wait_ready, Cluster, ClusterOptions};
 
+/// As the agent: the memory floor it reports is measured under the same allocator.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if let Some(count) = args.iter().position(|a| a == "--moka-floor").and_then(|i| args.get(i + 1)) {
+        // The child process of the memory measure (see `scale::moka_floor_child`).
+        println!("{}", scale::moka_floor_child(count.parse().context("--moka-floor takes a count")?)?);
+        return Ok(());
+    }
     let quick = args.iter().any(|a| a == "--quick") || std::env::var("QUICK").is_ok_and(|v| !v.is_empty());
     let out = args
         .iter()
@@ -97,7 +106,7 @@ async fn main() -> anyhow::Result<()> {
         wait_ready(&client, &memory_agent).await?;
         let pid = memory_agent.proc.pid().context("the memory agent has no pid")?;
         let (r, n) = scale::memory(&options, &memory_agent.addr, pid).await?;
-        rows.push(r);
+        rows.extend(r);
         notes.push(n);
         drop(memory_agent);
     }
