@@ -52,6 +52,9 @@ impl Application {
                 .default_service(web::to(shared::service::not_found))
         })
         .workers(workers)
+        // Answers leave at once: a cache answer is one small write, and
+        // Nagle would hold it back behind any unacknowledged one.
+        .tcp_nodelay(true)
         .disable_signals()
         .shutdown_timeout(10)
         .listen(listener)?
