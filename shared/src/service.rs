@@ -299,15 +299,16 @@ pub async fn record_latency<B: actix_web::body::MessageBody>(
     next: actix_web::middleware::Next<B>,
 ) -> Result<actix_web::dev::ServiceResponse<B>, actix_web::Error> {
     let start = std::time::Instant::now();
-    let method = req.method().to_string();
-    let histogram = req.app_data::<HttpLatency>().cloned();
     let resp = next.call(req).await?;
-    if let Some(HttpLatency(h, scope)) = histogram {
-        let route = resp.request().match_pattern().unwrap_or_else(|| {
-            let path = resp.request().path();
-            scope.filter(|(prefix, _)| path.starts_with(prefix)).map_or("unmatched", |(_, label)| label).into()
+    let request = resp.request();
+    if let Some(HttpLatency(histogram, scope)) = request.app_data::<HttpLatency>() {
+        let pattern = request.match_pattern();
+        let route = pattern.as_deref().unwrap_or_else(|| {
+            let path = request.path();
+            scope.filter(|(prefix, _)| path.starts_with(prefix)).map_or("unmatched", |(_, label)| label)
         });
-        h.with_label_values(&[method.as_str(), route.as_str(), resp.status().as_str()])
+        histogram
+            .with_label_values(&[request.method().as_str(), route, resp.status().as_str()])
             .observe(start.elapsed().as_secs_f64());
     }
     Ok(resp)

@@ -73,7 +73,10 @@ async fn main() -> anyhow::Result<()> {
     }
     if wanted("throughput") {
         eprintln!("5. event throughput");
-        let (r, n) = fanout::throughput(&options, &coordinator, &redis_url).await?;
+        let alone = Cluster::start(ClusterOptions { agents: 0, ..ClusterOptions::default() }).await?;
+        let alone_urls = (alone.coordinator.url(""), alone.redis.url());
+        let (r, n) = fanout::throughput(&options, &coordinator, &redis_url, (&alone_urls.0, &alone_urls.1)).await?;
+        drop(alone);
         rows.extend(r);
         notes.push(n);
     }
