@@ -115,15 +115,24 @@ pub fn validate_selector(s: &Selector, confirm: bool) -> Result<(), InvalidName>
 
 /// Parses a body holding one event or an array of events.
 pub fn parse_events(body: &[u8]) -> Result<Vec<Event>, InvalidName> {
-    let value: serde_json::Value =
-        serde_json::from_slice(body).map_err(|e| invalid("invalid_json", format!("the body is not JSON: {e}")))?;
-    let events = match value {
-        serde_json::Value::Array(items) => items
-            .into_iter()
+    // Each event is parsed once, straight into an `Event`; a batch is first
+    // split into its raw items, so that an error names the event it is in.
+    let not_json = |e: serde_json::Error| invalid("invalid_json", format!("the body is not JSON: {e}"));
+    let events = if body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[') {
+        let items: Vec<&serde_json::value::RawValue> = serde_json::from_slice(body).map_err(not_json)?;
+        items
+            .iter()
             .enumerate()
-            .map(|(i, v)| serde_json::from_value(v).map_err(|e| invalid("invalid_event", format!("event {i}: {e}"))))
-            .collect::<Result<Vec<Event>, _>>()?,
-        other => vec![serde_json::from_value(other).map_err(|e| invalid("invalid_event", format!("{e}")))?],
+            .map(|(i, raw)| {
+                serde_json::from_str(raw.get()).map_err(|e| invalid("invalid_event", format!("event {i}: {e}")))
+            })
+            .collect::<Result<Vec<Event>, _>>()?
+    } else {
+        match serde_json::from_slice::<Event>(body) {
+            Ok(event) => vec![event],
+            Err(e) if e.is_data() => return Err(invalid("invalid_event", format!("{e}"))),
+            Err(e) => return Err(not_json(e)),
+        }
     };
     if events.is_empty() {
         return Err(invalid("invalid_event", "the batch is empty; send at least one event".into()));
