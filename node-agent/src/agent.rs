@@ -260,10 +260,10 @@ impl Agent {
             // entries invalidated meanwhile, so it neither answers nor fills.
             m.l1_bypassed.inc();
         } else if let Some(entry) = self.0.l1.get(tenant, key) {
-            m.hits.with_label_values(&["l1"]).inc();
+            m.hits.l1.inc();
             return Ok(Read::Hit { entry, layer: Layer::L1 });
         }
-        m.misses.with_label_values(&["l1"]).inc();
+        m.misses.l1.inc();
         self.read_through(tenant, key, trusted).await
     }
 
@@ -305,7 +305,7 @@ impl Agent {
         let lookup = l2::get(&mut conn, tenant, key).await.map_err(|e| self.l2_failed(e))?;
         match lookup.entry {
             Some(found) => {
-                m.hits.with_label_values(&["l2"]).inc();
+                m.hits.l2.inc();
                 let entry = l1::Entry::new(
                     Bytes::from(found.value),
                     &found.content_type,
@@ -319,7 +319,7 @@ impl Agent {
                 Ok(Read::Hit { entry: Arc::new(entry), layer: Layer::L2 })
             }
             None => {
-                m.misses.with_label_values(&["l2"]).inc();
+                m.misses.l2.inc();
                 Ok(Read::Miss { fill_token: lookup.token.encode() })
             }
         }
@@ -418,8 +418,8 @@ impl Agent {
     pub fn status(&self) -> Status {
         let i = &self.0;
         let m = &i.metrics;
-        let l1_hits = m.hits.with_label_values(&["l1"]).get();
-        let l1_misses = m.misses.with_label_values(&["l1"]).get();
+        let l1_hits = m.hits.l1.get();
+        let l1_misses = m.misses.l1.get();
         Status {
             node_id: i.node_id.clone(),
             addr: i.addr.clone(),
@@ -437,11 +437,7 @@ impl Agent {
                 evictions: i.l1.stats.evictions.load(Ordering::Relaxed),
                 hit_ratio: ratio(l1_hits, l1_misses),
             },
-            l2: L2Status {
-                hits: m.hits.with_label_values(&["l2"]).get(),
-                misses: m.misses.with_label_values(&["l2"]).get(),
-                errors: m.l2_errors.get(),
-            },
+            l2: L2Status { hits: m.hits.l2.get(), misses: m.misses.l2.get(), errors: m.l2_errors.get() },
             invalidations: InvalidationStatus {
                 applied: m.applied.get(),
                 replayed: m.replayed.get(),

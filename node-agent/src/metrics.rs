@@ -9,9 +9,9 @@ pub struct Metrics {
     /// The registry `/metrics` renders.
     pub registry: Registry,
     /// Hits per layer (`l1`, `l2`).
-    pub hits: IntCounterVec,
+    pub hits: ByLayer,
     /// Misses per layer (`l1`, `l2`).
-    pub misses: IntCounterVec,
+    pub misses: ByLayer,
     /// Failed L2 calls.
     pub l2_errors: IntCounter,
     /// Reads that skipped L1 because the agent was out of sync beyond the staleness bound.
@@ -42,12 +42,25 @@ pub struct Metrics {
     pub http: HistogramVec,
 }
 
+/// One counter per cache layer (the `layer` label), each looked up once here:
+/// a label lookup on every read would cost a hash and a lock on the hit path.
+pub struct ByLayer {
+    /// `layer="l1"`.
+    pub l1: IntCounter,
+    /// `layer="l2"`.
+    pub l2: IntCounter,
+}
+
 impl Metrics {
     /// Creates and registers every metric.
     pub fn new() -> Self {
         let registry = Registry::new();
         let counter_vec = |name: &str, help: &str| {
-            register(&registry, IntCounterVec::new(Opts::new(name, help), &["layer"]).unwrap_or_else(|e| panic!("{e}")))
+            let vec = register(
+                &registry,
+                IntCounterVec::new(Opts::new(name, help), &["layer"]).unwrap_or_else(|e| panic!("{e}")),
+            );
+            ByLayer { l1: vec.with_label_values(&["l1"]), l2: vec.with_label_values(&["l2"]) }
         };
         let counter =
             |name: &str, help: &str| register(&registry, IntCounter::new(name, help).unwrap_or_else(|e| panic!("{e}")));
