@@ -1,12 +1,13 @@
 //! Group commit: invalidations that arrive while others are running share
 //! one trip through the invalidation path.
 //!
-//! A few *lanes* take requests from one queue. A lane that finds the queue
+//! Two *lanes* take requests from one queue (see [`LANES`]). A lane that finds the queue
 //! empty runs the first request at once (no added latency when idle); a lane
 //! that finds several waiting takes them all (up to [`MAX_REQUESTS`]), merges
 //! them ([`invalidation::merge`]) and runs the union once: one set of Redis
 //! calls, one seq, one broadcast for all of them. That is how a stream of
-//! single events costs about what batches cost.
+//! single events shares the Redis work and the fan-out that batches share
+//! (each request still costs its own HTTP exchange).
 //!
 //! A merged request answers every caller with the same seq; `invalidated` and
 //! `l2_deleted` then describe the merged invalidation (for the caller's
@@ -24,7 +25,10 @@ use tokio_util::sync::CancellationToken;
 
 /// Most requests merged into one invalidation.
 pub const MAX_REQUESTS: usize = 256;
-/// Merged invalidations that may run at once.
+/// Merged invalidations that may run at once: two, so that a long one (a tag
+/// of 100k keys takes most of a second) does not hold up every other; not
+/// more, because fewer lanes merge more requests per seq, and every seq costs
+/// a broadcast and an acknowledgement from every agent.
 pub const LANES: usize = 2;
 
 /// One request waiting for its outcome.
