@@ -17,6 +17,7 @@
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use deadpool_redis::{Connection, Pool};
 use shared::invalidation::{self, Outcome, Request};
@@ -69,7 +70,7 @@ impl Batcher {
                 // The lane keeps its connection between runs: a pooled checkout
                 // costs a round trip (the pool pings a connection it hands out).
                 // It is dropped after an error, and a fresh one taken.
-                let mut conn: Option<Connection> = None;
+                let mut conn: Option<Kept> = None;
                 loop {
                     let jobs = tokio::select! {
                         jobs = take(&receiver) => jobs,
@@ -110,10 +111,20 @@ async fn take(receiver: &tokio::sync::Mutex<mpsc::Receiver<Job>>) -> Option<Vec<
     Some(jobs)
 }
 
+/// A lane's connection and when it last served a run.
+type Kept = (Connection, Instant);
+
+/// A kept connection idle for longer than this goes back to the pool, and the
+/// next run takes one through the pool's check: a connection Redis closed
+/// meanwhile (a restart, an idle timeout) is then noticed before a run
+/// depends on it. Under load a lane never idles that long.
+const KEEP_IDLE: Duration = Duration::from_secs(1);
+
 /// Runs one request as it is, or several merged, and answers each caller.
-async fn run(pool: &Pool, lane_conn: &mut Option<Connection>, log_max_len: u64, jobs: Vec<Job>) {
-    let mut conn = match lane_conn.take() {
-        Some(conn) => conn,
+async fn run(pool: &Pool, lane_conn: &mut Option<Kept>, log_max_len: u64, jobs: Vec<Job>) {
+    let kept = lane_conn.take().filter(|(_, used)| used.elapsed() < KEEP_IDLE);
+    let mut conn = match kept {
+        Some((conn, _)) => conn,
         None => match pool.get().await {
             Ok(conn) => conn,
             Err(e) => {
@@ -125,7 +136,7 @@ async fn run(pool: &Pool, lane_conn: &mut Option<Connection>, log_max_len: u64, 
         },
     };
     if run_on(&mut conn, log_max_len, jobs).await {
-        *lane_conn = Some(conn);
+        *lane_conn = Some((conn, Instant::now()));
     }
 }
 
@@ -151,8 +162,10 @@ async fn run_on(conn: &mut Connection, log_max_len: u64, mut jobs: Vec<Job>) -> 
         }
     };
     let (duplicates, fresh): (Vec<_>, Vec<_>) = jobs.into_iter().zip(logged).partition(|(_, seq)| seq.is_some());
+    let mut healthy = true;
     if !duplicates.is_empty() {
         let head = shared::l2::head(conn).await.map_err(|e| e.to_string());
+        healthy = head.is_ok();
         for (job, seq) in duplicates {
             let outcome = head.clone().map(|(epoch, _)| Outcome {
                 epoch,
@@ -165,7 +178,7 @@ async fn run_on(conn: &mut Connection, log_max_len: u64, mut jobs: Vec<Job>) -> 
     }
     let fresh: Vec<Job> = fresh.into_iter().map(|(job, _)| job).collect();
     if fresh.is_empty() {
-        return true;
+        return healthy;
     }
 
     let tenants: Vec<HashSet<String>> =

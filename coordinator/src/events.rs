@@ -130,7 +130,10 @@ pub fn parse_events(body: &[u8]) -> Result<Vec<Event>, InvalidName> {
     } else {
         match serde_json::from_slice::<Event>(body) {
             Ok(event) => vec![event],
-            Err(e) if e.is_data() => return Err(invalid("invalid_event", format!("{e}"))),
+            // Parsing streams: an event error can come before broken JSON.
+            Err(e) if e.is_data() && serde_json::from_slice::<serde::de::IgnoredAny>(body).is_ok() => {
+                return Err(invalid("invalid_event", format!("{e}")));
+            }
             Err(e) => return Err(not_json(e)),
         }
     };

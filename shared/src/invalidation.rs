@@ -150,6 +150,9 @@ fn begin_call(selector: &Selector) -> redis::ScriptInvocation<'static> {
 /// before the deletion looks for a single entry. Returns each selector's
 /// mark and what detaching its tags found.
 async fn announce(conn: &mut impl ConnectionLike, items: &[Selector]) -> RedisResult<Vec<(u64, Vec<l2::Detached>)>> {
+    if items.is_empty() {
+        return Ok(Vec::new());
+    }
     let mut pipe = redis::pipe();
     let mut detach_chunks = Vec::with_capacity(items.len());
     for selector in items {
@@ -215,8 +218,8 @@ pub async fn already_logged_each(
 }
 
 /// Merges requests into one, for group commit: per tenant and `cascade`, the
-/// union of their keys, tags and patterns (first occurrence order), and all
-/// their event ids. Invalidating the union invalidates everything each one
+/// union of their keys, tags and patterns (first occurrence order; cascading
+/// selectors before the others), and all their event ids. Invalidating the union invalidates everything each one
 /// covers. The origin is the first request's.
 pub fn merge(requests: Vec<Request>) -> Request {
     let mut merged = Request::default();
@@ -242,6 +245,10 @@ pub fn merge(requests: Vec<Request>) -> Request {
             list.retain(|x| seen.insert(x.clone()));
         }
     }
+    // Cascading selectors run first: a tenant's tag or pattern drained without
+    // cascade first would leave the cascading one nothing to follow, and the
+    // dependents in L2.
+    merged.items.sort_by_key(|item| !item.cascade);
     merged
 }
 
@@ -511,5 +518,15 @@ mod tests {
         assert_eq!(merged.items[0].tags, ["t1", "t2"]);
         assert_eq!(merged.items[1].tenant, "globex");
         assert_eq!((merged.items[2].keys.clone(), merged.items[2].cascade), (vec!["x".to_string()], false));
+    }
+
+    #[test]
+    fn merging_puts_cascading_selectors_first() {
+        // Drained without cascade first, a tag would leave the cascading
+        // selector of the same tag no members to follow to their dependents.
+        let plain = Request { items: vec![selector("acme", &[], &["t"], false)], ..Request::default() };
+        let cascading = Request { items: vec![selector("acme", &[], &["t"], true)], ..Request::default() };
+        let merged = merge(vec![plain, cascading]);
+        assert_eq!(merged.items.iter().map(|s| s.cascade).collect::<Vec<_>>(), [true, false]);
     }
 }

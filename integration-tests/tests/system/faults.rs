@@ -243,6 +243,28 @@ async fn wait_all_right_after_redis_lost_its_data_waits_for_agents_it_cannot_see
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_invalidation_after_a_redis_restart_is_answered() {
+    // The coordinator's group-commit lanes keep their Redis connections
+    // between runs; one that Redis closed must not fail the next request.
+    let mut t = TestCluster::start(1, "").await;
+    let invalidate = json!({"tenant": "acme", "keys": ["lane:k"]});
+    // Lanes take turns: a few requests leave every lane holding a connection.
+    for _ in 0..4 {
+        let (status, answer) = t.coordinator_post("/v1/invalidate", invalidate.clone()).await;
+        assert_eq!(status, 200, "{answer}");
+    }
+    let port = t.cluster.redis.port;
+    t.cluster.redis.proc.kill();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    t.cluster.redis = Redis::start_on(t.cluster.dir.path(), port).await.expect("restart Redis");
+    wait_ready(&t.http, &t.cluster.coordinator).await.expect("coordinator ready");
+    for n in 0..4 {
+        let (status, answer) = t.coordinator_post("/v1/invalidate", invalidate.clone()).await;
+        assert_eq!(status, 200, "invalidation {n} after the restart failed: {answer}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_coordinator_killed_mid_stream_is_retried_safely_with_the_same_event_ids() {
     let mut t = TestCluster::start(2, "").await;
     // 40 tagged groups of keys, one event each.
