@@ -47,18 +47,20 @@ async fn load_l2(redis: &redis::Client, tenant: &str, prefix: &str, tags: &[&str
 }
 
 /// Runs one invalidation and returns (seconds it took, entries deleted,
-/// longest Redis command meanwhile in µs and its name, from `SLOWLOG`).
+/// longest Redis command meanwhile in µs and its name, from `SLOWLOG`, and
+/// the CPU seconds Redis's main thread spent meanwhile).
 async fn timed_invalidation(
     coordinator: &str,
     redis: &redis::Client,
     body: Value,
-) -> anyhow::Result<(f64, u64, (u64, String))> {
+) -> anyhow::Result<(f64, u64, (u64, String), f64)> {
     let mut conn = redis.get_multiplexed_async_connection().await?;
     // Every command over 100 µs is logged while the invalidation runs.
     let _: () = redis::cmd("CONFIG").arg("SET").arg("slowlog-log-slower-than").arg(100).query_async(&mut conn).await?;
     let _: () = redis::cmd("CONFIG").arg("SET").arg("slowlog-max-len").arg(100_000).query_async(&mut conn).await?;
     let _: () = redis::cmd("SLOWLOG").arg("RESET").query_async(&mut conn).await?;
     let http = reqwest::Client::builder().timeout(Duration::from_secs(600)).build()?;
+    let cpu_before = main_thread_cpu(&mut conn).await?;
     let started = Instant::now();
     let resp = http.post(format!("{coordinator}/v1/invalidate")).json(&body).send().await?;
     let took = started.elapsed().as_secs_f64();
@@ -67,9 +69,10 @@ async fn timed_invalidation(
     if status != 200 {
         bail!("invalidate {body} answered {status}: {answer}");
     }
+    let busy = main_thread_cpu(&mut conn).await? - cpu_before;
     // SLOWLOG GET entries: [id, timestamp, duration µs, [args], client, name].
     let log: Vec<redis::Value> = redis::cmd("SLOWLOG").arg("GET").arg(-1).query_async(&mut conn).await?;
-    let longest = log
+    let calls: Vec<(u64, String)> = log
         .iter()
         .filter_map(|e| match e {
             redis::Value::Array(fields) => {
@@ -80,11 +83,22 @@ async fn timed_invalidation(
             }
             _ => None,
         })
-        .max()
-        .unwrap_or_default();
+        .collect();
+    let longest = calls.into_iter().max().unwrap_or_default();
     let _: () =
         redis::cmd("CONFIG").arg("SET").arg("slowlog-log-slower-than").arg(10_000).query_async(&mut conn).await?;
-    Ok((took, answer["l2_deleted"].as_u64().unwrap_or(0), longest))
+    Ok((took, answer["l2_deleted"].as_u64().unwrap_or(0), longest, busy))
+}
+
+/// CPU seconds (user and system) Redis's main thread has used, from `INFO cpu`.
+async fn main_thread_cpu(conn: &mut redis::aio::MultiplexedConnection) -> anyhow::Result<f64> {
+    let info: String = redis::cmd("INFO").arg("cpu").query_async(conn).await?;
+    let field = |name: &str| {
+        info.lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(':')?.trim().parse::<f64>().ok())
+            .with_context(|| format!("INFO cpu has no {name}"))
+    };
+    Ok(field("used_cpu_user_main_thread")? + field("used_cpu_sys_main_thread")?)
 }
 
 /// Measure 6: one tag of `tag_keys` keys, and a pattern over a tenant of `tenant_keys` keys.
@@ -94,7 +108,7 @@ pub async fn invalidation(options: &Options, coordinator: &str, redis_url: &str)
     let started = Instant::now();
     load_l2(&redis, "scale-tag", "item:", &["big"], n).await?;
     eprintln!("  loaded {n} tagged entries in {:.1} s", started.elapsed().as_secs_f64());
-    let (tag_secs, tag_deleted, tag_block) =
+    let (tag_secs, tag_deleted, tag_block, tag_busy) =
         timed_invalidation(coordinator, &redis, json!({"tenant": "scale-tag", "tags": ["big"]})).await?;
     let mut conn = redis.get_multiplexed_async_connection().await?;
     let left: usize = conn.exists(shared::schema::value("scale-tag", "item:0")).await?;
@@ -108,7 +122,7 @@ pub async fn invalidation(options: &Options, coordinator: &str, redis_url: &str)
     eprintln!("  loaded {m} entries in {:.1} s", started.elapsed().as_secs_f64());
     // row:99* matches about 1.1% of the keys (row:99, row:990..., row:9900...).
     let expected = (0..m).filter(|i| i.to_string().starts_with("99")).count() as u64;
-    let (pattern_secs, pattern_deleted, pattern_block) =
+    let (pattern_secs, pattern_deleted, pattern_block, pattern_busy) =
         timed_invalidation(coordinator, &redis, json!({"tenant": "scale-pattern", "patterns": ["row:99*"]})).await?;
     if pattern_deleted != expected {
         bail!("the pattern invalidation deleted {pattern_deleted}, expected {expected}");
@@ -117,7 +131,7 @@ pub async fn invalidation(options: &Options, coordinator: &str, redis_url: &str)
         Row {
             measure: format!("invalidate one tag of {n} keys"),
             ours: format!(
-                "{tag_secs:.2} s in all; longest Redis call {:.1} ms ({})",
+                "{tag_secs:.2} s in all, Redis busy {tag_busy:.2} s of it; longest Redis call {:.1} ms ({})",
                 tag_block.0 as f64 / 1e3,
                 tag_block.1
             ),
@@ -129,7 +143,7 @@ pub async fn invalidation(options: &Options, coordinator: &str, redis_url: &str)
         Row {
             measure: format!("invalidate a pattern over a tenant of {m} keys ({expected} match)"),
             ours: format!(
-                "{pattern_secs:.2} s in all; longest Redis call {:.1} ms ({})",
+                "{pattern_secs:.2} s in all, Redis busy {pattern_busy:.2} s of it; longest Redis call {:.1} ms ({})",
                 pattern_block.0 as f64 / 1e3,
                 pattern_block.1
             ),
@@ -143,7 +157,8 @@ pub async fn invalidation(options: &Options, coordinator: &str, redis_url: &str)
         "Scale: entries loaded straight into L2 with `shared::l2::put` (the script an agent's PUT runs), \
          then one `POST /v1/invalidate` timed by the client until its 200 (everything deleted from L2 and \
          logged). The longest Redis call is the largest duration in `SLOWLOG` (threshold 100 µs) during \
-         the invalidation; other clients (agents' heartbeats) count too. The tag covers {n} keys; the \
+         the invalidation; other clients (agents' heartbeats) count too. Redis busy: the CPU time of Redis's \
+         main thread meanwhile (`INFO cpu`), so the rest of the total is round trips and the coordinator. The tag covers {n} keys; the \
          pattern `row:99*` matches {expected} of {m}."
     );
     Ok((rows, note))
