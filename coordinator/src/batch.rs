@@ -1,13 +1,14 @@
 //! Group commit: invalidations that arrive while others are running share
 //! one trip through the invalidation path.
 //!
-//! Two *lanes* take requests from one queue (see [`LANES`]). A lane that finds the queue
-//! empty runs the first request at once (no added latency when idle); a lane
-//! that finds several waiting takes them all (up to [`MAX_REQUESTS`]), merges
-//! them ([`invalidation::merge`]) and runs the union once: one set of Redis
-//! calls, one seq, one broadcast for all of them. That is how a stream of
-//! single events shares the Redis work and the fan-out that batches share
-//! (each request still costs its own HTTP exchange).
+//! Two *lanes* take requests from one queue (see [`LANES`]). A lane that
+//! finds the queue empty runs the first request at once (no added latency
+//! when idle); a lane that finds several waiting takes them all (up to
+//! [`MAX_REQUESTS`]), merges them ([`invalidation::merge`]) and runs the
+//! union once: one set of Redis calls, one seq, one broadcast for all of
+//! them. That is how a stream of single events shares the Redis work and the
+//! fan-out that batches share (each request still costs its own HTTP
+//! exchange).
 //!
 //! A merged request answers every caller with the same seq; `invalidated` and
 //! `l2_deleted` then describe the merged invalidation (for the caller's
@@ -191,7 +192,7 @@ async fn run_on(conn: &mut Connection, log_max_len: u64, mut jobs: Vec<Job>) -> 
                 let invalidated = outcome.invalidated.iter().filter(|s| tenants.contains(&s.tenant)).cloned().collect();
                 let _ = reply.send(Ok(Outcome { invalidated, ..outcome.clone() }));
             }
-            true
+            healthy
         }
         Err(e) => {
             for reply in replies {
