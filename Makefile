@@ -4,11 +4,15 @@
 CARGO ?= cargo
 SHELL := /bin/bash
 
-.PHONY: demo test run chaos bench build release lint redis clean
+# The workspace's tools run through cargo, which finds them wherever they were
+# built: ./target, or $$CARGO_TARGET_DIR (never assume ./target).
+RUN_RELEASE = $(CARGO) run --release --quiet -p integration-tests --bin
+
+.PHONY: demo test run chaos bench build release lint redis clean demo-check
 
 ## demo: start a private Redis, a coordinator and 3 agents; tell the story; stop everything
 demo: redis release
-	./target/release/demo
+	$(RUN_RELEASE) demo
 
 ## test: every unit and integration test, against real redis-server processes
 ## (one test at a time: each starts a whole cluster, and a 2-core machine has room for one;
@@ -16,21 +20,32 @@ demo: redis release
 test: redis build
 	$(CARGO) test --workspace --lib --bins --tests -- --test-threads=1
 	$(CARGO) test --workspace --benches
+	$(MAKE) demo-check
+
+## demo-check: `make demo` from a copy of the sources that has no ./target, with
+## CARGO_TARGET_DIR pointing at this checkout's build folder, so that no target
+## can quietly assume ./target again (cargo reuses the build: nothing recompiles)
+demo-check: release
+	@tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	target=$$($(CARGO) metadata --format-version 1 --no-deps | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p'); \
+	tar --exclude=./target --exclude=./.git -cf - . | tar -xf - -C "$$tmp"; \
+	echo "make demo in $$tmp with CARGO_TARGET_DIR=$$target"; \
+	CARGO_TARGET_DIR="$$target" $(MAKE) --no-print-directory -C "$$tmp" demo
 
 ## run: the same cluster in the foreground until Ctrl-C, with its URLs
 run: redis release
-	./target/release/cluster
+	$(RUN_RELEASE) cluster
 
 ## chaos: the stale-read checker under injected faults, for CHAOS_SECS seconds (default 300)
 CHAOS_SECS ?= 300
 chaos: redis release
-	./target/release/chaos $(CHAOS_SECS)
+	$(RUN_RELEASE) chaos -- $(CHAOS_SECS)
 
 ## bench: criterion micro-benchmarks, then the system side by side with Redis; writes BENCHMARKS.md
 ## (QUICK=1 for a short pass that only checks everything runs; it writes BENCHMARKS.quick.md)
 bench: redis release
 	$(CARGO) bench -p shared -p node-agent $(if $(QUICK),-- --quick,)
-	./target/release/bench $(if $(QUICK),--quick --out BENCHMARKS.quick.md,)
+	$(RUN_RELEASE) bench -- $(if $(QUICK),--quick --out BENCHMARKS.quick.md,)
 
 ## lint: formatting and clippy, warnings are errors
 lint:

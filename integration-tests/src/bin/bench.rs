@@ -115,11 +115,26 @@ async fn main() -> anyhow::Result<()> {
     }
     drop(cluster);
 
-    let micro = bench::criterion_table(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/criterion"));
+    let micro = bench::criterion_table(&criterion_dir());
     let mut text = bench::report(&rows, &options, command, &notes);
     text.push_str(&micro);
     std::fs::write(&out, &text).with_context(|| format!("writing {}", out.display()))?;
     println!("{text}");
     eprintln!("wrote {} in {:.0} s", out.display(), started.elapsed().as_secs_f64());
     Ok(())
+}
+
+/// Where `cargo bench` left criterion's results: `$CRITERION_HOME`, else
+/// `criterion/` in the build folder this binary runs from (`target/`, or
+/// wherever `CARGO_TARGET_DIR` points).
+fn criterion_dir() -> PathBuf {
+    if let Some(home) = std::env::var_os("CRITERION_HOME") {
+        return PathBuf::from(home);
+    }
+    let exe = std::env::current_exe().ok();
+    let build_folder = exe.as_deref().and_then(Path::parent).and_then(Path::parent);
+    match build_folder {
+        Some(dir) => dir.join("criterion"),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/criterion"),
+    }
 }
