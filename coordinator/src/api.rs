@@ -84,7 +84,7 @@ async fn post_invalidate(
     let selector = body.selector()?;
     if body.dry_run {
         let mut conn = coordinator.conn().await?;
-        let preview = invalidation::preview(&mut conn, std::slice::from_ref(&selector))
+        let preview = invalidation::preview(&mut conn, &coordinator.inner().layout, std::slice::from_ref(&selector))
             .await
             .map_err(|e| coordinator.redis_failed(e))?;
         return Ok(HttpResponse::Ok().json(serde_json::json!({
@@ -116,7 +116,7 @@ async fn cluster_health(coordinator: web::Data<Coordinator>) -> HttpResponse {
     });
     let gathered = async {
         let mut conn = coordinator.conn().await?;
-        let view = cluster::view(&mut conn, inner.settings.node_dead_after_ms)
+        let view = cluster::view(&conn, &inner.layout, &inner.acks, inner.settings.node_dead_after_ms, true)
             .await
             .map_err(|e| coordinator.redis_failed(e))?;
         let redis = cluster::redis_info(&mut conn).await.map_err(|e| coordinator.redis_failed(e))?;
@@ -130,6 +130,7 @@ async fn cluster_health(coordinator: web::Data<Coordinator>) -> HttpResponse {
                 "status": status,
                 "epoch": view.epoch,
                 "seq": view.seq,
+                "partitions": view.partitions,
                 "checked_at_ms": now_ms(),
                 "redis": redis,
                 "coordinator": about,

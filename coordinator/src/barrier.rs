@@ -1,34 +1,41 @@
 //! The `wait=all` barrier: answer only when every live agent has applied an
-//! invalidation, or give up with the names of those that have not.
+//! invalidation (in every partition it touched), or give up with the names of
+//! those that have not.
 //!
-//! Agents acknowledge each applied seq by publishing on [`schema::ACK_CHANNEL`]
-//! (and storing it in [`schema::ACKS`]). [`listen`] keeps the newest
-//! acknowledgement of every node on the [`AckBoard`]; [`wait_for_all`] checks
-//! the live nodes against it after every change. Liveness comes from the
-//! registry (heartbeats stamped with Redis time) and is re-read every
-//! [`LIVENESS_REFRESH`], so a node that falls silent stops being awaited once
-//! it is `node_dead_after_ms` old. That is safe because an agent's staleness
-//! bound is kept below `node_dead_after_ms` (see `node_agent::sync`): by the
-//! time it is no longer awaited it has stopped answering from L1.
+//! Agents acknowledge each applied position by publishing on their
+//! partition's ack channel (and storing it in the partition's acks).
+//! [`listen`] keeps the newest acknowledgement of every node and partition on
+//! the [`AckBoard`]; [`wait_for_all`] checks the live nodes against it after
+//! every change. Liveness comes from the registry (heartbeats stamped with
+//! Redis time) and is re-read every [`LIVENESS_REFRESH`], so a node that
+//! falls silent stops being awaited once it is `node_dead_after_ms` old. That
+//! is safe because an agent's staleness bound is kept below
+//! `node_dead_after_ms` (see `node_agent::sync`): by the time it is no longer
+//! awaited it has stopped answering from L1.
 //!
 //! The same reasoning covers nodes the registry does not list at all: when
-//! Redis loses its data (a new epoch) the registry starts empty, so a barrier
-//! in an epoch younger than `node_dead_after_ms` waits for the epoch to age
-//! (see [`cluster::ClusterView::settles_in_ms`]): an agent that has not
+//! Redis loses the registry (a new registry epoch) it starts empty, so a
+//! barrier in a registry younger than `node_dead_after_ms` waits for it to
+//! age (see [`ClusterView::settles_in_ms`]): an agent that has not
 //! re-registered by then has stopped trusting its L1 too.
+//!
+//! What "a node has applied a position" means is decided in one place,
+//! [`AckBoard::has_applied`], for the barrier and for the informational counts.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use redis::aio::ConnectionLike;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use shared::protocol::Position;
 use shared::registry::{self, Ack};
-use shared::schema;
+use shared::schema::Layout;
 use shared::service::Backoff;
 
 use crate::cluster::{self, ClusterView, NodeView};
@@ -37,63 +44,173 @@ use crate::cluster::{self, ClusterView, NodeView};
 /// stored acknowledgements, in case the ack subscription is down).
 pub const LIVENESS_REFRESH: Duration = Duration::from_millis(100);
 
-/// The newest acknowledgement of every node, and a signal for each change.
+/// Verified `(partition, epoch, seq, nonce)` facts about the logs kept at
+/// most: beyond it the cache starts over.
+const NONCE_CACHE_MAX: usize = 100_000;
+
+/// The newest acknowledgement of every node in every partition, and a signal
+/// for each change.
 pub struct AckBoard {
-    latest: Mutex<HashMap<String, Ack>>,
+    latest: Mutex<HashMap<(String, u16), Ack>>,
     changed: watch::Sender<u64>,
+    /// Whether a partition's log holds a nonce at a seq, as read from Redis.
+    nonces: Mutex<HashMap<(u16, String, u64, String), bool>>,
 }
 
 impl Default for AckBoard {
     fn default() -> Self {
-        AckBoard { latest: Mutex::new(HashMap::new()), changed: watch::channel(0).0 }
+        AckBoard { latest: Mutex::default(), changed: watch::channel(0).0, nonces: Mutex::default() }
+    }
+}
+
+/// Locks a std mutex, recovering from poisoning (the data is a plain value).
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// What an acknowledgement says of a position, before any log is read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Coverage {
+    /// Applied.
+    Yes,
+    /// Not (yet) applied.
+    No,
+    /// Applied if the partition's log holds this nonce at this seq: the node
+    /// applied a later message (or one whose nonce the target does not know);
+    /// only if that message is in the current history does it cover the target.
+    IfLogHolds(u64, String),
+}
+
+/// The one rule: does `ack` cover `target`, in a partition whose epoch is now `current`?
+pub fn coverage(ack: Option<&Ack>, target: &Position, current: &str) -> Coverage {
+    let Some(ack) = ack else { return Coverage::No };
+    let at = &ack.position;
+    if at.epoch == target.epoch {
+        if at.seq < target.seq {
+            Coverage::No
+        } else if at.seq == target.seq && !target.nonce.is_empty() && at.nonce == target.nonce {
+            Coverage::Yes
+        } else if at.seq == target.seq && !target.nonce.is_empty() && !at.nonce.is_empty() {
+            // The same seq, another message: another history.
+            Coverage::No
+        } else {
+            Coverage::IfLogHolds(at.seq, at.nonce.clone())
+        }
+    } else if at.epoch == current && current != target.epoch {
+        // The node follows a newer epoch of the partition: joining it
+        // flushed the partition's tenants from its L1.
+        Coverage::Yes
+    } else {
+        Coverage::No
     }
 }
 
 impl AckBoard {
     /// Records an acknowledgement: within one epoch only a higher seq counts;
-    /// a different epoch replaces the old one (the node followed Redis into a new one).
+    /// a different epoch replaces the old one (the node followed the
+    /// partition into a new one).
     pub fn record(&self, ack: Ack) {
-        let mut latest = self.latest.lock().unwrap_or_else(|p| p.into_inner());
-        let newer = match latest.get(&ack.node_id) {
-            Some(old) => old.epoch != ack.epoch || old.seq < ack.seq,
+        let mut latest = lock(&self.latest);
+        let key = (ack.node_id.clone(), ack.position.partition);
+        let newer = match latest.get(&key) {
+            Some(old) => old.position.epoch != ack.position.epoch || old.position.seq < ack.position.seq,
             None => true,
         };
         if newer {
-            latest.insert(ack.node_id.clone(), ack);
+            latest.insert(key, ack);
             drop(latest);
             self.changed.send_modify(|n| *n += 1);
         }
     }
 
-    /// Whether `node_id` has acknowledged `seq` of `epoch`, or follows
-    /// `current_epoch`, a newer one (joining it flushed its L1).
-    pub fn covers(&self, node_id: &str, epoch: &str, seq: u64, current_epoch: &str) -> bool {
-        let latest = self.latest.lock().unwrap_or_else(|p| p.into_inner());
-        latest
-            .get(node_id)
-            .is_some_and(|a| (a.epoch == epoch && a.seq >= seq) || (current_epoch != epoch && a.epoch == current_epoch))
+    /// The newest acknowledgement of a node in a partition.
+    pub fn get(&self, node_id: &str, partition: u16) -> Option<Ack> {
+        lock(&self.latest).get(&(node_id.to_string(), partition)).cloned()
+    }
+
+    /// Whether `node_id` has applied `target`, its partition's epoch being
+    /// `current` now (see [`coverage`]); reads the log when the node's
+    /// acknowledgement is of a later message, once per such message.
+    pub async fn has_applied<C: ConnectionLike + Send>(
+        &self,
+        conn: &mut C,
+        layout: &Layout,
+        node_id: &str,
+        target: &Position,
+        current: &str,
+    ) -> redis::RedisResult<bool> {
+        match coverage(self.get(node_id, target.partition).as_ref(), target, current) {
+            Coverage::Yes => Ok(true),
+            Coverage::No => Ok(false),
+            Coverage::IfLogHolds(seq, nonce) => {
+                let fact = (target.partition, target.epoch.clone(), seq, nonce.clone());
+                if let Some(known) = lock(&self.nonces).get(&fact) {
+                    return Ok(*known);
+                }
+                let found = shared::invalidation::nonce_at(conn, layout.get(target.partition), seq).await?;
+                // An unknown nonce (an agent that adopted the head without one)
+                // counts when the log holds the seq at all.
+                let holds = found.is_some_and(|n| nonce.is_empty() || n == nonce);
+                let mut nonces = lock(&self.nonces);
+                if nonces.len() >= NONCE_CACHE_MAX {
+                    nonces.clear();
+                }
+                nonces.insert(fact, holds);
+                Ok(holds)
+            }
+        }
+    }
+
+    /// Whether `node` has applied every one of `targets`, as of `view`.
+    pub async fn has_applied_all<C: ConnectionLike + Send>(
+        &self,
+        conn: &mut C,
+        layout: &Layout,
+        view: &ClusterView,
+        node: &NodeView,
+        targets: &[Position],
+    ) -> redis::RedisResult<bool> {
+        for target in targets {
+            let current = view.epoch_of(target.partition);
+            if !self.has_applied(conn, layout, &node.node_id, target, current).await? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 }
 
-/// Follows the acknowledgement channel for as long as the coordinator runs,
-/// reconnecting with backoff. After each subscription it reads the stored
-/// acknowledgements, so that none published while it was away is missed.
-pub async fn listen(redis: redis::Client, pool: deadpool_redis::Pool, board: &AckBoard, shutdown: CancellationToken) {
+/// Follows every partition's acknowledgement channel for as long as the
+/// coordinator runs, reconnecting with backoff. After each subscription it
+/// reads the stored acknowledgements, so that none published while it was
+/// away is missed.
+pub async fn listen(
+    redis: redis::Client,
+    pool: deadpool_redis::Pool,
+    layout: Layout,
+    board: &AckBoard,
+    shutdown: CancellationToken,
+) {
+    let channels: Vec<String> = layout.all().iter().map(|p| p.ack_channel()).collect();
     let mut backoff = Backoff::default();
     while !shutdown.is_cancelled() {
         let followed = async {
             let mut pubsub = tokio::time::timeout(Duration::from_secs(2), redis.get_async_pubsub()).await??;
-            pubsub.subscribe(schema::ACK_CHANNEL).await?;
+            pubsub.subscribe(&channels).await?;
             let mut conn = pool.get().await?;
-            for ack in registry::acknowledgements(&mut conn).await? {
-                board.record(ack);
+            for partition in layout.all() {
+                for ack in registry::acknowledgements(&mut conn, partition).await? {
+                    board.record(ack);
+                }
             }
             drop(conn);
             backoff.reset();
             info!("following agents' acknowledgements");
             let mut messages = pubsub.on_message();
             while let Some(msg) = messages.next().await {
-                match msg.get_payload::<String>().ok().as_deref().and_then(Ack::decode) {
+                let partition = channels.iter().position(|c| c.as_bytes() == msg.get_channel_name().as_bytes());
+                let payload = msg.get_payload::<String>().ok();
+                match partition.zip(payload).and_then(|(p, payload)| Ack::decode(p as u16, &payload)) {
                     Some(ack) => board.record(ack),
                     None => warn!("ignoring an unreadable acknowledgement"),
                 }
@@ -127,10 +244,13 @@ pub struct Liveness {
 
 impl Liveness {
     /// A view whose read began at or after `since`: the newest one if it
-    /// qualifies, otherwise a new read.
+    /// qualifies, otherwise a new read (which also records the stored
+    /// acknowledgements on `board`).
     pub async fn view_since(
         &self,
         pool: &deadpool_redis::Pool,
+        layout: &Layout,
+        board: &AckBoard,
         node_dead_after_ms: u64,
         since: Instant,
     ) -> anyhow::Result<Arc<ClusterView>> {
@@ -142,14 +262,14 @@ impl Liveness {
             return Ok(view);
         }
         let began = Instant::now();
-        let mut conn = pool.get().await?;
-        let view = Arc::new(cluster::liveness(&mut conn, node_dead_after_ms).await?);
-        *self.latest.lock().unwrap_or_else(|p| p.into_inner()) = Some((began, view.clone()));
+        let conn = pool.get().await?;
+        let view = Arc::new(cluster::view(&conn, layout, board, node_dead_after_ms, false).await?);
+        *lock(&self.latest) = Some((began, view.clone()));
         Ok(view)
     }
 
     fn cached(&self, since: Instant) -> Option<Arc<ClusterView>> {
-        let latest = self.latest.lock().unwrap_or_else(|p| p.into_inner());
+        let latest = lock(&self.latest);
         latest.as_ref().filter(|(began, _)| *began >= since).map(|(_, view)| view.clone())
     }
 }
@@ -168,51 +288,54 @@ pub enum Barrier {
         live: usize,
         /// Live nodes that had not applied it, by id.
         lagging: Vec<String>,
-        /// The epoch is younger than `node_dead_after_ms`: nodes that have
-        /// not re-registered since Redis lost its data could not be ruled out.
+        /// The registry is younger than `node_dead_after_ms`: nodes that have
+        /// not re-registered since Redis lost it could not be ruled out.
         settling: bool,
     },
 }
 
-/// Waits until every live node has applied `seq` of `epoch`, or `timeout`.
-/// Call it after `seq` was logged: liveness is judged only on registry reads
-/// that began after that, because a node counted dead before the invalidation
-/// existed could have come back and proved itself in sync without it.
-pub async fn wait_for_all(
-    pool: &deadpool_redis::Pool,
-    board: &AckBoard,
-    liveness: &Liveness,
-    node_dead_after_ms: u64,
-    epoch: &str,
-    seq: u64,
-    timeout: Duration,
-) -> anyhow::Result<Barrier> {
+/// What a barrier needs: where to read, and what to read against.
+pub struct Waiting<'a> {
+    /// Redis connections.
+    pub pool: &'a deadpool_redis::Pool,
+    /// The partitions.
+    pub layout: &'a Layout,
+    /// Acknowledgements.
+    pub board: &'a AckBoard,
+    /// The shared view.
+    pub liveness: &'a Liveness,
+    /// When a silent node stops being awaited.
+    pub node_dead_after_ms: u64,
+}
+
+/// Waits until every live node has applied every one of `targets`, or
+/// `timeout`. Call it after they were logged: liveness is judged only on
+/// registry reads that began after that, because a node counted dead before
+/// the invalidation existed could have come back and proved itself in sync
+/// without it.
+pub async fn wait_for_all(w: &Waiting<'_>, targets: &[Position], timeout: Duration) -> anyhow::Result<Barrier> {
     let called = Instant::now();
     let deadline = called + timeout;
-    let mut changes = board.changed.subscribe();
+    let mut changes = w.board.changed.subscribe();
     loop {
         // Who is live now (as of a read at most one refresh old, and begun
         // after the call), and what the registry already knows they applied.
         let since = Instant::now().checked_sub(LIVENESS_REFRESH).map_or(called, |t| t.max(called));
-        let view = liveness.view_since(pool, node_dead_after_ms, since).await?;
-        let covered_by_view = |n: &NodeView| {
-            if view.epoch == epoch {
-                n.in_epoch && n.applied_seq >= seq
-            } else {
-                n.in_epoch
-            }
-        };
+        let view = w.liveness.view_since(w.pool, w.layout, w.board, w.node_dead_after_ms, since).await?;
         let live: Vec<&NodeView> = view.live().collect();
         let refresh_at = Instant::now() + LIVENESS_REFRESH;
         loop {
             changes.borrow_and_update();
-            let lagging: Vec<String> = live
-                .iter()
-                .filter(|n| !covered_by_view(n) && !board.covers(&n.node_id, epoch, seq, &view.epoch))
-                .map(|n| n.node_id.clone())
-                .collect();
-            // Right after Redis lost its data, an agent missing from the new
-            // registry may still answer from L1: wait until it cannot.
+            let mut conn = w.pool.get().await?;
+            let mut lagging = Vec::new();
+            for node in &live {
+                if !w.board.has_applied_all(&mut conn, w.layout, &view, node, targets).await? {
+                    lagging.push(node.node_id.clone());
+                }
+            }
+            drop(conn);
+            // Right after Redis lost the registry, an agent missing from it
+            // may still answer from L1: wait until it cannot.
             let settling = view.settles_in_ms > 0;
             if lagging.is_empty() && !settling {
                 return Ok(Barrier::Passed { live: live.len() });
@@ -242,28 +365,44 @@ pub async fn wait_for_all(
 mod tests {
     use super::*;
 
-    fn ack(node: &str, epoch: &str, seq: u64) -> Ack {
-        Ack { node_id: node.into(), epoch: epoch.into(), seq }
+    fn at(epoch: &str, seq: u64, nonce: &str) -> Position {
+        Position { partition: 0, epoch: epoch.into(), seq, nonce: nonce.into() }
+    }
+
+    fn ack(node: &str, position: Position) -> Ack {
+        Ack { node_id: node.into(), position }
     }
 
     #[test]
-    fn the_board_keeps_the_newest_ack_per_node() {
+    fn the_board_keeps_the_newest_ack_per_node_and_partition() {
         let board = AckBoard::default();
-        board.record(ack("a", "e1", 5));
-        board.record(ack("a", "e1", 3));
-        assert!(board.covers("a", "e1", 5, "e1"));
-        assert!(!board.covers("a", "e1", 6, "e1"));
-        assert!(!board.covers("b", "e1", 1, "e1"));
+        board.record(ack("a", at("e1", 5, "n5")));
+        board.record(ack("a", at("e1", 3, "n3")));
+        assert_eq!(board.get("a", 0).map(|a| a.position.seq), Some(5));
+        board.record(ack("a", Position { partition: 1, ..at("e1", 1, "m1") }));
+        assert_eq!(board.get("a", 0).map(|a| a.position.seq), Some(5), "partitions are kept apart");
+        assert!(board.get("b", 0).is_none());
+    }
+
+    #[test]
+    fn an_ack_covers_its_own_message_and_needs_the_log_for_later_ones() {
+        let a = ack("a", at("e1", 5, "n5"));
+        assert_eq!(coverage(Some(&a), &at("e1", 5, "n5"), "e1"), Coverage::Yes);
+        assert_eq!(coverage(Some(&a), &at("e1", 6, "n6"), "e1"), Coverage::No);
+        assert_eq!(coverage(Some(&a), &at("e1", 4, "n4"), "e1"), Coverage::IfLogHolds(5, "n5".into()));
+        // The same seq, another message: the node applied another history.
+        assert_eq!(coverage(Some(&a), &at("e1", 5, "other"), "e1"), Coverage::No);
+        // A duplicate's position has no nonce: the log tells.
+        assert_eq!(coverage(Some(&a), &at("e1", 5, ""), "e1"), Coverage::IfLogHolds(5, "n5".into()));
+        assert_eq!(coverage(None, &at("e1", 1, "n1"), "e1"), Coverage::No);
     }
 
     #[test]
     fn a_node_in_a_newer_epoch_covers_an_older_invalidation() {
-        let board = AckBoard::default();
-        board.record(ack("a", "e1", 5));
-        board.record(ack("a", "e2", 1));
-        // Redis restarted (e2): the node flushed when it joined e2.
-        assert!(board.covers("a", "e1", 9, "e2"));
+        let a = ack("a", at("e2", 1, "m1"));
+        // The partition moved to e2: the node flushed when it joined e2.
+        assert_eq!(coverage(Some(&a), &at("e1", 9, "n9"), "e2"), Coverage::Yes);
         // But an ack in e2 says nothing about e1 while e1 is still current.
-        assert!(!board.covers("a", "e1", 9, "e1"));
+        assert_eq!(coverage(Some(&a), &at("e1", 9, "n9"), "e1"), Coverage::No);
     }
 }

@@ -1,14 +1,19 @@
 //! The cluster as the coordinator sees it: the nodes (from their heartbeats in
-//! Redis), the log head, and Redis's own health.
+//! the registry), each partition's log head and what every node acknowledged
+//! of it, and Redis's own health.
 
 use std::collections::BTreeMap;
 
-use redis::aio::ConnectionLike;
+use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::RedisResult;
 use serde::Serialize;
 
+use shared::l2;
+use shared::protocol::epochs_fingerprint;
 use shared::registry::{self, Registered};
-use shared::{l2, schema};
+use shared::schema::Layout;
+
+use crate::barrier::AckBoard;
 
 /// Registry entries silent this many times `node_dead_after_ms` are forgotten.
 const FORGET_AFTER_DEAD_PERIODS: u64 = 60;
@@ -22,9 +27,9 @@ pub struct NodeView {
     pub addr: String,
     /// `synced`, `lagging`, `unsynced` or `dead`.
     pub status: &'static str,
-    /// Highest seq it applied.
+    /// Sum over the partitions of the highest seq it acknowledged (in their current epochs).
     pub applied_seq: u64,
-    /// How many logged invalidations it has not applied yet.
+    /// How many logged invalidations it has not applied yet, over all partitions.
     pub lag: u64,
     /// Milliseconds since its last heartbeat.
     pub last_seen_ms: u64,
@@ -38,24 +43,37 @@ pub struct NodeView {
     pub ready: bool,
     /// Its staleness bound.
     pub staleness_bound_ms: u64,
-    /// It follows the current epoch (its `applied_seq` counts in it).
-    #[serde(skip)]
-    pub in_epoch: bool,
+    /// Partitions it cannot prove in sync (from its last report), or whose
+    /// current epoch it has not acknowledged.
+    pub unsynced_partitions: Vec<u16>,
 }
 
-/// The log head and every known node.
+/// One partition's log head.
+#[derive(Debug, Clone, Serialize)]
+pub struct PartitionHead {
+    /// Its index.
+    pub partition: u16,
+    /// Its epoch.
+    pub epoch: String,
+    /// Its last seq.
+    pub seq: u64,
+}
+
+/// The log heads and every known node.
 #[derive(Debug, Clone, Serialize)]
 pub struct ClusterView {
-    /// Current epoch.
+    /// One partition's epoch, or a fingerprint of all of them.
     pub epoch: String,
-    /// Last seq logged.
+    /// Sum of the partitions' last seqs: invalidations logged in their current epochs.
     pub seq: u64,
+    /// Each partition's head (empty epochs where its shard did not answer).
+    pub partitions: Vec<PartitionHead>,
     /// Nodes by id.
     pub nodes: Vec<NodeView>,
     /// How long until the registry is sure to list every live node: a new
-    /// epoch means Redis lost its data, registry included, and a node that
-    /// has not re-registered yet may still trust its L1 until a full
-    /// `node_dead_after_ms` after the epoch began. 0 once that has passed.
+    /// registry epoch means Redis lost the registry, and a node that has not
+    /// re-registered yet may still trust its L1 until a full
+    /// `node_dead_after_ms` after the registry began. 0 once that has passed.
     #[serde(skip)]
     pub settles_in_ms: u64,
 }
@@ -65,109 +83,106 @@ impl ClusterView {
     pub fn live(&self) -> impl Iterator<Item = &NodeView> {
         self.nodes.iter().filter(|n| n.status != "dead")
     }
+
+    /// The current epoch of a partition (empty if unknown).
+    pub fn epoch_of(&self, partition: u16) -> &str {
+        self.partitions.get(usize::from(partition)).map_or("", |h| h.epoch.as_str())
+    }
 }
 
-/// Reads the registry and every node's last report and acknowledgement.
-pub async fn view(conn: &mut impl ConnectionLike, node_dead_after_ms: u64) -> RedisResult<ClusterView> {
-    let (now, registered) = registry::nodes(conn, node_dead_after_ms.saturating_mul(FORGET_AFTER_DEAD_PERIODS)).await?;
-    let (epoch, seq) = l2::head(conn).await?;
-    let born: Option<u64> = redis::cmd("GET").arg(schema::EPOCH_BORN).query_async(conn).await?;
-    let settles_in_ms = settles_in_ms(born, node_dead_after_ms, now);
+/// Reads the registry, every partition's head and stored acknowledgements
+/// (recorded on `board`), and with `reports` every node's last report.
+/// Per-partition reads run concurrently on one multiplexed connection.
+pub async fn view(
+    conn: &MultiplexedConnection,
+    layout: &Layout,
+    board: &AckBoard,
+    node_dead_after_ms: u64,
+    reports: bool,
+) -> RedisResult<ClusterView> {
+    let forget = node_dead_after_ms.saturating_mul(FORGET_AFTER_DEAD_PERIODS);
+    let registry = registry::nodes(&mut conn.clone(), forget, reports).await?;
+    let reads = layout.all().iter().map(|partition| {
+        let mut conn = conn.clone();
+        async move {
+            let head = l2::head(&mut conn, partition).await?;
+            let acks = registry::acknowledgements(&mut conn, partition).await?;
+            RedisResult::Ok((head, acks))
+        }
+    });
+    let mut partitions = Vec::with_capacity(usize::from(layout.count()));
+    for (index, read) in futures_util::future::join_all(reads).await.into_iter().enumerate() {
+        let (head, acks) = read?;
+        for ack in acks {
+            board.record(ack);
+        }
+        partitions.push(PartitionHead { partition: index as u16, epoch: head.epoch, seq: head.seq });
+    }
+    let settles_in_ms = registry.born_ms.map_or(0, |born| (born + node_dead_after_ms).saturating_sub(registry.now_ms));
     let mut nodes = BTreeMap::new();
-    for Registered { report: r, last_beat_ms, ack } in registered {
-        let last_seen_ms = now.saturating_sub(last_beat_ms);
-        // The ack moves on every applied message; the report only every heartbeat.
-        let acked_seq = ack.filter(|a| a.epoch == epoch).map_or(0, |a| a.seq);
-        let applied_seq = if r.epoch == epoch { r.applied_seq.max(acked_seq) } else { acked_seq };
-        let in_epoch = r.epoch == epoch || acked_seq > 0;
-        let lag = if in_epoch { seq.saturating_sub(applied_seq) } else { seq };
-        let status = status(last_seen_ms > node_dead_after_ms, r.ready && in_epoch, lag);
+    for Registered { report, node_id, last_beat_ms } in registry.nodes {
+        let last_seen_ms = registry.now_ms.saturating_sub(last_beat_ms);
+        let mut applied_seq = 0;
+        let mut lag = 0;
+        let mut unsynced: Vec<u16> = report.as_ref().map(|r| r.unsynced.clone()).unwrap_or_default();
+        for head in &partitions {
+            let ack = board.get(&node_id, head.partition).filter(|a| a.position.epoch == head.epoch);
+            match ack {
+                Some(ack) => {
+                    applied_seq += ack.position.seq;
+                    lag += head.seq.saturating_sub(ack.position.seq);
+                }
+                None => {
+                    lag += head.seq;
+                    if !unsynced.contains(&head.partition) {
+                        unsynced.push(head.partition);
+                    }
+                }
+            }
+        }
+        unsynced.sort_unstable();
+        let ready = report.as_ref().is_none_or(|r| r.ready);
+        let status = status(last_seen_ms > node_dead_after_ms, ready && unsynced.is_empty(), lag);
+        let report = report.unwrap_or_default();
         nodes.insert(
-            r.node_id.clone(),
+            node_id.clone(),
             NodeView {
-                node_id: r.node_id,
-                addr: r.addr,
+                node_id,
+                addr: report.addr,
                 status,
                 applied_seq,
                 lag,
                 last_seen_ms,
-                l1_entries: r.l1_entries,
-                l1_bytes: r.l1_bytes,
-                hit_ratio: r.hit_ratio,
-                ready: r.ready,
-                staleness_bound_ms: r.staleness_bound_ms,
-                in_epoch,
+                l1_entries: report.l1_entries,
+                l1_bytes: report.l1_bytes,
+                hit_ratio: report.hit_ratio,
+                ready,
+                staleness_bound_ms: report.staleness_bound_ms,
+                unsynced_partitions: unsynced,
             },
         );
     }
-    Ok(ClusterView { epoch, seq, nodes: nodes.into_values().collect(), settles_in_ms })
-}
-
-/// Who is live and what each node acknowledged, in one round trip: what
-/// `wait=all` needs, without the nodes' reports. Nodes carry no address or
-/// L1 figures here; `applied_seq` and `in_epoch` come from their acknowledgements.
-pub async fn liveness(conn: &mut impl ConnectionLike, node_dead_after_ms: u64) -> RedisResult<ClusterView> {
-    type Reply = ((u64, u64), Vec<(String, f64)>, Vec<(String, String)>, Option<String>, Option<u64>, Option<u64>);
-    let ((secs, micros), beats, acks, epoch, seq, born): Reply = redis::pipe()
-        .cmd("TIME")
-        .zrange_withscores(schema::NODES, 0, -1)
-        .hgetall(schema::ACKS)
-        .get(schema::EPOCH)
-        .get(schema::SEQ)
-        .get(schema::EPOCH_BORN)
-        .query_async(conn)
-        .await?;
-    let now = secs * 1000 + micros / 1000;
-    let epoch = epoch.unwrap_or_default();
-    let seq = seq.unwrap_or(0);
-    let acks: std::collections::HashMap<String, String> = acks.into_iter().collect();
-    let nodes = beats
-        .into_iter()
-        .map(|(node_id, beat)| {
-            let last_seen_ms = now.saturating_sub(beat as u64);
-            let ack = acks.get(&node_id).and_then(|v| v.split_once(' '));
-            let acked_seq = ack.filter(|(e, _)| *e == epoch).and_then(|(_, s)| s.parse::<u64>().ok());
-            let in_epoch = acked_seq.is_some();
-            let applied_seq = acked_seq.unwrap_or(0);
-            let lag = if in_epoch { seq.saturating_sub(applied_seq) } else { seq };
-            let status = status(last_seen_ms > node_dead_after_ms, in_epoch, lag);
-            NodeView {
-                node_id,
-                addr: String::new(),
-                status,
-                applied_seq,
-                lag,
-                last_seen_ms,
-                l1_entries: 0,
-                l1_bytes: 0,
-                hit_ratio: 0.0,
-                ready: status != "unsynced",
-                staleness_bound_ms: 0,
-                in_epoch,
-            }
-        })
-        .collect();
-    Ok(ClusterView { epoch, seq, nodes, settles_in_ms: settles_in_ms(born, node_dead_after_ms, now) })
+    Ok(ClusterView {
+        epoch: epochs_fingerprint(partitions.iter().map(|p| p.epoch.as_str())),
+        seq: partitions.iter().map(|p| p.seq).sum(),
+        partitions,
+        nodes: nodes.into_values().collect(),
+        settles_in_ms,
+    })
 }
 
 /// A node's status: `dead` when silent too long, `unsynced` when not ready or
-/// not in the current epoch, `lagging` when behind the head, else `synced`.
-fn status(silent: bool, synced_epoch: bool, lag: u64) -> &'static str {
+/// not in sync with some partition, `lagging` when behind a head, else `synced`.
+fn status(silent: bool, synced: bool, lag: u64) -> &'static str {
     if silent {
         "dead"
-    } else if !synced_epoch {
+    } else if !synced {
         "unsynced"
     } else if lag > 0 {
         "lagging"
     } else {
         "synced"
     }
-}
-
-/// See [`ClusterView::settles_in_ms`]. A missing birth (deleted by hand)
-/// leaves nothing to wait for.
-fn settles_in_ms(born: Option<u64>, node_dead_after_ms: u64, now: u64) -> u64 {
-    born.map_or(0, |born| (born + node_dead_after_ms).saturating_sub(now))
 }
 
 /// Redis's own health, from `INFO`.

@@ -71,13 +71,14 @@ impl Application {
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = &'static str>) -> anyhow::Result<()> {
         let Application { coordinator, server, addr } = self;
         let stop = CancellationToken::new();
-        coordinator.inner().batcher.start(stop.clone());
+        let lanes = coordinator.inner().batcher.start(stop.clone());
         let watch = tokio::spawn(watch_redis(coordinator.clone(), stop.clone()));
         let acks = {
             let (coordinator, stop) = (coordinator.clone(), stop.clone());
             tokio::spawn(async move {
                 let inner = coordinator.inner();
-                crate::barrier::listen(inner.redis.clone(), inner.pool.clone(), &inner.acks, stop).await;
+                let (redis, pool, layout) = (inner.redis.clone(), inner.pool.clone(), inner.layout.clone());
+                crate::barrier::listen(redis, pool, layout, &inner.acks, stop).await;
             })
         };
         info!(%addr, rules = coordinator.inner().rules.rules().count(), "coordinator listening");
@@ -93,14 +94,18 @@ impl Application {
         }
         stop.cancel();
         let _ = tokio::join!(watch, acks);
+        for lane in lanes {
+            let _ = lane.await;
+        }
         info!("coordinator stopped");
         Ok(())
     }
 }
 
-/// Checks Redis every second (with backoff while it is down), makes sure the
-/// epoch exists, announces `node_dead_after_ms` to the agents, and keeps
-/// readiness and the `dcc_redis_up` gauge current.
+/// Checks Redis every second (with backoff while it is down): the partition
+/// layout agrees with this process's, every partition has an epoch, the logs
+/// this coordinator appended to did not fork; announces `node_dead_after_ms`
+/// to the agents, and keeps readiness and the `dcc_redis_up` gauge current.
 async fn watch_redis(coordinator: Coordinator, stop: CancellationToken) {
     let inner = coordinator.inner();
     let mut backoff = Backoff::default();
@@ -109,7 +114,11 @@ async fn watch_redis(coordinator: Coordinator, stop: CancellationToken) {
     loop {
         let check = async {
             let mut conn = inner.pool.get().await.map_err(|e| e.to_string())?;
-            shared::l2::ensure_epoch(&mut conn).await.map_err(|e| e.to_string())?;
+            check_layout(&mut conn, &inner.layout).await?;
+            for partition in inner.layout.all() {
+                shared::l2::ensure_epoch(&mut conn, partition).await.map_err(|e| e.to_string())?;
+            }
+            check_forks(&coordinator, &mut conn).await.map_err(|e| e.to_string())?;
             // Agents keep their staleness bound below the smallest announced
             // value, so a node this coordinator stops awaiting has stopped
             // trusting its L1 first. Repeated every check: Redis may restart empty.
@@ -159,8 +168,66 @@ async fn watch_redis(coordinator: Coordinator, stop: CancellationToken) {
     }
 }
 
-/// Warns when Redis may evict keys under memory pressure: evicting `dcc:seq`
-/// or `dcc:epoch` would reuse sequence numbers, and evicting fill-token
+/// Records this process's partition layout in Redis if none is there, and
+/// refuses to work on data partitioned otherwise: every process of a
+/// deployment must use the same `partitions`.
+async fn check_layout(conn: &mut deadpool_redis::Connection, layout: &shared::schema::Layout) -> Result<(), String> {
+    let ours = layout.describe();
+    let (_, theirs): ((), Option<String>) = redis::pipe()
+        .cmd("SET")
+        .arg(shared::schema::LAYOUT)
+        .arg(&ours)
+        .arg("NX")
+        .ignore()
+        .get(shared::schema::LAYOUT)
+        .query_async(conn)
+        .await
+        .map(|(theirs,): (Option<String>,)| ((), theirs))
+        .map_err(|e| e.to_string())?;
+    match theirs {
+        Some(theirs) if theirs != ours => Err(format!(
+            "the data in Redis is partitioned as {theirs:?}, this coordinator as {ours:?}: set `partitions` to \
+             the same value in every process"
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// The coordinator's own fork check: the last message it appended to each
+/// partition must still be in that partition's log (a failover to a replica
+/// that lacked it rewinds the log). A partition whose log forked is moved to
+/// a new epoch, so that agents flush its tenants and its old entries are not served.
+async fn check_forks(coordinator: &Coordinator, conn: &mut deadpool_redis::Connection) -> redis::RedisResult<()> {
+    let inner = coordinator.inner();
+    for position in coordinator.take_appended() {
+        let partition = inner.layout.get(position.partition);
+        let head = shared::l2::head(conn, partition).await?;
+        if head.epoch != position.epoch {
+            continue;
+        }
+        let held = if head.seq < position.seq {
+            false
+        } else if head.seq == position.seq && !head.nonce.is_empty() {
+            head.nonce == position.nonce
+        } else {
+            shared::invalidation::nonce_at(conn, partition, position.seq).await?.is_none_or(|n| n == position.nonce)
+        };
+        if !held {
+            inner.metrics.forks.inc();
+            warn!(
+                partition = position.partition,
+                seq = position.seq,
+                "a message this coordinator logged is no longer in the partition's log (a failover lost it): \
+                 moving the partition to a new epoch"
+            );
+            shared::invalidation::rotate(conn, partition, &position.epoch).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Warns when Redis may evict keys under memory pressure: evicting a
+/// partition's seq or epoch would reuse sequence numbers, and evicting fill-token
 /// markers would let a stale fill through. `noeviction` (the default) is
 /// safe; a managed Redis that forbids `CONFIG` is skipped silently.
 async fn warn_about_eviction(conn: &mut deadpool_redis::Connection) {

@@ -45,6 +45,12 @@ pub struct Settings {
     pub max_body_bytes: usize,
     /// Redis connections in the pool.
     pub redis_pool_size: usize,
+    /// Partitions of the data: the same in every process of a deployment.
+    pub partitions: u16,
+    /// Replicas that must hold an invalidation before it is answered.
+    pub min_replicas: shared::invalidation::MinReplicas,
+    /// How long to wait for them.
+    pub replica_timeout_ms: u64,
     /// HTTP worker threads (0: one per core).
     pub http_workers: usize,
     /// Log JSON lines.
@@ -62,6 +68,9 @@ impl Default for Settings {
             log_max_len: 100_000,
             max_body_bytes: 4 * 1024 * 1024,
             redis_pool_size: 32,
+            partitions: shared::schema::DEFAULT_PARTITIONS,
+            min_replicas: shared::invalidation::MinReplicas::Auto,
+            replica_timeout_ms: 1000,
             http_workers: 0,
             log_json: false,
             rules: Vec::new(),
@@ -94,9 +103,14 @@ impl Settings {
         if self.log_max_len < 1000 {
             problems.push("log_max_len must be at least 1000".to_string());
         }
-        if self.redis_pool_size <= crate::batch::LANES {
-            // Each group-commit lane keeps a connection; the rest serve reads.
-            problems.push(format!("redis_pool_size must be at least {}", crate::batch::LANES + 1));
+        if self.partitions == 0 || self.partitions > shared::schema::MAX_PARTITIONS {
+            problems.push("partitions must be between 1 and 1024".to_string());
+        }
+        if self.replica_timeout_ms == 0 {
+            problems.push("replica_timeout_ms must be at least 1".to_string());
+        }
+        if self.redis_pool_size < 2 {
+            problems.push("redis_pool_size must be at least 2".to_string());
         }
         if redis::Client::open(self.redis_url.as_str()).is_err() {
             problems.push("redis_url is not a valid Redis URL".to_string());

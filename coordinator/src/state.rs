@@ -2,19 +2,20 @@
 //! runs the invalidation path ([`Coordinator::invalidate`]).
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use actix_web::http::StatusCode;
 use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounter, IntGauge, Registry};
 use serde::Serialize;
 
-use shared::invalidation::{Outcome, Request};
-use shared::protocol::Selector;
+use shared::invalidation::{LogSettings, Outcome, Request};
+use shared::protocol::{Position, Selector};
+use shared::schema::Layout;
 use shared::service::{register, ApiError};
 
-use crate::barrier::{self, AckBoard, Barrier, Liveness};
-use crate::batch::Batcher;
+use crate::barrier::{self, AckBoard, Barrier, Liveness, Waiting};
+use crate::batch::{BatchError, Batcher};
 use crate::rules::RuleSet;
 use crate::settings::Settings;
 
@@ -28,6 +29,13 @@ pub struct Inner {
     pub settings: Settings,
     /// The checked rules.
     pub rules: RuleSet,
+    /// How tenants map to partitions.
+    pub layout: Layout,
+    /// How the log is kept, broadcast and replicated.
+    pub log: LogSettings,
+    /// The last position this coordinator appended in each partition, until
+    /// its fork check looks at it.
+    appended: Mutex<Vec<Option<Position>>>,
     /// Redis connections.
     pub pool: deadpool_redis::Pool,
     /// For the acknowledgement subscription.
@@ -64,6 +72,10 @@ pub struct Metrics {
     pub barrier_seconds: Histogram,
     /// `wait=all` requests that timed out.
     pub barrier_timeouts: IntCounter,
+    /// Invalidations answered `not_replicated`.
+    pub not_replicated: IntCounter,
+    /// Forks of a partition's log this coordinator found.
+    pub forks: IntCounter,
     /// 1 while Redis answers.
     pub redis_up: IntGauge,
     /// HTTP latency.
@@ -102,6 +114,11 @@ impl Metrics {
                 .unwrap_or_else(|e| panic!("{e}")),
             ),
             barrier_timeouts: counter("dcc_barrier_timeouts_total", "wait=all requests answered 504"),
+            not_replicated: counter(
+                "dcc_not_replicated_total",
+                "Invalidations answered 503 not_replicated (min_replicas not reached in time)",
+            ),
+            forks: counter("dcc_log_forks_total", "Forks of a partition's log found by this coordinator"),
             redis_up: register(
                 &registry,
                 IntGauge::new("dcc_redis_up", "1 while Redis answers").unwrap_or_else(|e| panic!("{e}")),
@@ -112,30 +129,45 @@ impl Metrics {
     }
 }
 
-/// How many live nodes there are and how many already applied a seq.
+/// How many live nodes there are and how many already applied an invalidation.
 #[derive(Debug, Clone, Serialize)]
 pub struct NodeCount {
     /// Nodes heard from within `node_dead_after_ms`.
     pub live: usize,
-    /// Live nodes whose last report shows the seq applied.
+    /// Live nodes that have applied it in every partition it touched.
     pub acked: usize,
 }
 
 /// The answer to an event or an invalidation.
 #[derive(Debug, Clone, Serialize)]
 pub struct InvalidationAnswer {
-    /// Seq it was logged under.
-    pub seq: u64,
-    /// Epoch of the log.
-    pub epoch: String,
+    /// Seq it was logged under, when it touched one partition.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seq: Option<u64>,
+    /// Epoch of that partition's log, when it touched one partition.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<String>,
+    /// That partition, when it touched one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub partition: Option<u16>,
+    /// Where it was logged in each partition it touched.
+    pub positions: Vec<Position>,
     /// What was invalidated, per tenant.
     pub invalidated: Vec<Selector>,
     /// Entries deleted from L2.
     pub l2_deleted: u64,
     /// Live and acknowledging nodes.
     pub nodes: NodeCount,
-    /// True when this repeats an `event_id` already logged: nothing was redone.
+    /// True when this repeats event ids already logged: nothing was redone.
     pub duplicate: bool,
+}
+
+/// The top-level `seq`, `epoch` and `partition` of one position, for answers.
+fn single(positions: &[Position]) -> (Option<u64>, Option<String>, Option<u16>) {
+    match positions {
+        [one] => (Some(one.seq), Some(one.epoch.clone()), Some(one.partition)),
+        _ => (None, None, None),
+    }
 }
 
 impl Coordinator {
@@ -144,10 +176,20 @@ impl Coordinator {
         let rules = RuleSet::new(settings.rules.clone())?;
         let pool = shared::service::redis_pool(&settings.redis_url, settings.redis_pool_size)?;
         let redis = redis::Client::open(settings.redis_url.as_str()).map_err(|e| format!("bad redis_url: {e}"))?;
-        let batcher = Batcher::new(pool.clone(), settings.log_max_len);
+        let layout = Layout::new(settings.partitions);
+        let log = LogSettings {
+            max_len: settings.log_max_len,
+            sharded: false,
+            min_replicas: settings.min_replicas,
+            replica_timeout_ms: settings.replica_timeout_ms,
+        };
+        let batcher = Batcher::new(pool.clone(), layout.clone(), log.clone());
         Ok(Coordinator(Arc::new(Inner {
+            appended: Mutex::new(vec![None; usize::from(layout.count())]),
             settings,
             rules,
+            layout,
+            log,
             pool,
             redis,
             acks: AckBoard::default(),
@@ -177,91 +219,182 @@ impl Coordinator {
         ApiError::redis_unavailable(e)
     }
 
-    /// Runs the invalidation path for a resolved request: delete from L2, log,
-    /// broadcast (all in [`shared::invalidation::execute`]); then counts nodes,
-    /// or with `wait` (`wait=all`) waits for every live node to apply it.
+    /// What the barrier reads.
+    fn waiting(&self) -> Waiting<'_> {
+        let i = &self.0;
+        Waiting {
+            pool: &i.pool,
+            layout: &i.layout,
+            board: &i.acks,
+            liveness: &i.liveness,
+            node_dead_after_ms: i.settings.node_dead_after_ms,
+        }
+    }
+
+    /// Runs the invalidation path for a resolved request: split by
+    /// partition, each part deleted from L2, logged, broadcast and replicated
+    /// ([`shared::invalidation::execute`], through its partition's lane),
+    /// the parts side by side; then counts nodes, or with `wait`
+    /// (`wait=all`) waits for every live node to apply every part.
     pub async fn invalidate(&self, request: Request, wait: Option<Duration>) -> Result<InvalidationAnswer, ApiError> {
         let started = Instant::now();
-        // Possibly merged with requests running at the same time (group commit).
-        let outcome: Outcome = self.0.batcher.execute(request).await.map_err(|e| self.redis_failed(e))?;
+        let parts = request.split(&self.0.layout);
+        let runs = parts.into_iter().map(|(partition, part)| self.0.batcher.execute(partition, part));
+        let results = futures_util::future::join_all(runs).await;
         let m = &self.0.metrics;
         m.invalidation_seconds.observe(started.elapsed().as_secs_f64());
-        if !outcome.duplicate {
+
+        let mut outcomes: Vec<Outcome> = Vec::with_capacity(results.len());
+        let mut unreplicated = Vec::new();
+        let mut failure = None;
+        for result in results {
+            match result {
+                Ok(outcome) => outcomes.push(outcome),
+                Err(BatchError::NotReplicated { position, wanted, reached }) => {
+                    unreplicated.push((position, wanted, reached))
+                }
+                Err(e) => failure = Some(e),
+            }
+        }
+        for outcome in outcomes.iter().filter(|o| !o.duplicate) {
             m.invalidations.inc();
             m.l2_deleted.inc_by(outcome.l2_deleted);
+            self.remember_appended(&outcome.position);
         }
+        if let Some(e) = failure {
+            return Err(self.redis_failed(e));
+        }
+        if !unreplicated.is_empty() {
+            m.not_replicated.inc();
+            let positions: Vec<Position> = outcomes
+                .iter()
+                .map(|o| o.position.clone())
+                .chain(unreplicated.iter().map(|(p, _, _)| p.clone()))
+                .collect();
+            let detail: Vec<String> = unreplicated
+                .iter()
+                .map(|(p, wanted, reached)| {
+                    format!("partition {} seq {}: {reached} of {wanted} replicas", p.partition, p.seq)
+                })
+                .collect();
+            let (seq, epoch, _) = single(&positions);
+            let mut err = ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not_replicated",
+                format!(
+                    "deleted from L2, logged and broadcast, but not held by enough replicas within {} ms ({}): a \
+                     failover could undo it; retry it, with the same event_id",
+                    self.0.settings.replica_timeout_ms,
+                    detail.join("; ")
+                ),
+            )
+            .with("positions", serde_json::json!(positions));
+            if let (Some(seq), Some(epoch)) = (seq, epoch) {
+                err = err.with("seq", seq.into()).with("epoch", epoch.into());
+            }
+            return Err(err);
+        }
+
+        let positions: Vec<Position> = outcomes.iter().map(|o| o.position.clone()).collect();
         let nodes = match wait {
-            None => {
-                // Informational: who is live (a view up to a second old, shared
-                // with every other request) and who has acknowledged already.
-                let since = Instant::now().checked_sub(Duration::from_secs(1)).unwrap_or(started);
-                let view = self
-                    .0
-                    .liveness
-                    .view_since(&self.0.pool, self.0.settings.node_dead_after_ms, since.into())
-                    .await
-                    .map_err(|e| self.redis_failed(e))?;
-                let live: Vec<_> = view.live().collect();
-                let acked = live.iter().filter(|n| {
-                    (view.epoch == outcome.epoch && n.in_epoch && n.applied_seq >= outcome.seq)
-                        || self.0.acks.covers(&n.node_id, &outcome.epoch, outcome.seq, &view.epoch)
-                });
-                NodeCount { live: live.len(), acked: acked.count() }
-            }
-            Some(timeout) => {
-                let logged = Instant::now();
-                let barrier = barrier::wait_for_all(
-                    &self.0.pool,
-                    &self.0.acks,
-                    &self.0.liveness,
-                    self.0.settings.node_dead_after_ms,
-                    &outcome.epoch,
-                    outcome.seq,
-                    timeout,
-                )
-                .await
-                .map_err(|e| self.redis_failed(e))?;
-                match barrier {
-                    Barrier::Passed { live } => {
-                        m.barrier_seconds.observe(logged.elapsed().as_secs_f64());
-                        NodeCount { live, acked: live }
-                    }
-                    Barrier::TimedOut { live, lagging, settling } => {
-                        m.barrier_timeouts.inc();
-                        let acked = live - lagging.len();
-                        let message = if lagging.is_empty() && settling {
-                            format!(
-                                "seq {} is logged and broadcast, but Redis lost its data less than \
-                                 node_dead_after_ms ago: agents that have not registered again since could still \
-                                 answer from L1 within the {} ms timeout",
-                                outcome.seq,
-                                timeout.as_millis()
-                            )
-                        } else {
-                            format!(
-                                "seq {} is logged and broadcast, but {} of {live} live agents had not applied it \
-                                 within {} ms",
-                                outcome.seq,
-                                lagging.len(),
-                                timeout.as_millis()
-                            )
-                        };
-                        return Err(ApiError::new(StatusCode::GATEWAY_TIMEOUT, "timeout", message)
-                            .with("seq", outcome.seq.into())
-                            .with("epoch", outcome.epoch.into())
-                            .with("nodes", serde_json::json!({"live": live, "acked": acked}))
-                            .with("lagging", lagging.into()));
-                    }
-                }
-            }
+            None => self.count_applied(&positions, started).await?,
+            Some(timeout) => self.wait_for_all(&positions, timeout).await?,
         };
+        let (seq, epoch, partition) = single(&positions);
         Ok(InvalidationAnswer {
-            seq: outcome.seq,
-            epoch: outcome.epoch,
-            invalidated: outcome.invalidated,
-            l2_deleted: outcome.l2_deleted,
+            seq,
+            epoch,
+            partition,
+            duplicate: !outcomes.is_empty() && outcomes.iter().all(|o| o.duplicate),
+            l2_deleted: outcomes.iter().map(|o| o.l2_deleted).sum(),
+            invalidated: outcomes.into_iter().flat_map(|o| o.invalidated).collect(),
+            positions,
             nodes,
-            duplicate: outcome.duplicate,
         })
+    }
+
+    /// Informational: who is live (a view up to a second old, shared with
+    /// every other request) and who has applied the positions already.
+    async fn count_applied(&self, positions: &[Position], started: Instant) -> Result<NodeCount, ApiError> {
+        let i = &self.0;
+        let since = tokio::time::Instant::now().checked_sub(Duration::from_secs(1)).unwrap_or(started.into());
+        let view = i
+            .liveness
+            .view_since(&i.pool, &i.layout, &i.acks, i.settings.node_dead_after_ms, since)
+            .await
+            .map_err(|e| self.redis_failed(e))?;
+        let mut conn = self.conn().await?;
+        let mut count = NodeCount { live: 0, acked: 0 };
+        for node in view.live() {
+            count.live += 1;
+            let applied = i.acks.has_applied_all(&mut conn, &i.layout, &view, node, positions).await;
+            if applied.map_err(|e| self.redis_failed(e))? {
+                count.acked += 1;
+            }
+        }
+        Ok(count)
+    }
+
+    /// `wait=all`: every live node has applied every position, or a 504.
+    async fn wait_for_all(&self, positions: &[Position], timeout: Duration) -> Result<NodeCount, ApiError> {
+        let m = &self.0.metrics;
+        let logged = Instant::now();
+        let barrier =
+            barrier::wait_for_all(&self.waiting(), positions, timeout).await.map_err(|e| self.redis_failed(e))?;
+        match barrier {
+            Barrier::Passed { live } => {
+                m.barrier_seconds.observe(logged.elapsed().as_secs_f64());
+                Ok(NodeCount { live, acked: live })
+            }
+            Barrier::TimedOut { live, lagging, settling } => {
+                m.barrier_timeouts.inc();
+                let acked = live - lagging.len();
+                let what = match positions {
+                    [one] => format!("seq {}", one.seq),
+                    all => format!("the invalidation ({} partitions)", all.len()),
+                };
+                let message = if lagging.is_empty() && settling {
+                    format!(
+                        "{what} is logged and broadcast, but Redis lost the node registry less than \
+                         node_dead_after_ms ago: agents that have not registered again since could still \
+                         answer from L1 within the {} ms timeout",
+                        timeout.as_millis()
+                    )
+                } else {
+                    format!(
+                        "{what} is logged and broadcast, but {} of {live} live agents had not applied it within {} ms",
+                        lagging.len(),
+                        timeout.as_millis()
+                    )
+                };
+                let (seq, epoch, _) = single(positions);
+                let mut err = ApiError::new(StatusCode::GATEWAY_TIMEOUT, "timeout", message)
+                    .with("positions", serde_json::json!(positions))
+                    .with("nodes", serde_json::json!({"live": live, "acked": acked}))
+                    .with("lagging", lagging.into());
+                if let (Some(seq), Some(epoch)) = (seq, epoch) {
+                    err = err.with("seq", seq.into()).with("epoch", epoch.into());
+                }
+                Err(err)
+            }
+        }
+    }
+
+    /// Keeps the last position this coordinator appended in each partition,
+    /// for its own fork check ([`crate::server`]).
+    fn remember_appended(&self, position: &Position) {
+        let mut appended = self.0.appended.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(slot) = appended.get_mut(usize::from(position.partition)) {
+            let newer = slot.as_ref().is_none_or(|old| old.epoch != position.epoch || old.seq < position.seq);
+            if newer {
+                *slot = Some(position.clone());
+            }
+        }
+    }
+
+    /// Takes the positions remembered by [`Self::remember_appended`].
+    pub fn take_appended(&self) -> Vec<Position> {
+        let mut appended = self.0.appended.lock().unwrap_or_else(|p| p.into_inner());
+        appended.iter_mut().filter_map(Option::take).collect()
     }
 }

@@ -53,7 +53,7 @@ fn store(l1: &L1, key: &str, entry: Entry) {
 
 /// 100k entries, each with a broad tag and one of 1000 narrower ones.
 fn populated() -> L1 {
-    let l1 = L1::new(CAPACITY);
+    let l1 = L1::new(CAPACITY, shared::schema::Layout::default());
     let value = value();
     for i in 0..ENTRIES {
         let group = format!("supplier-group:{}", i % 1000);

@@ -150,7 +150,12 @@ async fn put_entry(req: HttpRequest, body: web::Payload, agent: web::Data<Agent>
 async fn delete_entry(req: HttpRequest, agent: web::Data<Agent>) -> Result<HttpResponse, ApiError> {
     let (tenant, key) = tenant_and_key(&req)?;
     let outcome = agent.delete(&tenant, &key).await?;
-    Ok(HttpResponse::NoContent().insert_header(("X-Invalidation-Seq", outcome.seq.to_string())).finish())
+    let at = &outcome.position;
+    Ok(HttpResponse::NoContent()
+        .insert_header(("X-Invalidation-Seq", at.seq.to_string()))
+        .insert_header(("X-Invalidation-Partition", at.partition.to_string()))
+        .insert_header(("X-Invalidation-Epoch", at.epoch.as_str()))
+        .finish())
 }
 
 async fn status(agent: web::Data<Agent>) -> HttpResponse {

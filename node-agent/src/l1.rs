@@ -28,6 +28,7 @@ use moka::Expiry;
 
 use shared::glob;
 use shared::protocol::Selector;
+use shared::schema::Layout;
 
 /// An entry's name: its tenant, a NUL, its key, in one shared string
 /// (a tenant cannot contain NUL; see `shared::names`). The cache and every
@@ -135,12 +136,13 @@ impl Entry {
 }
 
 /// Proof of when a fill started: the tenant's invalidation count before L2 was
-/// read. The fill may enter L1 only if no invalidation of the tenant was applied since.
+/// read. The fill may enter L1 only if no invalidation of the tenant was
+/// applied since, and no flush of its partition.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FillGuard {
     /// The tenant's count of applied invalidations.
     invalidations: u64,
-    /// The count of full flushes.
+    /// The count of flushes of the tenant's partition.
     flushes: u64,
 }
 
@@ -174,13 +176,16 @@ struct Indexes {
     /// Per-tenant count of applied invalidations, for fill guards. Never shrinks,
     /// so a guard can never match a count from before it was taken.
     invalidations: HashMap<String, u64>,
-    /// Count of full flushes, also part of every fill guard.
-    flushes: u64,
+    /// Count of flushes of each partition, also part of every fill guard.
+    flushes: Vec<u64>,
 }
 
 impl Indexes {
-    fn guard(&self, tenant: &str) -> FillGuard {
-        FillGuard { invalidations: self.invalidations.get(tenant).copied().unwrap_or(0), flushes: self.flushes }
+    fn guard(&self, tenant: &str, partition: u16) -> FillGuard {
+        FillGuard {
+            invalidations: self.invalidations.get(tenant).copied().unwrap_or(0),
+            flushes: self.flushes.get(usize::from(partition)).copied().unwrap_or(0),
+        }
     }
 }
 
@@ -200,6 +205,8 @@ pub struct L1 {
     next_generation: AtomicU64,
     /// Capacity in bytes.
     capacity: u64,
+    /// Which partition each tenant is in (flushes go by partition).
+    layout: Layout,
     /// Counters.
     pub stats: Arc<L1Stats>,
 }
@@ -224,8 +231,8 @@ impl Expiry<EntryKey, Arc<Entry>> for PerEntryTtl {
 }
 
 impl L1 {
-    /// An empty L1 holding at most `capacity_bytes`.
-    pub fn new(capacity_bytes: u64) -> Self {
+    /// An empty L1 holding at most `capacity_bytes`, for tenants partitioned by `layout`.
+    pub fn new(capacity_bytes: u64, layout: Layout) -> Self {
         let stats = Arc::new(L1Stats::default());
         let removed: RemovalQueue = Arc::default();
         let (listener_stats, listener_queue) = (stats.clone(), removed.clone());
@@ -240,12 +247,14 @@ impl L1 {
                 lock(&listener_queue).push(((*name).clone(), value));
             })
             .build();
+        let indexes = Indexes { flushes: vec![0; usize::from(layout.count())], ..Indexes::default() };
         L1 {
             cache,
-            indexes: Mutex::default(),
+            indexes: Mutex::new(indexes),
             removed,
             next_generation: AtomicU64::new(1),
             capacity: capacity_bytes,
+            layout,
             stats,
         }
     }
@@ -258,14 +267,14 @@ impl L1 {
 
     /// Takes a guard before reading L2 for a fill of `tenant`.
     pub fn fill_guard(&self, tenant: &str) -> FillGuard {
-        self.lock_indexes().guard(tenant)
+        self.lock_indexes().guard(tenant, self.layout.of(tenant).index)
     }
 
     /// Stores an entry unless an invalidation of its tenant was applied after
     /// `guard` was taken. Returns whether it was stored.
     pub fn insert(&self, tenant: &str, key: &str, mut entry: Entry, guard: FillGuard) -> bool {
         let mut idx = self.lock_indexes();
-        if idx.guard(tenant) != guard {
+        if idx.guard(tenant, self.layout.of(tenant).index) != guard {
             self.stats.fills_refused.fetch_add(1, Ordering::Relaxed);
             return false;
         }
@@ -324,11 +333,36 @@ impl L1 {
         dropped
     }
 
-    /// Drops everything (used when L1 cannot be proven fresh). Fills guarded
-    /// before the flush are refused afterwards, whatever their tenant.
+    /// Drops every entry of the tenants of partition `partition` (its log
+    /// cannot prove them fresh). Fills of those tenants guarded before the
+    /// flush are refused afterwards. Returns how many entries were dropped.
+    pub fn flush_partition(&self, partition: u16) -> usize {
+        let mut idx = self.lock_indexes();
+        if let Some(count) = idx.flushes.get_mut(usize::from(partition)) {
+            *count += 1;
+        }
+        let tenants: Vec<String> =
+            idx.tenants.keys().filter(|t| self.layout.of(t).index == partition).cloned().collect();
+        let mut dropped = 0;
+        for tenant in tenants {
+            if let Some(index) = idx.tenants.remove(&tenant) {
+                for name in index.keys.keys() {
+                    if self.cache.remove(name).is_some() {
+                        dropped += 1;
+                    }
+                }
+            }
+        }
+        dropped
+    }
+
+    /// Drops everything. Fills guarded before the flush are refused
+    /// afterwards, whatever their tenant.
     pub fn flush(&self) {
         let mut idx = self.lock_indexes();
-        idx.flushes += 1;
+        for count in idx.flushes.iter_mut() {
+            *count += 1;
+        }
         idx.tenants.clear();
         self.cache.invalidate_all();
     }
@@ -429,7 +463,7 @@ mod tests {
 
     #[test]
     fn keys_tags_and_patterns_drop_exactly_what_they_cover() {
-        let l1 = L1::new(1 << 20);
+        let l1 = L1::new(1 << 20, Layout::new(16));
         store(&l1, "t", "list:1", &["red"], &[]);
         store(&l1, "t", "list:2", &[], &[]);
         store(&l1, "t", "item:1", &["red", "blue"], &[]);
@@ -448,7 +482,7 @@ mod tests {
 
     #[test]
     fn cascade_follows_depends_on_transitively_and_stops_at_cycles() {
-        let l1 = L1::new(1 << 20);
+        let l1 = L1::new(1 << 20, Layout::new(16));
         store(&l1, "t", "base", &[], &[]);
         store(&l1, "t", "mid", &[], &["base"]);
         store(&l1, "t", "top", &[], &["mid"]);
@@ -468,7 +502,7 @@ mod tests {
 
     #[test]
     fn a_fill_that_raced_an_invalidation_of_its_tenant_stays_out() {
-        let l1 = L1::new(1 << 20);
+        let l1 = L1::new(1 << 20, Layout::new(16));
         let guard = l1.fill_guard("t");
         l1.apply(&Selector { keys: vec!["other".into()], ..selector("t") });
         assert!(!l1.insert("t", "k", entry(&[], &[]), guard));
@@ -488,8 +522,31 @@ mod tests {
     }
 
     #[test]
+    fn a_partition_flush_drops_its_tenants_only() {
+        let layout = Layout::new(16);
+        let l1 = L1::new(1 << 20, layout.clone());
+        let tenants: Vec<String> = (0..40).map(|i| format!("t{i}")).collect();
+        for t in &tenants {
+            store(&l1, t, "k", &["tag"], &[]);
+        }
+        let flushed = layout.of("t0").index;
+        let guard_in = l1.fill_guard("t0");
+        let other = tenants.iter().find(|t| layout.of(t).index != flushed).expect("another partition");
+        let guard_out = l1.fill_guard(other);
+        let members = tenants.iter().filter(|t| layout.of(t).index == flushed).count();
+        assert_eq!(l1.flush_partition(flushed), members);
+        for t in &tenants {
+            assert_eq!(l1.get(t, "k").is_none(), layout.of(t).index == flushed, "tenant {t}");
+        }
+        assert!(!l1.insert("t0", "k2", entry(&[], &[]), guard_in), "a fill from before the flush");
+        assert!(l1.insert(other, "k2", entry(&[], &[]), guard_out), "another partition's fill");
+        // The flushed tenants' indexes are gone with their entries.
+        assert_eq!(l1.apply(&Selector { tags: vec!["tag".into()], ..selector("t0") }), 0);
+    }
+
+    #[test]
     fn replacing_an_entry_keeps_the_new_entrys_index_records() {
-        let l1 = L1::new(1 << 20);
+        let l1 = L1::new(1 << 20, Layout::new(16));
         store(&l1, "t", "k", &["a"], &[]);
         store(&l1, "t", "k", &["a", "b"], &[]);
         l1.maintain();
@@ -500,7 +557,7 @@ mod tests {
 
     #[test]
     fn capacity_is_bounded_by_bytes_and_counts_keys() {
-        let l1 = L1::new(10_000);
+        let l1 = L1::new(10_000, Layout::new(16));
         // 1000 entries of 24 bytes each would need 24 000 bytes.
         for i in 0..1000 {
             store(&l1, "t", &format!("key-{i:04}"), &[], &[]);
@@ -509,14 +566,14 @@ mod tests {
         assert!(l1.bytes() <= 10_000, "L1 holds {} bytes", l1.bytes());
         assert!(l1.stats.evictions.load(Ordering::Relaxed) > 0);
         // Each entry weighs tenant + key + value + content type.
-        let one = L1::new(10_000);
+        let one = L1::new(10_000, Layout::new(16));
         store(&one, "t", "key-0001", &[], &[]);
         assert_eq!(one.bytes(), (1 + 8 + 5 + 10) as u64);
     }
 
     #[test]
     fn entries_expire_at_their_own_ttl() {
-        let l1 = L1::new(1 << 20);
+        let l1 = L1::new(1 << 20, Layout::new(16));
         let short = Entry::new(Bytes::from_static(b"v"), "", vec![], vec![], Duration::from_millis(30));
         let guard = l1.fill_guard("t");
         assert!(l1.insert("t", "short", short, guard));

@@ -30,8 +30,10 @@ pub struct Metrics {
     pub replayed: IntCounter,
     /// Gaps in sequence numbers detected.
     pub gaps: IntCounter,
-    /// Full flushes of L1.
+    /// Flushes of L1 (one partition's tenants, or all).
     pub flushes: IntCounter,
+    /// Forks of a partition's log detected.
+    pub forks: IntCounter,
     /// Highest seq applied.
     pub applied_seq: IntGauge,
     /// 1 when ready.
@@ -81,7 +83,11 @@ impl Metrics {
             applied: counter("dcc_invalidations_applied_total", "Invalidation messages applied to L1"),
             replayed: counter("dcc_invalidations_replayed_total", "Invalidation messages replayed from the log"),
             gaps: counter("dcc_invalidation_gaps_total", "Gaps in sequence numbers detected"),
-            flushes: counter("dcc_l1_flushes_total", "Full flushes of L1"),
+            flushes: counter("dcc_l1_flushes_total", "Flushes of L1 (one partition's tenants, or all)"),
+            forks: counter(
+                "dcc_log_forks_total",
+                "Forks of a partition's log detected (a failover lost applied messages)",
+            ),
             applied_seq: gauge("dcc_applied_seq", "Highest invalidation seq applied"),
             ready: gauge("dcc_ready", "1 when the agent is ready"),
             propagation_lag: register(

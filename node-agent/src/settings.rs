@@ -57,6 +57,12 @@ pub struct Settings {
     pub log_max_len: u64,
     /// Redis connections in the pool.
     pub redis_pool_size: usize,
+    /// Partitions of the data: the same in every process of a deployment.
+    pub partitions: u16,
+    /// Replicas that must hold an invalidation before it is answered.
+    pub min_replicas: shared::invalidation::MinReplicas,
+    /// How long to wait for them.
+    pub replica_timeout_ms: u64,
     /// HTTP worker threads (0: one per core).
     pub http_workers: usize,
     /// Log JSON lines.
@@ -77,6 +83,9 @@ impl Default for Settings {
             heartbeat_interval_ms: 500,
             log_max_len: 100_000,
             redis_pool_size: 32,
+            partitions: shared::schema::DEFAULT_PARTITIONS,
+            min_replicas: shared::invalidation::MinReplicas::Auto,
+            replica_timeout_ms: 1000,
             http_workers: 0,
             log_json: false,
         }
@@ -122,6 +131,12 @@ impl Settings {
         }
         if self.redis_pool_size == 0 {
             problems.push("redis_pool_size must be at least 1");
+        }
+        if self.partitions == 0 || self.partitions > shared::schema::MAX_PARTITIONS {
+            problems.push("partitions must be between 1 and 1024");
+        }
+        if self.replica_timeout_ms == 0 {
+            problems.push("replica_timeout_ms must be at least 1");
         }
         if let Some(id) = &self.node_id {
             if id.is_empty() || id.len() > 128 || id.chars().any(|c| c.is_control() || c.is_whitespace()) {

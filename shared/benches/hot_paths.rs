@@ -47,7 +47,13 @@ fn bench_message(c: &mut Criterion) {
     let body =
         MessageBody { ts_ms: 1_732_300_000_000, origin: "coordinator@cache-coord-0:8080", invalidations: &selectors };
     // The exact bytes an agent receives: the body plus the header the log-append script adds.
-    let wire = InvalidationMessage::assemble("8c1f5e0a9b7d4c3e2f1a0b9c8d7e6f5a", 17, &body);
+    let at = shared::protocol::Position {
+        partition: 3,
+        epoch: "8c1f5e0a9b7d4c3e2f1a0b9c8d7e6f5a".into(),
+        seq: 17,
+        nonce: "5be0c1d2e3f4a5b6".into(),
+    };
+    let wire = InvalidationMessage::assemble(&at, "a41c0d1e2f3a4b5c", &body).expect("the sample message encodes");
     let decoded = InvalidationMessage::decode(wire.as_bytes()).expect("the sample message decodes");
     assert_eq!(decoded.invalidations, selectors);
 

@@ -4,11 +4,13 @@
 //! - [`names`]: validation of tenants, keys, tags and patterns.
 //! - [`glob`]: the pattern dialect (Redis's `MATCH`), used against L1.
 //! - [`protocol`]: the invalidation message, fill tokens, node reports.
-//! - [`schema`]: every Redis key name.
-//! - [`l2`]: entries and indexes in Redis, and the Lua scripts that keep them.
-//! - [`registry`]: heartbeats, acknowledgements, the nodes' view.
-//! - [`invalidation`]: the invalidation path from selectors to L2 delete, log
-//!   and broadcast; agents apply the broadcast to L1.
+//! - [`schema`]: the partitions and every Redis key name.
+//! - [`script`]: the Lua scripts' shared prelude.
+//! - [`l2`]: entries in Redis (stamped with their partition's epoch), and the
+//!   head of each partition's log.
+//! - [`invalidation`]: the invalidation path from selectors to L2 delete, log,
+//!   broadcast and replication, with its scripts; agents apply the broadcast to L1.
+//! - [`registry`]: heartbeats and acknowledgements.
 //! - [`service`]: what both HTTP services share: errors, telemetry, metrics,
 //!   Redis pools, shutdown.
 
@@ -19,4 +21,5 @@ pub mod names;
 pub mod protocol;
 pub mod registry;
 pub mod schema;
+pub mod script;
 pub mod service;

@@ -6,18 +6,24 @@
 //! `redis-cli` and so that any language can consume it:
 //!
 //! ```json
-//! {"v":1,"epoch":"8c1f…","seq":17,"ts_ms":1732300000000,"origin":"coordinator@host",
+//! {"v":2,"p":3,"epoch":"8c1f…","seq":17,"nonce":"5be0…","prev":"a41c…","ts_ms":1732300000000,
+//!  "origin":"coordinator@host",
 //!  "invalidations":[{"tenant":"acme","keys":["k"],"tags":["suppliers"],"patterns":["suppliers:list:*"],"cascade":true}]}
 //! ```
 //!
-//! The header (`v`, `epoch`, `seq`) is written by the log-append script inside
-//! Redis, because only Redis can hand out the next contiguous sequence number
-//! atomically with the append and the publish; see [`MessageBody::encode_tail`].
+//! The header (`v`, `p`, `epoch`, `seq`, `nonce`, `prev`) is written by the
+//! log-append script inside Redis, because only Redis can hand out the next
+//! contiguous sequence number atomically with the append and the publish; see
+//! [`MessageBody::encode_tail`]. Every message carries a random `nonce` and the
+//! nonce of the message before it (`prev`), so a reader that applied seq `s`
+//! can tell whether the log it now reads continues the history it applied
+//! (the log-matching check of Raft): after a failover to a replica that had
+//! not received the last messages, it does not.
 
 use serde::{Deserialize, Serialize};
 
 /// Version of the invalidation message format. A reader refuses other versions.
-pub const MESSAGE_VERSION: u32 = 1;
+pub const MESSAGE_VERSION: u32 = 2;
 
 /// What one invalidation covers in one tenant. Keys are exact; tags and patterns
 /// are resolved by every holder of entries (L2 in the coordinator, L1 in each
@@ -57,11 +63,17 @@ impl Selector {
 pub struct InvalidationMessage {
     /// Format version, [`MESSAGE_VERSION`].
     pub v: u32,
-    /// Identity of the Redis dataset that issued `seq`; it changes when Redis
-    /// loses its data, and with it the numbering restarts.
+    /// The partition whose log it is in.
+    pub p: u16,
+    /// Identity of the partition's history that issued `seq`; it changes when
+    /// Redis loses the data or a failover forks the log.
     pub epoch: String,
-    /// Contiguous sequence number within the epoch, starting at 1.
+    /// Contiguous sequence number within the partition.
     pub seq: u64,
+    /// A random id of this message.
+    pub nonce: String,
+    /// The nonce of message `seq - 1` (empty when there was none).
+    pub prev: String,
     /// When the invalidation was accepted (Unix milliseconds), for lag metrics.
     pub ts_ms: u64,
     /// Which process issued it (`coordinator@host:port` or `agent@node-id`).
@@ -83,11 +95,12 @@ pub struct MessageBody<'a> {
 
 impl MessageBody<'_> {
     /// The JSON object without its opening brace. The log-append script prefixes
-    /// `{"v":1,"epoch":"…","seq":N,` to it, which yields a complete message.
-    pub fn encode_tail(&self) -> String {
-        let mut json = serde_json::to_string(self).unwrap_or_else(|_| "{}".into());
+    /// `{"v":2,"p":P,"epoch":"…","seq":N,"nonce":"…","prev":"…",` to it, which
+    /// yields a complete message.
+    pub fn encode_tail(&self) -> Result<String, serde_json::Error> {
+        let mut json = serde_json::to_string(self)?;
         json.remove(0);
-        json
+        Ok(json)
     }
 }
 
@@ -114,13 +127,39 @@ impl InvalidationMessage {
 
     /// Builds the header exactly as the log-append script does; used by tests
     /// and by tools that write messages without Redis.
-    pub fn assemble(epoch: &str, seq: u64, body: &MessageBody<'_>) -> String {
-        format!(
-            "{{\"v\":{MESSAGE_VERSION},\"epoch\":{},\"seq\":{seq},{}",
-            serde_json::Value::String(epoch.to_string()),
-            body.encode_tail()
-        )
+    pub fn assemble(position: &Position, prev: &str, body: &MessageBody<'_>) -> Result<String, serde_json::Error> {
+        let text = |s: &str| serde_json::Value::String(s.to_string());
+        Ok(format!(
+            "{{\"v\":{MESSAGE_VERSION},\"p\":{},\"epoch\":{},\"seq\":{},\"nonce\":{},\"prev\":{},{}",
+            position.partition,
+            text(&position.epoch),
+            position.seq,
+            text(&position.nonce),
+            text(prev),
+            body.encode_tail()?
+        ))
     }
+
+    /// Where this message stands in its partition's log.
+    pub fn position(&self) -> Position {
+        Position { partition: self.p, epoch: self.epoch.clone(), seq: self.seq, nonce: self.nonce.clone() }
+    }
+}
+
+/// A place in one partition's log: the message with this seq and nonce, in
+/// this epoch. Two positions with the same seq and different nonces are on
+/// different histories (a fork).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Position {
+    /// The partition.
+    pub partition: u16,
+    /// Its epoch.
+    pub epoch: String,
+    /// The seq.
+    pub seq: u64,
+    /// The nonce of the message at `seq` (empty when unknown, or seq 0).
+    #[serde(skip)]
+    pub nonce: String,
 }
 
 /// A fill token: the log position (epoch and seq) observed, atomically with the
@@ -167,10 +206,11 @@ pub struct NodeReport {
     pub addr: String,
     /// Whether the agent considers itself ready (connected, subscribed, caught up).
     pub ready: bool,
-    /// Epoch the agent is in sync with.
-    pub epoch: String,
-    /// Highest seq applied to L1.
+    /// Sum over the partitions of the highest seq applied to L1.
     pub applied_seq: u64,
+    /// Partitions it cannot prove in sync (L1 serves none of their tenants).
+    #[serde(default)]
+    pub unsynced: Vec<u16>,
     /// Entries in L1.
     pub l1_entries: u64,
     /// Bytes in L1 (keys and values).
@@ -181,6 +221,16 @@ pub struct NodeReport {
     pub staleness_bound_ms: u64,
     /// When this report was written (Unix milliseconds).
     pub ts_ms: u64,
+}
+
+/// One epoch standing for several partitions' epochs: the epoch itself when
+/// there is one, else a short fingerprint that changes whenever any of them does.
+pub fn epochs_fingerprint<'a>(epochs: impl IntoIterator<Item = &'a str>) -> String {
+    let epochs: Vec<&str> = epochs.into_iter().collect();
+    match epochs.as_slice() {
+        [one] => one.to_string(),
+        all => format!("{:04x}", crc16::State::<crc16::XMODEM>::calculate(all.join(",").as_bytes())),
+    }
 }
 
 /// Milliseconds since the Unix epoch.
@@ -206,21 +256,23 @@ mod tests {
     fn message_round_trip_through_the_script_header() {
         let items = sample();
         let body = MessageBody { ts_ms: 5, origin: "test", invalidations: &items };
-        let wire = InvalidationMessage::assemble("abc123", 42, &body);
+        let at = Position { partition: 3, epoch: "abc123".into(), seq: 42, nonce: "n42".into() };
+        let wire = InvalidationMessage::assemble(&at, "n41", &body).expect("encodes");
         let msg = InvalidationMessage::decode(wire.as_bytes()).expect("decodes");
-        assert_eq!(msg.v, 1);
-        assert_eq!(msg.epoch, "abc123");
-        assert_eq!(msg.seq, 42);
+        assert_eq!(msg.v, MESSAGE_VERSION);
+        assert_eq!(msg.position(), at);
+        assert_eq!(msg.prev, "n41");
         assert_eq!(msg.ts_ms, 5);
         assert_eq!(msg.invalidations, items);
     }
 
     #[test]
     fn other_versions_and_garbage_are_refused() {
-        let wire = r#"{"v":2,"epoch":"e","seq":1,"ts_ms":0,"origin":"x","invalidations":[]}"#;
-        assert!(matches!(InvalidationMessage::decode(wire.as_bytes()), Err(DecodeError::Version(2))));
+        let wire =
+            r#"{"v":1,"p":0,"epoch":"e","seq":1,"nonce":"n","prev":"","ts_ms":0,"origin":"x","invalidations":[]}"#;
+        assert!(matches!(InvalidationMessage::decode(wire.as_bytes()), Err(DecodeError::Version(1))));
         assert!(InvalidationMessage::decode(b"not json").is_err());
-        assert!(InvalidationMessage::decode(br#"{"v":1}"#).is_err());
+        assert!(InvalidationMessage::decode(br#"{"v":2}"#).is_err());
     }
 
     #[test]

@@ -57,23 +57,25 @@ impl Seen {
     }
 }
 
-/// Follows `dcc:inv` and `dcc:acked` into `seen` until `stop` is set.
+/// Follows the bench tenant's partition's invalidation and ack channels
+/// into `seen` until `stop` is set.
 async fn follow(redis: &redis::Client, seen: Arc<Mutex<Seen>>) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let partition = shared::schema::Layout::default().of("bench").clone();
     let mut pubsub = redis.get_async_pubsub().await?;
-    pubsub.subscribe(shared::schema::CHANNEL).await?;
-    pubsub.subscribe(shared::schema::ACK_CHANNEL).await?;
+    pubsub.subscribe(partition.channel()).await?;
+    pubsub.subscribe(partition.ack_channel()).await?;
     Ok(tokio::spawn(async move {
         let mut messages = pubsub.on_message();
         while let Some(msg) = messages.next().await {
             let now = Instant::now();
             let payload: String = msg.get_payload().unwrap_or_default();
             let mut seen = seen.lock().unwrap_or_else(|p| p.into_inner());
-            if msg.get_channel_name() == shared::schema::CHANNEL {
+            if msg.get_channel_name() == partition.channel() {
                 if let Some(seq) = serde_json::from_str::<Value>(&payload).ok().and_then(|v| v["seq"].as_u64()) {
                     seen.broadcast.insert(seq, now);
                 }
-            } else if let Some(ack) = shared::registry::Ack::decode(&payload) {
-                seen.acks.entry(ack.node_id).or_default().push((now, ack.seq));
+            } else if let Some(ack) = shared::registry::Ack::decode(partition.index, &payload) {
+                seen.acks.entry(ack.node_id).or_default().push((now, ack.position.seq));
             }
         }
     }))

@@ -33,7 +33,8 @@ async fn load_l2(redis: &redis::Client, tenant: &str, prefix: &str, tags: &[&str
                 ttl_ms: 3_600_000,
             };
             for i in (t..count).step_by(LOADERS) {
-                shared::l2::put(&mut conn, &tenant, &format!("{prefix}{i}"), &entry, None)
+                let partition = shared::schema::Layout::default().of(&tenant).clone();
+                shared::l2::put(&mut conn, &partition, &tenant, &format!("{prefix}{i}"), &entry, None)
                     .await?
                     .map_err(|e| anyhow::anyhow!("load refused: {e:?}"))?;
             }
@@ -113,7 +114,8 @@ pub async fn invalidation(options: &Options, coordinator: &str, redis_url: &str)
     let (tag_secs, tag_deleted, tag_block, tag_busy) =
         timed_invalidation(coordinator, &redis, json!({"tenant": "scale-tag", "tags": ["big"]})).await?;
     let mut conn = redis.get_multiplexed_async_connection().await?;
-    let left: usize = conn.exists(shared::schema::value("scale-tag", "item:0")).await?;
+    let left: usize =
+        conn.exists(shared::schema::Layout::default().of("scale-tag").value("scale-tag", "item:0")).await?;
     if tag_deleted != n as u64 || left != 0 {
         bail!("the tag invalidation deleted {tag_deleted} of {n} entries");
     }

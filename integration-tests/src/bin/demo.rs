@@ -157,7 +157,8 @@ impl Demo<'_> {
             self.post("/v1/events", json!({"tenant": "acme", "entity": "supplier", "id": "7", "op": "update"})).await?;
         println!("   event supplier 7 -> seq {}: tags {}", answer["seq"], answer["invalidated"][0]["tags"]);
         println!("   patterns {}", answer["invalidated"][0]["patterns"]);
-        self.wait_applied(answer["seq"].as_u64().unwrap_or(0)).await?;
+        let partition = answer["partition"].as_u64().unwrap_or(0) as usize;
+        self.wait_applied(partition, answer["seq"].as_u64().unwrap_or(0)).await?;
         for (k, _) in related {
             let states: Vec<String> = {
                 let mut v = Vec::new();
@@ -214,12 +215,13 @@ impl Demo<'_> {
         }
     }
 
-    async fn wait_applied(&self, seq: u64) -> anyhow::Result<()> {
+    /// Waits until every agent has applied `seq` of `partition`.
+    async fn wait_applied(&self, partition: usize, seq: u64) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(10);
         for agent in &self.cluster.agents {
             loop {
                 let status: Value = self.http.get(agent.url("/v1/status")).send().await?.json().await?;
-                if status["applied_seq"].as_u64().unwrap_or(0) >= seq {
+                if status["partitions"][partition]["applied_seq"].as_u64().unwrap_or(0) >= seq {
                     break;
                 }
                 if Instant::now() > deadline {

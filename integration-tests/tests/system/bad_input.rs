@@ -63,7 +63,7 @@ async fn log_head(t: &TestCluster) -> u64 {
 /// 0's L1 and in L2 once a later, unrelated invalidation reached every agent.
 async fn assert_kept_after_a_later_invalidation(t: &TestCluster, key: &str, value: &str) {
     let unrelated = t.event(json!({"tenant": "acme", "entity": "unrelated"})).await;
-    t.wait_applied(seq(&unrelated)).await;
+    t.wait_applied("acme", seq(&unrelated)).await;
     assert_eq!(t.read(0, "acme", key).await, (200, "L1".into(), value.into()), "{key} dropped from agent 0's L1");
     assert_eq!(t.read(1, "acme", key).await, (200, "L2".into(), value.into()), "{key} deleted from L2");
 }

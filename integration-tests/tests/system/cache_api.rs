@@ -3,7 +3,7 @@
 
 use serde_json::json;
 
-use crate::{header, seq, TestCluster};
+use crate::{entry_key, header, seq, TestCluster};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_value_put_through_one_agent_is_read_through_the_others_from_l2_then_l1() {
@@ -78,7 +78,8 @@ async fn entries_expire_from_l1_and_l2_after_their_ttl() {
     .await;
     assert!(expired, "an entry with ttl=1 is still served");
     let mut redis = t.cluster.redis.connection().await.expect("redis");
-    let exists: bool = redis::cmd("EXISTS").arg("dcc:t:acme:v:short").query_async(&mut redis).await.expect("EXISTS");
+    let exists: bool =
+        redis::cmd("EXISTS").arg(entry_key("acme", "short")).query_async(&mut redis).await.expect("EXISTS");
     assert!(!exists, "L2 entry outlived its TTL");
     assert_eq!(t.read(1, "acme", "long").await.0, 200);
 }
@@ -132,6 +133,6 @@ async fn tenants_never_see_or_touch_each_others_entries() {
     t.assert_kept_everywhere("globex", "shared:key").await;
     let mut redis = t.cluster.redis.connection().await.expect("redis");
     let exists: bool =
-        redis::cmd("EXISTS").arg("dcc:t:globex:v:shared:key").query_async(&mut redis).await.expect("EXISTS");
+        redis::cmd("EXISTS").arg(entry_key("globex", "shared:key")).query_async(&mut redis).await.expect("EXISTS");
     assert!(exists, "globex's L2 entry was touched");
 }

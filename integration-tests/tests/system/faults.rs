@@ -12,7 +12,12 @@ use integration_tests::{start_coordinator, wait_ready, wait_status, ClusterOptio
 use nix::sys::signal::Signal;
 use serde_json::{json, Value};
 
-use crate::{header, seq, wait_until, TestCluster};
+use crate::{entry_key, header, seq, wait_until, TestCluster};
+
+/// acme's draining set of a tag.
+fn draining(tag: &str) -> String {
+    shared::schema::Layout::default().of("acme").draining("acme", tag)
+}
 
 /// Long enough for reconnect backoff and a busy machine.
 const RECOVERY: Duration = Duration::from_secs(30);
@@ -88,7 +93,7 @@ async fn a_frozen_agent_is_named_then_no_longer_awaited_and_never_serves_stale()
     frozen.proc.signal(Signal::SIGCONT).expect("SIGCONT");
     let (status, layer, body) = t.read(2, "acme", "frozen:k").await;
     assert_eq!(status, 404, "the thawed agent served {body} from {layer}");
-    t.wait_applied(seq(&answer)).await;
+    t.wait_applied("acme", seq(&answer)).await;
     assert_eq!(status_of(&t, 2, "frozen:k").await, 404);
 }
 
@@ -165,7 +170,7 @@ async fn a_subscriber_dropped_by_the_output_buffer_limit_replays_what_it_missed(
     // Past its bound it never answers with the old value, and it catches up by replaying.
     let (_, layer, body) = t.read(1, "acme", "overflow:k").await;
     assert_ne!(body, "old", "agent 2 served the invalidated value from {layer}");
-    t.wait_applied(seq(&last)).await;
+    t.wait_applied("acme", seq(&last)).await;
     assert_eq!(status_of(&t, 1, "overflow:k").await, 404);
     let (_, status) = t.get_json(victim, "/v1/status").await;
     let inv = &status["invalidations"];
@@ -312,7 +317,7 @@ async fn a_coordinator_killed_mid_stream_is_retried_safely_with_the_same_event_i
         last = last.max(seq(&answer));
     }
     // Every key is gone everywhere, and no drain was left half done.
-    t.wait_applied(last).await;
+    t.wait_applied("acme", last).await;
     for n in 0..40 {
         for k in 0..5 {
             for i in 0..2 {
@@ -322,7 +327,7 @@ async fn a_coordinator_killed_mid_stream_is_retried_safely_with_the_same_event_i
     }
     let mut redis = t.cluster.redis.connection().await.expect("Redis");
     let leftovers: Vec<String> =
-        redis::cmd("KEYS").arg("dcc:t:acme:draining:*").query_async(&mut redis).await.expect("KEYS (test only)");
+        redis::cmd("KEYS").arg(draining("*")).query_async(&mut redis).await.expect("KEYS (test only)");
     assert!(leftovers.is_empty(), "drains left behind: {leftovers:?}");
 }
 
@@ -332,14 +337,15 @@ async fn a_coordinator_killed_mid_stream_is_retried_safely_with_the_same_event_i
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_next_invalidation_of_a_tag_finishes_a_drain_cut_short() {
     let t = TestCluster::start(1, "").await;
+    let partition = shared::schema::Layout::default().of("acme").clone();
     let mut redis = t.cluster.redis.connection().await.expect("Redis");
     for k in 0..1200 {
         t.put_ok(0, "acme", &format!("left:old:{k}"), "?tags=left", "old").await;
     }
     // What DETACH does before a crash: the tag's set becomes its draining set.
     let _: () = redis::cmd("RENAME")
-        .arg("dcc:t:acme:tag:left")
-        .arg("dcc:t:acme:draining:left")
+        .arg(partition.tag("acme", "left"))
+        .arg(partition.draining("acme", "left"))
         .query_async(&mut redis)
         .await
         .expect("RENAME");
@@ -350,11 +356,11 @@ async fn the_next_invalidation_of_a_tag_finishes_a_drain_cut_short() {
     assert_eq!(answer["l2_deleted"], 1203, "{answer}");
     for key in ["left:old:0", "left:old:1199", "left:new:2"] {
         let exists: bool =
-            redis::cmd("EXISTS").arg(format!("dcc:t:acme:v:{key}")).query_async(&mut redis).await.expect("EXISTS");
+            redis::cmd("EXISTS").arg(entry_key("acme", key)).query_async(&mut redis).await.expect("EXISTS");
         assert!(!exists, "{key} is still in L2");
     }
-    for set in ["dcc:t:acme:draining:left", "dcc:t:acme:tag:left"] {
-        let exists: bool = redis::cmd("EXISTS").arg(set).query_async(&mut redis).await.expect("EXISTS");
+    for set in [partition.draining("acme", "left"), partition.tag("acme", "left")] {
+        let exists: bool = redis::cmd("EXISTS").arg(&set).query_async(&mut redis).await.expect("EXISTS");
         assert!(!exists, "{set} is left behind");
     }
 }
@@ -392,7 +398,7 @@ async fn two_coordinators_share_one_log() {
     all.sort_unstable();
     let first = all[0];
     assert_eq!(all, (first..first + 50).collect::<Vec<_>>(), "seqs are unique and contiguous");
-    t.wait_applied(first + 49).await;
+    t.wait_applied("acme", first + 49).await;
     // Either coordinator's invalidation reaches the agents.
     t.put_ok(0, "acme", "two:k", "", "old").await;
     t.warm("acme", "two:k").await;

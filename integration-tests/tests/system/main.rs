@@ -132,13 +132,14 @@ impl TestCluster {
         (status, resp.json().await.unwrap_or(Value::Null))
     }
 
-    /// Waits until every agent has applied `seq` (from its `/v1/status`).
-    pub async fn wait_applied(&self, seq: u64) {
+    /// Waits until every agent has applied `seq` of `tenant`'s partition (from its `/v1/status`).
+    pub async fn wait_applied(&self, tenant: &str, seq: u64) {
+        let p = usize::from(partition_of(tenant));
         for agent in &self.cluster.agents {
             let deadline = Instant::now() + PROPAGATION_DEADLINE;
             loop {
                 let (_, status) = self.get_json(agent, "/v1/status").await;
-                if status["applied_seq"].as_u64().unwrap_or(0) >= seq {
+                if status["partitions"][p]["applied_seq"].as_u64().unwrap_or(0) >= seq {
                     break;
                 }
                 assert!(Instant::now() < deadline, "{} did not apply seq {seq}: {status}", agent.proc.name);
@@ -149,7 +150,7 @@ impl TestCluster {
 
     /// Asserts the key is gone (404) through every agent, after waiting for `seq`.
     pub async fn assert_gone_everywhere(&self, seq: u64, tenant: &str, key: &str) {
-        self.wait_applied(seq).await;
+        self.wait_applied(tenant, seq).await;
         for i in 0..self.cluster.agents.len() {
             let (status, layer, body) = self.read(i, tenant, key).await;
             assert_eq!(status, 404, "{tenant}/{key} still served by agent {i} from {layer}: {body}");
@@ -212,7 +213,25 @@ where
     }
 }
 
-/// The seq of a coordinator answer.
+/// The seq of a coordinator answer that touched one partition.
 pub fn seq(answer: &Value) -> u64 {
     answer["seq"].as_u64().unwrap_or_else(|| panic!("no seq in {answer}"))
+}
+
+/// The seq an answer gives for `tenant`'s partition.
+pub fn seq_of(answer: &Value, tenant: &str) -> u64 {
+    let p = u64::from(partition_of(tenant));
+    let positions = answer["positions"].as_array().unwrap_or_else(|| panic!("no positions in {answer}"));
+    let at = positions.iter().find(|pos| pos["partition"].as_u64() == Some(p));
+    at.and_then(|pos| pos["seq"].as_u64()).unwrap_or_else(|| panic!("no position for {tenant} in {answer}"))
+}
+
+/// The partition a tenant lives in (the services run with the default layout).
+pub fn partition_of(tenant: &str) -> u16 {
+    shared::schema::Layout::default().of(tenant).index
+}
+
+/// The Redis key of an entry.
+pub fn entry_key(tenant: &str, key: &str) -> String {
+    shared::schema::Layout::default().of(tenant).value(tenant, key)
 }

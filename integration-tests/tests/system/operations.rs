@@ -237,7 +237,7 @@ async fn agent_status_reports_its_state_and_counters() {
 
     // An invalidation is applied and counted, and drops the entry.
     let answer = t.event(json!({"tenant": "acme", "entity": "x", "keys": ["status:k"]})).await;
-    t.wait_applied(seq(&answer)).await;
+    t.wait_applied("acme", seq(&answer)).await;
     let invalidated = status(1).await;
     assert!(n(&invalidated, &["applied_seq"]) >= seq(&answer), "applied_seq: {invalidated}");
     assert!(
@@ -297,7 +297,7 @@ async fn health_readiness_and_metrics_endpoints() {
     t.put_ok(0, "acme", "metrics:k", "", "v").await;
     assert_eq!(t.read(0, "acme", "metrics:k").await.1, "L1");
     let answer = t.event(json!({"tenant": "acme", "entity": "x", "keys": ["metrics:k"]})).await;
-    t.wait_applied(seq(&answer)).await;
+    t.wait_applied("acme", seq(&answer)).await;
 
     let resp = http.get(t.agent(0).url("/metrics")).send().await.expect("agent /metrics");
     assert_eq!(resp.status().as_u16(), 200);
@@ -558,7 +558,7 @@ async fn an_event_id_makes_a_retry_a_duplicate_not_a_second_invalidation() {
     let other =
         t.event(json!({"tenant": "globex", "entity": "supplier", "id": "9", "event_id": "order-9-update-1"})).await;
     assert_ne!(other["duplicate"], true, "event ids are per tenant: {other}");
-    assert_ne!(other["seq"], first["seq"], "{other}");
+    assert_ne!(other["positions"], first["positions"], "{other}");
     // A new event_id is a new event.
     let mut fresh = event;
     fresh["event_id"] = json!("order-9-update-2");
@@ -602,6 +602,6 @@ async fn agents_repair_missed_invalidations_after_losing_their_subscription() {
             let (status, layer, body) = t.read(i, "acme", &key).await;
             assert_eq!(status, 404, "round {round}: agent {i} serves {key} from {layer} once ready: {body}");
         }
-        t.wait_applied(seq(&answer)).await;
+        t.wait_applied("acme", seq(&answer)).await;
     }
 }
