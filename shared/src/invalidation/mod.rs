@@ -236,17 +236,10 @@ pub async fn answer_duplicate(
     let head = l2::head(conn, partition).await?;
     let position = Position { partition: partition.index, epoch: head.epoch, seq, nonce: String::new() };
     if wanted_replicas(conn, settings).await? > 0 {
-        // WAIT counts this connection's writes: write one (the log's own
-        // trimming, a no-op), so that it covers everything before, the
-        // original invalidation included.
-        let _: () = redis::cmd("XTRIM")
-            .arg(partition.log())
-            .arg("MAXLEN")
-            .arg("~")
-            .arg(settings.max_len.max(1))
-            .query_async(conn)
-            .await
-            .map(|_: i64| ())?;
+        // WAIT counts this connection's writes, up to its last one that was
+        // replicated: make one (INCRBY 0 always is, and changes nothing), so
+        // that it covers everything before, the original invalidation included.
+        let _: u64 = redis::cmd("INCRBY").arg(partition.seq()).arg(0).query_async(conn).await?;
         replicate(conn, &position, settings).await?;
     }
     Ok(Outcome { position, duplicate: true, ..Outcome::default() })
