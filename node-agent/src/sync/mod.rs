@@ -69,7 +69,6 @@ async fn subscribe_and_apply(agent: &Agent, shutdown: &CancellationToken, backof
     let channels: Vec<String> = inner.layout.all().iter().map(|p| p.channel()).collect();
     let mut pubsub = tokio::time::timeout(Duration::from_secs(2), inner.redis.get_async_pubsub()).await??;
     pubsub.subscribe(&channels).await?;
-    inner.sync.on_subscribed();
     // Subscribed first, then read the heads: nothing logged can fall between the two.
     let mut conn = inner.pool.get().await?;
     // Newly (re)connected: Redis may have restarted without our scripts.
@@ -78,6 +77,11 @@ async fn subscribe_and_apply(agent: &Agent, shutdown: &CancellationToken, backof
         catch_up(agent, &mut conn, p).await?;
     }
     drop(conn);
+    // Only now may heartbeats prove sync on this subscription (it has been
+    // live since before the heads were read, so that is conservative): the
+    // next heartbeat proves every partition at once, instead of those it
+    // happens to find caught up while the others still are catching up.
+    inner.sync.on_subscribed();
     backoff.reset();
     inner.sync.report_now.notify_one();
     info!(partitions = channels.len(), "subscribed to invalidations");
