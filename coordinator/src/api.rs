@@ -116,7 +116,7 @@ async fn cluster_health(coordinator: web::Data<Coordinator>) -> HttpResponse {
     });
     let gathered = async {
         let mut conn = coordinator.conn().await?;
-        let view = cluster::view(&conn, &inner.layout, &inner.acks, inner.settings.node_dead_after_ms, true)
+        let view = cluster::view(&conn.shared(), &inner.layout, &inner.acks, inner.settings.node_dead_after_ms, true)
             .await
             .map_err(|e| coordinator.redis_failed(e))?;
         let redis = cluster::redis_info(&mut conn).await.map_err(|e| coordinator.redis_failed(e))?;

@@ -26,7 +26,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures_util::StreamExt;
 use redis::aio::ConnectionLike;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -37,6 +36,7 @@ use shared::protocol::Position;
 use shared::registry::{self, Ack};
 use shared::schema::Layout;
 use shared::service::Backoff;
+use shared::store::{Delivery, Store};
 
 use crate::cluster::{self, ClusterView, NodeView};
 
@@ -184,20 +184,13 @@ impl AckBoard {
 /// coordinator runs, reconnecting with backoff. After each subscription it
 /// reads the stored acknowledgements, so that none published while it was
 /// away is missed.
-pub async fn listen(
-    redis: redis::Client,
-    pool: deadpool_redis::Pool,
-    layout: Layout,
-    board: &AckBoard,
-    shutdown: CancellationToken,
-) {
+pub async fn listen(store: Store, layout: Layout, board: &AckBoard, shutdown: CancellationToken) {
     let channels: Vec<String> = layout.all().iter().map(|p| p.ack_channel()).collect();
     let mut backoff = Backoff::default();
     while !shutdown.is_cancelled() {
         let followed = async {
-            let mut pubsub = tokio::time::timeout(Duration::from_secs(2), redis.get_async_pubsub()).await??;
-            pubsub.subscribe(&channels).await?;
-            let mut conn = pool.get().await?;
+            let mut subscription = store.subscribe(&channels).await?;
+            let mut conn = store.get().await?;
             for partition in layout.all() {
                 for ack in registry::acknowledgements(&mut conn, partition).await? {
                     board.record(ack);
@@ -206,13 +199,25 @@ pub async fn listen(
             drop(conn);
             backoff.reset();
             info!("following agents' acknowledgements");
-            let mut messages = pubsub.on_message();
-            while let Some(msg) = messages.next().await {
-                let partition = channels.iter().position(|c| c.as_bytes() == msg.get_channel_name().as_bytes());
-                let payload = msg.get_payload::<String>().ok();
-                match partition.zip(payload).and_then(|(p, payload)| Ack::decode(p as u16, &payload)) {
-                    Some(ack) => board.record(ack),
-                    None => warn!("ignoring an unreadable acknowledgement"),
+            while let Some(delivery) = subscription.next().await? {
+                match delivery {
+                    Delivery::Message { channel, payload } => {
+                        let partition = channels.iter().position(|c| *c == channel);
+                        let payload = String::from_utf8(payload).ok();
+                        match partition.zip(payload).and_then(|(p, payload)| Ack::decode(p as u16, &payload)) {
+                            Some(ack) => board.record(ack),
+                            None => warn!("ignoring an unreadable acknowledgement"),
+                        }
+                    }
+                    // Acknowledgements may have been missed meanwhile: read the stored ones.
+                    Delivery::Resubscribed(channel) => {
+                        if let Some(p) = channels.iter().position(|c| *c == channel) {
+                            let mut conn = store.get().await?;
+                            for ack in registry::acknowledgements(&mut conn, layout.get(p as u16)).await? {
+                                board.record(ack);
+                            }
+                        }
+                    }
                 }
             }
             anyhow::Ok(())
@@ -248,7 +253,7 @@ impl Liveness {
     /// acknowledgements on `board`).
     pub async fn view_since(
         &self,
-        pool: &deadpool_redis::Pool,
+        store: &Store,
         layout: &Layout,
         board: &AckBoard,
         node_dead_after_ms: u64,
@@ -262,8 +267,8 @@ impl Liveness {
             return Ok(view);
         }
         let began = Instant::now();
-        let conn = pool.get().await?;
-        let view = Arc::new(cluster::view(&conn, layout, board, node_dead_after_ms, false).await?);
+        let conn = store.get().await?;
+        let view = Arc::new(cluster::view(&conn.shared(), layout, board, node_dead_after_ms, false).await?);
         *lock(&self.latest) = Some((began, view.clone()));
         Ok(view)
     }
@@ -296,8 +301,8 @@ pub enum Barrier {
 
 /// What a barrier needs: where to read, and what to read against.
 pub struct Waiting<'a> {
-    /// Redis connections.
-    pub pool: &'a deadpool_redis::Pool,
+    /// Redis.
+    pub store: &'a Store,
     /// The partitions.
     pub layout: &'a Layout,
     /// Acknowledgements.
@@ -321,12 +326,12 @@ pub async fn wait_for_all(w: &Waiting<'_>, targets: &[Position], timeout: Durati
         // Who is live now (as of a read at most one refresh old, and begun
         // after the call), and what the registry already knows they applied.
         let since = Instant::now().checked_sub(LIVENESS_REFRESH).map_or(called, |t| t.max(called));
-        let view = w.liveness.view_since(w.pool, w.layout, w.board, w.node_dead_after_ms, since).await?;
+        let view = w.liveness.view_since(w.store, w.layout, w.board, w.node_dead_after_ms, since).await?;
         let live: Vec<&NodeView> = view.live().collect();
         let refresh_at = Instant::now() + LIVENESS_REFRESH;
         loop {
             changes.borrow_and_update();
-            let mut conn = w.pool.get().await?;
+            let mut conn = w.store.get().await?;
             let mut lagging = Vec::new();
             for node in &live {
                 if !w.board.has_applied_all(&mut conn, w.layout, &view, node, targets).await? {

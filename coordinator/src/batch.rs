@@ -20,11 +20,11 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use deadpool_redis::{Connection, Pool};
 use redis::RedisError;
 use shared::invalidation::{self, InvalidationError, LogSettings, Outcome, Request};
 use shared::protocol::Position;
 use shared::schema::{Layout, Partition};
+use shared::store::{Conn, Store};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -85,17 +85,17 @@ pub struct Batcher {
     queues: Vec<mpsc::Sender<Job>>,
     /// Taken by [`Batcher::start`].
     waiting: Mutex<Option<Vec<mpsc::Receiver<Job>>>>,
-    pool: Pool,
+    store: Store,
     layout: Layout,
     log: LogSettings,
 }
 
 impl Batcher {
-    /// A batcher over `pool`; requests wait in their queue until
+    /// A batcher over `store`; requests wait in their queue until
     /// [`Batcher::start`] runs the lanes.
-    pub fn new(pool: Pool, layout: Layout, log: LogSettings) -> Batcher {
+    pub fn new(store: Store, layout: Layout, log: LogSettings) -> Batcher {
         let (queues, waiting) = (0..layout.count()).map(|_| mpsc::channel(4 * MAX_REQUESTS)).unzip();
-        Batcher { queues, waiting: Mutex::new(Some(waiting)), pool, layout, log }
+        Batcher { queues, waiting: Mutex::new(Some(waiting)), store, layout, log }
     }
 
     /// Starts one lane per partition on the current runtime; they stop with `stop`.
@@ -108,7 +108,7 @@ impl Batcher {
             .enumerate()
             .map(|(p, receiver)| {
                 let partition = self.layout.get(p as u16).clone();
-                tokio::spawn(lane(receiver, self.pool.clone(), partition, self.log.clone(), stop.clone()))
+                tokio::spawn(lane(receiver, self.store.clone(), partition, self.log.clone(), stop.clone()))
             })
             .collect()
     }
@@ -131,12 +131,12 @@ impl Batcher {
 /// an error, or after [`KEEP_IDLE`] unused, and a fresh one taken.
 async fn lane(
     mut receiver: mpsc::Receiver<Job>,
-    pool: Pool,
+    store: Store,
     partition: Partition,
     log: LogSettings,
     stop: CancellationToken,
 ) {
-    let mut kept: Option<(Connection, Instant)> = None;
+    let mut kept: Option<(Conn, Instant)> = None;
     loop {
         let first = tokio::select! {
             job = receiver.recv() => job,
@@ -152,13 +152,7 @@ async fn lane(
         }
         let conn = match kept.take().filter(|(_, used)| used.elapsed() < KEEP_IDLE) {
             Some((conn, _)) => Ok(conn),
-            None => pool.get().await.map_err(|e| {
-                BatchError::Redis(Arc::new(RedisError::from((
-                    redis::ErrorKind::Io,
-                    "no Redis connection",
-                    e.to_string(),
-                ))))
-            }),
+            None => store.get().await.map_err(|e| BatchError::Redis(Arc::new(e.into()))),
         };
         match conn {
             Ok(mut conn) => {
@@ -183,7 +177,7 @@ const KEEP_IDLE: Duration = Duration::from_secs(1);
 
 /// Runs one request as it is, or several merged, and answers each caller.
 /// Returns false when Redis failed (the connection is then dropped).
-async fn run_jobs(conn: &mut Connection, partition: &Partition, log: &LogSettings, mut jobs: Vec<Job>) -> bool {
+async fn run_jobs(conn: &mut Conn, partition: &Partition, log: &LogSettings, mut jobs: Vec<Job>) -> bool {
     if jobs.len() == 1 {
         let job = jobs.remove(0);
         let outcome = invalidation::execute(conn, partition, job.request, log).await.map_err(BatchError::from);

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use redis::aio::{ConnectionLike, MultiplexedConnection};
+use redis::aio::ConnectionLike;
 use redis::RedisResult;
 use serde::Serialize;
 
@@ -12,6 +12,7 @@ use shared::l2;
 use shared::protocol::epochs_fingerprint;
 use shared::registry::{self, Registered};
 use shared::schema::Layout;
+use shared::store::SharedConn;
 
 use crate::barrier::AckBoard;
 
@@ -94,7 +95,7 @@ impl ClusterView {
 /// (recorded on `board`), and with `reports` every node's last report.
 /// Per-partition reads run concurrently on one multiplexed connection.
 pub async fn view(
-    conn: &MultiplexedConnection,
+    conn: &SharedConn,
     layout: &Layout,
     board: &AckBoard,
     node_dead_after_ms: u64,

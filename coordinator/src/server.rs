@@ -77,8 +77,8 @@ impl Application {
             let (coordinator, stop) = (coordinator.clone(), stop.clone());
             tokio::spawn(async move {
                 let inner = coordinator.inner();
-                let (redis, pool, layout) = (inner.redis.clone(), inner.pool.clone(), inner.layout.clone());
-                crate::barrier::listen(redis, pool, layout, &inner.acks, stop).await;
+                let (store, layout) = (inner.store.clone(), inner.layout.clone());
+                crate::barrier::listen(store, layout, &inner.acks, stop).await;
             })
         };
         info!(%addr, rules = coordinator.inner().rules.rules().count(), "coordinator listening");
@@ -113,7 +113,7 @@ async fn watch_redis(coordinator: Coordinator, stop: CancellationToken) {
     let mut outage_logged = false;
     loop {
         let check = async {
-            let mut conn = inner.pool.get().await.map_err(|e| e.to_string())?;
+            let mut conn = inner.store.get().await.map_err(|e| e.to_string())?;
             check_layout(&mut conn, &inner.layout).await?;
             for partition in inner.layout.all() {
                 shared::l2::ensure_epoch(&mut conn, partition).await.map_err(|e| e.to_string())?;
@@ -171,7 +171,7 @@ async fn watch_redis(coordinator: Coordinator, stop: CancellationToken) {
 /// Records this process's partition layout in Redis if none is there, and
 /// refuses to work on data partitioned otherwise: every process of a
 /// deployment must use the same `partitions`.
-async fn check_layout(conn: &mut deadpool_redis::Connection, layout: &shared::schema::Layout) -> Result<(), String> {
+async fn check_layout(conn: &mut shared::store::Conn, layout: &shared::schema::Layout) -> Result<(), String> {
     let ours = layout.describe();
     let (_, theirs): ((), Option<String>) = redis::pipe()
         .cmd("SET")
@@ -197,7 +197,7 @@ async fn check_layout(conn: &mut deadpool_redis::Connection, layout: &shared::sc
 /// partition must still be in that partition's log (a failover to a replica
 /// that lacked it rewinds the log). A partition whose log forked is moved to
 /// a new epoch, so that agents flush its tenants and its old entries are not served.
-async fn check_forks(coordinator: &Coordinator, conn: &mut deadpool_redis::Connection) -> redis::RedisResult<()> {
+async fn check_forks(coordinator: &Coordinator, conn: &mut shared::store::Conn) -> redis::RedisResult<()> {
     let inner = coordinator.inner();
     for position in coordinator.take_appended() {
         let partition = inner.layout.get(position.partition);
@@ -230,7 +230,7 @@ async fn check_forks(coordinator: &Coordinator, conn: &mut deadpool_redis::Conne
 /// partition's seq or epoch would reuse sequence numbers, and evicting fill-token
 /// markers would let a stale fill through. `noeviction` (the default) is
 /// safe; a managed Redis that forbids `CONFIG` is skipped silently.
-async fn warn_about_eviction(conn: &mut deadpool_redis::Connection) {
+async fn warn_about_eviction(conn: &mut shared::store::Conn) {
     let config: redis::RedisResult<Vec<String>> =
         redis::cmd("CONFIG").arg("GET").arg("maxmemory*").query_async(conn).await;
     let Ok(config) = config else {

@@ -112,8 +112,8 @@ impl Settings {
         if self.redis_pool_size < 2 {
             problems.push("redis_pool_size must be at least 2".to_string());
         }
-        if redis::Client::open(self.redis_url.as_str()).is_err() {
-            problems.push("redis_url is not a valid Redis URL".to_string());
+        if let Err(e) = shared::store::Topology::parse(&self.redis_url) {
+            problems.push(format!("redis_url: {e}"));
         }
         if let Err(e) = crate::rules::RuleSet::new(self.rules.clone()) {
             problems.push(e);

@@ -13,6 +13,7 @@ use shared::invalidation::{LogSettings, Outcome, Request};
 use shared::protocol::{Position, Selector};
 use shared::schema::Layout;
 use shared::service::{register, ApiError};
+use shared::store::{Conn, Store};
 
 use crate::barrier::{self, AckBoard, Barrier, Liveness, Waiting};
 use crate::batch::{BatchError, Batcher};
@@ -36,10 +37,8 @@ pub struct Inner {
     /// The last position this coordinator appended in each partition, until
     /// its fork check looks at it.
     appended: Mutex<Vec<Option<Position>>>,
-    /// Redis connections.
-    pub pool: deadpool_redis::Pool,
-    /// For the acknowledgement subscription.
-    pub redis: redis::Client,
+    /// Redis (one server or a cluster): connections and subscriptions.
+    pub store: Store,
     /// Agents' newest acknowledgements, for `wait=all`.
     pub acks: AckBoard,
     /// The cluster view shared by every `wait=all` in progress.
@@ -174,24 +173,22 @@ impl Coordinator {
     /// Builds the state; nothing connects yet.
     pub fn new(settings: Settings, origin: String) -> Result<Coordinator, String> {
         let rules = RuleSet::new(settings.rules.clone())?;
-        let pool = shared::service::redis_pool(&settings.redis_url, settings.redis_pool_size)?;
-        let redis = redis::Client::open(settings.redis_url.as_str()).map_err(|e| format!("bad redis_url: {e}"))?;
+        let store = Store::open(&settings.redis_url, settings.redis_pool_size)?;
         let layout = Layout::new(settings.partitions);
         let log = LogSettings {
             max_len: settings.log_max_len,
-            sharded: false,
+            sharded: store.sharded(),
             min_replicas: settings.min_replicas,
             replica_timeout_ms: settings.replica_timeout_ms,
         };
-        let batcher = Batcher::new(pool.clone(), layout.clone(), log.clone());
+        let batcher = Batcher::new(store.clone(), layout.clone(), log.clone());
         Ok(Coordinator(Arc::new(Inner {
             appended: Mutex::new(vec![None; usize::from(layout.count())]),
             settings,
             rules,
             layout,
             log,
-            pool,
-            redis,
+            store,
             acks: AckBoard::default(),
             liveness: Liveness::default(),
             batcher,
@@ -208,8 +205,8 @@ impl Coordinator {
     }
 
     /// A pooled Redis connection, or 503.
-    pub async fn conn(&self) -> Result<deadpool_redis::Connection, ApiError> {
-        self.0.pool.get().await.map_err(|e| self.redis_failed(e))
+    pub async fn conn(&self) -> Result<Conn, ApiError> {
+        self.0.store.get().await.map_err(|e| self.redis_failed(e))
     }
 
     /// Records a Redis failure and makes the 503 for it.
@@ -223,7 +220,7 @@ impl Coordinator {
     fn waiting(&self) -> Waiting<'_> {
         let i = &self.0;
         Waiting {
-            pool: &i.pool,
+            store: &i.store,
             layout: &i.layout,
             board: &i.acks,
             liveness: &i.liveness,
@@ -320,7 +317,7 @@ impl Coordinator {
         let since = tokio::time::Instant::now().checked_sub(Duration::from_secs(1)).unwrap_or(started.into());
         let view = i
             .liveness
-            .view_since(&i.pool, &i.layout, &i.acks, i.settings.node_dead_after_ms, since)
+            .view_since(&i.store, &i.layout, &i.acks, i.settings.node_dead_after_ms, since)
             .await
             .map_err(|e| self.redis_failed(e))?;
         let mut conn = self.conn().await?;

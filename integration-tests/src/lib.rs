@@ -16,6 +16,7 @@ use anyhow::{bail, Context};
 
 pub mod bench;
 pub mod checker;
+pub mod redis_cluster;
 
 /// A response header as a string (empty when absent or not text).
 pub fn header_str(resp: &reqwest::Response, name: &str) -> String {
@@ -159,10 +160,16 @@ impl Redis {
 
     /// Starts one on `port` (used to restart on the same port).
     pub async fn start_on(dir: &Path, port: u16) -> anyhow::Result<Redis> {
+        Self::start_with(dir, port, &[]).await
+    }
+
+    /// Starts one on `port` with extra `redis-server` arguments (cluster
+    /// mode, `--replicaof`, ...).
+    pub async fn start_with(dir: &Path, port: u16, extra: &[String]) -> anyhow::Result<Redis> {
         let program = which("redis-server").context(
             "redis-server is not installed: run `make test` (it installs it), or `apt-get install redis-server`",
         )?;
-        let args: Vec<String> = [
+        let mut args: Vec<String> = [
             "--port",
             &port.to_string(),
             "--bind",
@@ -179,6 +186,7 @@ impl Redis {
         .iter()
         .map(|s| s.to_string())
         .collect();
+        args.extend(extra.iter().cloned());
         let proc = Proc::spawn("redis-server", &program, &args, &[], dir.join(format!("redis-{port}.log")))?;
         let redis = Redis { port, proc, dir: dir.to_path_buf() };
         let deadline = Instant::now() + Duration::from_secs(10);

@@ -20,6 +20,7 @@ use shared::invalidation::{self, InvalidationError, LogSettings, Outcome, Reques
 use shared::names::{self, InvalidName};
 use shared::protocol::{epochs_fingerprint, FillToken, Selector};
 use shared::schema::Layout;
+use shared::store::{Conn, Store};
 use shared::{l2, service::ApiError};
 
 use crate::l1::{self, L1};
@@ -43,10 +44,8 @@ pub(crate) struct Inner {
     pub(crate) node_id: String,
     /// Address of its cache API (empty when embedded without HTTP).
     pub(crate) addr: String,
-    /// Redis connections for reads, writes and invalidations.
-    pub(crate) pool: deadpool_redis::Pool,
-    /// Client for the dedicated subscription and acknowledgement connections.
-    pub(crate) redis: redis::Client,
+    /// Redis (one server or a cluster): connections and subscriptions.
+    pub(crate) store: Store,
     /// The in-memory cache.
     pub(crate) l1: L1,
     /// How far this agent is in sync with each partition's log.
@@ -156,15 +155,14 @@ fn invalid(code: &'static str, message: String) -> AgentError {
 impl Agent {
     /// Builds an agent; nothing connects yet, so Redis may be down.
     pub fn new(settings: Settings, node_id: String, addr: String) -> Result<Agent, String> {
-        let pool = shared::service::redis_pool(&settings.redis_url, settings.redis_pool_size)?;
-        let redis = redis::Client::open(settings.redis_url.as_str()).map_err(|e| format!("bad redis_url: {e}"))?;
+        let store = Store::open(&settings.redis_url, settings.redis_pool_size)?;
         let metrics = Metrics::new();
         metrics.l1_capacity.set(i64::try_from(settings.l1_max_bytes).unwrap_or(i64::MAX));
         let layout = Layout::new(settings.partitions);
         let sync = SyncState::new(layout.count(), settings.staleness_bound_ms);
         let log = LogSettings {
             max_len: settings.log_max_len,
-            sharded: false,
+            sharded: store.sharded(),
             min_replicas: settings.min_replicas,
             replica_timeout_ms: settings.replica_timeout_ms,
         };
@@ -175,8 +173,7 @@ impl Agent {
             settings,
             node_id,
             addr,
-            pool,
-            redis,
+            store,
             sync,
             metrics,
             flights: Mutex::default(),
@@ -198,8 +195,8 @@ impl Agent {
         &self.0.node_id
     }
 
-    async fn conn(&self) -> Result<deadpool_redis::Connection, AgentError> {
-        self.0.pool.get().await.map_err(|e| self.l2_failed(e))
+    async fn conn(&self) -> Result<Conn, AgentError> {
+        self.0.store.get().await.map_err(|e| self.l2_failed(e))
     }
 
     fn l2_failed(&self, e: impl std::fmt::Display) -> AgentError {

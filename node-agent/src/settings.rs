@@ -110,6 +110,7 @@ impl Settings {
     /// Checks values that would make the agent misbehave.
     pub fn validate(&self) -> Result<(), String> {
         let mut problems = Vec::new();
+        let mut url_problem = None;
         if self.l1_max_bytes == 0 {
             problems.push("l1_max_bytes must be at least 1");
         }
@@ -143,13 +144,14 @@ impl Settings {
                 problems.push("node_id must be 1 to 128 characters without whitespace or control characters");
             }
         }
-        if redis::Client::open(self.redis_url.as_str()).is_err() {
-            problems.push("redis_url is not a valid Redis URL");
+        if let Err(e) = shared::store::Topology::parse(&self.redis_url) {
+            url_problem = Some(format!("redis_url: {e}"));
         }
-        if problems.is_empty() {
+        let all: Vec<String> = problems.into_iter().map(str::to_string).chain(url_problem).collect();
+        if all.is_empty() {
             Ok(())
         } else {
-            Err(format!("configuration error: {}", problems.join("; ")))
+            Err(format!("configuration error: {}", all.join("; ")))
         }
     }
 }

@@ -11,6 +11,8 @@
 //! - [`invalidation`]: the invalidation path from selectors to L2 delete, log,
 //!   broadcast and replication, with its scripts; agents apply the broadcast to L1.
 //! - [`registry`]: heartbeats and acknowledgements.
+//! - [`store`]: the Redis topologies (one server, a cluster) behind one
+//!   handle: connections and subscriptions.
 //! - [`service`]: what both HTTP services share: errors, telemetry, metrics,
 //!   Redis pools, shutdown.
 
@@ -23,3 +25,4 @@ pub mod registry;
 pub mod schema;
 pub mod script;
 pub mod service;
+pub mod store;

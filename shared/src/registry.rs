@@ -181,13 +181,15 @@ pub async fn nodes(conn: &mut impl ConnectionLike, forget_after_ms: u64, reports
         .arg(crate::l2::new_epoch_id())
         .invoke_async(conn)
         .await?;
-    let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(conn).await?;
+    // TIME rides behind a read of the control slot, so that on a cluster it
+    // is the registry's node's clock, the one heartbeats are stamped with.
+    let (born, (secs, micros)): (Option<u64>, (u64, u64)) =
+        redis::pipe().get(schema::CONTROL_EPOCH_BORN).cmd("TIME").query_async(conn).await?;
     let now = secs * 1000 + micros / 1000;
-    let (ids, born): (Vec<(String, f64)>, Option<u64>) = redis::pipe()
+    let (ids,): (Vec<(String, f64)>,) = redis::pipe()
         .zrembyscore(schema::NODES, "-inf", now.saturating_sub(forget_after_ms))
         .ignore()
         .zrange_withscores(schema::NODES, 0, -1)
-        .get(schema::CONTROL_EPOCH_BORN)
         .query_async(conn)
         .await?;
     let mut found: Vec<Option<String>> = vec![None; ids.len()];

@@ -1,6 +1,6 @@
 //! Plumbing both HTTP services share: the JSON error type, request-body and
-//! query error handlers, layered settings, tracing, Prometheus text, the Redis
-//! pool, reconnect backoff and the shutdown signal.
+//! query error handlers, layered settings, tracing, Prometheus text,
+//! reconnect backoff and the shutdown signal. (Redis connections: [`crate::store`].)
 
 use std::path::Path;
 use std::time::Duration;
@@ -168,33 +168,6 @@ pub fn register<C: prometheus::core::Collector + Clone + 'static>(registry: &pro
         panic!("metric registered twice: {e}");
     }
     c
-}
-
-/// Timeouts for every Redis connection: 5 s to connect, 5 s for a reply.
-pub fn connection_config() -> redis::AsyncConnectionConfig {
-    // redis-rs times a reply out after 500 ms by default: too tight for a busy
-    // machine, where it turns a slow moment into a 503.
-    redis::AsyncConnectionConfig::new()
-        .set_connection_timeout(Some(Duration::from_secs(5)))
-        .set_response_timeout(Some(Duration::from_secs(5)))
-}
-
-/// A Redis connection pool that never waits long: a request fails with 503
-/// when Redis is down (at once when it refuses connections), instead of
-/// hanging. Connections get [`connection_config`]'s timeouts.
-pub fn redis_pool(url: &str, max_size: usize) -> Result<deadpool_redis::Pool, String> {
-    let manager = deadpool_redis::Manager::new_with_config(url, connection_config())
-        .map_err(|e| format!("bad redis_url {url:?}: {e}"))?;
-    // Refused connections (Redis down) fail at once; these bound a Redis, or
-    // a machine, too busy to answer.
-    deadpool_redis::Pool::builder(manager)
-        .max_size(max_size)
-        .wait_timeout(Some(Duration::from_secs(5)))
-        .create_timeout(Some(Duration::from_secs(5)))
-        .recycle_timeout(Some(Duration::from_secs(2)))
-        .runtime(deadpool_redis::Runtime::Tokio1)
-        .build()
-        .map_err(|e| format!("cannot build the Redis pool for {url:?}: {e}"))
 }
 
 /// Exponential reconnect backoff, from 50 ms up to 5 s, reset on success.

@@ -7,6 +7,7 @@
 
 mod bad_input;
 mod cache_api;
+mod cluster;
 mod faults;
 mod invalidation;
 mod operations;

@@ -22,7 +22,6 @@ pub mod state;
 
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -30,6 +29,7 @@ use tracing::{debug, info, warn};
 use shared::invalidation::{self, read_log};
 use shared::protocol::{now_ms, InvalidationMessage, NodeReport, Position};
 use shared::service::Backoff;
+use shared::store::{Conn, Delivery, SharedConn};
 use shared::{l2, registry};
 
 use crate::agent::Agent;
@@ -67,10 +67,9 @@ async fn subscribe_loop(agent: Agent, shutdown: CancellationToken) {
 async fn subscribe_and_apply(agent: &Agent, shutdown: &CancellationToken, backoff: &mut Backoff) -> anyhow::Result<()> {
     let inner = agent.inner();
     let channels: Vec<String> = inner.layout.all().iter().map(|p| p.channel()).collect();
-    let mut pubsub = tokio::time::timeout(Duration::from_secs(2), inner.redis.get_async_pubsub()).await??;
-    pubsub.subscribe(&channels).await?;
+    let mut subscription = inner.store.subscribe(&channels).await?;
     // Subscribed first, then read the heads: nothing logged can fall between the two.
-    let mut conn = inner.pool.get().await?;
+    let mut conn = inner.store.get().await?;
     // Newly (re)connected: Redis may have restarted without our scripts.
     invalidation::load_scripts(&mut conn).await?;
     for p in 0..inner.layout.count() {
@@ -86,24 +85,34 @@ async fn subscribe_and_apply(agent: &Agent, shutdown: &CancellationToken, backof
     inner.sync.report_now.notify_one();
     info!(partitions = channels.len(), "subscribed to invalidations");
 
-    let mut messages = pubsub.on_message();
+    let partition_of = |channel: &str| channels.iter().position(|c| c == channel).map(|p| p as u16);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
-            msg = messages.next() => match msg {
-                Some(msg) => {
-                    let partition = channels.iter().position(|c| c.as_bytes() == msg.get_channel_name().as_bytes());
-                    match partition {
-                        Some(p) => on_message(agent, p as u16, msg.get_payload_bytes()).await?,
-                        None => warn!(channel = msg.get_channel_name(), "a message on a channel not subscribed to"),
+            delivery = subscription.next() => match delivery? {
+                Some(Delivery::Message { channel, payload }) => match partition_of(&channel) {
+                    Some(p) => on_message(agent, p, &payload).await?,
+                    None => warn!(channel, "a message on a channel not subscribed to"),
+                },
+                // A cluster slot moved, or a node's connection was re-made:
+                // messages of that partition may have been missed meanwhile.
+                // No proof taken before now may count, and the partition
+                // catches up from its log.
+                Some(Delivery::Resubscribed(channel)) => {
+                    inner.sync.on_lost();
+                    if let Some(p) = partition_of(&channel) {
+                        info!(partition = p, "subscription renewed; catching up");
+                        let mut conn = inner.store.get().await?;
+                        catch_up(agent, &mut conn, p).await?;
                     }
+                    inner.sync.on_subscribed();
                 }
                 None => anyhow::bail!("the subscription connection closed"),
             },
             // The heartbeat saw a log move on without us (a quiet channel
             // after lost messages), a new epoch or a fork.
             _ = inner.sync.catch_up_now.notified() => {
-                let mut conn = inner.pool.get().await?;
+                let mut conn = inner.store.get().await?;
                 for p in inner.sync.take_catch_ups() {
                     catch_up(agent, &mut conn, p).await?;
                 }
@@ -115,7 +124,7 @@ async fn subscribe_and_apply(agent: &Agent, shutdown: &CancellationToken, backof
 /// Brings partition `p` of L1 up to its log head: after (re)subscribing, and
 /// whenever the heartbeat finds the head ahead or unlike what was applied.
 /// Ends by asking for a heartbeat, which proves the sync.
-async fn catch_up(agent: &Agent, conn: &mut deadpool_redis::Connection, p: u16) -> anyhow::Result<()> {
+async fn catch_up(agent: &Agent, conn: &mut Conn, p: u16) -> anyhow::Result<()> {
     let inner = agent.inner();
     let partition = inner.layout.get(p);
     let head = l2::head(conn, partition).await?;
@@ -176,7 +185,7 @@ async fn apply_in_order(agent: &Agent, p: u16, msg: InvalidationMessage) -> anyh
         }
         Step::Replay { from, to } => {
             inner.metrics.gaps.inc();
-            let mut conn = inner.pool.get().await?;
+            let mut conn = inner.store.get().await?;
             let expected = inner.sync.cursor(p).nonce_of(from - 1).unwrap_or_default().to_string();
             replay_or_flush(agent, &mut conn, p, from, to, &msg.epoch, &expected).await?;
             // The replay ended where this message begins, or a fork moved on.
@@ -185,7 +194,7 @@ async fn apply_in_order(agent: &Agent, p: u16, msg: InvalidationMessage) -> anyh
             }
         }
         Step::Fork => {
-            let mut conn = inner.pool.get().await?;
+            let mut conn = inner.store.get().await?;
             let head = l2::head(&mut conn, inner.layout.get(p)).await?;
             fork(agent, &mut conn, p, &head, "a message of another history at a seq already applied").await?;
         }
@@ -199,7 +208,7 @@ async fn apply_in_order(agent: &Agent, p: u16, msg: InvalidationMessage) -> anyh
 /// partition to a new epoch when they belong to another history.
 async fn replay_or_flush(
     agent: &Agent,
-    conn: &mut deadpool_redis::Connection,
+    conn: &mut Conn,
     p: u16,
     from: u64,
     to: u64,
@@ -248,13 +257,7 @@ fn apply(agent: &Agent, p: u16, msg: &InvalidationMessage) {
 /// lost messages this agent applied): moves the partition to a new epoch
 /// (unless another process already did), drops its tenants from L1, and
 /// follows the new epoch from the head.
-async fn fork(
-    agent: &Agent,
-    conn: &mut deadpool_redis::Connection,
-    p: u16,
-    head: &l2::Head,
-    why: &str,
-) -> anyhow::Result<()> {
+async fn fork(agent: &Agent, conn: &mut Conn, p: u16, head: &l2::Head, why: &str) -> anyhow::Result<()> {
     let inner = agent.inner();
     inner.metrics.forks.inc();
     warn!(partition = p, reason = why, "the partition's log forked; moving it to a new epoch");
@@ -283,7 +286,7 @@ async fn acknowledge_loop(agent: Agent, shutdown: CancellationToken) {
     let mut acked: Vec<Option<Position>> = vec![None; usize::from(inner.layout.count())];
     // A connection of its own, kept open: an ack is one round trip, with no
     // pool checkout (whose liveness check would be a second one).
-    let mut connection: Option<redis::aio::MultiplexedConnection> = None;
+    let mut connection: Option<SharedConn> = None;
     loop {
         tokio::select! {
             _ = inner.sync.applied.notified() => {}
@@ -303,8 +306,7 @@ async fn acknowledge_loop(agent: Agent, shutdown: CancellationToken) {
             continue;
         }
         if connection.is_none() {
-            let config = shared::service::connection_config();
-            connection = inner.redis.get_multiplexed_async_connection_with_config(&config).await.ok();
+            connection = inner.store.dedicated().await.ok();
         }
         let Some(conn) = connection.as_ref() else {
             // Redis is away: try again shortly rather than at the next apply.
@@ -460,10 +462,10 @@ async fn beat(agent: &Agent) -> anyhow::Result<(registry::Beat, Heads)> {
         staleness_bound_ms: status.staleness_bound_ms,
         ts_ms: now_ms(),
     };
-    let mut conn = tokio::time::timeout(Duration::from_secs(2), inner.pool.get()).await??;
+    let mut conn = tokio::time::timeout(Duration::from_secs(2), inner.store.get()).await??;
     let beat = registry::beat(&mut conn, &report).await?;
     // Concurrent on one multiplexed connection: one round trip for all.
-    let mux: redis::aio::MultiplexedConnection = (*conn).clone();
+    let mux = conn.shared();
     let reads = inner.layout.all().iter().map(|partition| {
         let mut mux = mux.clone();
         async move { l2::head(&mut mux, partition).await }
@@ -475,7 +477,7 @@ async fn beat(agent: &Agent) -> anyhow::Result<(registry::Beat, Heads)> {
 /// Removes this node from the registry on a clean shutdown, so that nobody waits for it.
 async fn deregister(agent: &Agent) {
     let inner = agent.inner();
-    if let Ok(mut conn) = inner.pool.get().await {
+    if let Ok(mut conn) = inner.store.get().await {
         if let Err(e) = registry::deregister(&mut conn, &inner.node_id).await {
             warn!(error = %e, "could not deregister this node");
         }

@@ -190,7 +190,7 @@ pub async fn execute(
     let position = append(conn, partition, &invalidated, &request.origin, &request.event_ids, settings).await?;
 
     // Step 5: held by the replicas before it is answered.
-    replicate(conn, &position, settings).await?;
+    replicate(conn, partition, &position, settings).await?;
     Ok(Outcome { position, invalidated, l2_deleted, duplicate: false })
 }
 
@@ -235,12 +235,12 @@ pub async fn answer_duplicate(
 ) -> Result<Outcome, InvalidationError> {
     let head = l2::head(conn, partition).await?;
     let position = Position { partition: partition.index, epoch: head.epoch, seq, nonce: String::new() };
-    if wanted_replicas(conn, settings).await? > 0 {
+    if wanted_replicas(conn, partition, settings).await? > 0 {
         // WAIT counts this connection's writes, up to its last one that was
         // replicated: make one (INCRBY 0 always is, and changes nothing), so
         // that it covers everything before, the original invalidation included.
         let _: u64 = redis::cmd("INCRBY").arg(partition.seq()).arg(0).query_async(conn).await?;
-        replicate(conn, &position, settings).await?;
+        replicate(conn, partition, &position, settings).await?;
     }
     Ok(Outcome { position, duplicate: true, ..Outcome::default() })
 }
@@ -581,12 +581,19 @@ pub async fn append(
 // ---- Step 5: replicate ---------------------------------------------------------
 
 /// How many replicas an invalidation must reach now: `min_replicas`, where
-/// `auto` is 1 while the primary has a connected replica (read with `ROLE`).
-async fn wanted_replicas(conn: &mut impl ConnectionLike, settings: &LogSettings) -> RedisResult<u32> {
+/// `auto` is 1 while the partition's primary has a connected replica (read
+/// with `ROLE`, behind a read of the partition's seq so that a cluster routes
+/// it to the partition's master).
+async fn wanted_replicas(
+    conn: &mut impl ConnectionLike,
+    partition: &Partition,
+    settings: &LogSettings,
+) -> RedisResult<u32> {
     match settings.min_replicas {
         MinReplicas::Count(n) => Ok(n),
         MinReplicas::Auto => {
-            let role: redis::Value = redis::cmd("ROLE").query_async(conn).await?;
+            let (_, role): (redis::Value, redis::Value) =
+                redis::pipe().exists(partition.seq()).cmd("ROLE").query_async(conn).await?;
             Ok(u32::from(connected_replicas(&role) > 0))
         }
     }
@@ -607,14 +614,21 @@ fn connected_replicas(role: &redis::Value) -> usize {
 /// required hold everything this connection wrote, the invalidation included.
 pub async fn replicate(
     conn: &mut impl ConnectionLike,
+    partition: &Partition,
     position: &Position,
     settings: &LogSettings,
 ) -> Result<(), InvalidationError> {
-    let wanted = wanted_replicas(conn, settings).await?;
+    let wanted = wanted_replicas(conn, partition, settings).await?;
     if wanted == 0 {
         return Ok(());
     }
-    let reached: u32 = redis::cmd("WAIT").arg(wanted).arg(settings.replica_timeout_ms).query_async(conn).await?;
+    let (_, reached): (redis::Value, u32) = redis::pipe()
+        .exists(partition.seq())
+        .cmd("WAIT")
+        .arg(wanted)
+        .arg(settings.replica_timeout_ms)
+        .query_async(conn)
+        .await?;
     if reached < wanted {
         return Err(InvalidationError::NotReplicated { position: position.clone(), wanted, reached });
     }

@@ -1,0 +1,194 @@
+//! A real Redis Cluster on one machine, for tests: `redis-server` processes in
+//! cluster mode on free loopback ports, joined with `redis-cli --cluster
+//! create`, as redis-rs's own test harness does (no Docker).
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+use crate::{which, Redis};
+
+/// A port that is free, and whose cluster bus port (+10000) is free too.
+fn free_cluster_port() -> anyhow::Result<u16> {
+    for _ in 0..100 {
+        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        if port < 55_000 && TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+            return Ok(port);
+        }
+    }
+    bail!("no free port pair for a cluster node")
+}
+
+/// One node as `CLUSTER NODES` lists it.
+#[derive(Debug, Clone)]
+pub struct NodeInfo {
+    /// Its id.
+    pub id: String,
+    /// Its port.
+    pub port: u16,
+    /// A master (else a replica).
+    pub master: bool,
+    /// The slot ranges it serves (masters).
+    pub slots: Vec<(u16, u16)>,
+}
+
+/// The cluster's nodes; each is killed when this drops.
+pub struct RedisCluster {
+    /// Every node, masters first as created.
+    pub nodes: Vec<Redis>,
+}
+
+impl RedisCluster {
+    /// Starts `masters` masters with `replicas` replicas each, joins them and
+    /// waits until the cluster is `ok` on every node with its replicas in place.
+    pub async fn start(dir: &Path, masters: usize, replicas: usize) -> anyhow::Result<RedisCluster> {
+        let mut nodes = Vec::new();
+        for _ in 0..masters * (1 + replicas) {
+            let port = free_cluster_port()?;
+            let conf = dir.join(format!("nodes-{port}.conf"));
+            let args: Vec<String> = [
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                &conf.display().to_string(),
+                "--cluster-node-timeout",
+                "2000",
+                "--cluster-require-full-coverage",
+                "no",
+                "--cluster-replica-validity-factor",
+                "0",
+                "--cluster-allow-replica-migration",
+                "no",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            nodes.push(Redis::start_with(dir, port, &args).await?);
+        }
+        let cluster = RedisCluster { nodes };
+        let cli = which("redis-cli").context("redis-cli is not installed (it comes with redis-server)")?;
+        let mut args: Vec<String> = vec!["--cluster".into(), "create".into()];
+        args.extend(cluster.nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)));
+        args.extend(["--cluster-replicas".into(), replicas.to_string(), "--cluster-yes".into()]);
+        let mut created = false;
+        for _ in 0..5 {
+            let out = tokio::process::Command::new(&cli).args(&args).output().await?;
+            if out.status.success() {
+                created = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        if !created {
+            bail!("redis-cli --cluster create failed");
+        }
+        cluster.wait_healthy(masters, masters * replicas, Duration::from_secs(60)).await?;
+        Ok(cluster)
+    }
+
+    /// `redis+cluster://` with every node as a seed.
+    pub fn url(&self) -> String {
+        let hosts: Vec<String> = self.nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
+        format!("redis+cluster://{}", hosts.join(","))
+    }
+
+    /// The node on `port`.
+    pub fn node(&mut self, port: u16) -> Option<&mut Redis> {
+        self.nodes.iter_mut().find(|n| n.port == port)
+    }
+
+    /// `CLUSTER NODES`, as seen by the first node that answers.
+    pub async fn topology(&self) -> anyhow::Result<Vec<NodeInfo>> {
+        for node in &self.nodes {
+            let Ok(mut conn) = node.connection().await else { continue };
+            let Ok(text) = redis::cmd("CLUSTER").arg("NODES").query_async::<String>(&mut conn).await else { continue };
+            return Ok(parse_nodes(&text));
+        }
+        bail!("no cluster node answers")
+    }
+
+    /// The master serving `slot`.
+    pub async fn master_of(&self, slot: u16) -> anyhow::Result<NodeInfo> {
+        let nodes = self.topology().await?;
+        nodes
+            .into_iter()
+            .find(|n| n.master && n.slots.iter().any(|(lo, hi)| (*lo..=*hi).contains(&slot)))
+            .context("no master serves the slot")
+    }
+
+    /// Waits until every live node says `cluster_state:ok` and the topology
+    /// has `masters` masters and `replicas` replicas.
+    pub async fn wait_healthy(&self, masters: usize, replicas: usize, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut ok = true;
+            for node in &self.nodes {
+                if node.proc.pid().is_none() {
+                    continue;
+                }
+                let state = match node.connection().await {
+                    Ok(mut conn) => redis::cmd("CLUSTER").arg("INFO").query_async::<String>(&mut conn).await.ok(),
+                    Err(_) => None,
+                };
+                ok &= state.is_some_and(|s| s.contains("cluster_state:ok"));
+            }
+            if ok {
+                let nodes = self.topology().await?;
+                let m = nodes.iter().filter(|n| n.master && !n.slots.is_empty()).count();
+                let r = nodes.iter().filter(|n| !n.master).count();
+                if m == masters && r >= replicas {
+                    return Ok(());
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("the Redis Cluster did not become healthy within {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// Reads `CLUSTER NODES` lines: `id addr flags master ping pong epoch state slots...`.
+fn parse_nodes(text: &str) -> Vec<NodeInfo> {
+    text.lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let id = fields.first()?.to_string();
+            let port = fields.get(1)?.split('@').next()?.rsplit(':').next()?.parse().ok()?;
+            let flags = fields.get(2)?;
+            if flags.contains("fail") || flags.contains("noaddr") {
+                return None;
+            }
+            let master = flags.contains("master");
+            let slots = fields
+                .iter()
+                .skip(8)
+                .filter(|f| !f.starts_with('['))
+                .filter_map(|range| match range.split_once('-') {
+                    Some((lo, hi)) => Some((lo.parse().ok()?, hi.parse().ok()?)),
+                    None => range.parse().ok().map(|s| (s, s)),
+                })
+                .collect();
+            Some(NodeInfo { id, port, master, slots })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cluster_nodes_lines_are_read() {
+        let text = "07c3 127.0.0.1:30004@40004 slave e7d1 0 1426238317239 4 connected\n\
+                    e7d1 127.0.0.1:30001@40001 myself,master - 0 0 1 connected 0-5460 7000\n\
+                    9a1b 127.0.0.1:30002@40002 master,fail - 0 0 2 disconnected\n";
+        let nodes = parse_nodes(text);
+        assert_eq!(nodes.len(), 2);
+        assert!(!nodes[0].master);
+        assert_eq!(nodes[1].port, 30001);
+        assert_eq!(nodes[1].slots, [(0, 5460), (7000, 7000)]);
+    }
+}

@@ -1,0 +1,386 @@
+//! Redis as production runs it: one server (`redis://`), or a Redis Cluster
+//! (`redis+cluster://h1:p1,h2:p2`), behind one handle, [`Store`].
+//!
+//! - [`Store::get`] gives a connection for a request: a pooled one (deadpool)
+//!   on one server, a clone of the process's one `ClusterConnection` (one
+//!   multiplexed connection per node, following `MOVED`/`ASK` and failovers)
+//!   on a cluster. Both implement `ConnectionLike`, and [`Conn::shared`] gives a
+//!   cloneable handle for requests sent side by side (one per partition).
+//! - [`Store::subscribe`] follows a set of channels: `SUBSCRIBE` on one
+//!   server; on a cluster, sharded `SSUBSCRIBE` on a RESP3 connection, each
+//!   channel at the master of its slot, so a message crosses only its shard.
+//!   When a slot moves, Redis ends the subscription with an unrequested
+//!   `SUNSUBSCRIBE`, which redis-rs would not undo: [`Subscription::next`]
+//!   subscribes again, and reports the channel, so that its partition catches up.
+
+use std::time::Duration;
+
+use redis::aio::{ConnectionLike, MultiplexedConnection};
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, Pipeline, PushKind, RedisError, RedisFuture, RedisResult, Value};
+
+/// Which Redis a URL names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Topology {
+    /// One server: the URL as redis-rs reads it.
+    Standalone(String),
+    /// A Redis Cluster: its seed nodes, as `redis://[user:password@]host:port` URLs.
+    Cluster(Vec<String>),
+}
+
+impl Topology {
+    /// Reads a `redis_url`: `redis://…`, or `redis+cluster://[user:password@]h1:p1[,h2:p2…]`.
+    pub fn parse(url: &str) -> Result<Topology, String> {
+        if let Some(rest) = url.strip_prefix("redis+cluster://") {
+            let (credentials, hosts) = match rest.rsplit_once('@') {
+                Some((c, h)) => (format!("{c}@"), h),
+                None => (String::new(), rest),
+            };
+            let hosts = hosts.trim_end_matches('/');
+            let nodes: Vec<String> =
+                hosts.split(',').filter(|h| !h.is_empty()).map(|h| format!("redis://{credentials}{h}")).collect();
+            if nodes.is_empty() {
+                return Err("redis+cluster:// needs at least one host:port".into());
+            }
+            for node in &nodes {
+                redis::Client::open(node.as_str())
+                    .map_err(|e| format!("a cluster node is not a valid address: {e}"))?;
+            }
+            Ok(Topology::Cluster(nodes))
+        } else if url.starts_with("redis+sentinel://") {
+            Err("redis+sentinel:// is not supported yet; use the primary's redis:// address, or a Redis Cluster".into())
+        } else {
+            redis::Client::open(url).map_err(|e| format!("not a valid Redis URL: {e}"))?;
+            Ok(Topology::Standalone(url.to_string()))
+        }
+    }
+
+    /// Whether messages are published with `SPUBLISH` (a cluster).
+    pub fn sharded(&self) -> bool {
+        matches!(self, Topology::Cluster(_))
+    }
+}
+
+/// Timeouts for every Redis connection: 5 s to connect, 5 s for a reply.
+/// (redis-rs times a reply out after 500 ms by default: too tight for a busy
+/// machine, where it turns a slow moment into a 503.)
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// See [`CONNECT_TIMEOUT`].
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Timeouts for a connection to one server.
+pub fn connection_config() -> redis::AsyncConnectionConfig {
+    redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(CONNECT_TIMEOUT))
+        .set_response_timeout(Some(RESPONSE_TIMEOUT))
+}
+
+/// The process's handle to Redis.
+#[derive(Clone)]
+pub enum Store {
+    /// One server, through a pool.
+    Standalone {
+        /// Pooled connections.
+        pool: deadpool_redis::Pool,
+        /// For subscriptions and the agents' acknowledgement connection.
+        client: redis::Client,
+    },
+    /// A cluster, through one shared connection (made at first use).
+    Cluster {
+        /// The cluster client.
+        client: Box<redis::cluster::ClusterClient>,
+        /// The seed nodes, for subscription clients.
+        nodes: Vec<String>,
+        /// The shared connection, once made.
+        shared: std::sync::Arc<tokio::sync::Mutex<Option<ClusterConnection>>>,
+    },
+}
+
+/// Why no connection could be had.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Unreachable(String);
+
+impl From<Unreachable> for RedisError {
+    fn from(e: Unreachable) -> Self {
+        RedisError::from((redis::ErrorKind::Io, "Redis is unreachable", e.0))
+    }
+}
+
+impl Store {
+    /// A store for `url` (see [`Topology::parse`]) with at most `pool_size`
+    /// pooled connections on one server. Nothing connects yet.
+    pub fn open(url: &str, pool_size: usize) -> Result<Store, String> {
+        match Topology::parse(url)? {
+            Topology::Standalone(url) => {
+                let manager = deadpool_redis::Manager::new_with_config(url.as_str(), connection_config())
+                    .map_err(|e| format!("bad redis_url: {e}"))?;
+                // Refused connections (Redis down) fail at once; these bound a
+                // Redis, or a machine, too busy to answer.
+                let pool = deadpool_redis::Pool::builder(manager)
+                    .max_size(pool_size)
+                    .wait_timeout(Some(Duration::from_secs(5)))
+                    .create_timeout(Some(Duration::from_secs(5)))
+                    .recycle_timeout(Some(Duration::from_secs(2)))
+                    .runtime(deadpool_redis::Runtime::Tokio1)
+                    .build()
+                    .map_err(|e| format!("cannot build the Redis pool: {e}"))?;
+                let client = redis::Client::open(url.as_str()).map_err(|e| format!("bad redis_url: {e}"))?;
+                Ok(Store::Standalone { pool, client })
+            }
+            Topology::Cluster(nodes) => {
+                let client = cluster_builder(&nodes).build().map_err(|e| format!("bad redis_url: {e}"))?;
+                Ok(Store::Cluster { client: Box::new(client), nodes, shared: Default::default() })
+            }
+        }
+    }
+
+    /// Whether messages are published with `SPUBLISH` (a cluster).
+    pub fn sharded(&self) -> bool {
+        matches!(self, Store::Cluster { .. })
+    }
+
+    /// A connection for one request (or one run of the invalidation path).
+    pub async fn get(&self) -> Result<Conn, Unreachable> {
+        match self {
+            Store::Standalone { pool, .. } => {
+                pool.get().await.map(Conn::Pooled).map_err(|e| Unreachable(e.to_string()))
+            }
+            Store::Cluster { client, shared, .. } => {
+                let mut shared = shared.lock().await;
+                if let Some(conn) = shared.as_ref() {
+                    return Ok(Conn::Cluster(conn.clone()));
+                }
+                let conn = client.get_async_connection().await.map_err(|e| Unreachable(e.to_string()))?;
+                *shared = Some(conn.clone());
+                Ok(Conn::Cluster(conn))
+            }
+        }
+    }
+
+    /// A connection of its own for a task that writes often (an agent's
+    /// acknowledgements): on one server a dedicated multiplexed connection
+    /// (no pool checkout per write), on a cluster the shared one.
+    pub async fn dedicated(&self) -> Result<SharedConn, Unreachable> {
+        match self {
+            Store::Standalone { client, .. } => client
+                .get_multiplexed_async_connection_with_config(&connection_config())
+                .await
+                .map(SharedConn::Mux)
+                .map_err(|e| Unreachable(e.to_string())),
+            Store::Cluster { .. } => Ok(self.get().await?.shared()),
+        }
+    }
+
+    /// Subscribes to `channels`; see [`Subscription`].
+    pub async fn subscribe(&self, channels: &[String]) -> RedisResult<Subscription> {
+        match self {
+            Store::Standalone { client, .. } => {
+                let mut pubsub = tokio::time::timeout(Duration::from_secs(2), client.get_async_pubsub())
+                    .await
+                    .map_err(|_| RedisError::from((redis::ErrorKind::Io, "timed out subscribing")))??;
+                pubsub.subscribe(channels).await?;
+                let (sink, stream) = pubsub.split();
+                Ok(Subscription::Classic { _sink: sink, stream: Box::pin(stream) })
+            }
+            Store::Cluster { nodes, .. } => {
+                let (tx, pushes) = tokio::sync::mpsc::unbounded_channel();
+                let client =
+                    cluster_builder(nodes).use_protocol(redis::ProtocolVersion::RESP3).push_sender(tx).build()?;
+                let mut conn = client.get_async_connection().await?;
+                // One call per channel: channels of different slots live on
+                // different masters.
+                for channel in channels {
+                    conn.ssubscribe(channel).await?;
+                }
+                Ok(Subscription::Sharded { conn, pushes, channels: channels.to_vec() })
+            }
+        }
+    }
+}
+
+/// A cluster client with this project's timeouts.
+fn cluster_builder(nodes: &[String]) -> redis::cluster::ClusterClientBuilder {
+    redis::cluster::ClusterClientBuilder::new(nodes.to_vec())
+        .connection_timeout(CONNECT_TIMEOUT)
+        .response_timeout(RESPONSE_TIMEOUT)
+}
+
+/// A connection from [`Store::get`].
+pub enum Conn {
+    /// A pooled connection to one server.
+    Pooled(deadpool_redis::Connection),
+    /// The cluster connection.
+    Cluster(ClusterConnection),
+}
+
+impl Conn {
+    /// A cloneable handle on the same connection, for requests sent side by
+    /// side (they share one round trip).
+    pub fn shared(&self) -> SharedConn {
+        match self {
+            Conn::Pooled(conn) => SharedConn::Mux((**conn).clone()),
+            Conn::Cluster(conn) => SharedConn::Cluster(conn.clone()),
+        }
+    }
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Pooled(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Pooled(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Pooled(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// A cloneable connection: requests on clones are pipelined on one socket
+/// (per node, on a cluster).
+#[derive(Clone)]
+pub enum SharedConn {
+    /// One server.
+    Mux(MultiplexedConnection),
+    /// A cluster.
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for SharedConn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            SharedConn::Mux(c) => c.req_packed_command(cmd),
+            SharedConn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            SharedConn::Mux(c) => c.req_packed_commands(cmd, offset, count),
+            SharedConn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            SharedConn::Mux(c) => c.get_db(),
+            SharedConn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// What a subscription delivers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Delivery {
+    /// A message on one of the channels.
+    Message {
+        /// The channel.
+        channel: String,
+        /// The payload.
+        payload: Vec<u8>,
+    },
+    /// The channel's subscription was interrupted and is back (a slot moved,
+    /// or its node's connection was re-made): messages may have been missed.
+    Resubscribed(String),
+}
+
+/// A subscription to a set of channels. It ends (`None`, or an error) when
+/// its connection is lost: the caller then subscribes again.
+pub enum Subscription {
+    /// `SUBSCRIBE` on one server.
+    Classic {
+        /// Kept so that the subscription lasts.
+        _sink: redis::aio::PubSubSink,
+        /// Its messages.
+        stream: std::pin::Pin<Box<redis::aio::PubSubStream>>,
+    },
+    /// `SSUBSCRIBE` on a cluster.
+    Sharded {
+        /// The RESP3 cluster connection holding the subscriptions.
+        conn: ClusterConnection,
+        /// Its pushes.
+        pushes: tokio::sync::mpsc::UnboundedReceiver<redis::PushInfo>,
+        /// The channels subscribed to.
+        channels: Vec<String>,
+    },
+}
+
+impl Subscription {
+    /// The next delivery; `None` when the subscription ended.
+    pub async fn next(&mut self) -> RedisResult<Option<Delivery>> {
+        use futures_util::StreamExt;
+        match self {
+            Subscription::Classic { stream, .. } => Ok(stream.next().await.map(|msg| Delivery::Message {
+                channel: msg.get_channel_name().to_string(),
+                payload: msg.get_payload_bytes().to_vec(),
+            })),
+            Subscription::Sharded { conn, pushes, channels } => loop {
+                let Some(push) = pushes.recv().await else { return Ok(None) };
+                let channel = push.data.first().and_then(|v| redis::from_redis_value::<String>(v.clone()).ok());
+                match (push.kind, channel) {
+                    (PushKind::SMessage, Some(channel)) => {
+                        let payload = push.data.get(1).cloned().and_then(|v| redis::from_redis_value(v).ok());
+                        return Ok(Some(Delivery::Message { channel, payload: payload.unwrap_or_default() }));
+                    }
+                    // A slot moved (or its node went away): Redis ended the
+                    // subscription, and redis-rs dropped it from its list.
+                    (PushKind::SUnsubscribe, Some(channel)) if channels.contains(&channel) => {
+                        conn.ssubscribe(&channel).await?;
+                        return Ok(Some(Delivery::Resubscribed(channel)));
+                    }
+                    // redis-rs re-made a node's connection and subscribed again.
+                    (PushKind::SSubscribe, Some(channel)) if channels.contains(&channel) => {
+                        return Ok(Some(Delivery::Resubscribed(channel)));
+                    }
+                    // A node's connection closed: which channels it carried is
+                    // not said, so the whole subscription starts over.
+                    (PushKind::Disconnection, _) => return Ok(None),
+                    _ => {}
+                }
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_name_their_topology() {
+        assert_eq!(
+            Topology::parse("redis://127.0.0.1:6379"),
+            Ok(Topology::Standalone("redis://127.0.0.1:6379".into()))
+        );
+        assert_eq!(
+            Topology::parse("redis+cluster://u:p@127.0.0.1:7000,127.0.0.1:7001/"),
+            Ok(Topology::Cluster(vec!["redis://u:p@127.0.0.1:7000".into(), "redis://u:p@127.0.0.1:7001".into()]))
+        );
+        assert!(Topology::parse("redis+cluster://").is_err());
+        assert!(Topology::parse("redis+sentinel://127.0.0.1:26379/m").is_err());
+        assert!(Topology::parse("http://nope").is_err());
+        assert!(Topology::parse("redis+cluster://127.0.0.1:7000").is_ok_and(|t| t.sharded()));
+    }
+}
