@@ -1,14 +1,17 @@
-//! A real Redis Cluster on one machine, for tests: `redis-server` processes in
-//! cluster mode on free loopback ports, joined with `redis-cli --cluster
-//! create`, as redis-rs's own test harness does (no Docker).
+//! Redis as production runs it, on one machine, for tests (no Docker), as
+//! redis-rs's own test harness does: a real Redis Cluster (`redis-server`
+//! processes in cluster mode on free loopback ports, joined with `redis-cli
+//! --cluster create`), and a primary with a replica watched by three
+//! sentinels (`redis-server --sentinel`).
 
 use std::net::TcpListener;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use redis::RedisResult;
 
-use crate::{which, Redis};
+use crate::{free_port, which, Proc, Redis};
 
 /// A port that is free, and whose cluster bus port (+10000) is free too.
 fn free_cluster_port() -> anyhow::Result<u16> {
@@ -147,6 +150,137 @@ impl RedisCluster {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+}
+
+/// The name the sentinels know the primary by.
+pub const MASTER_NAME: &str = "dcc-primary";
+
+/// A primary, a replica and three sentinels; each is killed when this drops.
+pub struct Sentinels {
+    /// The data nodes: the first one starts as the primary.
+    pub data: Vec<Redis>,
+    /// The sentinels.
+    pub sentinels: Vec<(u16, Proc)>,
+}
+
+impl Sentinels {
+    /// Starts a primary, a replica of it and three sentinels (quorum 2,
+    /// `down-after-milliseconds` 1000), and waits until every sentinel knows
+    /// the primary, its replica and the other sentinels.
+    pub async fn start(dir: &Path) -> anyhow::Result<Sentinels> {
+        // No 5 s wait before a replica's first sync (Redis's default).
+        let quick = ["--repl-diskless-sync-delay".to_string(), "0".into()];
+        let primary = Redis::start_with(dir, free_port(), &quick).await?;
+        let mut replicaof = vec!["--replicaof".to_string(), "127.0.0.1".into(), primary.port.to_string()];
+        replicaof.extend(quick.iter().cloned());
+        let replica = Redis::start_with(dir, free_port(), &replicaof).await?;
+        let program = which("redis-server").context("redis-server is not installed")?;
+        let mut sentinels = Vec::new();
+        for _ in 0..3 {
+            let port = free_port();
+            let conf = dir.join(format!("sentinel-{port}.conf"));
+            let text = format!(
+                "port {port}\nbind 127.0.0.1\ndir {}\nsentinel monitor {MASTER_NAME} 127.0.0.1 {} 2\n\
+                 sentinel down-after-milliseconds {MASTER_NAME} 1000\nsentinel failover-timeout {MASTER_NAME} 3000\n\
+                 sentinel parallel-syncs {MASTER_NAME} 1\n",
+                dir.display(),
+                primary.port
+            );
+            std::fs::write(&conf, text)?;
+            let args = [conf.display().to_string(), "--sentinel".to_string()];
+            let proc = Proc::spawn("redis-sentinel", &program, &args, &[], dir.join(format!("sentinel-{port}.log")))?;
+            sentinels.push((port, proc));
+        }
+        let set = Sentinels { data: vec![primary, replica], sentinels };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let mut ready = set.replica_in_sync().await;
+            for (port, _) in &set.sentinels {
+                ready &= set.sentinel_knows_everything(*port).await;
+            }
+            if ready {
+                return Ok(set);
+            }
+            if Instant::now() > deadline {
+                bail!("the sentinels did not discover the primary, its replica and each other within 60 s");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The replica has finished its first sync (its link to the primary is up).
+    async fn replica_in_sync(&self) -> bool {
+        let Some(replica) = self.data.get(1) else { return false };
+        let Ok(mut conn) = replica.connection().await else { return false };
+        let info: String = redis::cmd("INFO").arg("replication").query_async(&mut conn).await.unwrap_or_default();
+        info.contains("master_link_status:up")
+    }
+
+    async fn sentinel_knows_everything(&self, port: u16) -> bool {
+        let Ok(client) = redis::Client::open(format!("redis://127.0.0.1:{port}")) else { return false };
+        let Ok(mut conn) = client.get_multiplexed_async_connection().await else { return false };
+        let replicas: Vec<redis::Value> =
+            redis::cmd("SENTINEL").arg("REPLICAS").arg(MASTER_NAME).query_async(&mut conn).await.unwrap_or_default();
+        let others: Vec<redis::Value> =
+            redis::cmd("SENTINEL").arg("SENTINELS").arg(MASTER_NAME).query_async(&mut conn).await.unwrap_or_default();
+        !replicas.is_empty() && others.len() >= 2
+    }
+
+    /// `redis+sentinel://` naming every sentinel and the master.
+    pub fn url(&self) -> String {
+        let hosts: Vec<String> = self.sentinels.iter().map(|(p, _)| format!("127.0.0.1:{p}")).collect();
+        format!("redis+sentinel://{}/{MASTER_NAME}", hosts.join(","))
+    }
+
+    /// The port of the primary the sentinels name now (the first that answers).
+    pub async fn primary_port(&self) -> anyhow::Result<u16> {
+        for (port, _) in &self.sentinels {
+            let Ok(client) = redis::Client::open(format!("redis://127.0.0.1:{port}")) else { continue };
+            let Ok(mut conn) = client.get_multiplexed_async_connection().await else { continue };
+            let addr: RedisResult<(String, u16)> =
+                redis::cmd("SENTINEL").arg("GET-MASTER-ADDR-BY-NAME").arg(MASTER_NAME).query_async(&mut conn).await;
+            if let Ok((_, port)) = addr {
+                return Ok(port);
+            }
+        }
+        bail!("no sentinel names a primary")
+    }
+
+    /// Starts a new replica of the primary on `primary_port` (a lost node
+    /// replaced), and waits until it has synced.
+    pub async fn add_replica(&mut self, dir: &Path, primary_port: u16) -> anyhow::Result<u16> {
+        let args: Vec<String> =
+            ["--replicaof", "127.0.0.1", &primary_port.to_string(), "--repl-diskless-sync-delay", "0"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+        let replica = Redis::start_with(dir, free_port(), &args).await?;
+        let port = replica.port;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let mut conn = replica.connection().await?;
+            let info: String = redis::cmd("INFO").arg("replication").query_async(&mut conn).await.unwrap_or_default();
+            if info.contains("master_link_status:up") {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("the new replica did not sync within 60 s");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.data.push(replica);
+        Ok(port)
+    }
+
+    /// The data node on `port`.
+    pub fn node(&self, port: u16) -> Option<&Redis> {
+        self.data.iter().find(|n| n.port == port)
+    }
+
+    /// The data node on `port`, to kill or restart it.
+    pub fn node_mut(&mut self, port: u16) -> Option<&mut Redis> {
+        self.data.iter_mut().find(|n| n.port == port)
     }
 }
 

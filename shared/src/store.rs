@@ -1,10 +1,14 @@
-//! Redis as production runs it: one server (`redis://`), or a Redis Cluster
-//! (`redis+cluster://h1:p1,h2:p2`), behind one handle, [`Store`].
+//! Redis as production runs it: one server (`redis://`), a primary found
+//! through Sentinel (`redis+sentinel://s1:p1,s2:p2/MASTER`), or a Redis
+//! Cluster (`redis+cluster://h1:p1,h2:p2`), behind one handle, [`Store`].
 //!
 //! - [`Store::get`] gives a connection for a request: a pooled one (deadpool)
-//!   on one server, a clone of the process's one `ClusterConnection` (one
-//!   multiplexed connection per node, following `MOVED`/`ASK` and failovers)
-//!   on a cluster. Both implement `ConnectionLike`, and [`Conn::shared`] gives a
+//!   on one server or under Sentinel, a clone of the process's one
+//!   `ClusterConnection` (one multiplexed connection per node, following
+//!   `MOVED`/`ASK` and failovers) on a cluster. Under Sentinel every new
+//!   connection asks the sentinels for the primary, and a pooled one is
+//!   checked (`ROLE`) to still be talking to a primary before it is handed out,
+//!   so that the pool follows failovers. Both implement `ConnectionLike`, and [`Conn::shared`] gives a
 //!   cloneable handle for requests sent side by side (one per partition).
 //! - [`Store::subscribe`] follows a set of channels: `SUBSCRIBE` on one
 //!   server; on a cluster, sharded `SSUBSCRIBE` on a RESP3 connection, each
@@ -26,6 +30,17 @@ pub enum Topology {
     Standalone(String),
     /// A Redis Cluster: its seed nodes, as `redis://[user:password@]host:port` URLs.
     Cluster(Vec<String>),
+    /// A primary found through Sentinel.
+    Sentinel {
+        /// The sentinels, `(host, port)`.
+        sentinels: Vec<(String, u16)>,
+        /// The master's name.
+        master: String,
+        /// The data nodes' user name, if any.
+        username: Option<String>,
+        /// The data nodes' password, if any.
+        password: Option<String>,
+    },
 }
 
 impl Topology {
@@ -47,8 +62,38 @@ impl Topology {
                     .map_err(|e| format!("a cluster node is not a valid address: {e}"))?;
             }
             Ok(Topology::Cluster(nodes))
-        } else if url.starts_with("redis+sentinel://") {
-            Err("redis+sentinel:// is not supported yet; use the primary's redis:// address, or a Redis Cluster".into())
+        } else if let Some(rest) = url.strip_prefix("redis+sentinel://") {
+            let (credentials, rest) = match rest.rsplit_once('@') {
+                Some((c, r)) => (Some(c), r),
+                None => (None, rest),
+            };
+            let (hosts, master) = rest
+                .split_once('/')
+                .ok_or("redis+sentinel:// needs the master's name: redis+sentinel://h1:p1,h2:p2/MASTER_NAME")?;
+            let master = master.trim_end_matches('/');
+            if master.is_empty() || master.contains('/') {
+                return Err("redis+sentinel:// needs the master's name after the hosts".into());
+            }
+            let sentinels = hosts
+                .split(',')
+                .filter(|h| !h.is_empty())
+                .map(|h| {
+                    let (host, port) = h.rsplit_once(':').ok_or("each sentinel is host:port")?;
+                    let port = port.parse::<u16>().map_err(|_| "a sentinel's port is not a number")?;
+                    Ok((host.to_string(), port))
+                })
+                .collect::<Result<Vec<_>, &str>>()?;
+            if sentinels.is_empty() {
+                return Err("redis+sentinel:// needs at least one sentinel host:port".into());
+            }
+            let decode = |s: &str| percent_decode(s);
+            let (username, password) = match credentials.map(|c| c.split_once(':').unwrap_or(("", c))) {
+                Some((user, password)) => {
+                    (Some(decode(user)).filter(|u| !u.is_empty()), Some(decode(password)).filter(|p| !p.is_empty()))
+                }
+                None => (None, None),
+            };
+            Ok(Topology::Sentinel { sentinels, master: master.to_string(), username, password })
         } else {
             redis::Client::open(url).map_err(|e| format!("not a valid Redis URL: {e}"))?;
             Ok(Topology::Standalone(url.to_string()))
@@ -75,6 +120,70 @@ pub fn connection_config() -> redis::AsyncConnectionConfig {
         .set_response_timeout(Some(RESPONSE_TIMEOUT))
 }
 
+/// `%XX` escapes of a URL's user or password, decoded.
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (bytes[i], bytes.get(i + 1).copied().and_then(hex), bytes.get(i + 2).copied().and_then(hex)) {
+            (b'%', Some(hi), Some(lo)) => {
+                out.push((hi * 16 + lo) as u8);
+                i += 3;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Makes connections to the primary a set of sentinels names, for the pool:
+/// each new connection asks the sentinels, and a connection is handed out
+/// again only while it still talks to a primary (`ROLE`), so that after a
+/// failover the pool fills with connections to the new one.
+pub struct SentinelManager {
+    /// The sentinel client (it asks the sentinels in turn).
+    sentinel: tokio::sync::Mutex<redis::sentinel::SentinelClient>,
+}
+
+impl SentinelManager {
+    /// A client of the primary the sentinels name now.
+    async fn primary(&self) -> RedisResult<redis::Client> {
+        self.sentinel.lock().await.async_get_client().await
+    }
+}
+
+impl deadpool::managed::Manager for SentinelManager {
+    type Type = MultiplexedConnection;
+    type Error = RedisError;
+
+    async fn create(&self) -> Result<MultiplexedConnection, RedisError> {
+        self.primary().await?.get_multiplexed_async_connection_with_config(&connection_config()).await
+    }
+
+    async fn recycle(
+        &self,
+        conn: &mut MultiplexedConnection,
+        _: &deadpool::managed::Metrics,
+    ) -> deadpool::managed::RecycleResult<RedisError> {
+        let role: Value = redis::cmd("ROLE").query_async(conn).await?;
+        match role {
+            Value::Array(items)
+                if items
+                    .first()
+                    .is_some_and(|v| redis::from_redis_value_ref::<String>(v).is_ok_and(|r| r == "master")) =>
+            {
+                Ok(())
+            }
+            _ => Err(deadpool::managed::RecycleError::message("no longer a primary")),
+        }
+    }
+}
+
 /// The process's handle to Redis.
 #[derive(Clone)]
 pub enum Store {
@@ -84,6 +193,13 @@ pub enum Store {
         pool: deadpool_redis::Pool,
         /// For subscriptions and the agents' acknowledgement connection.
         client: redis::Client,
+    },
+    /// A primary found through Sentinel, through a pool that follows it.
+    Sentinel {
+        /// Pooled connections to the primary.
+        pool: deadpool::managed::Pool<SentinelManager>,
+        /// The same sentinels, for subscriptions (asked again on every one).
+        manager: std::sync::Arc<SentinelManager>,
     },
     /// A cluster, through one shared connection (made at first use).
     Cluster {
@@ -132,6 +248,34 @@ impl Store {
                 let client = cluster_builder(&nodes).build().map_err(|e| format!("bad redis_url: {e}"))?;
                 Ok(Store::Cluster { client: Box::new(client), nodes, shared: Default::default() })
             }
+            Topology::Sentinel { sentinels, master, username, password } => {
+                let manager = || -> Result<SentinelManager, String> {
+                    let addrs = sentinels.iter().map(|(h, p)| redis::ConnectionAddr::Tcp(h.clone(), *p));
+                    let mut builder = redis::sentinel::SentinelClientBuilder::new(
+                        addrs,
+                        &master,
+                        redis::sentinel::SentinelServerType::Master,
+                    )
+                    .map_err(|e| format!("bad redis_url: {e}"))?;
+                    if let Some(user) = &username {
+                        builder = builder.set_client_to_redis_username(user);
+                    }
+                    if let Some(password) = &password {
+                        builder = builder.set_client_to_redis_password(password);
+                    }
+                    let sentinel = builder.build().map_err(|e| format!("bad redis_url: {e}"))?;
+                    Ok(SentinelManager { sentinel: tokio::sync::Mutex::new(sentinel) })
+                };
+                let pool = deadpool::managed::Pool::builder(manager()?)
+                    .max_size(pool_size)
+                    .wait_timeout(Some(Duration::from_secs(5)))
+                    .create_timeout(Some(Duration::from_secs(5)))
+                    .recycle_timeout(Some(Duration::from_secs(2)))
+                    .runtime(deadpool::Runtime::Tokio1)
+                    .build()
+                    .map_err(|e| format!("cannot build the Redis pool: {e}"))?;
+                Ok(Store::Sentinel { pool, manager: std::sync::Arc::new(manager()?) })
+            }
         }
     }
 
@@ -145,6 +289,9 @@ impl Store {
         match self {
             Store::Standalone { pool, .. } => {
                 pool.get().await.map(Conn::Pooled).map_err(|e| Unreachable(e.to_string()))
+            }
+            Store::Sentinel { pool, .. } => {
+                pool.get().await.map(Conn::Sentinel).map_err(|e| Unreachable(e.to_string()))
             }
             Store::Cluster { client, shared, .. } => {
                 let mut shared = shared.lock().await;
@@ -168,21 +315,30 @@ impl Store {
                 .await
                 .map(SharedConn::Mux)
                 .map_err(|e| Unreachable(e.to_string())),
+            Store::Sentinel { manager, .. } => {
+                let primary = manager.primary().await.map_err(|e| Unreachable(e.to_string()))?;
+                let conn = primary.get_multiplexed_async_connection_with_config(&connection_config()).await;
+                conn.map(SharedConn::Mux).map_err(|e| Unreachable(e.to_string()))
+            }
             Store::Cluster { .. } => Ok(self.get().await?.shared()),
         }
     }
 
     /// Subscribes to `channels`; see [`Subscription`].
     pub async fn subscribe(&self, channels: &[String]) -> RedisResult<Subscription> {
+        let classic = async |client: &redis::Client| {
+            let mut pubsub = tokio::time::timeout(Duration::from_secs(2), client.get_async_pubsub())
+                .await
+                .map_err(|_| RedisError::from((redis::ErrorKind::Io, "timed out subscribing")))??;
+            pubsub.subscribe(channels).await?;
+            let (sink, stream) = pubsub.split();
+            RedisResult::Ok(Subscription::Classic { _sink: sink, stream: Box::pin(stream) })
+        };
         match self {
-            Store::Standalone { client, .. } => {
-                let mut pubsub = tokio::time::timeout(Duration::from_secs(2), client.get_async_pubsub())
-                    .await
-                    .map_err(|_| RedisError::from((redis::ErrorKind::Io, "timed out subscribing")))??;
-                pubsub.subscribe(channels).await?;
-                let (sink, stream) = pubsub.split();
-                Ok(Subscription::Classic { _sink: sink, stream: Box::pin(stream) })
-            }
+            Store::Standalone { client, .. } => classic(client).await,
+            // The primary as the sentinels name it now: after a failover,
+            // the next subscription is on the new one.
+            Store::Sentinel { manager, .. } => classic(&manager.primary().await?).await,
             Store::Cluster { nodes, .. } => {
                 let (tx, pushes) = tokio::sync::mpsc::unbounded_channel();
                 let client =
@@ -210,6 +366,8 @@ fn cluster_builder(nodes: &[String]) -> redis::cluster::ClusterClientBuilder {
 pub enum Conn {
     /// A pooled connection to one server.
     Pooled(deadpool_redis::Connection),
+    /// A pooled connection to the primary Sentinel names.
+    Sentinel(deadpool::managed::Object<SentinelManager>),
     /// The cluster connection.
     Cluster(ClusterConnection),
 }
@@ -220,6 +378,7 @@ impl Conn {
     pub fn shared(&self) -> SharedConn {
         match self {
             Conn::Pooled(conn) => SharedConn::Mux((**conn).clone()),
+            Conn::Sentinel(conn) => SharedConn::Mux((**conn).clone()),
             Conn::Cluster(conn) => SharedConn::Cluster(conn.clone()),
         }
     }
@@ -229,6 +388,7 @@ impl ConnectionLike for Conn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
             Conn::Pooled(c) => c.req_packed_command(cmd),
+            Conn::Sentinel(c) => c.req_packed_command(cmd),
             Conn::Cluster(c) => c.req_packed_command(cmd),
         }
     }
@@ -241,6 +401,7 @@ impl ConnectionLike for Conn {
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
             Conn::Pooled(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Sentinel(c) => c.req_packed_commands(cmd, offset, count),
             Conn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
         }
     }
@@ -248,6 +409,7 @@ impl ConnectionLike for Conn {
     fn get_db(&self) -> i64 {
         match self {
             Conn::Pooled(c) => c.get_db(),
+            Conn::Sentinel(c) => c.get_db(),
             Conn::Cluster(c) => c.get_db(),
         }
     }
@@ -379,7 +541,17 @@ mod tests {
             Ok(Topology::Cluster(vec!["redis://u:p@127.0.0.1:7000".into(), "redis://u:p@127.0.0.1:7001".into()]))
         );
         assert!(Topology::parse("redis+cluster://").is_err());
-        assert!(Topology::parse("redis+sentinel://127.0.0.1:26379/m").is_err());
+        assert_eq!(
+            Topology::parse("redis+sentinel://app:s%40cret@127.0.0.1:26379,127.0.0.1:26380/mymaster"),
+            Ok(Topology::Sentinel {
+                sentinels: vec![("127.0.0.1".into(), 26379), ("127.0.0.1".into(), 26380)],
+                master: "mymaster".into(),
+                username: Some("app".into()),
+                password: Some("s@cret".into()),
+            })
+        );
+        assert!(Topology::parse("redis+sentinel://127.0.0.1:26379").is_err(), "no master name");
+        assert!(Topology::parse("redis+sentinel://127.0.0.1:x/m").is_err());
         assert!(Topology::parse("http://nope").is_err());
         assert!(Topology::parse("redis+cluster://127.0.0.1:7000").is_ok_and(|t| t.sharded()));
     }

@@ -11,6 +11,7 @@ mod cluster;
 mod faults;
 mod invalidation;
 mod operations;
+mod sentinel;
 
 use std::time::{Duration, Instant};
 
