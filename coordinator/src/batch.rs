@@ -21,8 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use redis::RedisError;
-use shared::invalidation::{self, InvalidationError, LogSettings, Outcome, Request};
-use shared::protocol::Position;
+use shared::invalidation::{self, InvalidationError, LogSettings, NotReplicated, Outcome, Request};
 use shared::schema::{Layout, Partition};
 use shared::store::{Conn, Store};
 use tokio::sync::{mpsc, oneshot};
@@ -40,18 +39,8 @@ pub enum BatchError {
     #[error("{0}")]
     Redis(Arc<RedisError>),
     /// Logged, but not held by enough replicas in time.
-    #[error(
-        "logged at seq {} of partition {}, but only {reached} of {wanted} replicas acknowledged it in time",
-        .position.seq, .position.partition
-    )]
-    NotReplicated {
-        /// Where it was logged.
-        position: Position,
-        /// Replicas required.
-        wanted: u32,
-        /// Replicas that acknowledged.
-        reached: u32,
-    },
+    #[error(transparent)]
+    NotReplicated(NotReplicated),
     /// The coordinator is stopping.
     #[error("the coordinator is shutting down")]
     ShuttingDown,
@@ -61,9 +50,7 @@ impl From<InvalidationError> for BatchError {
     fn from(e: InvalidationError) -> Self {
         match e {
             InvalidationError::Redis(e) => BatchError::Redis(Arc::new(e)),
-            InvalidationError::NotReplicated { position, wanted, reached } => {
-                BatchError::NotReplicated { position, wanted, reached }
-            }
+            InvalidationError::NotReplicated(e) => BatchError::NotReplicated(e),
         }
     }
 }

@@ -247,9 +247,7 @@ impl Coordinator {
         for result in results {
             match result {
                 Ok(outcome) => outcomes.push(outcome),
-                Err(BatchError::NotReplicated { position, wanted, reached }) => {
-                    unreplicated.push((position, wanted, reached))
-                }
+                Err(BatchError::NotReplicated(e)) => unreplicated.push(e),
                 Err(e) => failure = Some(e),
             }
         }
@@ -266,12 +264,15 @@ impl Coordinator {
             let positions: Vec<Position> = outcomes
                 .iter()
                 .map(|o| o.position.clone())
-                .chain(unreplicated.iter().map(|(p, _, _)| p.clone()))
+                .chain(unreplicated.iter().map(|e| e.position.clone()))
                 .collect();
             let detail: Vec<String> = unreplicated
                 .iter()
-                .map(|(p, wanted, reached)| {
-                    format!("partition {} seq {}: {reached} of {wanted} replicas", p.partition, p.seq)
+                .map(|e| {
+                    format!(
+                        "partition {} seq {}: {} of {} replicas",
+                        e.position.partition, e.position.seq, e.reached, e.wanted
+                    )
                 })
                 .collect();
             let (seq, epoch, _) = single(&positions);

@@ -363,7 +363,7 @@ impl Agent {
                 apply(&outcome.invalidated);
                 Ok(outcome)
             }
-            Err(e @ InvalidationError::NotReplicated { .. }) => {
+            Err(e @ InvalidationError::NotReplicated(_)) => {
                 apply(&[Selector {
                     tenant: tenant.into(),
                     keys: vec![key.into()],

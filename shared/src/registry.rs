@@ -55,13 +55,18 @@ pub async fn beat(conn: &mut impl ConnectionLike, report: &NodeReport) -> RedisR
 /// staleness bound below the smallest one announced. Also makes sure the
 /// registry has an epoch.
 pub async fn announce_dead_after(conn: &mut impl ConnectionLike, origin: &str, ms: u64) -> RedisResult<()> {
-    let _: String = crate::script::ENSURE_EPOCH
+    ensure_registry_epoch(conn).await?;
+    redis::cmd("HSET").arg(schema::COORDINATORS).arg(origin).arg(ms).query_async(conn).await
+}
+
+/// The registry's epoch, created (born now) if Redis lost the registry.
+async fn ensure_registry_epoch(conn: &mut impl ConnectionLike) -> RedisResult<String> {
+    crate::script::ENSURE_EPOCH
         .key(schema::CONTROL_EPOCH)
         .key(schema::CONTROL_EPOCH_BORN)
         .arg(crate::l2::new_epoch_id())
         .invoke_async(conn)
-        .await?;
-    redis::cmd("HSET").arg(schema::COORDINATORS).arg(origin).arg(ms).query_async(conn).await
+        .await
 }
 
 /// An agent's acknowledgement: it has applied everything of a partition up to
@@ -175,12 +180,7 @@ pub struct Registry {
 /// without an epoch was lost (Redis restarted empty): it gets one, born now,
 /// so that it is known to be complete only `node_dead_after_ms` from now.
 pub async fn nodes(conn: &mut impl ConnectionLike, forget_after_ms: u64, reports: bool) -> RedisResult<Registry> {
-    let _: String = crate::script::ENSURE_EPOCH
-        .key(schema::CONTROL_EPOCH)
-        .key(schema::CONTROL_EPOCH_BORN)
-        .arg(crate::l2::new_epoch_id())
-        .invoke_async(conn)
-        .await?;
+    ensure_registry_epoch(conn).await?;
     // TIME rides behind a read of the control slot, so that on a cluster it
     // is the registry's node's clock, the one heartbeats are stamped with.
     let (born, (secs, micros)): (Option<u64>, (u64, u64)) =

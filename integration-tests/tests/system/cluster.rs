@@ -6,17 +6,14 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use integration_tests::redis_cluster::RedisCluster;
-use integration_tests::{free_port, start_agent, start_coordinator, wait_ready, Service};
 use serde_json::{json, Value};
 
-use crate::{partition_of, test_client, wait_until, PROPAGATION_DEADLINE};
+use crate::{partition_of, wait_until, Deployed};
 
 /// A coordinator and agents on a Redis Cluster.
 struct Sharded {
-    agents: Vec<Service>,
-    coordinator: Service,
+    d: Deployed,
     redis: RedisCluster,
-    http: reqwest::Client,
     _dir: tempfile::TempDir,
 }
 
@@ -26,52 +23,8 @@ impl Sharded {
         // DCC_KEEP_LOGS keeps the processes' logs for a look afterwards.
         dir.disable_cleanup(std::env::var_os("DCC_KEEP_LOGS").is_some());
         let redis = RedisCluster::start(dir.path(), 3, 1).await.unwrap_or_else(|e| panic!("Redis Cluster: {e:#}"));
-        let url = redis.url();
-        let coordinator =
-            start_coordinator(dir.path(), &url, free_port(), "node_dead_after_ms = 4000\n").expect("coordinator");
-        let mut started = Vec::new();
-        for i in 1..=agents {
-            started.push(start_agent(dir.path(), &url, free_port(), &format!("agent-{i}"), "").expect("agent"));
-        }
-        let http = test_client();
-        wait_ready(&http, &coordinator).await.unwrap_or_else(|e| panic!("{e:#}"));
-        for agent in &started {
-            wait_ready(&http, agent).await.unwrap_or_else(|e| panic!("{e:#}"));
-        }
-        Sharded { agents: started, coordinator, redis, http, _dir: dir }
-    }
-
-    async fn put(&self, i: usize, tenant: &str, key: &str, body: &str) {
-        let url = self.agents[i].url(&format!("/v1/cache/{tenant}/{key}"));
-        let resp = self.http.put(url).body(body.to_string()).send().await.expect("PUT");
-        assert_eq!(resp.status(), 204, "PUT {tenant}/{key}: {}", resp.text().await.unwrap_or_default());
-    }
-
-    /// (status, X-Cache, body).
-    async fn read(&self, i: usize, tenant: &str, key: &str) -> (u16, String, String) {
-        let url = self.agents[i].url(&format!("/v1/cache/{tenant}/{key}"));
-        match self.http.get(url).send().await {
-            Ok(resp) => {
-                let status = resp.status().as_u16();
-                let layer = crate::header(&resp, "x-cache");
-                (status, layer, resp.text().await.unwrap_or_default())
-            }
-            Err(e) => (0, String::new(), e.to_string()),
-        }
-    }
-
-    /// Reads through every agent until each answers from L1.
-    async fn warm(&self, tenant: &str, key: &str) {
-        for i in 0..self.agents.len() {
-            let ok = wait_until(PROPAGATION_DEADLINE, || async { self.read(i, tenant, key).await.1 == "L1" }).await;
-            assert!(ok, "{tenant}/{key} never came from agent {i}'s L1: {:?}", self.read(i, tenant, key).await);
-        }
-    }
-
-    async fn post(&self, path: &str, body: Value) -> (u16, Value) {
-        let resp = self.http.post(self.coordinator.url(path)).json(&body).send().await.expect("POST");
-        let status = resp.status().as_u16();
-        (status, resp.json().await.unwrap_or(Value::Null))
+        let d = Deployed::start(dir.path(), &redis.url(), agents, "node_dead_after_ms = 4000\n").await;
+        Sharded { d, redis, _dir: dir }
     }
 }
 
@@ -102,7 +55,7 @@ async fn on_a_cluster_tenants_spread_over_every_master_and_wait_all_crosses_shar
     let all: HashSet<u16> = (0..16).collect();
     let tenants = tenants_in(&all);
     for tenant in tenants.values() {
-        t.put(0, tenant, "k", "v").await;
+        t.d.put(0, tenant, "k", "v").await;
     }
     // Every master holds entries: the partitions spread over the shards.
     let masters: Vec<u16> =
@@ -123,17 +76,17 @@ async fn on_a_cluster_tenants_spread_over_every_master_and_wait_all_crosses_shar
     // One invalidation naming tenants of partitions on every master.
     let named: Vec<&String> = tenants.values().collect();
     for tenant in &named {
-        t.warm(tenant, "k").await;
+        t.d.warm(tenant, "k").await;
     }
     let batch: Vec<Value> =
         named.iter().map(|tenant| json!({"tenant": tenant, "entity": "x", "keys": ["k"]})).collect();
-    let (status, answer) = t.post("/v1/events?wait=all", Value::Array(batch)).await;
+    let (status, answer) = t.d.post("/v1/events?wait=all", Value::Array(batch)).await;
     assert_eq!(status, 200, "{answer}");
     assert_eq!(answer["positions"].as_array().map(Vec::len), Some(16), "{answer}");
     assert_eq!(answer["nodes"], json!({"live": 2, "acked": 2}), "{answer}");
     for tenant in &named {
         for i in 0..2 {
-            let (status, layer, body) = t.read(i, tenant, "k").await;
+            let (status, layer, body) = t.d.read(i, tenant, "k").await;
             assert_eq!(status, 404, "{tenant}/k still served by agent {i} from {layer} after wait=all: {body}");
         }
     }
@@ -162,7 +115,8 @@ async fn on_a_cluster_a_slot_migration_and_a_killed_master_do_not_stop_invalidat
     let load = async {
         let mut answered = 0;
         for n in 0..20 {
-            let (status, _) = t.post("/v1/invalidate", json!({"tenant": tenant, "keys": [format!("load:{n}")]})).await;
+            let (status, _) =
+                t.d.post("/v1/invalidate", json!({"tenant": tenant, "keys": [format!("load:{n}")]})).await;
             answered += usize::from(status == 200);
         }
         answered
@@ -174,18 +128,18 @@ async fn on_a_cluster_a_slot_migration_and_a_killed_master_do_not_stop_invalidat
     assert_eq!(t.redis.master_of(slot).await.expect("master").id, target.id, "the partition's slot moved");
 
     // After the move, an invalidation of the tenant reaches every agent.
-    t.put(0, &tenant, "moved", "old").await;
-    t.warm(&tenant, "moved").await;
-    let (status, answer) = t.post("/v1/invalidate?wait=all", json!({"tenant": tenant, "keys": ["moved"]})).await;
+    t.d.put(0, &tenant, "moved", "old").await;
+    t.d.warm(&tenant, "moved").await;
+    let (status, answer) = t.d.post("/v1/invalidate?wait=all", json!({"tenant": tenant, "keys": ["moved"]})).await;
     assert_eq!(status, 200, "{answer}");
     for i in 0..2 {
-        assert_eq!(t.read(i, &tenant, "moved").await.0, 404, "agent {i} after the slot moved");
+        assert_eq!(t.d.read(i, &tenant, "moved").await.0, 404, "agent {i} after the slot moved");
     }
 
     // Kill the master now serving the partition: its replica takes over.
-    t.put(0, &tenant, "failover", "old").await;
-    t.warm(&tenant, "failover").await;
-    let (status, answer) = t.post("/v1/invalidate?wait=all", json!({"tenant": tenant, "keys": ["failover"]})).await;
+    t.d.put(0, &tenant, "failover", "old").await;
+    t.d.warm(&tenant, "failover").await;
+    let (status, answer) = t.d.post("/v1/invalidate?wait=all", json!({"tenant": tenant, "keys": ["failover"]})).await;
     assert_eq!(status, 200, "{answer}");
     let master = t.redis.master_of(slot).await.expect("master");
     t.redis.node(master.port).expect("the master's process").proc.kill();
@@ -198,17 +152,17 @@ async fn on_a_cluster_a_slot_migration_and_a_killed_master_do_not_stop_invalidat
     // The invalidation answered before the kill stays in force, and new
     // ones reach every agent once they are back in sync.
     for i in 0..2 {
-        let (status, layer, body) = t.read(i, &tenant, "failover").await;
+        let (status, layer, body) = t.d.read(i, &tenant, "failover").await;
         assert_ne!((status, body.as_str()), (200, "old"), "agent {i} served the invalidated value from {layer}");
     }
-    t.put(0, &tenant, "after", "old").await;
-    t.warm(&tenant, "after").await;
+    t.d.put(0, &tenant, "after", "old").await;
+    t.d.warm(&tenant, "after").await;
     let ok = wait_until(Duration::from_secs(60), || async {
-        t.post("/v1/invalidate?wait=all&timeout_ms=5000", json!({"tenant": tenant, "keys": ["after"]})).await.0 == 200
+        t.d.post("/v1/invalidate?wait=all&timeout_ms=5000", json!({"tenant": tenant, "keys": ["after"]})).await.0 == 200
     })
     .await;
     assert!(ok, "invalidations after the failover were not confirmed");
     for i in 0..2 {
-        assert_eq!(t.read(i, &tenant, "after").await.0, 404, "agent {i} after the failover");
+        assert_eq!(t.d.read(i, &tenant, "after").await.0, 404, "agent {i} after the failover");
     }
 }

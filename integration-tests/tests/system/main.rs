@@ -168,6 +168,79 @@ impl TestCluster {
     }
 }
 
+/// A coordinator and agents on a Redis the test started itself (a cluster,
+/// or one watched by sentinels), reached by `redis_url`.
+pub struct Deployed {
+    /// Agents, in order.
+    pub agents: Vec<Service>,
+    /// The coordinator.
+    pub coordinator: Service,
+    /// HTTP client.
+    pub http: Client,
+}
+
+impl Deployed {
+    /// Starts a coordinator (with `coordinator_toml`) and `agents` agents on
+    /// `redis_url`, logs in `dir`, and waits until all are ready.
+    pub async fn start(dir: &std::path::Path, redis_url: &str, agents: usize, coordinator_toml: &str) -> Deployed {
+        use integration_tests::{free_port, start_agent, start_coordinator, wait_ready};
+        let coordinator = start_coordinator(dir, redis_url, free_port(), coordinator_toml).expect("coordinator");
+        let mut started = Vec::new();
+        for i in 1..=agents {
+            started.push(start_agent(dir, redis_url, free_port(), &format!("agent-{i}"), "").expect("agent"));
+        }
+        let http = test_client();
+        wait_ready(&http, &coordinator).await.unwrap_or_else(|e| panic!("{e:#}"));
+        for agent in &started {
+            wait_ready(&http, agent).await.unwrap_or_else(|e| panic!("{e:#}"));
+        }
+        Deployed { agents: started, coordinator, http }
+    }
+
+    /// A PUT through agent `i` that must succeed.
+    pub async fn put(&self, i: usize, tenant: &str, key: &str, body: &str) {
+        let url = self.agents[i].url(&format!("/v1/cache/{tenant}/{key}"));
+        let resp = self.http.put(url).body(body.to_string()).send().await.expect("PUT");
+        assert_eq!(resp.status(), 204, "PUT {tenant}/{key}: {}", resp.text().await.unwrap_or_default());
+    }
+
+    /// (status, X-Cache, body) of a GET through agent `i`; status 0 if it failed.
+    pub async fn read(&self, i: usize, tenant: &str, key: &str) -> (u16, String, String) {
+        let url = self.agents[i].url(&format!("/v1/cache/{tenant}/{key}"));
+        match self.http.get(url).send().await {
+            Ok(resp) => {
+                let status = resp.status().as_u16();
+                let layer = header(&resp, "x-cache");
+                (status, layer, resp.text().await.unwrap_or_default())
+            }
+            Err(e) => (0, String::new(), e.to_string()),
+        }
+    }
+
+    /// Reads through every agent until each answers from L1.
+    pub async fn warm(&self, tenant: &str, key: &str) {
+        for i in 0..self.agents.len() {
+            let ok = wait_until(PROPAGATION_DEADLINE, || async { self.read(i, tenant, key).await.1 == "L1" }).await;
+            assert!(ok, "{tenant}/{key} never came from agent {i}'s L1: {:?}", self.read(i, tenant, key).await);
+        }
+    }
+
+    /// POSTs JSON to the coordinator; returns status and body.
+    pub async fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        let resp = self.http.post(self.coordinator.url(path)).json(&body).send().await.expect("POST");
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Agent `i`'s `/v1/status` (null if it did not answer).
+    pub async fn status(&self, i: usize) -> Value {
+        match self.http.get(self.agents[i].url("/v1/status")).send().await {
+            Ok(resp) => resp.json().await.unwrap_or(Value::Null),
+            Err(_) => Value::Null,
+        }
+    }
+}
+
 /// The HTTP client of the tests: idle connections are dropped before the
 /// services' keep-alive (5 s) closes them, so that a request never races a
 /// closing connection on a slow machine.

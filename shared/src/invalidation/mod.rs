@@ -141,26 +141,31 @@ impl Default for LogSettings {
     }
 }
 
+/// Logged and broadcast, but not held by enough replicas in time: a failover
+/// could still lose it. Retry it, with the same `event_id`.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error(
+    "logged at seq {} of partition {}, but only {reached} of {wanted} replicas acknowledged it in time",
+    .position.seq, .position.partition
+)]
+pub struct NotReplicated {
+    /// Where it was logged.
+    pub position: Position,
+    /// Replicas required.
+    pub wanted: u32,
+    /// Replicas that acknowledged.
+    pub reached: u32,
+}
+
 /// Why an invalidation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum InvalidationError {
     /// Redis failed or is unreachable: it may be partly done; retry it.
     #[error("{0}")]
     Redis(#[from] RedisError),
-    /// Logged and broadcast, but not held by enough replicas in time: a
-    /// failover could still lose it. Retry it, with the same `event_id`.
-    #[error(
-        "logged at seq {} of partition {}, but only {reached} of {wanted} replicas acknowledged it in time",
-        .position.seq, .position.partition
-    )]
-    NotReplicated {
-        /// Where it was logged.
-        position: Position,
-        /// Replicas required.
-        wanted: u32,
-        /// Replicas that acknowledged.
-        reached: u32,
-    },
+    /// See [`NotReplicated`].
+    #[error(transparent)]
+    NotReplicated(#[from] NotReplicated),
 }
 
 /// Runs steps 1 to 5 of the path for one partition's request; see the module docs.
@@ -630,7 +635,7 @@ pub async fn replicate(
         .query_async(conn)
         .await?;
     if reached < wanted {
-        return Err(InvalidationError::NotReplicated { position: position.clone(), wanted, reached });
+        return Err(NotReplicated { position: position.clone(), wanted, reached }.into());
     }
     Ok(())
 }
