@@ -15,12 +15,22 @@ demo: redis release
 	$(RUN_RELEASE) demo
 
 ## test: every unit and integration test, against real redis-server processes
-## (one test at a time: each starts a whole cluster, and a 2-core machine has room for one;
-## then the criterion benches once each, as tests: criterion takes no --test-threads)
+## (one test at a time: each starts a whole cluster, and a 2-core machine has room for one);
+## then the system tests that do not inject faults into one redis-server again, on a Redis
+## Cluster (3 masters, 3 replicas) and under Sentinel (a primary, a replica, 3 sentinels);
+## then the criterion benches once each, as tests (criterion takes no --test-threads)
 test: redis build
 	$(CARGO) test --workspace --lib --bins --tests -- --test-threads=1
+	DCC_TEST_REDIS=cluster $(CARGO) test -p integration-tests --test system -- --test-threads=1 $(TOPOLOGY_TESTS)
+	DCC_TEST_REDIS=sentinel $(CARGO) test -p integration-tests --test system -- --test-threads=1 $(TOPOLOGY_TESTS)
 	$(CARGO) test --workspace --benches
 	$(MAKE) demo-check
+
+## The system tests that run on every Redis topology (the others kill, restart or
+## reconfigure one redis-server; cluster:: and sentinel:: start their own topologies)
+TOPOLOGY_TESTS = cache_api:: invalidation:: bad_input:: faults::wait_all_answers faults::fill_tokens \
+	faults::two_coordinators faults::a_frozen_agent operations::cluster_health operations::agent_status \
+	operations::rules_endpoint operations::an_event_id operations::health_readiness
 
 ## demo-check: `make demo` from a copy of the sources that has no ./target, with
 ## CARGO_TARGET_DIR pointing at this checkout's build folder, so that no target

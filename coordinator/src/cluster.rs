@@ -186,9 +186,12 @@ fn status(silent: bool, synced: bool, lag: u64) -> &'static str {
     }
 }
 
-/// Redis's own health, from `INFO`.
+/// Redis's own health, from `INFO` of the node holding the registry (on a
+/// cluster, `INFO` rides behind a read of the control slot, so it is that
+/// node's, not every node's).
 pub async fn redis_info(conn: &mut impl ConnectionLike) -> RedisResult<serde_json::Value> {
-    let info: String = redis::cmd("INFO").query_async(conn).await?;
+    let (_, info): (redis::Value, String) =
+        redis::pipe().exists(shared::schema::NODES).cmd("INFO").query_async(conn).await?;
     let fields: BTreeMap<&str, &str> =
         info.lines().filter(|l| !l.starts_with('#')).filter_map(|l| l.split_once(':')).collect();
     let num = |k: &str| fields.get(k).and_then(|v| v.trim().parse::<u64>().ok());

@@ -401,7 +401,7 @@ async fn chaos(shared: Arc<Shared>, mut cluster: Cluster, options: Options) -> a
 }
 
 async fn client_kill_pubsub(cluster: &Cluster) -> anyhow::Result<()> {
-    let mut conn = cluster.redis.connection().await?;
+    let mut conn = cluster.redis().connection().await?;
     let _: i64 = redis::cmd("CLIENT").arg("KILL").arg("TYPE").arg("pubsub").query_async(&mut conn).await?;
     Ok(())
 }
@@ -410,7 +410,7 @@ async fn client_kill_pubsub(cluster: &Cluster) -> anyhow::Result<()> {
 /// fills, posts a burst of large invalidations, and restores everything:
 /// Redis drops the frozen agent's subscription mid-burst.
 async fn output_buffer_overflow(cluster: &Cluster, http: &Client, rng: &mut fastrand::Rng) -> anyhow::Result<()> {
-    let mut conn = cluster.redis.connection().await?;
+    let mut conn = cluster.redis().connection().await?;
     let set = |value: &str| redis::cmd("CONFIG").arg("SET").arg("client-output-buffer-limit").arg(value).clone();
     let _: () = set("pubsub 16kb 0 0").query_async(&mut conn).await?;
     let victim = cluster.agent(rng.usize(..cluster.agents.len()));
@@ -444,10 +444,10 @@ async fn freeze_agent(cluster: &Cluster, rng: &mut fastrand::Rng) -> anyhow::Res
 
 /// kill -9 of Redis, and a new empty one on the same port.
 async fn redis_restart(cluster: &mut Cluster) -> anyhow::Result<()> {
-    let port = cluster.redis.port;
-    cluster.redis.proc.kill();
+    let port = cluster.redis().port;
+    cluster.redis_mut().proc.kill();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    cluster.redis = Redis::start_on(cluster.dir.path(), port).await?;
+    cluster.set_redis(Redis::start_on(cluster.dir.path(), port).await?);
     Ok(())
 }
 
@@ -456,7 +456,7 @@ async fn coordinator_kill(shared: &Shared, cluster: &mut Cluster, http: &Client)
     let port: u16 = cluster.coordinator.addr.rsplit(':').next().and_then(|p| p.parse().ok()).context("port")?;
     cluster.coordinator.proc.kill();
     tokio::time::sleep(Duration::from_millis(200)).await;
-    cluster.coordinator = start_coordinator(cluster.dir.path(), &cluster.redis.url(), port, COORDINATOR_TOML)?;
+    cluster.coordinator = start_coordinator(cluster.dir.path(), &cluster.redis_url(), port, COORDINATOR_TOML)?;
     wait_ready(http, &cluster.coordinator).await?;
     *shared.coordinator.lock().unwrap_or_else(|p| p.into_inner()) = cluster.coordinator.url("");
     Ok(())

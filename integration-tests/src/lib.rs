@@ -279,14 +279,47 @@ pub fn deploy_coordinator_toml() -> String {
         .unwrap_or_default()
 }
 
+/// The Redis a [`Cluster`] runs on, as `DCC_TEST_REDIS` chooses: `single`
+/// (the default), `cluster` (3 masters, 3 replicas) or `sentinel` (a
+/// primary, a replica, 3 sentinels). The same system tests then run on each.
+pub enum Backend {
+    /// One `redis-server`.
+    Single(Redis),
+    /// A Redis Cluster.
+    Cluster(redis_cluster::RedisCluster),
+    /// A primary watched by sentinels.
+    Sentinel(redis_cluster::Sentinels),
+}
+
+impl Backend {
+    /// Starts the backend `DCC_TEST_REDIS` names.
+    pub async fn start(dir: &Path) -> anyhow::Result<Backend> {
+        match std::env::var("DCC_TEST_REDIS").unwrap_or_default().as_str() {
+            "" | "single" => Ok(Backend::Single(Redis::start(dir).await?)),
+            "cluster" => Ok(Backend::Cluster(redis_cluster::RedisCluster::start(dir, 3, 1).await?)),
+            "sentinel" => Ok(Backend::Sentinel(redis_cluster::Sentinels::start(dir).await?)),
+            other => bail!("DCC_TEST_REDIS={other:?}: use single, cluster or sentinel"),
+        }
+    }
+
+    /// The `redis_url` that reaches it.
+    pub fn url(&self) -> String {
+        match self {
+            Backend::Single(r) => r.url(),
+            Backend::Cluster(c) => c.url(),
+            Backend::Sentinel(s) => s.url(),
+        }
+    }
+}
+
 /// Redis, a coordinator and agents, all real processes.
 pub struct Cluster {
     /// Agents, in order.
     pub agents: Vec<Service>,
     /// The coordinator.
     pub coordinator: Service,
-    /// Redis.
-    pub redis: Redis,
+    /// The Redis they run on.
+    pub backend: Backend,
     /// Logs and configs; removed on drop unless `DCC_KEEP_LOGS` is set.
     pub dir: tempfile::TempDir,
 }
@@ -295,14 +328,15 @@ impl Cluster {
     /// Starts everything and waits until every process is ready.
     pub async fn start(options: ClusterOptions) -> anyhow::Result<Cluster> {
         let dir = tempfile::Builder::new().prefix("dcc-cluster-").tempdir()?;
-        let redis = Redis::start(dir.path()).await?;
+        let backend = Backend::start(dir.path()).await?;
+        let url = backend.url();
         let port = |i: usize| options.ports.as_ref().and_then(|p| p.get(i).copied()).unwrap_or_else(free_port);
-        let coordinator = start_coordinator(dir.path(), &redis.url(), port(0), &options.coordinator_toml)?;
+        let coordinator = start_coordinator(dir.path(), &url, port(0), &options.coordinator_toml)?;
         let mut agents = Vec::new();
         for i in 1..=options.agents {
-            agents.push(start_agent(dir.path(), &redis.url(), port(i), &format!("agent-{i}"), &options.agent_toml)?);
+            agents.push(start_agent(dir.path(), &url, port(i), &format!("agent-{i}"), &options.agent_toml)?);
         }
-        let cluster = Cluster { agents, coordinator, redis, dir };
+        let cluster = Cluster { agents, coordinator, backend, dir };
         let client = reqwest::Client::new();
         wait_ready(&client, &cluster.coordinator).await?;
         for agent in &cluster.agents {
@@ -314,6 +348,40 @@ impl Cluster {
     /// Agent `i` (0-based).
     pub fn agent(&self, i: usize) -> &Service {
         &self.agents[i]
+    }
+
+    /// The `redis_url` every process uses.
+    pub fn redis_url(&self) -> String {
+        self.backend.url()
+    }
+
+    /// The one `redis-server`, for tests that inject faults into it (they
+    /// run with the single backend only).
+    pub fn redis(&self) -> &Redis {
+        match &self.backend {
+            Backend::Single(r) => r,
+            _ => panic!("this test injects faults into one redis-server: run it with DCC_TEST_REDIS=single"),
+        }
+    }
+
+    /// See [`Cluster::redis`].
+    pub fn redis_mut(&mut self) -> &mut Redis {
+        match &mut self.backend {
+            Backend::Single(r) => r,
+            _ => panic!("this test injects faults into one redis-server: run it with DCC_TEST_REDIS=single"),
+        }
+    }
+
+    /// Replaces the one `redis-server` (after restarting it).
+    pub fn set_redis(&mut self, redis: Redis) {
+        self.backend = Backend::Single(redis);
+    }
+
+    /// A connection to whatever Redis the cluster runs on, through the
+    /// product's own store, for tests that look into Redis.
+    pub async fn redis_conn(&self) -> anyhow::Result<shared::store::SharedConn> {
+        let store = shared::store::Store::open(&self.redis_url(), 2).map_err(anyhow::Error::msg)?;
+        Ok(store.get().await?.shared())
     }
 
     /// Keeps the logs directory after the cluster is dropped, and returns it.

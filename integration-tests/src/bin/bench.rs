@@ -48,7 +48,7 @@ async fn main() -> anyhow::Result<()> {
 
     eprintln!("starting Redis, a coordinator and 8 agents");
     let mut cluster = Cluster::start(ClusterOptions { agents: 8, ..ClusterOptions::default() }).await?;
-    let redis_url = cluster.redis.url();
+    let redis_url = cluster.redis_url();
     let coordinator = cluster.coordinator.url("");
     let mut rows = Vec::new();
     let mut notes = Vec::new();
@@ -74,7 +74,7 @@ async fn main() -> anyhow::Result<()> {
     if wanted("throughput") {
         eprintln!("5. event throughput");
         let alone = Cluster::start(ClusterOptions { agents: 0, ..ClusterOptions::default() }).await?;
-        let alone_urls = (alone.coordinator.url(""), alone.redis.url());
+        let alone_urls = (alone.coordinator.url(""), alone.redis_url());
         let (r, n) = fanout::throughput(&options, &coordinator, &redis_url, (&alone_urls.0, &alone_urls.1)).await?;
         drop(alone);
         rows.extend(r);

@@ -29,7 +29,7 @@ async fn main() -> std::process::ExitCode {
         }
     };
     let c = &cluster.coordinator;
-    println!("redis        {}", cluster.redis.url());
+    println!("redis        {}", cluster.redis_url());
     println!("coordinator  {}   (health: {})", c.url(""), c.url("/v1/cluster/health"));
     for agent in &cluster.agents {
         println!("{:<12} {}   (status: {})", agent.proc.name, agent.url(""), agent.url("/v1/status"));
@@ -46,12 +46,12 @@ async fn main() -> std::process::ExitCode {
 
     let signal = shared_signal().await;
     println!("\n{signal}: stopping the agents, the coordinator and Redis");
-    let Cluster { mut agents, mut coordinator, redis, dir } = cluster;
+    let Cluster { mut agents, mut coordinator, backend, dir } = cluster;
     for agent in &mut agents {
         let _ = agent.proc.terminate();
     }
     let _ = coordinator.proc.terminate();
-    drop(redis);
+    drop(backend);
     drop(dir);
     std::process::ExitCode::SUCCESS
 }

@@ -30,7 +30,7 @@ async fn run() -> anyhow::Result<()> {
     step("Starting a private redis-server, a coordinator and 3 node agents");
     let options = ClusterOptions { agents: 3, coordinator_toml: deploy_coordinator_toml(), ..Default::default() };
     let cluster = Cluster::start(options).await.context("starting the cluster")?;
-    println!("   redis        {}", cluster.redis.url());
+    println!("   redis        {}", cluster.redis_url());
     println!("   coordinator  http://{}", cluster.coordinator.addr);
     for agent in &cluster.agents {
         println!("   {:<12} http://{}", agent.proc.name, agent.addr);

@@ -77,7 +77,7 @@ async fn entries_expire_from_l1_and_l2_after_their_ttl() {
     })
     .await;
     assert!(expired, "an entry with ttl=1 is still served");
-    let mut redis = t.cluster.redis.connection().await.expect("redis");
+    let mut redis = t.cluster.redis_conn().await.expect("redis");
     let exists: bool =
         redis::cmd("EXISTS").arg(entry_key("acme", "short")).query_async(&mut redis).await.expect("EXISTS");
     assert!(!exists, "L2 entry outlived its TTL");
@@ -131,7 +131,7 @@ async fn tenants_never_see_or_touch_each_others_entries() {
     let last = answers.iter().map(seq).max().expect("answers");
     t.assert_gone_everywhere(last, "acme", "shared:key").await;
     t.assert_kept_everywhere("globex", "shared:key").await;
-    let mut redis = t.cluster.redis.connection().await.expect("redis");
+    let mut redis = t.cluster.redis_conn().await.expect("redis");
     let exists: bool =
         redis::cmd("EXISTS").arg(entry_key("globex", "shared:key")).query_async(&mut redis).await.expect("EXISTS");
     assert!(exists, "globex's L2 entry was touched");

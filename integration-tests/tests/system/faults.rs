@@ -146,7 +146,7 @@ async fn fill_tokens_hold_across_agents_without_false_conflicts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscriber_dropped_by_the_output_buffer_limit_replays_what_it_missed() {
     let t = TestCluster::start(2, "").await;
-    let mut redis = t.cluster.redis.connection().await.expect("Redis");
+    let mut redis = t.cluster.redis().connection().await.expect("Redis");
     t.put_ok(0, "acme", "overflow:k", "", "old").await;
     t.warm("acme", "overflow:k").await;
 
@@ -186,8 +186,8 @@ async fn redis_killed_and_restarted_empty_never_lets_l1_serve_the_old_data() {
     let mut t = TestCluster::start(2, "").await;
     t.put_ok(0, "acme", "restart:k", "", "old").await;
     t.warm("acme", "restart:k").await;
-    let port = t.cluster.redis.port;
-    t.cluster.redis.proc.kill();
+    let port = t.cluster.redis().port;
+    t.cluster.redis_mut().proc.kill();
 
     // While Redis is gone nothing can prove L1 fresh: once the staleness
     // bound runs out, agents answer 503 instead of their L1 copy.
@@ -200,7 +200,7 @@ async fn redis_killed_and_restarted_empty_never_lets_l1_serve_the_old_data() {
     }
 
     // Back, empty: a new epoch. Every agent flushes; the key is gone.
-    t.cluster.redis = Redis::start_on(t.cluster.dir.path(), port).await.expect("restart Redis");
+    t.cluster.set_redis(Redis::start_on(t.cluster.dir.path(), port).await.expect("restart Redis"));
     for i in 0..2 {
         wait_ready(&t.http, t.agent(i)).await.unwrap_or_else(|e| panic!("agent {i}: {e:#}"));
         let (status, layer, body) = t.read(i, "acme", "restart:k").await;
@@ -225,9 +225,9 @@ async fn wait_all_right_after_redis_lost_its_data_waits_for_agents_it_cannot_see
     let mut t = TestCluster::start(1, "node_dead_after_ms = 10000\n").await;
     t.put_ok(0, "acme", "settle:k", "", "old").await;
     t.warm("acme", "settle:k").await;
-    let port = t.cluster.redis.port;
-    t.cluster.redis.proc.kill();
-    t.cluster.redis = Redis::start_on(t.cluster.dir.path(), port).await.expect("restart Redis");
+    let port = t.cluster.redis().port;
+    t.cluster.redis_mut().proc.kill();
+    t.cluster.set_redis(Redis::start_on(t.cluster.dir.path(), port).await.expect("restart Redis"));
     wait_ready(&t.http, &t.cluster.coordinator).await.expect("coordinator ready");
 
     // Seconds into a 10 s old epoch: whether or not the agent is back in the
@@ -258,10 +258,10 @@ async fn the_first_invalidation_after_a_redis_restart_is_answered() {
         let (status, answer) = t.coordinator_post("/v1/invalidate", invalidate.clone()).await;
         assert_eq!(status, 200, "{answer}");
     }
-    let port = t.cluster.redis.port;
-    t.cluster.redis.proc.kill();
+    let port = t.cluster.redis().port;
+    t.cluster.redis_mut().proc.kill();
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    t.cluster.redis = Redis::start_on(t.cluster.dir.path(), port).await.expect("restart Redis");
+    t.cluster.set_redis(Redis::start_on(t.cluster.dir.path(), port).await.expect("restart Redis"));
     wait_ready(&t.http, &t.cluster.coordinator).await.expect("coordinator ready");
     for n in 0..4 {
         let (status, answer) = t.coordinator_post("/v1/invalidate", invalidate.clone()).await;
@@ -305,7 +305,7 @@ async fn a_coordinator_killed_mid_stream_is_retried_safely_with_the_same_event_i
     // Restarted, the client retries every event (those that got a 200 too:
     // it cannot always know). Retries of logged ids are duplicates.
     t.cluster.coordinator =
-        start_coordinator(t.cluster.dir.path(), &t.cluster.redis.url(), port, "").expect("restart coordinator");
+        start_coordinator(t.cluster.dir.path(), &t.cluster.redis_url(), port, "").expect("restart coordinator");
     wait_ready(&t.http, &t.cluster.coordinator).await.expect("coordinator ready");
     let mut last = 0;
     for n in 0..40 {
@@ -325,7 +325,7 @@ async fn a_coordinator_killed_mid_stream_is_retried_safely_with_the_same_event_i
             }
         }
     }
-    let mut redis = t.cluster.redis.connection().await.expect("Redis");
+    let mut redis = t.cluster.redis().connection().await.expect("Redis");
     let leftovers: Vec<String> =
         redis::cmd("KEYS").arg(draining("*")).query_async(&mut redis).await.expect("KEYS (test only)");
     assert!(leftovers.is_empty(), "drains left behind: {leftovers:?}");
@@ -338,7 +338,7 @@ async fn a_coordinator_killed_mid_stream_is_retried_safely_with_the_same_event_i
 async fn the_next_invalidation_of_a_tag_finishes_a_drain_cut_short() {
     let t = TestCluster::start(1, "").await;
     let partition = shared::schema::Layout::default().of("acme").clone();
-    let mut redis = t.cluster.redis.connection().await.expect("Redis");
+    let mut redis = t.cluster.redis().connection().await.expect("Redis");
     for k in 0..1200 {
         t.put_ok(0, "acme", &format!("left:old:{k}"), "?tags=left", "old").await;
     }
@@ -368,7 +368,7 @@ async fn the_next_invalidation_of_a_tag_finishes_a_drain_cut_short() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_coordinators_share_one_log() {
     let t = TestCluster::with(ClusterOptions { agents: 2, ..ClusterOptions::default() }).await;
-    let second = start_coordinator(t.cluster.dir.path(), &t.cluster.redis.url(), integration_tests::free_port(), "")
+    let second = start_coordinator(t.cluster.dir.path(), &t.cluster.redis_url(), integration_tests::free_port(), "")
         .expect("second coordinator");
     wait_ready(&t.http, &second).await.expect("second coordinator ready");
     let bases = [t.cluster.coordinator.url(""), second.url("")];

@@ -390,7 +390,7 @@ async fn services_start_without_redis_and_become_ready_when_it_appears() {
 async fn losing_redis_makes_agents_unready_and_misses_answer_503_quickly() {
     let mut t = TestCluster::start(2, "").await;
     t.put_ok(0, "acme", "held", "", "v").await;
-    t.cluster.redis.proc.kill();
+    t.cluster.redis_mut().proc.kill();
     let http = client();
     for i in 0..2 {
         let agent = t.agent(i);
@@ -570,7 +570,7 @@ async fn an_event_id_makes_a_retry_a_duplicate_not_a_second_invalidation() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agents_repair_missed_invalidations_after_losing_their_subscription() {
     let t = TestCluster::start(2, "").await;
-    let mut redis = t.cluster.redis.connection().await.expect("a Redis connection");
+    let mut redis = t.cluster.redis().connection().await.expect("a Redis connection");
     let http = client();
     for round in 0..3 {
         let key = format!("repair:{round}");
