@@ -23,6 +23,7 @@ test: redis build
 	$(CARGO) test --workspace --lib --bins --tests -- --test-threads=1
 	DCC_TEST_REDIS=cluster $(CARGO) test -p integration-tests --test system -- --test-threads=1 $(TOPOLOGY_TESTS)
 	DCC_TEST_REDIS=sentinel $(CARGO) test -p integration-tests --test system -- --test-threads=1 $(TOPOLOGY_TESTS)
+	DCC_TEST_REDIS=cluster $(CARGO) test -p integration-tests --test checker
 	$(CARGO) test --workspace --benches
 	$(MAKE) demo-check
 
@@ -46,10 +47,13 @@ demo-check: release
 run: redis release
 	$(RUN_RELEASE) cluster
 
-## chaos: the stale-read checker under injected faults, for CHAOS_SECS seconds (default 300)
+## chaos: the stale-read checker under injected faults, for CHAOS_SECS seconds (default 300),
+## on CHAOS_REDIS: single (default), cluster (3 masters, 3 replicas: master kills and
+## forced failovers among the faults) or sentinel (forced Sentinel failovers)
 CHAOS_SECS ?= 300
+CHAOS_REDIS ?= single
 chaos: redis release
-	$(RUN_RELEASE) chaos -- $(CHAOS_SECS)
+	DCC_TEST_REDIS=$(CHAOS_REDIS) $(RUN_RELEASE) chaos -- $(CHAOS_SECS)
 
 ## bench: criterion micro-benchmarks, then the system side by side with Redis; writes BENCHMARKS.md
 ## (QUICK=1 for a short pass that only checks everything runs; it writes BENCHMARKS.quick.md)

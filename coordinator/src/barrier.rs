@@ -44,24 +44,25 @@ use crate::cluster::{self, ClusterView, NodeView};
 /// stored acknowledgements, in case the ack subscription is down).
 pub const LIVENESS_REFRESH: Duration = Duration::from_millis(100);
 
-/// Verified `(partition, epoch, seq, nonce)` facts about the logs kept at
-/// most: beyond it the cache starts over.
-const NONCE_CACHE_MAX: usize = 100_000;
-
 /// The newest acknowledgement of every node in every partition, and a signal
 /// for each change.
 pub struct AckBoard {
     latest: Mutex<HashMap<(String, u16), Ack>>,
     changed: watch::Sender<u64>,
-    /// Whether a partition's log holds a nonce at a seq, as read from Redis.
-    nonces: Mutex<HashMap<(u16, String, u64, String), bool>>,
 }
 
 impl Default for AckBoard {
     fn default() -> Self {
-        AckBoard { latest: Mutex::default(), changed: watch::channel(0).0, nonces: Mutex::default() }
+        AckBoard { latest: Mutex::default(), changed: watch::channel(0).0 }
     }
 }
+
+/// What one barrier (or one count) read of the logs: whether a partition's
+/// log held a nonce at a seq. Kept for one call only: a failover can fork a
+/// log, and what held before may not hold after (for a later target; for the
+/// call's own targets, which were replicated before it began, it still does).
+#[derive(Debug, Default)]
+pub struct LogFacts(HashMap<(u16, String, u64, String), bool>);
 
 /// Locks a std mutex, recovering from poisoning (the data is a plain value).
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -130,11 +131,12 @@ impl AckBoard {
 
     /// Whether `node_id` has applied `target`, its partition's epoch being
     /// `current` now (see [`coverage`]); reads the log when the node's
-    /// acknowledgement is of a later message, once per such message.
+    /// acknowledgement is of a later message, once per such message and `facts`.
     pub async fn has_applied<C: ConnectionLike + Send>(
         &self,
         conn: &mut C,
         layout: &Layout,
+        facts: &mut LogFacts,
         node_id: &str,
         target: &Position,
         current: &str,
@@ -144,18 +146,14 @@ impl AckBoard {
             Coverage::No => Ok(false),
             Coverage::IfLogHolds(seq, nonce) => {
                 let fact = (target.partition, target.epoch.clone(), seq, nonce.clone());
-                if let Some(known) = lock(&self.nonces).get(&fact) {
+                if let Some(known) = facts.0.get(&fact) {
                     return Ok(*known);
                 }
                 let found = shared::invalidation::nonce_at(conn, layout.get(target.partition), seq).await?;
                 // An unknown nonce (an agent that adopted the head without one)
                 // counts when the log holds the seq at all.
                 let holds = found.is_some_and(|n| nonce.is_empty() || n == nonce);
-                let mut nonces = lock(&self.nonces);
-                if nonces.len() >= NONCE_CACHE_MAX {
-                    nonces.clear();
-                }
-                nonces.insert(fact, holds);
+                facts.0.insert(fact, holds);
                 Ok(holds)
             }
         }
@@ -166,13 +164,14 @@ impl AckBoard {
         &self,
         conn: &mut C,
         layout: &Layout,
+        facts: &mut LogFacts,
         view: &ClusterView,
         node: &NodeView,
         targets: &[Position],
     ) -> redis::RedisResult<bool> {
         for target in targets {
             let current = view.epoch_of(target.partition);
-            if !self.has_applied(conn, layout, &node.node_id, target, current).await? {
+            if !self.has_applied(conn, layout, facts, &node.node_id, target, current).await? {
                 return Ok(false);
             }
         }
@@ -322,6 +321,7 @@ pub async fn wait_for_all(w: &Waiting<'_>, targets: &[Position], timeout: Durati
     let called = Instant::now();
     let deadline = called + timeout;
     let mut changes = w.board.changed.subscribe();
+    let mut facts = LogFacts::default();
     loop {
         // Who is live now (as of a read at most one refresh old, and begun
         // after the call), and what the registry already knows they applied.
@@ -334,7 +334,7 @@ pub async fn wait_for_all(w: &Waiting<'_>, targets: &[Position], timeout: Durati
             let mut conn = w.store.get().await?;
             let mut lagging = Vec::new();
             for node in &live {
-                if !w.board.has_applied_all(&mut conn, w.layout, &view, node, targets).await? {
+                if !w.board.has_applied_all(&mut conn, w.layout, &mut facts, &view, node, targets).await? {
                     lagging.push(node.node_id.clone());
                 }
             }

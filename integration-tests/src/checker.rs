@@ -30,7 +30,7 @@ use nix::sys::signal::Signal;
 use reqwest::Client;
 use serde_json::json;
 
-use crate::{start_coordinator, wait_ready, Cluster, ClusterOptions, Redis};
+use crate::{start_coordinator, wait_ready, Backend, Cluster, ClusterOptions, Redis};
 
 /// The tenant the checker uses.
 const TENANT: &str = "chk";
@@ -80,9 +80,28 @@ impl Default for Options {
     }
 }
 
-/// The faults, injected in this order, round after round.
+/// The faults on one `redis-server`, injected in this order, round after round.
 pub const FAULTS: [&str; 5] =
     ["client_kill_pubsub", "output_buffer_overflow", "freeze_agent", "redis_restart", "coordinator_kill"];
+
+/// The faults on a Redis Cluster: a master killed (its replica takes over,
+/// and it comes back as a replica), a graceful failover (`CLUSTER FAILOVER`
+/// on a replica), besides subscriber kills on every node.
+pub const CLUSTER_FAULTS: [&str; 5] =
+    ["client_kill_pubsub", "master_kill", "freeze_agent", "forced_failover", "coordinator_kill"];
+
+/// The faults under Sentinel: `SENTINEL FAILOVER` (the primary changes, its
+/// last writes possibly lost: a fork), besides subscriber kills on the primary.
+pub const SENTINEL_FAULTS: [&str; 4] = ["client_kill_pubsub", "freeze_agent", "sentinel_failover", "coordinator_kill"];
+
+/// The faults a run injects on the Redis that `DCC_TEST_REDIS` names.
+pub fn faults() -> &'static [&'static str] {
+    match std::env::var("DCC_TEST_REDIS").unwrap_or_default().as_str() {
+        "cluster" => &CLUSTER_FAULTS,
+        "sentinel" => &SENTINEL_FAULTS,
+        _ => &FAULTS,
+    }
+}
 
 /// The coordinator's config for a checker run: a short `node_dead_after_ms`,
 /// so that a frozen agent stops being awaited within a few seconds.
@@ -172,7 +191,7 @@ impl Shared {
         let report = self.counters.lock().unwrap_or_else(|p| p.into_inner());
         report.hits >= options.min_reads
             && report.writes_acked >= options.min_writes
-            && (!options.faults || FAULTS.iter().all(|kind| report.faults.contains_key(kind)))
+            && (!options.faults || faults().iter().all(|kind| report.faults.contains_key(kind)))
     }
 
     fn count(&self, f: impl FnOnce(&mut Report)) {
@@ -383,7 +402,8 @@ async fn chaos(shared: Arc<Shared>, mut cluster: Cluster, options: Options) -> a
         if !options.faults {
             continue;
         }
-        let kind = FAULTS[turn % FAULTS.len()];
+        let kinds = faults();
+        let kind = kinds[turn % kinds.len()];
         turn += 1;
         shared.fault_log.lock().unwrap_or_else(|p| p.into_inner()).push((Instant::now(), kind));
         let injected = match kind {
@@ -391,6 +411,9 @@ async fn chaos(shared: Arc<Shared>, mut cluster: Cluster, options: Options) -> a
             "output_buffer_overflow" => output_buffer_overflow(&cluster, &http, &mut rng).await,
             "freeze_agent" => freeze_agent(&cluster, &mut rng).await,
             "redis_restart" => redis_restart(&mut cluster).await,
+            "master_kill" => master_kill(&mut cluster, &mut rng).await,
+            "forced_failover" => forced_failover(&cluster, &mut rng).await,
+            "sentinel_failover" => sentinel_failover(&cluster).await,
             _ => coordinator_kill(&shared, &mut cluster, &http).await,
         };
         match injected {
@@ -400,9 +423,57 @@ async fn chaos(shared: Arc<Shared>, mut cluster: Cluster, options: Options) -> a
     }
 }
 
+/// Drops every subscriber connection: of the one server, of every cluster
+/// node, or of the primary Sentinel names.
 async fn client_kill_pubsub(cluster: &Cluster) -> anyhow::Result<()> {
-    let mut conn = cluster.redis().connection().await?;
-    let _: i64 = redis::cmd("CLIENT").arg("KILL").arg("TYPE").arg("pubsub").query_async(&mut conn).await?;
+    let nodes: Vec<&Redis> = match &cluster.backend {
+        Backend::Single(redis) => vec![redis],
+        Backend::Cluster(c) => c.nodes.iter().filter(|n| n.proc.pid().is_some()).collect(),
+        Backend::Sentinel(s) => s.node(s.primary_port().await?).into_iter().collect(),
+    };
+    for node in nodes {
+        let mut conn = node.connection().await?;
+        let _: i64 = redis::cmd("CLIENT").arg("KILL").arg("TYPE").arg("pubsub").query_async(&mut conn).await?;
+    }
+    Ok(())
+}
+
+/// kill -9 of a random cluster master; once its replica has taken over, the
+/// node comes back on its port, empty, and rejoins as a replica.
+async fn master_kill(cluster: &mut Cluster, rng: &mut fastrand::Rng) -> anyhow::Result<()> {
+    let dir = cluster.dir.path().to_path_buf();
+    let Backend::Cluster(redis) = &mut cluster.backend else { anyhow::bail!("master_kill needs a Redis Cluster") };
+    let masters: Vec<_> = redis.topology().await?.into_iter().filter(|n| n.master && !n.slots.is_empty()).collect();
+    let victim = masters.get(rng.usize(..masters.len().max(1))).context("no master")?.clone();
+    redis.node(victim.port).context("the master's process")?.proc.kill();
+    redis.wait_healthy(3, 0, Duration::from_secs(60)).await?;
+    redis.restart(&dir, victim.port).await?;
+    redis.wait_healthy(3, 3, Duration::from_secs(60)).await
+}
+
+/// `CLUSTER FAILOVER` on a random replica: it takes its master's slots over,
+/// after catching up with it.
+async fn forced_failover(cluster: &Cluster, rng: &mut fastrand::Rng) -> anyhow::Result<()> {
+    let Backend::Cluster(redis) = &cluster.backend else { anyhow::bail!("forced_failover needs a Redis Cluster") };
+    let replicas: Vec<_> = redis.topology().await?.into_iter().filter(|n| !n.master).collect();
+    let replica = replicas.get(rng.usize(..replicas.len().max(1))).context("no replica")?;
+    let node = redis.nodes.iter().find(|n| n.port == replica.port).context("the replica's process")?;
+    let mut conn = node.connection().await?;
+    let _: () = redis::cmd("CLUSTER").arg("FAILOVER").query_async(&mut conn).await?;
+    redis.wait_healthy(3, 3, Duration::from_secs(60)).await
+}
+
+/// `SENTINEL FAILOVER`: the sentinels promote the replica at once, whatever
+/// it has received.
+async fn sentinel_failover(cluster: &Cluster) -> anyhow::Result<()> {
+    let Backend::Sentinel(set) = &cluster.backend else { anyhow::bail!("sentinel_failover needs Sentinel") };
+    let before = set.primary_port().await?;
+    set.failover().await?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while set.primary_port().await.ok() == Some(before) {
+        anyhow::ensure!(Instant::now() < deadline, "the sentinels did not fail over within 60 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     Ok(())
 }
 

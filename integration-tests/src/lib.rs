@@ -327,7 +327,8 @@ pub struct Cluster {
 impl Cluster {
     /// Starts everything and waits until every process is ready.
     pub async fn start(options: ClusterOptions) -> anyhow::Result<Cluster> {
-        let dir = tempfile::Builder::new().prefix("dcc-cluster-").tempdir()?;
+        let mut dir = tempfile::Builder::new().prefix("dcc-cluster-").tempdir()?;
+        dir.disable_cleanup(std::env::var_os("DCC_KEEP_LOGS").is_some());
         let backend = Backend::start(dir.path()).await?;
         let url = backend.url();
         let port = |i: usize| options.ports.as_ref().and_then(|p| p.get(i).copied()).unwrap_or_else(free_port);

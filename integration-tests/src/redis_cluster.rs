@@ -24,6 +24,28 @@ fn free_cluster_port() -> anyhow::Result<u16> {
     bail!("no free port pair for a cluster node")
 }
 
+/// The `redis-server` arguments of a cluster node on `port`.
+fn node_args(dir: &Path, port: u16) -> Vec<String> {
+    let conf = dir.join(format!("nodes-{port}.conf"));
+    [
+        "--cluster-enabled",
+        "yes",
+        "--cluster-config-file",
+        &conf.display().to_string(),
+        "--cluster-node-timeout",
+        "2000",
+        "--cluster-require-full-coverage",
+        "no",
+        "--cluster-replica-validity-factor",
+        "0",
+        "--cluster-allow-replica-migration",
+        "no",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
 /// One node as `CLUSTER NODES` lists it.
 #[derive(Debug, Clone)]
 pub struct NodeInfo {
@@ -50,25 +72,7 @@ impl RedisCluster {
         let mut nodes = Vec::new();
         for _ in 0..masters * (1 + replicas) {
             let port = free_cluster_port()?;
-            let conf = dir.join(format!("nodes-{port}.conf"));
-            let args: Vec<String> = [
-                "--cluster-enabled",
-                "yes",
-                "--cluster-config-file",
-                &conf.display().to_string(),
-                "--cluster-node-timeout",
-                "2000",
-                "--cluster-require-full-coverage",
-                "no",
-                "--cluster-replica-validity-factor",
-                "0",
-                "--cluster-allow-replica-migration",
-                "no",
-            ]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-            nodes.push(Redis::start_with(dir, port, &args).await?);
+            nodes.push(Redis::start_with(dir, port, &node_args(dir, port)).await?);
         }
         let cluster = RedisCluster { nodes };
         let cli = which("redis-cli").context("redis-cli is not installed (it comes with redis-server)")?;
@@ -89,6 +93,17 @@ impl RedisCluster {
         }
         cluster.wait_healthy(masters, masters * replicas, Duration::from_secs(60)).await?;
         Ok(cluster)
+    }
+
+    /// Starts the node of `port` again (after it was killed): it rejoins
+    /// from its `nodes.conf`, empty, and becomes a replica if its slots moved.
+    pub async fn restart(&mut self, dir: &Path, port: u16) -> anyhow::Result<()> {
+        let node = Redis::start_with(dir, port, &node_args(dir, port)).await?;
+        match self.nodes.iter_mut().find(|n| n.port == port) {
+            Some(slot) => *slot = node,
+            None => self.nodes.push(node),
+        }
+        Ok(())
     }
 
     /// `redis+cluster://` with every node as a seed.
@@ -245,6 +260,20 @@ impl Sentinels {
             }
         }
         bail!("no sentinel names a primary")
+    }
+
+    /// Asks a sentinel to fail over now (`SENTINEL FAILOVER`).
+    pub async fn failover(&self) -> anyhow::Result<()> {
+        for (port, _) in &self.sentinels {
+            let Ok(client) = redis::Client::open(format!("redis://127.0.0.1:{port}")) else { continue };
+            let Ok(mut conn) = client.get_multiplexed_async_connection().await else { continue };
+            let done: RedisResult<()> =
+                redis::cmd("SENTINEL").arg("FAILOVER").arg(MASTER_NAME).query_async(&mut conn).await;
+            if done.is_ok() {
+                return Ok(());
+            }
+        }
+        bail!("no sentinel accepted SENTINEL FAILOVER")
     }
 
     /// Starts a new replica of the primary on `primary_port` (a lost node

@@ -22,7 +22,7 @@ async fn the_stale_read_checker_counts_zero_under_every_fault() {
     let options = checker::Options::default();
     assert!(report.hits >= options.min_reads, "too few reads to mean anything: {report}");
     assert!(report.writes_acked >= options.min_writes, "too few acknowledged writes to mean anything: {report}");
-    for kind in checker::FAULTS {
+    for kind in checker::faults() {
         assert!(report.faults.get(kind).is_some_and(|n| *n >= 1), "{kind} was never injected: {report}");
     }
 }
