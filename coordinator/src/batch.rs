@@ -137,13 +137,14 @@ async fn lane(
                 Err(_) => break,
             }
         }
-        let conn = match kept.take().filter(|(_, used)| used.elapsed() < KEEP_IDLE) {
+        // Under Sentinel, a connection to a primary that is no longer one is not kept.
+        let conn = match kept.take().filter(|(conn, used)| used.elapsed() < KEEP_IDLE && store.is_current(conn)) {
             Some((conn, _)) => Ok(conn),
             None => store.get().await.map_err(|e| BatchError::Redis(Arc::new(e.into()))),
         };
         match conn {
             Ok(mut conn) => {
-                if run_jobs(&mut conn, &partition, &log, jobs).await {
+                if run_jobs(&store, &mut conn, &partition, &log, jobs).await {
                     kept = Some((conn, Instant::now()));
                 }
             }
@@ -164,10 +165,17 @@ const KEEP_IDLE: Duration = Duration::from_secs(1);
 
 /// Runs one request as it is, or several merged, and answers each caller.
 /// Returns false when Redis failed (the connection is then dropped).
-async fn run_jobs(conn: &mut Conn, partition: &Partition, log: &LogSettings, mut jobs: Vec<Job>) -> bool {
+async fn run_jobs(
+    store: &Store,
+    conn: &mut Conn,
+    partition: &Partition,
+    log: &LogSettings,
+    mut jobs: Vec<Job>,
+) -> bool {
     if jobs.len() == 1 {
         let job = jobs.remove(0);
         let outcome = invalidation::execute(conn, partition, job.request, log).await.map_err(BatchError::from);
+        let outcome = confirm_primary(store, conn, outcome).await;
         let healthy = !matches!(outcome, Err(BatchError::Redis(_)));
         let _ = job.reply.send(outcome);
         return healthy;
@@ -205,7 +213,8 @@ async fn run_jobs(conn: &mut Conn, partition: &Partition, log: &LogSettings, mut
     let tenants: Vec<HashSet<String>> =
         fresh.iter().map(|job| job.request.items.iter().map(|s| s.tenant.clone()).collect()).collect();
     let (requests, replies): (Vec<Request>, Vec<_>) = fresh.into_iter().map(|job| (job.request, job.reply)).unzip();
-    match invalidation::execute(conn, partition, merge(requests), log).await {
+    let outcome = invalidation::execute(conn, partition, merge(requests), log).await.map_err(BatchError::from);
+    match confirm_primary(store, conn, outcome).await {
         Ok(outcome) => {
             for (reply, tenants) in replies.into_iter().zip(tenants) {
                 let invalidated = outcome.invalidated.iter().filter(|s| tenants.contains(&s.tenant)).cloned().collect();
@@ -219,13 +228,31 @@ async fn run_jobs(conn: &mut Conn, partition: &Partition, log: &LogSettings, mut
             healthy
         }
         Err(e) => {
-            let e = BatchError::from(e);
             let redis_failed = matches!(e, BatchError::Redis(_));
             for reply in replies {
                 let _ = reply.send(Err(e.clone()));
             }
             healthy && !redis_failed
         }
+    }
+}
+
+/// Under Sentinel, an outcome counts only if the node it was written to is
+/// still the primary (see [`Store::still_primary`]); otherwise it is a Redis
+/// failure for the caller to retry.
+async fn confirm_primary(
+    store: &Store,
+    conn: &Conn,
+    outcome: Result<Outcome, BatchError>,
+) -> Result<Outcome, BatchError> {
+    let outcome = outcome?;
+    match store.still_primary(conn).await {
+        Ok(true) => Ok(outcome),
+        Ok(false) => Err(BatchError::Redis(Arc::new(RedisError::from((
+            redis::ErrorKind::Io,
+            "the primary changed during the invalidation (a failover): it may be lost; retry it",
+        ))))),
+        Err(e) => Err(e.into()),
     }
 }
 

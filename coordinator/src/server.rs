@@ -113,6 +113,8 @@ async fn watch_redis(coordinator: Coordinator, stop: CancellationToken) {
     let mut outage_logged = false;
     loop {
         let check = async {
+            // Under Sentinel: follow a new primary within a second.
+            inner.store.check_primary().await.map_err(|e| e.to_string())?;
             let mut conn = inner.store.get().await.map_err(|e| e.to_string())?;
             check_layout(&mut conn, &inner.layout).await?;
             for partition in inner.layout.all() {

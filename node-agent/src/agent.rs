@@ -361,7 +361,12 @@ impl Agent {
         match invalidation::execute(&mut conn, partition, request, &self.0.log).await {
             Ok(outcome) => {
                 apply(&outcome.invalidated);
-                Ok(outcome)
+                // Under Sentinel: written to the primary that still is one.
+                match self.0.store.still_primary(&conn).await {
+                    Ok(true) => Ok(outcome),
+                    Ok(false) => Err(self.l2_failed("the primary changed during the DELETE (a failover); retry it")),
+                    Err(e) => Err(self.l2_failed(e)),
+                }
             }
             Err(e @ InvalidationError::NotReplicated(_)) => {
                 apply(&[Selector {

@@ -141,46 +141,78 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// Makes connections to the primary a set of sentinels names, for the pool:
-/// each new connection asks the sentinels, and a connection is handed out
-/// again only while it still talks to a primary (`ROLE`), so that after a
-/// failover the pool fills with connections to the new one.
-pub struct SentinelManager {
+/// The primary a set of sentinels names, as last asked: every connection
+/// made to it carries the *generation* it was made in, and a new primary
+/// (a failover) starts a new generation, so that connections to the old one
+/// (which may still answer, and still call itself primary, until Sentinel
+/// reconfigures it) are dropped rather than used.
+pub struct Primary {
     /// The sentinel client (it asks the sentinels in turn).
     sentinel: tokio::sync::Mutex<redis::sentinel::SentinelClient>,
+    /// The primary's address as last named.
+    named: std::sync::Mutex<Option<redis::ConnectionAddr>>,
+    /// Bumped whenever the named primary changes.
+    generation: tokio::sync::watch::Sender<u64>,
 }
 
-impl SentinelManager {
-    /// A client of the primary the sentinels name now.
-    async fn primary(&self) -> RedisResult<redis::Client> {
-        self.sentinel.lock().await.async_get_client().await
+impl Primary {
+    /// Asks the sentinels for the primary now; a new one starts a new
+    /// generation. Returns a client of it.
+    async fn resolve(&self) -> RedisResult<redis::Client> {
+        let client = self.sentinel.lock().await.async_get_client().await?;
+        let addr = client.get_connection_info().addr().clone();
+        let mut named = self.named.lock().unwrap_or_else(|p| p.into_inner());
+        if named.as_ref() != Some(&addr) {
+            if named.is_some() {
+                tracing::warn!(primary = %addr, "Sentinel names a new primary: dropping connections to the old one");
+            }
+            *named = Some(addr);
+            self.generation.send_modify(|g| *g += 1);
+        }
+        Ok(client)
+    }
+
+    fn generation(&self) -> u64 {
+        *self.generation.borrow()
     }
 }
 
+/// A connection to the primary Sentinel named, with the generation it was made in.
+pub struct SentinelConn {
+    /// The connection.
+    conn: MultiplexedConnection,
+    /// See [`Primary`].
+    generation: u64,
+}
+
+/// Makes the pool's connections to the primary (see [`Primary`]); a
+/// connection is handed out again only while its generation is current and
+/// it answers.
+pub struct SentinelManager {
+    primary: std::sync::Arc<Primary>,
+}
+
 impl deadpool::managed::Manager for SentinelManager {
-    type Type = MultiplexedConnection;
+    type Type = SentinelConn;
     type Error = RedisError;
 
-    async fn create(&self) -> Result<MultiplexedConnection, RedisError> {
-        self.primary().await?.get_multiplexed_async_connection_with_config(&connection_config()).await
+    async fn create(&self) -> Result<SentinelConn, RedisError> {
+        let client = self.primary.resolve().await?;
+        let generation = self.primary.generation();
+        let conn = client.get_multiplexed_async_connection_with_config(&connection_config()).await?;
+        Ok(SentinelConn { conn, generation })
     }
 
     async fn recycle(
         &self,
-        conn: &mut MultiplexedConnection,
+        conn: &mut SentinelConn,
         _: &deadpool::managed::Metrics,
     ) -> deadpool::managed::RecycleResult<RedisError> {
-        let role: Value = redis::cmd("ROLE").query_async(conn).await?;
-        match role {
-            Value::Array(items)
-                if items
-                    .first()
-                    .is_some_and(|v| redis::from_redis_value_ref::<String>(v).is_ok_and(|r| r == "master")) =>
-            {
-                Ok(())
-            }
-            _ => Err(deadpool::managed::RecycleError::message("no longer a primary")),
+        if conn.generation != self.primary.generation() {
+            return Err(deadpool::managed::RecycleError::message("the primary changed"));
         }
+        let _: String = redis::cmd("PING").query_async(&mut conn.conn).await?;
+        Ok(())
     }
 }
 
@@ -198,8 +230,8 @@ pub enum Store {
     Sentinel {
         /// Pooled connections to the primary.
         pool: deadpool::managed::Pool<SentinelManager>,
-        /// The same sentinels, for subscriptions (asked again on every one).
-        manager: std::sync::Arc<SentinelManager>,
+        /// The primary as the sentinels name it, shared with the pool.
+        primary: std::sync::Arc<Primary>,
     },
     /// A cluster, through one shared connection (made at first use).
     Cluster {
@@ -249,7 +281,7 @@ impl Store {
                 Ok(Store::Cluster { client: Box::new(client), nodes, shared: Default::default() })
             }
             Topology::Sentinel { sentinels, master, username, password } => {
-                let manager = || -> Result<SentinelManager, String> {
+                let primary = || -> Result<Primary, String> {
                     let addrs = sentinels.iter().map(|(h, p)| redis::ConnectionAddr::Tcp(h.clone(), *p));
                     let mut builder = redis::sentinel::SentinelClientBuilder::new(
                         addrs,
@@ -264,9 +296,14 @@ impl Store {
                         builder = builder.set_client_to_redis_password(password);
                     }
                     let sentinel = builder.build().map_err(|e| format!("bad redis_url: {e}"))?;
-                    Ok(SentinelManager { sentinel: tokio::sync::Mutex::new(sentinel) })
+                    Ok(Primary {
+                        sentinel: tokio::sync::Mutex::new(sentinel),
+                        named: std::sync::Mutex::new(None),
+                        generation: tokio::sync::watch::channel(0).0,
+                    })
                 };
-                let pool = deadpool::managed::Pool::builder(manager()?)
+                let primary = std::sync::Arc::new(primary()?);
+                let pool = deadpool::managed::Pool::builder(SentinelManager { primary: primary.clone() })
                     .max_size(pool_size)
                     .wait_timeout(Some(Duration::from_secs(5)))
                     .create_timeout(Some(Duration::from_secs(5)))
@@ -274,7 +311,7 @@ impl Store {
                     .runtime(deadpool::Runtime::Tokio1)
                     .build()
                     .map_err(|e| format!("cannot build the Redis pool: {e}"))?;
-                Ok(Store::Sentinel { pool, manager: std::sync::Arc::new(manager()?) })
+                Ok(Store::Sentinel { pool, primary })
             }
         }
     }
@@ -315,30 +352,74 @@ impl Store {
                 .await
                 .map(SharedConn::Mux)
                 .map_err(|e| Unreachable(e.to_string())),
-            Store::Sentinel { manager, .. } => {
-                let primary = manager.primary().await.map_err(|e| Unreachable(e.to_string()))?;
-                let conn = primary.get_multiplexed_async_connection_with_config(&connection_config()).await;
+            Store::Sentinel { primary, .. } => {
+                let client = primary.resolve().await.map_err(|e| Unreachable(e.to_string()))?;
+                let conn = client.get_multiplexed_async_connection_with_config(&connection_config()).await;
                 conn.map(SharedConn::Mux).map_err(|e| Unreachable(e.to_string()))
             }
             Store::Cluster { .. } => Ok(self.get().await?.shared()),
         }
     }
 
+    /// Asks the sentinels which node is the primary now (nothing to do for
+    /// the other topologies): when it changed, connections to the old one are
+    /// dropped before their next use and subscriptions on it end. The agents'
+    /// heartbeat calls this before it reads the logs' heads, so that a proof
+    /// of sync is always made against the primary the coordinators write to,
+    /// never against an old one that still answers.
+    pub async fn check_primary(&self) -> RedisResult<()> {
+        if let Store::Sentinel { primary, .. } = self {
+            primary.resolve().await?;
+        }
+        Ok(())
+    }
+
+    /// The primary's generation (see [`Primary`]; 0 for the other topologies).
+    pub fn generation(&self) -> u64 {
+        match self {
+            Store::Sentinel { primary, .. } => primary.generation(),
+            _ => 0,
+        }
+    }
+
+    /// Whether the node `conn` wrote to is still the primary, asking the
+    /// sentinels now (always true for the other topologies). Under Sentinel an
+    /// invalidation is answered only then: one written to a primary that had
+    /// just been replaced (it still answers until Sentinel reconfigures it)
+    /// would be lost with it.
+    pub async fn still_primary(&self, conn: &Conn) -> RedisResult<bool> {
+        self.check_primary().await?;
+        Ok(self.is_current(conn))
+    }
+
+    /// Whether a connection kept between uses still goes to the primary.
+    pub fn is_current(&self, conn: &Conn) -> bool {
+        match conn {
+            Conn::Sentinel(c) => c.generation == self.generation(),
+            _ => true,
+        }
+    }
+
     /// Subscribes to `channels`; see [`Subscription`].
     pub async fn subscribe(&self, channels: &[String]) -> RedisResult<Subscription> {
-        let classic = async |client: &redis::Client| {
+        let classic = async |client: &redis::Client, changed: Option<tokio::sync::watch::Receiver<u64>>| {
             let mut pubsub = tokio::time::timeout(Duration::from_secs(2), client.get_async_pubsub())
                 .await
                 .map_err(|_| RedisError::from((redis::ErrorKind::Io, "timed out subscribing")))??;
             pubsub.subscribe(channels).await?;
             let (sink, stream) = pubsub.split();
-            RedisResult::Ok(Subscription::Classic { _sink: sink, stream: Box::pin(stream) })
+            RedisResult::Ok(Subscription::Classic { _sink: sink, stream: Box::pin(stream), changed })
         };
         match self {
-            Store::Standalone { client, .. } => classic(client).await,
-            // The primary as the sentinels name it now: after a failover,
-            // the next subscription is on the new one.
-            Store::Sentinel { manager, .. } => classic(&manager.primary().await?).await,
+            Store::Standalone { client, .. } => classic(client, None).await,
+            // The primary as the sentinels name it now; the subscription ends
+            // when they name another.
+            Store::Sentinel { primary, .. } => {
+                let client = primary.resolve().await?;
+                let mut changed = primary.generation.subscribe();
+                changed.borrow_and_update();
+                classic(&client, Some(changed)).await
+            }
             Store::Cluster { nodes, .. } => {
                 let (tx, pushes) = tokio::sync::mpsc::unbounded_channel();
                 let client =
@@ -378,7 +459,7 @@ impl Conn {
     pub fn shared(&self) -> SharedConn {
         match self {
             Conn::Pooled(conn) => SharedConn::Mux((**conn).clone()),
-            Conn::Sentinel(conn) => SharedConn::Mux((**conn).clone()),
+            Conn::Sentinel(conn) => SharedConn::Mux(conn.conn.clone()),
             Conn::Cluster(conn) => SharedConn::Cluster(conn.clone()),
         }
     }
@@ -388,7 +469,7 @@ impl ConnectionLike for Conn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
             Conn::Pooled(c) => c.req_packed_command(cmd),
-            Conn::Sentinel(c) => c.req_packed_command(cmd),
+            Conn::Sentinel(c) => c.conn.req_packed_command(cmd),
             Conn::Cluster(c) => c.req_packed_command(cmd),
         }
     }
@@ -401,7 +482,7 @@ impl ConnectionLike for Conn {
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
             Conn::Pooled(c) => c.req_packed_commands(cmd, offset, count),
-            Conn::Sentinel(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Sentinel(c) => c.conn.req_packed_commands(cmd, offset, count),
             Conn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
         }
     }
@@ -409,7 +490,7 @@ impl ConnectionLike for Conn {
     fn get_db(&self) -> i64 {
         match self {
             Conn::Pooled(c) => c.get_db(),
-            Conn::Sentinel(c) => c.get_db(),
+            Conn::Sentinel(c) => c.conn.get_db(),
             Conn::Cluster(c) => c.get_db(),
         }
     }
@@ -477,6 +558,8 @@ pub enum Subscription {
         _sink: redis::aio::PubSubSink,
         /// Its messages.
         stream: std::pin::Pin<Box<redis::aio::PubSubStream>>,
+        /// Under Sentinel: changes when another node becomes the primary.
+        changed: Option<tokio::sync::watch::Receiver<u64>>,
     },
     /// `SSUBSCRIBE` on a cluster.
     Sharded {
@@ -494,10 +577,24 @@ impl Subscription {
     pub async fn next(&mut self) -> RedisResult<Option<Delivery>> {
         use futures_util::StreamExt;
         match self {
-            Subscription::Classic { stream, .. } => Ok(stream.next().await.map(|msg| Delivery::Message {
-                channel: msg.get_channel_name().to_string(),
-                payload: msg.get_payload_bytes().to_vec(),
-            })),
+            Subscription::Classic { stream, changed, .. } => {
+                let primary_changed = async {
+                    match changed {
+                        Some(changed) => {
+                            let _ = changed.changed().await;
+                        }
+                        None => std::future::pending::<()>().await,
+                    }
+                };
+                tokio::select! {
+                    msg = stream.next() => Ok(msg.map(|msg| Delivery::Message {
+                        channel: msg.get_channel_name().to_string(),
+                        payload: msg.get_payload_bytes().to_vec(),
+                    })),
+                    // Subscribed to a node that is no longer the primary.
+                    _ = primary_changed => Ok(None),
+                }
+            }
             Subscription::Sharded { conn, pushes, channels } => loop {
                 let Some(push) = pushes.recv().await else { return Ok(None) };
                 let channel = push.data.first().and_then(|v| redis::from_redis_value::<String>(v.clone()).ok());

@@ -286,7 +286,7 @@ async fn acknowledge_loop(agent: Agent, shutdown: CancellationToken) {
     let mut acked: Vec<Option<Position>> = vec![None; usize::from(inner.layout.count())];
     // A connection of its own, kept open: an ack is one round trip, with no
     // pool checkout (whose liveness check would be a second one).
-    let mut connection: Option<SharedConn> = None;
+    let mut connection: Option<(SharedConn, u64)> = None;
     loop {
         tokio::select! {
             _ = inner.sync.applied.notified() => {}
@@ -305,10 +305,15 @@ async fn acknowledge_loop(agent: Agent, shutdown: CancellationToken) {
         if moved.is_empty() {
             continue;
         }
-        if connection.is_none() {
-            connection = inner.store.dedicated().await.ok();
+        // Under Sentinel, a connection to an old primary is not kept.
+        if connection.as_ref().is_some_and(|(_, generation)| *generation != inner.store.generation()) {
+            connection = None;
         }
-        let Some(conn) = connection.as_ref() else {
+        if connection.is_none() {
+            let generation = inner.store.generation();
+            connection = inner.store.dedicated().await.ok().map(|conn| (conn, generation));
+        }
+        let Some((conn, _)) = connection.as_ref() else {
             // Redis is away: try again shortly rather than at the next apply.
             tokio::time::sleep(Duration::from_millis(200)).await;
             inner.sync.applied.notify_one();
@@ -462,6 +467,9 @@ async fn beat(agent: &Agent) -> anyhow::Result<(registry::Beat, Heads)> {
         staleness_bound_ms: status.staleness_bound_ms,
         ts_ms: now_ms(),
     };
+    // Under Sentinel: the heads are read from the primary the sentinels
+    // name now, never from an old one that still answers.
+    tokio::time::timeout(Duration::from_secs(2), inner.store.check_primary()).await??;
     let mut conn = tokio::time::timeout(Duration::from_secs(2), inner.store.get()).await??;
     let beat = registry::beat(&mut conn, &report).await?;
     // Concurrent on one multiplexed connection: one round trip for all.
