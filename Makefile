@@ -72,16 +72,17 @@ build:
 release:
 	$(CARGO) build --release --workspace --bins
 
-## redis: make sure redis-server is installed (tests and the demo start their own, on free ports)
+## redis: make sure redis-server and redis-cli are installed (tests and the demo start their own, on free ports)
 redis:
-	@if command -v redis-server >/dev/null 2>&1 || [ -x /usr/bin/redis-server ] || [ -x /usr/sbin/redis-server ]; then \
+	@if { command -v redis-server >/dev/null 2>&1 || [ -x /usr/bin/redis-server ] || [ -x /usr/sbin/redis-server ]; } \
+		&& { command -v redis-cli >/dev/null 2>&1 || [ -x /usr/bin/redis-cli ]; }; then \
 		exit 0; \
 	fi; \
-	echo "redis-server is missing: installing it with apt-get"; \
+	echo "redis-server or redis-cli (the tests build Redis Clusters with it) is missing: installing them with apt-get"; \
 	if command -v apt-get >/dev/null 2>&1; then \
 		if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null 2>&1; then SUDO=sudo; else \
 			echo "run as root, or install redis-server yourself (apt-get install redis-server)"; exit 1; fi; \
-		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq redis-server >/dev/null \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq redis-server redis-tools >/dev/null \
 			|| { echo "apt-get could not install redis-server; install Redis 7 (redis-server) and retry"; exit 1; }; \
 	else \
 		echo "no apt-get here: install redis-server (Redis 6.2 or newer) with your package manager and retry"; exit 1; \
