@@ -23,7 +23,6 @@ test: redis build
 	$(CARGO) test --workspace --lib --bins --tests -- --test-threads=1
 	DCC_TEST_REDIS=cluster $(CARGO) test -p integration-tests --test system -- --test-threads=1 $(TOPOLOGY_TESTS)
 	DCC_TEST_REDIS=sentinel $(CARGO) test -p integration-tests --test system -- --test-threads=1 $(TOPOLOGY_TESTS)
-	DCC_TEST_REDIS=cluster $(CARGO) test -p integration-tests --test checker
 	$(CARGO) test --workspace --benches
 	$(MAKE) demo-check
 

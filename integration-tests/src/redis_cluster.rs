@@ -24,10 +24,16 @@ fn free_cluster_port() -> anyhow::Result<u16> {
     bail!("no free port pair for a cluster node")
 }
 
-/// The `redis-server` arguments of a cluster node on `port`.
+/// The `redis-server` arguments of a cluster node on `port`. Each node has a
+/// folder of its own: a replica's sync writes `dump.rdb` there, and a node
+/// restarted in a shared folder would load another node's old snapshot.
 fn node_args(dir: &Path, port: u16) -> Vec<String> {
     let conf = dir.join(format!("nodes-{port}.conf"));
+    let own = dir.join(format!("node-{port}"));
+    let _ = std::fs::create_dir_all(&own);
     [
+        "--dir",
+        &own.display().to_string(),
         "--cluster-enabled",
         "yes",
         "--cluster-config-file",
