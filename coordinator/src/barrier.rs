@@ -26,7 +26,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use redis::aio::ConnectionLike;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -36,7 +35,7 @@ use shared::protocol::Position;
 use shared::registry::{self, Ack};
 use shared::schema::Layout;
 use shared::service::Backoff;
-use shared::store::{Delivery, Store};
+use shared::store::{Conn, Delivery, Store};
 
 use crate::cluster::{self, ClusterView, NodeView};
 
@@ -61,8 +60,12 @@ impl Default for AckBoard {
 /// log held a nonce at a seq. Kept for one call only: a failover can fork a
 /// log, and what held before may not hold after (for a later target; for the
 /// call's own targets, which were replicated before it began, it still does).
-#[derive(Debug, Default)]
-pub struct LogFacts(HashMap<(u16, String, u64, String), bool>);
+/// It takes a connection only when a fact must be read.
+#[derive(Default)]
+pub struct LogFacts {
+    known: HashMap<(u16, String, u64, String), bool>,
+    conn: Option<Conn>,
+}
 
 /// Locks a std mutex, recovering from poisoning (the data is a plain value).
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -132,9 +135,9 @@ impl AckBoard {
     /// Whether `node_id` has applied `target`, its partition's epoch being
     /// `current` now (see [`coverage`]); reads the log when the node's
     /// acknowledgement is of a later message, once per such message and `facts`.
-    pub async fn has_applied<C: ConnectionLike + Send>(
+    pub async fn has_applied(
         &self,
-        conn: &mut C,
+        store: &Store,
         layout: &Layout,
         facts: &mut LogFacts,
         node_id: &str,
@@ -146,23 +149,27 @@ impl AckBoard {
             Coverage::No => Ok(false),
             Coverage::IfLogHolds(seq, nonce) => {
                 let fact = (target.partition, target.epoch.clone(), seq, nonce.clone());
-                if let Some(known) = facts.0.get(&fact) {
+                if let Some(known) = facts.known.get(&fact) {
                     return Ok(*known);
                 }
+                let conn = match &mut facts.conn {
+                    Some(conn) => conn,
+                    none => none.insert(store.get().await?),
+                };
                 let found = shared::invalidation::nonce_at(conn, layout.get(target.partition), seq).await?;
                 // An unknown nonce (an agent that adopted the head without one)
                 // counts when the log holds the seq at all.
                 let holds = found.is_some_and(|n| nonce.is_empty() || n == nonce);
-                facts.0.insert(fact, holds);
+                facts.known.insert(fact, holds);
                 Ok(holds)
             }
         }
     }
 
     /// Whether `node` has applied every one of `targets`, as of `view`.
-    pub async fn has_applied_all<C: ConnectionLike + Send>(
+    pub async fn has_applied_all(
         &self,
-        conn: &mut C,
+        store: &Store,
         layout: &Layout,
         facts: &mut LogFacts,
         view: &ClusterView,
@@ -171,7 +178,7 @@ impl AckBoard {
     ) -> redis::RedisResult<bool> {
         for target in targets {
             let current = view.epoch_of(target.partition);
-            if !self.has_applied(conn, layout, facts, &node.node_id, target, current).await? {
+            if !self.has_applied(store, layout, facts, &node.node_id, target, current).await? {
                 return Ok(false);
             }
         }
@@ -331,14 +338,14 @@ pub async fn wait_for_all(w: &Waiting<'_>, targets: &[Position], timeout: Durati
         let refresh_at = Instant::now() + LIVENESS_REFRESH;
         loop {
             changes.borrow_and_update();
-            let mut conn = w.store.get().await?;
             let mut lagging = Vec::new();
             for node in &live {
-                if !w.board.has_applied_all(&mut conn, w.layout, &mut facts, &view, node, targets).await? {
+                if !w.board.has_applied_all(w.store, w.layout, &mut facts, &view, node, targets).await? {
                     lagging.push(node.node_id.clone());
                 }
             }
-            drop(conn);
+            // Not held while waiting for the next change.
+            facts.conn = None;
             // Right after Redis lost the registry, an agent missing from it
             // may still answer from L1: wait until it cannot.
             let settling = view.settles_in_ms > 0;

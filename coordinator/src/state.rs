@@ -321,12 +321,11 @@ impl Coordinator {
             .view_since(&i.store, &i.layout, &i.acks, i.settings.node_dead_after_ms, since)
             .await
             .map_err(|e| self.redis_failed(e))?;
-        let mut conn = self.conn().await?;
         let mut count = NodeCount { live: 0, acked: 0 };
         let mut facts = barrier::LogFacts::default();
         for node in view.live() {
             count.live += 1;
-            let applied = i.acks.has_applied_all(&mut conn, &i.layout, &mut facts, &view, node, positions).await;
+            let applied = i.acks.has_applied_all(&i.store, &i.layout, &mut facts, &view, node, positions).await;
             if applied.map_err(|e| self.redis_failed(e))? {
                 count.acked += 1;
             }

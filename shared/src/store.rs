@@ -263,16 +263,7 @@ impl Store {
             Topology::Standalone(url) => {
                 let manager = deadpool_redis::Manager::new_with_config(url.as_str(), connection_config())
                     .map_err(|e| format!("bad redis_url: {e}"))?;
-                // Refused connections (Redis down) fail at once; these bound a
-                // Redis, or a machine, too busy to answer.
-                let pool = deadpool_redis::Pool::builder(manager)
-                    .max_size(pool_size)
-                    .wait_timeout(Some(Duration::from_secs(5)))
-                    .create_timeout(Some(Duration::from_secs(5)))
-                    .recycle_timeout(Some(Duration::from_secs(2)))
-                    .runtime(deadpool_redis::Runtime::Tokio1)
-                    .build()
-                    .map_err(|e| format!("cannot build the Redis pool: {e}"))?;
+                let pool = pool(manager, pool_size)?;
                 let client = redis::Client::open(url.as_str()).map_err(|e| format!("bad redis_url: {e}"))?;
                 Ok(Store::Standalone { pool, client })
             }
@@ -303,14 +294,7 @@ impl Store {
                     })
                 };
                 let primary = std::sync::Arc::new(primary()?);
-                let pool = deadpool::managed::Pool::builder(SentinelManager { primary: primary.clone() })
-                    .max_size(pool_size)
-                    .wait_timeout(Some(Duration::from_secs(5)))
-                    .create_timeout(Some(Duration::from_secs(5)))
-                    .recycle_timeout(Some(Duration::from_secs(2)))
-                    .runtime(deadpool::Runtime::Tokio1)
-                    .build()
-                    .map_err(|e| format!("cannot build the Redis pool: {e}"))?;
+                let pool = pool(SentinelManager { primary: primary.clone() }, pool_size)?;
                 Ok(Store::Sentinel { pool, primary })
             }
         }
@@ -434,6 +418,24 @@ impl Store {
             }
         }
     }
+}
+
+/// A pool that never waits long: a request fails with 503 when Redis is down
+/// (at once when it refuses connections); these bound a Redis, or a machine,
+/// too busy to answer.
+fn pool<M, W>(manager: M, size: usize) -> Result<deadpool::managed::Pool<M, W>, String>
+where
+    M: deadpool::managed::Manager,
+    W: From<deadpool::managed::Object<M>>,
+{
+    deadpool::managed::Pool::<M, W>::builder(manager)
+        .max_size(size)
+        .wait_timeout(Some(Duration::from_secs(5)))
+        .create_timeout(Some(Duration::from_secs(5)))
+        .recycle_timeout(Some(Duration::from_secs(2)))
+        .runtime(deadpool::Runtime::Tokio1)
+        .build()
+        .map_err(|e| format!("cannot build the Redis pool: {e}"))
 }
 
 /// A cluster client with this project's timeouts.
