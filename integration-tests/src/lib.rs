@@ -258,11 +258,20 @@ pub struct ClusterOptions {
     pub agent_toml: String,
     /// Fixed ports (coordinator, then agents), if wanted.
     pub ports: Option<Vec<u16>>,
+    /// The Redis to start (`single`, `cluster` or `sentinel`); `None`:
+    /// whatever `DCC_TEST_REDIS` names (see [`Backend`]).
+    pub redis: Option<&'static str>,
 }
 
 impl Default for ClusterOptions {
     fn default() -> Self {
-        ClusterOptions { agents: 3, coordinator_toml: String::new(), agent_toml: String::new(), ports: None }
+        ClusterOptions {
+            agents: 3,
+            coordinator_toml: String::new(),
+            agent_toml: String::new(),
+            ports: None,
+            redis: None,
+        }
     }
 }
 
@@ -294,7 +303,12 @@ pub enum Backend {
 impl Backend {
     /// Starts the backend `DCC_TEST_REDIS` names.
     pub async fn start(dir: &Path) -> anyhow::Result<Backend> {
-        match std::env::var("DCC_TEST_REDIS").unwrap_or_default().as_str() {
+        Backend::start_kind(dir, &std::env::var("DCC_TEST_REDIS").unwrap_or_default()).await
+    }
+
+    /// Starts the backend `kind` names (as `DCC_TEST_REDIS` would).
+    pub async fn start_kind(dir: &Path, kind: &str) -> anyhow::Result<Backend> {
+        match kind {
             "" | "single" => Ok(Backend::Single(Redis::start(dir).await?)),
             "cluster" => Ok(Backend::Cluster(redis_cluster::RedisCluster::start(dir, 3, 1).await?)),
             "sentinel" => Ok(Backend::Sentinel(redis_cluster::Sentinels::start(dir).await?)),
@@ -329,7 +343,10 @@ impl Cluster {
     pub async fn start(options: ClusterOptions) -> anyhow::Result<Cluster> {
         let mut dir = tempfile::Builder::new().prefix("dcc-cluster-").tempdir()?;
         dir.disable_cleanup(std::env::var_os("DCC_KEEP_LOGS").is_some());
-        let backend = Backend::start(dir.path()).await?;
+        let backend = match options.redis {
+            Some(kind) => Backend::start_kind(dir.path(), kind).await?,
+            None => Backend::start(dir.path()).await?,
+        };
         let url = backend.url();
         let port = |i: usize| options.ports.as_ref().and_then(|p| p.get(i).copied()).unwrap_or_else(free_port);
         let coordinator = start_coordinator(dir.path(), &url, port(0), &options.coordinator_toml)?;

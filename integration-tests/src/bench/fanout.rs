@@ -6,9 +6,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
-use futures_util::StreamExt;
-use redis::AsyncCommands;
 use serde_json::{json, Value};
+use shared::store::{Delivery, Store};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -58,19 +57,17 @@ impl Seen {
 }
 
 /// Follows the bench tenant's partition's invalidation and ack channels
-/// into `seen` until `stop` is set.
-async fn follow(redis: &redis::Client, seen: Arc<Mutex<Seen>>) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+/// into `seen` until the task is aborted.
+async fn follow(redis: &Store, seen: Arc<Mutex<Seen>>) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let partition = shared::schema::Layout::default().of("bench").clone();
-    let mut pubsub = redis.get_async_pubsub().await?;
-    pubsub.subscribe(partition.channel()).await?;
-    pubsub.subscribe(partition.ack_channel()).await?;
+    let mut subscription = redis.subscribe(&[partition.channel(), partition.ack_channel()]).await?;
     Ok(tokio::spawn(async move {
-        let mut messages = pubsub.on_message();
-        while let Some(msg) = messages.next().await {
+        while let Ok(Some(delivery)) = subscription.next().await {
             let now = Instant::now();
-            let payload: String = msg.get_payload().unwrap_or_default();
+            let Delivery::Message { channel, payload } = delivery else { continue };
+            let payload = String::from_utf8_lossy(&payload);
             let mut seen = seen.lock().unwrap_or_else(|p| p.into_inner());
-            if msg.get_channel_name() == partition.channel() {
+            if channel == partition.channel() {
                 if let Some(seq) = serde_json::from_str::<Value>(&payload).ok().and_then(|v| v["seq"].as_u64()) {
                     seen.broadcast.insert(seq, now);
                 }
@@ -79,6 +76,13 @@ async fn follow(redis: &redis::Client, seen: Arc<Mutex<Seen>>) -> anyhow::Result
             }
         }
     }))
+}
+
+/// `PUBLISH`, or `SPUBLISH` on a cluster (as the coordinator does).
+fn publish_command(redis: &Store, channel: &str, payload: &str) -> redis::Cmd {
+    let mut cmd = redis::cmd(if redis.sharded() { "SPUBLISH" } else { "PUBLISH" });
+    cmd.arg(channel).arg(payload);
+    cmd
 }
 
 /// Posts `RATE` single-item events per second for `run` (to `/v1/events`).
@@ -111,7 +115,7 @@ async fn post_events_at_rate(http: &reqwest::Client, coordinator: &str, run: Dur
 async fn ours_propagation(
     http: &reqwest::Client,
     coordinator: &str,
-    redis: &redis::Client,
+    redis: &Store,
     agents: usize,
     run: Duration,
 ) -> anyhow::Result<Vec<f64>> {
@@ -129,20 +133,19 @@ async fn ours_propagation(
 
 /// Raw Redis fan-out: `subscribers` connections, `RATE` messages per second
 /// of a typical message's size; per message, publish to the last receipt, in µs.
-async fn raw_fanout(redis: &redis::Client, subscribers: usize, run: Duration) -> anyhow::Result<Vec<f64>> {
+async fn raw_fanout(redis: &Store, subscribers: usize, run: Duration) -> anyhow::Result<Vec<f64>> {
     let origin = Instant::now();
     let channel = "bench:raw";
     let received: Arc<Mutex<HashMap<u64, (usize, Duration)>>> = Arc::default();
     let mut tasks = Vec::new();
     for _ in 0..subscribers {
-        let mut pubsub = redis.get_async_pubsub().await?;
-        pubsub.subscribe(channel).await?;
+        let mut subscription = redis.subscribe(&[channel.to_string()]).await?;
         let received = received.clone();
         tasks.push(tokio::spawn(async move {
-            let mut messages = pubsub.on_message();
-            while let Some(msg) = messages.next().await {
+            while let Ok(Some(delivery)) = subscription.next().await {
                 let at = origin.elapsed();
-                let payload: String = msg.get_payload().unwrap_or_default();
+                let Delivery::Message { payload, .. } = delivery else { continue };
+                let payload = String::from_utf8_lossy(&payload);
                 let id = payload.split(' ').next().and_then(|s| s.parse::<u64>().ok()).unwrap_or(u64::MAX);
                 let mut received = received.lock().unwrap_or_else(|p| p.into_inner());
                 let entry = received.entry(id).or_insert((0, Duration::ZERO));
@@ -151,7 +154,7 @@ async fn raw_fanout(redis: &redis::Client, subscribers: usize, run: Duration) ->
             }
         }));
     }
-    let mut conn = redis.get_multiplexed_async_connection().await?;
+    let mut conn = redis.dedicated().await?;
     let padding = "x".repeat(180);
     let mut sent = HashMap::new();
     let mut ticker = tokio::time::interval(Duration::from_micros(1_000_000 / RATE));
@@ -161,7 +164,7 @@ async fn raw_fanout(redis: &redis::Client, subscribers: usize, run: Duration) ->
         ticker.tick().await;
         id += 1;
         sent.insert(id, origin.elapsed());
-        let _: i64 = conn.publish(channel, format!("{id} {padding}")).await?;
+        let _: i64 = publish_command(redis, channel, &format!("{id} {padding}")).query_async(&mut conn).await?;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     for task in tasks {
@@ -190,7 +193,7 @@ pub async fn propagation(
     agents: usize,
 ) -> anyhow::Result<(Row, String)> {
     let http = reqwest::Client::builder().pool_max_idle_per_host(256).build()?;
-    let redis = redis::Client::open(redis_url)?;
+    let redis = Store::open(redis_url, 4).map_err(anyhow::Error::msg)?;
     let run = (options.run * 2).max(Duration::from_secs(1));
     let (mut ours, mut raw, mut ours_p99) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..options.rounds {
@@ -233,10 +236,10 @@ pub async fn propagation(
     };
     let note = format!(
         "Propagation to {agents}: events posted to `/v1/events` at {RATE}/s for {} ms per round. The bench's own \
-         subscriber on `dcc:inv` and `dcc:acked` times each seq from its broadcast to the last agent's \
+         subscriber on the tenant's partition's invalidation and ack channels times each seq from its broadcast to the last agent's \
          acknowledgement (agents acknowledge as soon as they have applied it), so it includes one extra \
          hop back through Redis. Raw: the same number of plain redis-rs subscribers in the bench process, \
-         200-byte messages at the same rate, from `PUBLISH` to the last receipt.",
+         200-byte messages at the same rate, from `PUBLISH` (`SPUBLISH` on a cluster) to the last receipt.",
         run.as_millis()
     );
     Ok((row, note))
@@ -289,8 +292,9 @@ pub async fn barrier(options: &Options, coordinator: &str, agents: usize) -> any
 
 /// Events per second from `WRITERS` tasks posting as fast as they can,
 /// `batch` events per request, each task on its own keep-alive connection
-/// (hyper, as the hit measure's client).
-async fn ours_throughput(coordinator: &str, batch: usize, run: Duration) -> anyhow::Result<f64> {
+/// (hyper, as the hit measure's client); the tasks' events name `tenants`
+/// tenants (task `w` posts for tenant `w % tenants`).
+async fn ours_throughput(coordinator: &str, batch: usize, tenants: usize, run: Duration) -> anyhow::Result<f64> {
     let addr = coordinator.trim_start_matches("http://").trim_end_matches('/').to_string();
     let mut connections = Vec::new();
     for _ in 0..WRITERS {
@@ -301,11 +305,12 @@ async fn ours_throughput(coordinator: &str, batch: usize, run: Duration) -> anyh
     let mut tasks = Vec::new();
     for (w, mut sender) in connections.into_iter().enumerate() {
         let addr = addr.clone();
+        let tenant = if tenants == 1 { "bench".to_string() } else { format!("bench-{}", w % tenants) };
         tasks.push(tokio::spawn(async move {
             let mut n = 0u64;
             while Instant::now() < deadline {
                 let events: Vec<Value> = (0..batch)
-                    .map(|i| json!({"tenant": "bench", "entity": "item", "id": format!("{w}-{}", (n as usize + i) % 1000)}))
+                    .map(|i| json!({"tenant": tenant, "entity": "item", "id": format!("{w}-{}", (n as usize + i) % 1000)}))
                     .collect();
                 let body = if batch == 1 { events[0].clone() } else { Value::Array(events) };
                 sender.ready().await?;
@@ -328,22 +333,24 @@ async fn ours_throughput(coordinator: &str, batch: usize, run: Duration) -> anyh
     per_second(tasks, started).await
 }
 
-/// `PUBLISH`es per second from `WRITERS` connections.
-async fn raw_publish(redis: &redis::Client, run: Duration) -> anyhow::Result<f64> {
+/// `PUBLISH`es (`SPUBLISH`es on a cluster) per second from `WRITERS`
+/// connections, each to its own channel (on a cluster, channels spread over
+/// the masters as the partitions are).
+async fn raw_publish(redis: &Store, run: Duration) -> anyhow::Result<f64> {
     let mut connections = Vec::new();
     for _ in 0..WRITERS {
-        connections.push(redis.get_multiplexed_async_connection().await?);
+        connections.push(redis.dedicated().await?);
     }
     let payload = "x".repeat(200);
     let started = Instant::now();
     let deadline = started + run;
     let mut tasks = Vec::new();
-    for mut conn in connections {
-        let payload = payload.clone();
+    for (w, mut conn) in connections.into_iter().enumerate() {
+        let publish = publish_command(redis, &format!("bench:publish:{w}"), &payload);
         tasks.push(tokio::spawn(async move {
             let mut n = 0u64;
             while Instant::now() < deadline {
-                let _: i64 = conn.publish("bench:publish", &payload).await?;
+                let _: i64 = publish.query_async(&mut conn).await?;
                 n += 1;
             }
             anyhow::Ok(n)
@@ -362,12 +369,12 @@ pub async fn throughput(
     redis_url: &str,
     alone: (&str, &str),
 ) -> anyhow::Result<(Vec<Row>, String)> {
-    let redis = redis::Client::open(redis_url)?;
+    let redis = Store::open(redis_url, 4).map_err(anyhow::Error::msg)?;
     let (mut single, mut batched, mut raw) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..options.rounds {
-        single.push(ours_throughput(coordinator, 1, options.run).await?);
+        single.push(ours_throughput(coordinator, 1, 1, options.run).await?);
         raw.push(raw_publish(&redis, options.run).await?);
-        batched.push(ours_throughput(coordinator, BATCH, options.run).await?);
+        batched.push(ours_throughput(coordinator, BATCH, 1, options.run).await?);
         eprintln!(
             "  throughput round {}: {:.0} events/s single, {:.0} events/s in batches; raw PUBLISH {:.0}/s",
             round + 1,
@@ -376,10 +383,10 @@ pub async fn throughput(
             raw[round]
         );
     }
-    let alone_redis = redis::Client::open(alone.1)?;
+    let alone_redis = Store::open(alone.1, 4).map_err(anyhow::Error::msg)?;
     let (mut single_alone, mut raw_alone) = (Vec::new(), Vec::new());
     for round in 0..options.rounds {
-        single_alone.push(ours_throughput(alone.0, 1, options.run).await?);
+        single_alone.push(ours_throughput(alone.0, 1, 1, options.run).await?);
         raw_alone.push(raw_publish(&alone_redis, options.run).await?);
         eprintln!(
             "  throughput round {} with no agent listening: {:.0} events/s single; raw PUBLISH {:.0}/s",
@@ -388,17 +395,7 @@ pub async fn throughput(
             raw_alone[round]
         );
     }
-    let row = |measure: String, ours: &[f64], raw: &[f64]| {
-        let ratio = median(&ratios(ours, raw));
-        Row {
-            measure,
-            ours: spread(ours, "events/s", 0),
-            baseline: spread(raw, "PUBLISH/s", 0),
-            result: format!("{ratio:.2}x"),
-            target: "≥ 0.3x".into(),
-            met: ratio >= 0.3,
-        }
-    };
+    let row = throughput_row;
     let rows = vec![
         row(format!("event throughput, {WRITERS} writers, one event per request"), &single, &raw),
         row(format!("event throughput, {WRITERS} writers, batches of {BATCH}"), &batched, &raw),
@@ -412,10 +409,129 @@ pub async fn throughput(
         "Throughput: {WRITERS} tasks post events (`entity: item`, default rule: one tag each) as fast as \
          the coordinator answers, each on its own keep-alive connection (hyper); batches are JSON arrays of \
          {BATCH} events, resolved into one invalidation. Raw: {WRITERS} redis-rs connections `PUBLISH` 200 \
-         bytes in a loop, to a channel nobody subscribes to. With 8 agents, every invalidation is also \
+         bytes in a loop, each to its own channel that nobody subscribes to (`SPUBLISH` on a cluster, where \
+         the channels spread over the masters). The events of the first rows all name one tenant (one \
+         partition); \"for {WRITERS} tenants\" gives each writer its own. With 8 agents, every invalidation is also \
          received, applied and acknowledged by 8 agent processes on the same 2 cores; \"no agent listening\" \
          runs single events against a second coordinator with its own Redis and no agents, and its raw \
          `PUBLISH` against that Redis."
     );
+    Ok((rows, note))
+}
+
+/// A row of events per second against raw publishes per second.
+fn throughput_row(measure: String, ours: &[f64], raw: &[f64]) -> Row {
+    let ratio = median(&ratios(ours, raw));
+    Row {
+        measure,
+        ours: spread(ours, "events/s", 0),
+        baseline: spread(raw, "PUBLISH/s", 0),
+        result: format!("{ratio:.2}x"),
+        target: "≥ 0.3x".into(),
+        met: ratio >= 0.3,
+    }
+}
+
+/// Measure 5 across partitions: single events from `WRITERS` tasks, each
+/// for its own tenant, so that they spread over the partitions (and, on a
+/// cluster, over the masters), vs raw publishes spread the same way. Run on
+/// one Redis and on a cluster, it shows what the masters add.
+pub async fn spread_throughput(options: &Options, coordinator: &str, redis_url: &str) -> anyhow::Result<Row> {
+    let redis = Store::open(redis_url, 4).map_err(anyhow::Error::msg)?;
+    let (mut ours, mut raw) = (Vec::new(), Vec::new());
+    for round in 0..options.rounds {
+        ours.push(ours_throughput(coordinator, 1, WRITERS, options.run).await?);
+        raw.push(raw_publish(&redis, options.run).await?);
+        eprintln!(
+            "  throughput round {} over {WRITERS} tenants: {:.0} events/s; raw {:.0}/s",
+            round + 1,
+            ours[round],
+            raw[round]
+        );
+    }
+    Ok(throughput_row(
+        format!("event throughput, {WRITERS} writers for {WRITERS} tenants, one event per request"),
+        &ours,
+        &raw,
+    ))
+}
+
+/// Latencies in µs of one client posting `POST /v1/invalidate` of one key
+/// (no wait), one request after another, for `run`.
+async fn invalidate_latencies(coordinator: &str, run: Duration) -> anyhow::Result<Vec<f64>> {
+    let http = reqwest::Client::new();
+    let url = format!("{coordinator}/v1/invalidate");
+    let body = json!({"tenant": "bench", "keys": ["replicated:k"]});
+    let mut samples = Vec::new();
+    let deadline = Instant::now() + run;
+    while Instant::now() < deadline {
+        let t = Instant::now();
+        let status = http.post(&url).json(&body).send().await?.status();
+        if status != 200 {
+            bail!("POST /v1/invalidate answered {status}");
+        }
+        samples.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    Ok(samples)
+}
+
+/// What `min_replicas = 1` costs: two coordinators on one primary with one
+/// replica, one with `min_replicas = 1` (every answer waits for `WAIT 1`)
+/// and one with `0`, measured in alternating rounds: the single-client
+/// latency of an invalidation and the event throughput of `WRITERS` tasks.
+pub async fn replication_cost(
+    options: &Options,
+    replicated: &str,
+    unreplicated: &str,
+) -> anyhow::Result<(Vec<Row>, String)> {
+    let (mut with, mut without, mut with_p50, mut without_p50) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut with_tp, mut without_tp) = (Vec::new(), Vec::new());
+    for round in 0..options.rounds {
+        let w = invalidate_latencies(replicated, options.run).await?;
+        let o = invalidate_latencies(unreplicated, options.run).await?;
+        with_tp.push(ours_throughput(replicated, 1, 1, options.run).await?);
+        without_tp.push(ours_throughput(unreplicated, 1, 1, options.run).await?);
+        eprintln!(
+            "  min_replicas round {}: p50 {:.0} µs with 1, {:.0} µs with 0; {:.0} vs {:.0} events/s",
+            round + 1,
+            median(&w),
+            median(&o),
+            with_tp[round],
+            without_tp[round]
+        );
+        with_p50.push(median(&w));
+        without_p50.push(median(&o));
+        with.extend(w);
+        without.extend(o);
+    }
+    let added: Vec<f64> = with_p50.iter().zip(&without_p50).map(|(w, o)| w - o).collect();
+    let tp_ratio = median(&ratios(&with_tp, &without_tp));
+    let rows = vec![
+        Row {
+            measure: "one invalidation, 1 client, primary + 1 replica: `min_replicas = 1` (ours) vs `0` (Redis column)"
+                .into(),
+            ours: format!("p50 {:.0} µs, p99 {:.0} µs", median(&with), percentile(&with, 99.0)),
+            baseline: format!("p50 {:.0} µs, p99 {:.0} µs", median(&without), percentile(&without, 99.0)),
+            result: format!("+{} per invalidation (p50, per round)", spread(&added, "µs", 0)),
+            target: "(reported)".into(),
+            met: true,
+        },
+        Row {
+            measure: format!(
+                "event throughput, {WRITERS} writers, primary + 1 replica: `min_replicas = 1` (ours) vs `0` (Redis column)"
+            ),
+            ours: spread(&with_tp, "events/s", 0),
+            baseline: spread(&without_tp, "events/s", 0),
+            result: format!("{tp_ratio:.2}x"),
+            target: "(reported)".into(),
+            met: true,
+        },
+    ];
+    let note = "min_replicas: a primary with one replica (and 3 sentinels, `redis+sentinel://`), no agents, \
+                two coordinators on it, one with `min_replicas = 1` and one with `min_replicas = 0`, in \
+                alternating rounds. Latency: one client posting `POST /v1/invalidate` of one key, one \
+                request after another, timed by the client; throughput as in measure 5 (the writers' \
+                concurrent invalidations share one `WAIT` per group commit)."
+        .to_string();
     Ok((rows, note))
 }

@@ -10,6 +10,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper::client::conn::http1::SendRequest;
 use node_agent::agent::{Agent, Layer, Put, Read};
 use redis::AsyncCommands;
+use shared::store::Store;
 use tokio_util::sync::CancellationToken;
 
 use super::{http_connection, median, per_second, ratios, spread, Options, Row};
@@ -63,11 +64,12 @@ async fn agent_throughput(addr: &str, run: Duration) -> anyhow::Result<f64> {
     per_second(tasks, started).await
 }
 
-/// GETs per second of `TASKS` redis-rs connections, each looping for `run`.
-async fn redis_throughput(client: &redis::Client, run: Duration) -> anyhow::Result<f64> {
+/// GETs per second of `TASKS` redis-rs connections, each looping for `run`
+/// (on a cluster, the tasks share redis-rs's cluster connection).
+async fn redis_throughput(store: &Store, run: Duration) -> anyhow::Result<f64> {
     let mut connections = Vec::new();
     for _ in 0..TASKS {
-        connections.push(client.get_multiplexed_async_connection().await?);
+        connections.push(store.dedicated().await?);
     }
     let started = Instant::now();
     let deadline = started + run;
@@ -103,8 +105,8 @@ async fn agent_p50(addr: &str, run: Duration) -> anyhow::Result<f64> {
 }
 
 /// Median latency in µs of one redis-rs client sending GETs one after another.
-async fn redis_p50(client: &redis::Client, run: Duration) -> anyhow::Result<f64> {
-    let mut conn = client.get_multiplexed_async_connection().await?;
+async fn redis_p50(store: &Store, run: Duration) -> anyhow::Result<f64> {
+    let mut conn = store.dedicated().await?;
     let mut samples = Vec::new();
     let deadline = Instant::now() + run;
     while Instant::now() < deadline {
@@ -143,14 +145,14 @@ async fn embedded_throughput(agent: &Agent, run: Duration) -> anyhow::Result<f64
 
 /// Stores the value in the agent (L2 and its L1) and in Redis under a plain key,
 /// and waits until the agent answers from L1.
-async fn prepare_agent(addr: &str, redis: &redis::Client) -> anyhow::Result<()> {
+async fn prepare_agent(addr: &str, store: &Store) -> anyhow::Result<()> {
     let http = reqwest::Client::new();
     let url = format!("http://{addr}/v1/cache/{TENANT}/{KEY}?ttl=3600");
     let status = http.put(&url).body(value().to_vec()).send().await?.status();
     if status != 204 {
         bail!("PUT {url} answered {status}");
     }
-    let mut conn = redis.get_multiplexed_async_connection().await?;
+    let mut conn = store.dedicated().await?;
     let _: () = conn.set(REDIS_KEY, value().to_vec()).await?;
     let mut sender = http_connection(addr).await?;
     let path = format!("/v1/cache/{TENANT}/{KEY}");
@@ -165,9 +167,15 @@ async fn prepare_agent(addr: &str, redis: &redis::Client) -> anyhow::Result<()> 
 }
 
 /// Measures 1 and 2: throughput and single-client p50 through the agent's
-/// HTTP API, and throughput of the embedded agent, each against direct GETs.
-pub async fn run(options: &Options, agent_addr: &str, redis_url: &str) -> anyhow::Result<(Vec<Row>, Vec<String>)> {
-    let redis = redis::Client::open(redis_url)?;
+/// HTTP API, and (with `embedded`) throughput of the embedded agent, each
+/// against direct GETs to the Redis at `redis_url` (any topology).
+pub async fn run(
+    options: &Options,
+    agent_addr: &str,
+    redis_url: &str,
+    embedded: bool,
+) -> anyhow::Result<(Vec<Row>, Vec<String>)> {
+    let redis = Store::open(redis_url, 4).map_err(anyhow::Error::msg)?;
     prepare_agent(agent_addr, &redis).await?;
 
     let (mut ours_tp, mut redis_tp, mut ours_p50, mut redis_p50s) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -186,35 +194,9 @@ pub async fn run(options: &Options, agent_addr: &str, redis_url: &str) -> anyhow
         );
     }
 
-    // The agent as a library, in this process.
-    let settings = node_agent::settings::Settings { redis_url: redis_url.to_string(), ..Default::default() };
-    let agent = Agent::new(settings, "bench-embedded".into(), String::new()).map_err(anyhow::Error::msg)?;
-    let stop = CancellationToken::new();
-    let background = node_agent::sync::spawn(&agent, stop.clone());
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while agent.readiness().is_err() {
-        if Instant::now() > deadline {
-            bail!("the embedded agent never became ready: {:?}", agent.readiness());
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let put = Put { value: value(), ttl_secs: Some(3600), ..Put::default() };
-    agent.put(TENANT, KEY, put).await?;
-    let (mut embedded_tp, mut redis_tp2) = (Vec::new(), Vec::new());
-    for round in 0..options.rounds {
-        embedded_tp.push(embedded_throughput(&agent, options.run).await?);
-        redis_tp2.push(redis_throughput(&redis, options.run).await?);
-        eprintln!("  embedded round {}: {:.0}/s vs Redis {:.0}/s", round + 1, embedded_tp[round], redis_tp2[round]);
-    }
-    stop.cancel();
-    for task in background {
-        let _ = task.await;
-    }
-
     let tp_ratio = median(&ratios(&ours_tp, &redis_tp));
     let p50_ratio = median(&ratios(&ours_p50, &redis_p50s));
-    let embedded_ratio = median(&ratios(&embedded_tp, &redis_tp2));
-    let rows = vec![
+    let mut rows = vec![
         Row {
             measure: format!("L1-hit GET through the agent, {TASKS} connections: throughput"),
             ours: spread(&ours_tp, "req/s", 0),
@@ -231,29 +213,62 @@ pub async fn run(options: &Options, agent_addr: &str, redis_url: &str) -> anyhow
             target: "≤ 1.5x".into(),
             met: p50_ratio <= 1.5,
         },
-        Row {
-            measure: format!("embedded agent (library) L1 hit, {TASKS} tasks: throughput"),
-            ours: spread(&embedded_tp, "reads/s", 0),
-            baseline: spread(&redis_tp2, "GET/s", 0),
-            result: format!("{embedded_ratio:.1}x"),
-            target: "≥ 20x".into(),
-            met: embedded_ratio >= 20.0,
-        },
     ];
     // The agent runs with its default `http_workers = 0`: one worker per CPU.
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let notes = vec![
-        format!(
-            "Hits: a 100-byte value. Ours: hyper HTTP/1.1 clients, one connection per task, `GET \
-             /v1/cache/{TENANT}/{KEY}`, every answer checked to be an L1 hit; Redis: redis-rs, one \
-             multiplexed connection per task, `GET` of a 100-byte string. {TASKS} tasks loop for the \
-             run; the p50 is one client sending one request after another. The agent has {workers} HTTP \
-             workers (one per CPU, its default)."
-        ),
-        format!(
-            "Embedded: `node_agent::agent::Agent` in the bench process (its subscriber and heartbeat \
-             running), `agent.get()` from {TASKS} tasks, against the same direct GETs."
-        ),
-    ];
+    let mut notes = vec![format!(
+        "Hits: a 100-byte value. Ours: hyper HTTP/1.1 clients, one connection per task, `GET \
+         /v1/cache/{TENANT}/{KEY}`, every answer checked to be an L1 hit; Redis: redis-rs, one \
+         multiplexed connection per task (on a cluster, redis-rs's cluster connection, shared), `GET` \
+         of a 100-byte string. {TASKS} tasks loop for the run; the p50 is one client sending one \
+         request after another. The agent has {workers} HTTP workers (one per CPU, its default)."
+    )];
+    if embedded {
+        let (row, note) = embedded_hits(options, &redis, redis_url).await?;
+        rows.push(row);
+        notes.push(note);
+    }
     Ok((rows, notes))
+}
+
+/// The agent as a library, in this process, against direct GETs.
+async fn embedded_hits(options: &Options, redis: &Store, redis_url: &str) -> anyhow::Result<(Row, String)> {
+    let settings = node_agent::settings::Settings { redis_url: redis_url.to_string(), ..Default::default() };
+    let agent = Agent::new(settings, "bench-embedded".into(), String::new()).map_err(anyhow::Error::msg)?;
+    let stop = CancellationToken::new();
+    let background = node_agent::sync::spawn(&agent, stop.clone());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while agent.readiness().is_err() {
+        if Instant::now() > deadline {
+            bail!("the embedded agent never became ready: {:?}", agent.readiness());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let put = Put { value: value(), ttl_secs: Some(3600), ..Put::default() };
+    agent.put(TENANT, KEY, put).await?;
+    let (mut embedded_tp, mut redis_tp2) = (Vec::new(), Vec::new());
+    for round in 0..options.rounds {
+        embedded_tp.push(embedded_throughput(&agent, options.run).await?);
+        redis_tp2.push(redis_throughput(redis, options.run).await?);
+        eprintln!("  embedded round {}: {:.0}/s vs Redis {:.0}/s", round + 1, embedded_tp[round], redis_tp2[round]);
+    }
+    stop.cancel();
+    for task in background {
+        let _ = task.await;
+    }
+
+    let embedded_ratio = median(&ratios(&embedded_tp, &redis_tp2));
+    let row = Row {
+        measure: format!("embedded agent (library) L1 hit, {TASKS} tasks: throughput"),
+        ours: spread(&embedded_tp, "reads/s", 0),
+        baseline: spread(&redis_tp2, "GET/s", 0),
+        result: format!("{embedded_ratio:.1}x"),
+        target: "≥ 20x".into(),
+        met: embedded_ratio >= 20.0,
+    };
+    let note = format!(
+        "Embedded: `node_agent::agent::Agent` in the bench process (its subscriber and heartbeat \
+         running), `agent.get()` from {TASKS} tasks, against the same direct GETs."
+    );
+    Ok((row, note))
 }

@@ -3,7 +3,7 @@
 //! `BENCHMARKS.md`. `bench --quick` (`make bench QUICK=1`) is a short pass
 //! that checks everything runs; `--out FILE` writes elsewhere; `--only
 //! NAME[,NAME]` runs some measures (hits, propagation, barrier, throughput,
-//! propagation32, scale, memory), for profiling one of them; `--run-ms N`
+//! propagation32, scale, memory, cluster, replicas), for profiling one of them; `--run-ms N`
 //! makes each run N ms long (to hold a load steady under a profiler).
 //! See `integration_tests::bench` for what each figure is.
 
@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use integration_tests::bench::{self, fanout, hits, scale, Options};
-use integration_tests::{free_port, start_agent, wait_ready, Cluster, ClusterOptions};
+use integration_tests::{free_port, start_agent, start_coordinator, wait_ready, Cluster, ClusterOptions};
 
 /// As the agent: the memory floor it reports is measured under the same allocator.
 #[global_allocator]
@@ -55,7 +55,7 @@ async fn main() -> anyhow::Result<()> {
 
     if wanted("hits") {
         eprintln!("1-2. L1 hits vs Redis GET");
-        let (r, n) = hits::run(&options, &cluster.agent(0).addr, &redis_url).await?;
+        let (r, n) = hits::run(&options, &cluster.agent(0).addr, &redis_url, true).await?;
         rows.extend(r);
         notes.extend(n);
     }
@@ -79,6 +79,7 @@ async fn main() -> anyhow::Result<()> {
         drop(alone);
         rows.extend(r);
         notes.push(n);
+        rows.push(fanout::spread_throughput(&options, &coordinator, &redis_url).await?);
     }
     let client = reqwest::Client::new();
     if wanted("propagation32") {
@@ -114,6 +115,44 @@ async fn main() -> anyhow::Result<()> {
         drop(memory_agent);
     }
     drop(cluster);
+
+    if wanted("cluster") {
+        eprintln!("8. hits, propagation and throughput on a Redis Cluster of 3 masters and 3 replicas");
+        let on_cluster =
+            Cluster::start(ClusterOptions { agents: 8, redis: Some("cluster"), ..ClusterOptions::default() }).await?;
+        let (url, coordinator) = (on_cluster.redis_url(), on_cluster.coordinator.url(""));
+        let mut section = hits::run(&options, &on_cluster.agent(0).addr, &url, false).await?.0;
+        section.push(fanout::propagation(&options, &coordinator, &url, 8).await?.0);
+        section.push(fanout::spread_throughput(&options, &coordinator, &url).await?);
+        for mut row in section {
+            row.measure.push_str(" — **3-master cluster**");
+            rows.push(row);
+        }
+        notes.push(
+            "Cluster: the same measures on a Redis Cluster of 3 masters with a replica each \
+             (`redis+cluster://`), 8 agents, the coordinator with its default `min_replicas = \"auto\"` (1 \
+             here: every answer waits for `WAIT 1`); Redis's side uses redis-rs's cluster client, and \
+             `SSUBSCRIBE`/`SPUBLISH` where ours does. All 6 Redis processes, the coordinator, the agents and \
+             the load share the same 2 cores, so this shows what the cluster costs, not how it scales."
+                .into(),
+        );
+    }
+    if wanted("replicas") {
+        eprintln!("9. what min_replicas = 1 costs");
+        let replicated = Cluster::start(ClusterOptions {
+            agents: 0,
+            coordinator_toml: "min_replicas = 1\n".into(),
+            redis: Some("sentinel"),
+            ..ClusterOptions::default()
+        })
+        .await?;
+        let unreplicated =
+            start_coordinator(replicated.dir.path(), &replicated.redis_url(), free_port(), "min_replicas = 0\n")?;
+        wait_ready(&client, &unreplicated).await?;
+        let (r, n) = fanout::replication_cost(&options, &replicated.coordinator.url(""), &unreplicated.url("")).await?;
+        rows.extend(r);
+        notes.push(n);
+    }
 
     let micro = bench::criterion_table(&criterion_dir());
     let mut text = bench::report(&rows, &options, command, &notes);
