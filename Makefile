@@ -27,8 +27,9 @@ test: redis build
 	$(MAKE) demo-check
 
 ## The system tests that run on every Redis topology (the others kill, restart or
-## reconfigure one redis-server; cluster:: and sentinel:: start their own topologies)
-TOPOLOGY_TESTS = cache_api:: invalidation:: bad_input:: faults::wait_all_answers faults::fill_tokens \
+## reconfigure one redis-server; cluster:: and sentinel:: start their own topologies;
+## bad_input:: is refused before Redis is touched, the same on every topology)
+TOPOLOGY_TESTS = cache_api:: invalidation:: faults::wait_all_answers faults::fill_tokens \
 	faults::two_coordinators faults::a_frozen_agent operations::cluster_health operations::agent_status \
 	operations::rules_endpoint operations::an_event_id operations::health_readiness
 

@@ -37,6 +37,8 @@ pub struct Settings {
     pub bind: String,
     /// Redis holding L2, the log and the channel.
     pub redis_url: String,
+    /// The sentinels' own password, when they need one.
+    pub redis_sentinel_password: Option<String>,
     /// A node silent this long is dead and no longer awaited.
     pub node_dead_after_ms: u64,
     /// Length the invalidation log is trimmed to (approximately).
@@ -64,6 +66,7 @@ impl Default for Settings {
         Settings {
             bind: "127.0.0.1:7700".into(),
             redis_url: "redis://127.0.0.1:6379".into(),
+            redis_sentinel_password: None,
             node_dead_after_ms: 5000,
             log_max_len: 100_000,
             max_body_bytes: 4 * 1024 * 1024,
@@ -92,6 +95,11 @@ impl Settings {
         Ok(settings)
     }
 
+    /// What the coordinator needs besides `redis_url` to reach Redis.
+    pub fn redis_access(&self) -> shared::store::Access {
+        shared::store::Access { sentinel_password: self.redis_sentinel_password.clone() }
+    }
+
     /// Checks values that would make the coordinator misbehave.
     pub fn validate(&self) -> Result<(), String> {
         let mut problems = Vec::new();
@@ -112,8 +120,8 @@ impl Settings {
         if self.redis_pool_size < 2 {
             problems.push("redis_pool_size must be at least 2".to_string());
         }
-        if let Err(e) = shared::store::Topology::parse(&self.redis_url) {
-            problems.push(format!("redis_url: {e}"));
+        if let Err(e) = self.redis_access().check(&self.redis_url) {
+            problems.push(e);
         }
         if let Err(e) = crate::rules::RuleSet::new(self.rules.clone()) {
             problems.push(e);

@@ -173,7 +173,7 @@ impl Coordinator {
     /// Builds the state; nothing connects yet.
     pub fn new(settings: Settings, origin: String) -> Result<Coordinator, String> {
         let rules = RuleSet::new(settings.rules.clone())?;
-        let store = Store::open(&settings.redis_url, settings.redis_pool_size)?;
+        let store = Store::open_with(&settings.redis_url, settings.redis_pool_size, &settings.redis_access())?;
         let layout = Layout::new(settings.partitions);
         let log = LogSettings {
             max_len: settings.log_max_len,

@@ -183,6 +183,8 @@ pub struct Sentinels {
     pub data: Vec<Redis>,
     /// The sentinels.
     pub sentinels: Vec<(u16, Proc)>,
+    /// The sentinels' own password (`requirepass`), if they were given one.
+    pub password: Option<String>,
 }
 
 impl Sentinels {
@@ -190,6 +192,12 @@ impl Sentinels {
     /// `down-after-milliseconds` 1000), and waits until every sentinel knows
     /// the primary, its replica and the other sentinels.
     pub async fn start(dir: &Path) -> anyhow::Result<Sentinels> {
+        Sentinels::start_with(dir, None).await
+    }
+
+    /// [`Sentinels::start`], with sentinels that require `password` of their
+    /// clients (and of each other) when one is given.
+    pub async fn start_with(dir: &Path, password: Option<&str>) -> anyhow::Result<Sentinels> {
         // No 5 s wait before a replica's first sync (Redis's default).
         let quick = ["--repl-diskless-sync-delay".to_string(), "0".into()];
         let primary = Redis::start_with(dir, free_port(), &quick).await?;
@@ -201,8 +209,9 @@ impl Sentinels {
         for _ in 0..3 {
             let port = free_port();
             let conf = dir.join(format!("sentinel-{port}.conf"));
+            let requirepass = password.map(|p| format!("requirepass {p}\n")).unwrap_or_default();
             let text = format!(
-                "port {port}\nbind 127.0.0.1\ndir {}\nsentinel monitor {MASTER_NAME} 127.0.0.1 {} 2\n\
+                "{requirepass}port {port}\nbind 127.0.0.1\ndir {}\nsentinel monitor {MASTER_NAME} 127.0.0.1 {} 2\n\
                  sentinel down-after-milliseconds {MASTER_NAME} 1000\nsentinel failover-timeout {MASTER_NAME} 3000\n\
                  sentinel parallel-syncs {MASTER_NAME} 1\n",
                 dir.display(),
@@ -213,7 +222,7 @@ impl Sentinels {
             let proc = Proc::spawn("redis-sentinel", &program, &args, &[], dir.join(format!("sentinel-{port}.log")))?;
             sentinels.push((port, proc));
         }
-        let set = Sentinels { data: vec![primary, replica], sentinels };
+        let set = Sentinels { data: vec![primary, replica], sentinels, password: password.map(str::to_string) };
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let mut ready = set.replica_in_sync().await;
@@ -238,8 +247,14 @@ impl Sentinels {
         info.contains("master_link_status:up")
     }
 
+    /// A client of the sentinel on `port` (with the sentinels' password).
+    pub fn sentinel_client(&self, port: u16) -> RedisResult<redis::Client> {
+        let auth = self.password.as_ref().map(|p| format!(":{p}@")).unwrap_or_default();
+        redis::Client::open(format!("redis://{auth}127.0.0.1:{port}"))
+    }
+
     async fn sentinel_knows_everything(&self, port: u16) -> bool {
-        let Ok(client) = redis::Client::open(format!("redis://127.0.0.1:{port}")) else { return false };
+        let Ok(client) = self.sentinel_client(port) else { return false };
         let Ok(mut conn) = client.get_multiplexed_async_connection().await else { return false };
         let replicas: Vec<redis::Value> =
             redis::cmd("SENTINEL").arg("REPLICAS").arg(MASTER_NAME).query_async(&mut conn).await.unwrap_or_default();
@@ -257,7 +272,7 @@ impl Sentinels {
     /// The port of the primary the sentinels name now (the first that answers).
     pub async fn primary_port(&self) -> anyhow::Result<u16> {
         for (port, _) in &self.sentinels {
-            let Ok(client) = redis::Client::open(format!("redis://127.0.0.1:{port}")) else { continue };
+            let Ok(client) = self.sentinel_client(*port) else { continue };
             let Ok(mut conn) = client.get_multiplexed_async_connection().await else { continue };
             let addr: RedisResult<(String, u16)> =
                 redis::cmd("SENTINEL").arg("GET-MASTER-ADDR-BY-NAME").arg(MASTER_NAME).query_async(&mut conn).await;
@@ -271,7 +286,7 @@ impl Sentinels {
     /// Asks a sentinel to fail over now (`SENTINEL FAILOVER`).
     pub async fn failover(&self) -> anyhow::Result<()> {
         for (port, _) in &self.sentinels {
-            let Ok(client) = redis::Client::open(format!("redis://127.0.0.1:{port}")) else { continue };
+            let Ok(client) = self.sentinel_client(*port) else { continue };
             let Ok(mut conn) = client.get_multiplexed_async_connection().await else { continue };
             let done: RedisResult<()> =
                 redis::cmd("SENTINEL").arg("FAILOVER").arg(MASTER_NAME).query_async(&mut conn).await;

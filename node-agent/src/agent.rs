@@ -155,7 +155,7 @@ fn invalid(code: &'static str, message: String) -> AgentError {
 impl Agent {
     /// Builds an agent; nothing connects yet, so Redis may be down.
     pub fn new(settings: Settings, node_id: String, addr: String) -> Result<Agent, String> {
-        let store = Store::open(&settings.redis_url, settings.redis_pool_size)?;
+        let store = Store::open_with(&settings.redis_url, settings.redis_pool_size, &settings.redis_access())?;
         let metrics = Metrics::new();
         metrics.l1_capacity.set(i64::try_from(settings.l1_max_bytes).unwrap_or(i64::MAX));
         let layout = Layout::new(settings.partitions);

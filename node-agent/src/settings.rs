@@ -39,6 +39,8 @@ pub struct Settings {
     pub bind: String,
     /// Redis holding L2, the log and the channel.
     pub redis_url: String,
+    /// The sentinels' own password, when they need one.
+    pub redis_sentinel_password: Option<String>,
     /// Node id; `None` means hostname:port once bound.
     pub node_id: Option<String>,
     /// Longest time L1 may answer without proof of being in sync.
@@ -74,6 +76,7 @@ impl Default for Settings {
         Settings {
             bind: "127.0.0.1:7701".into(),
             redis_url: "redis://127.0.0.1:6379".into(),
+            redis_sentinel_password: None,
             node_id: None,
             staleness_bound_ms: 2000,
             l1_max_bytes: 256 * 1024 * 1024,
@@ -105,6 +108,11 @@ impl Settings {
             .map_err(|e| format!("configuration error: {e}"))?;
         settings.validate()?;
         Ok(settings)
+    }
+
+    /// What the agent needs besides `redis_url` to reach Redis.
+    pub fn redis_access(&self) -> shared::store::Access {
+        shared::store::Access { sentinel_password: self.redis_sentinel_password.clone() }
     }
 
     /// Checks values that would make the agent misbehave.
@@ -144,8 +152,8 @@ impl Settings {
                 problems.push("node_id must be 1 to 128 characters without whitespace or control characters");
             }
         }
-        if let Err(e) = shared::store::Topology::parse(&self.redis_url) {
-            url_problem = Some(format!("redis_url: {e}"));
+        if let Err(e) = self.redis_access().check(&self.redis_url) {
+            url_problem = Some(e);
         }
         let all: Vec<String> = problems.into_iter().map(str::to_string).chain(url_problem).collect();
         if all.is_empty() {

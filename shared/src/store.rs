@@ -6,10 +6,11 @@
 //!   on one server or under Sentinel, a clone of the process's one
 //!   `ClusterConnection` (one multiplexed connection per node, following
 //!   `MOVED`/`ASK` and failovers) on a cluster. Under Sentinel every new
-//!   connection asks the sentinels for the primary, and a pooled one is
-//!   checked (`ROLE`) to still be talking to a primary before it is handed out,
-//!   so that the pool follows failovers. Both implement `ConnectionLike`, and [`Conn::shared`] gives a
-//!   cloneable handle for requests sent side by side (one per partition).
+//!   connection goes to the node most sentinels name as the primary (see
+//!   [`Primary`]), and a pooled one is handed out again only while that is
+//!   still the node it was made to, so that the pool follows failovers. Both
+//!   implement `ConnectionLike`, and [`Conn::shared`] gives a cloneable
+//!   handle for requests sent side by side (one per partition).
 //! - [`Store::subscribe`] follows a set of channels: `SUBSCRIBE` on one
 //!   server; on a cluster, sharded `SSUBSCRIBE` on a RESP3 connection, each
 //!   channel at the master of its slot, so a message crosses only its shard.
@@ -146,27 +147,138 @@ fn percent_decode(s: &str) -> String {
 /// (a failover) starts a new generation, so that connections to the old one
 /// (which may still answer, and still call itself primary, until Sentinel
 /// reconfigures it) are dropped rather than used.
+///
+/// The primary is the node that **most of the sentinels** name. Right after
+/// a failover the sentinels disagree for a moment (each learns of the new
+/// primary from the leader's hello messages): a process that believed the
+/// first sentinel to answer could go on proving its sync against the old
+/// primary, which still answers, while another already writes to the new
+/// one. A majority cannot name both: once a process has seen most sentinels
+/// name the new primary, any other asking later sees the same (a sentinel
+/// never goes back to an older configuration), and one that still sees the
+/// old majority asks again at its next heartbeat.
 pub struct Primary {
-    /// The sentinel client (it asks the sentinels in turn).
-    sentinel: tokio::sync::Mutex<redis::sentinel::SentinelClient>,
+    /// Every sentinel of the URL, with its kept connection.
+    sentinels: Vec<SentinelNode>,
+    /// The master's name.
+    master: String,
+    /// The data nodes' credentials.
+    node: redis::RedisConnectionInfo,
     /// The primary's address as last named.
-    named: std::sync::Mutex<Option<redis::ConnectionAddr>>,
+    named: std::sync::Mutex<Option<(String, u16)>>,
     /// Bumped whenever the named primary changes.
     generation: tokio::sync::watch::Sender<u64>,
 }
 
-impl Primary {
-    /// Asks the sentinels for the primary now; a new one starts a new
-    /// generation. Returns a client of it.
-    async fn resolve(&self) -> RedisResult<redis::Client> {
-        let client = self.sentinel.lock().await.async_get_client().await?;
-        let addr = client.get_connection_info().addr().clone();
-        let mut named = self.named.lock().unwrap_or_else(|p| p.into_inner());
-        if named.as_ref() != Some(&addr) {
-            if named.is_some() {
-                tracing::warn!(primary = %addr, "Sentinel names a new primary: dropping connections to the old one");
+/// One sentinel, asked over a connection kept between questions.
+struct SentinelNode {
+    client: redis::Client,
+    conn: tokio::sync::Mutex<Option<MultiplexedConnection>>,
+}
+
+/// How long one sentinel may take to answer before it counts as silent.
+const SENTINEL_TIMEOUT: Duration = Duration::from_secs(1);
+
+impl SentinelNode {
+    /// The address this sentinel names for `master`; `None` if it did not
+    /// answer in time, or knows no such master.
+    async fn ask(&self, master: &str) -> Option<(String, u16)> {
+        let question = async {
+            let mut kept = self.conn.lock().await;
+            let mut conn = match kept.as_ref() {
+                Some(conn) => conn.clone(),
+                None => {
+                    let conn = self.client.get_multiplexed_async_connection_with_config(&connection_config()).await?;
+                    kept.insert(conn).clone()
+                }
+            };
+            drop(kept);
+            let answer: RedisResult<Option<(String, u16)>> =
+                redis::cmd("SENTINEL").arg("GET-MASTER-ADDR-BY-NAME").arg(master).query_async(&mut conn).await;
+            if answer.as_ref().is_err_and(|e| e.is_unrecoverable_error()) {
+                *self.conn.lock().await = None;
             }
-            *named = Some(addr);
+            answer
+        };
+        match tokio::time::timeout(SENTINEL_TIMEOUT, question).await {
+            Ok(Ok(named)) => named,
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "a sentinel did not answer");
+                None
+            }
+            Err(_) => {
+                // A connection that hangs is made again next time.
+                *self.conn.lock().await = None;
+                None
+            }
+        }
+    }
+}
+
+/// The address more than half of the sentinels name (silent ones count
+/// against every address), if there is one.
+fn majority(answers: &[Option<(String, u16)>]) -> Option<(String, u16)> {
+    let named = answers.iter().flatten();
+    named.clone().find(|a| named.clone().filter(|b| b == a).count() * 2 > answers.len()).cloned()
+}
+
+impl Primary {
+    fn new(
+        sentinels: &[(String, u16)],
+        master: &str,
+        node: redis::RedisConnectionInfo,
+        sentinel_password: Option<&str>,
+    ) -> Result<Primary, String> {
+        let mut auth = redis::RedisConnectionInfo::default();
+        if let Some(password) = sentinel_password {
+            auth = auth.set_password(password);
+        }
+        let sentinels = sentinels
+            .iter()
+            .map(|(host, port)| {
+                let info =
+                    redis::IntoConnectionInfo::into_connection_info(redis::ConnectionAddr::Tcp(host.clone(), *port))
+                        .map_err(|e| format!("bad redis_url: {e}"))?
+                        .set_redis_settings(auth.clone());
+                let client = redis::Client::open(info).map_err(|e| format!("bad redis_url: {e}"))?;
+                Ok(SentinelNode { client, conn: tokio::sync::Mutex::new(None) })
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        Ok(Primary {
+            sentinels,
+            master: master.to_string(),
+            node,
+            named: std::sync::Mutex::new(None),
+            generation: tokio::sync::watch::channel(0).0,
+        })
+    }
+
+    /// Asks every sentinel for the primary now (side by side); a new one
+    /// starts a new generation. Returns a client of it, or an error when no
+    /// majority of the sentinels names one node.
+    async fn resolve(&self) -> RedisResult<redis::Client> {
+        let answers = futures_util::future::join_all(self.sentinels.iter().map(|s| s.ask(&self.master))).await;
+        let Some((host, port)) = majority(&answers) else {
+            return Err(RedisError::from((
+                redis::ErrorKind::Io,
+                "no majority of the sentinels names a primary",
+                format!(
+                    "{} of {} answered for {}: {answers:?}",
+                    answers.iter().flatten().count(),
+                    answers.len(),
+                    self.master
+                ),
+            )));
+        };
+        let info = redis::IntoConnectionInfo::into_connection_info(redis::ConnectionAddr::Tcp(host.clone(), port))?
+            .set_redis_settings(self.node.clone());
+        let client = redis::Client::open(info)?;
+        let mut named = self.named.lock().unwrap_or_else(|p| p.into_inner());
+        if named.as_ref() != Some(&(host.clone(), port)) {
+            if named.is_some() {
+                tracing::warn!(primary = %format!("{host}:{port}"), "the sentinels name a new primary: dropping connections to the old one");
+            }
+            *named = Some((host, port));
             self.generation.send_modify(|g| *g += 1);
         }
         Ok(client)
@@ -255,10 +367,36 @@ impl From<Unreachable> for RedisError {
     }
 }
 
+/// What a process needs besides its `redis_url` to reach Redis.
+#[derive(Debug, Clone, Default)]
+pub struct Access {
+    /// The sentinels' own password (`redis_sentinel_password`), when they
+    /// require one (`requirepass` in their config); the data nodes'
+    /// credentials are in the URL.
+    pub sentinel_password: Option<String>,
+}
+
+impl Access {
+    /// Checks a `redis_url` and these settings together, as the processes'
+    /// settings do before they start.
+    pub fn check(&self, url: &str) -> Result<(), String> {
+        let topology = Topology::parse(url).map_err(|e| format!("redis_url: {e}"))?;
+        if self.sentinel_password.is_some() && !matches!(topology, Topology::Sentinel { .. }) {
+            return Err("redis_sentinel_password is for a redis+sentinel:// redis_url".into());
+        }
+        Ok(())
+    }
+}
+
 impl Store {
     /// A store for `url` (see [`Topology::parse`]) with at most `pool_size`
     /// pooled connections on one server. Nothing connects yet.
     pub fn open(url: &str, pool_size: usize) -> Result<Store, String> {
+        Store::open_with(url, pool_size, &Access::default())
+    }
+
+    /// [`Store::open`], with `access` (see [`Access`]).
+    pub fn open_with(url: &str, pool_size: usize, access: &Access) -> Result<Store, String> {
         match Topology::parse(url)? {
             Topology::Standalone(url) => {
                 let manager = deadpool_redis::Manager::new_with_config(url.as_str(), connection_config())
@@ -272,28 +410,15 @@ impl Store {
                 Ok(Store::Cluster { client: Box::new(client), nodes, shared: Default::default() })
             }
             Topology::Sentinel { sentinels, master, username, password } => {
-                let primary = || -> Result<Primary, String> {
-                    let addrs = sentinels.iter().map(|(h, p)| redis::ConnectionAddr::Tcp(h.clone(), *p));
-                    let mut builder = redis::sentinel::SentinelClientBuilder::new(
-                        addrs,
-                        &master,
-                        redis::sentinel::SentinelServerType::Master,
-                    )
-                    .map_err(|e| format!("bad redis_url: {e}"))?;
-                    if let Some(user) = &username {
-                        builder = builder.set_client_to_redis_username(user);
-                    }
-                    if let Some(password) = &password {
-                        builder = builder.set_client_to_redis_password(password);
-                    }
-                    let sentinel = builder.build().map_err(|e| format!("bad redis_url: {e}"))?;
-                    Ok(Primary {
-                        sentinel: tokio::sync::Mutex::new(sentinel),
-                        named: std::sync::Mutex::new(None),
-                        generation: tokio::sync::watch::channel(0).0,
-                    })
-                };
-                let primary = std::sync::Arc::new(primary()?);
+                let mut node = redis::RedisConnectionInfo::default();
+                if let Some(user) = &username {
+                    node = node.set_username(user);
+                }
+                if let Some(password) = &password {
+                    node = node.set_password(password);
+                }
+                let primary = Primary::new(&sentinels, &master, node, access.sentinel_password.as_deref());
+                let primary = std::sync::Arc::new(primary?);
                 let pool = pool(SentinelManager { primary: primary.clone() }, pool_size)?;
                 Ok(Store::Sentinel { pool, primary })
             }
@@ -628,6 +753,31 @@ impl Subscription {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_primary_is_what_most_sentinels_name() {
+        let a = Some(("10.0.0.1".to_string(), 6379));
+        let b = Some(("10.0.0.2".to_string(), 6379));
+        assert_eq!(majority(&[a.clone(), a.clone(), b.clone()]), a);
+        assert_eq!(majority(&[b.clone(), a.clone(), b.clone()]), b);
+        // Mid-failover, one sentinel each way and one silent: nobody is named.
+        assert_eq!(majority(&[a.clone(), b.clone(), None]), None);
+        assert_eq!(majority(&[a.clone(), None, None]), None);
+        assert_eq!(majority(&[a.clone(), a.clone(), None]), a);
+        assert_eq!(majority(&[a.clone(), b.clone()]), None);
+        assert_eq!(majority(std::slice::from_ref(&a)), a);
+        assert_eq!(majority(&[None]), None);
+    }
+
+    #[test]
+    fn a_sentinel_password_goes_with_a_sentinel_url() {
+        let access = Access { sentinel_password: Some("secret".into()) };
+        assert!(access.check("redis+sentinel://127.0.0.1:26379/mymaster").is_ok());
+        assert!(access.check("redis://127.0.0.1:6379").is_err());
+        assert!(access.check("redis+cluster://127.0.0.1:7000").is_err());
+        assert!(Access::default().check("redis://127.0.0.1:6379").is_ok());
+        assert!(Access::default().check("redis+sentinel://127.0.0.1:26379").is_err());
+    }
 
     #[test]
     fn urls_name_their_topology() {

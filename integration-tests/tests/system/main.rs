@@ -183,11 +183,22 @@ impl Deployed {
     /// Starts a coordinator (with `coordinator_toml`) and `agents` agents on
     /// `redis_url`, logs in `dir`, and waits until all are ready.
     pub async fn start(dir: &std::path::Path, redis_url: &str, agents: usize, coordinator_toml: &str) -> Deployed {
+        Deployed::start_with(dir, redis_url, agents, coordinator_toml, "").await
+    }
+
+    /// [`Deployed::start`], with `agent_toml` in every agent's config.
+    pub async fn start_with(
+        dir: &std::path::Path,
+        redis_url: &str,
+        agents: usize,
+        coordinator_toml: &str,
+        agent_toml: &str,
+    ) -> Deployed {
         use integration_tests::{free_port, start_agent, start_coordinator, wait_ready};
         let coordinator = start_coordinator(dir, redis_url, free_port(), coordinator_toml).expect("coordinator");
         let mut started = Vec::new();
         for i in 1..=agents {
-            started.push(start_agent(dir, redis_url, free_port(), &format!("agent-{i}"), "").expect("agent"));
+            started.push(start_agent(dir, redis_url, free_port(), &format!("agent-{i}"), agent_toml).expect("agent"));
         }
         let http = test_client();
         wait_ready(&http, &coordinator).await.unwrap_or_else(|e| panic!("{e:#}"));

@@ -132,3 +132,32 @@ async fn under_sentinel_a_failover_to_a_lagging_replica_keeps_answered_invalidat
         assert_eq!(t.d.read(i, "acme", "after").await.0, 404, "agent {i} after the failover");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinels_that_require_a_password_are_reached_with_redis_sentinel_password() {
+    let mut dir = tempfile::Builder::new().prefix("dcc-sentinel-auth-").tempdir().expect("temp dir");
+    dir.disable_cleanup(std::env::var_os("DCC_KEEP_LOGS").is_some());
+    let password = "sentinel-secret";
+    let redis = Sentinels::start_with(dir.path(), Some(password)).await.unwrap_or_else(|e| panic!("Sentinel: {e:#}"));
+
+    // The sentinels refuse a client that does not give it.
+    let port = redis.sentinels[0].0;
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).expect("client");
+    let mut conn = client.get_multiplexed_async_connection().await.expect("a sentinel");
+    let refused: redis::RedisResult<(String, u16)> = redis::cmd("SENTINEL")
+        .arg("GET-MASTER-ADDR-BY-NAME")
+        .arg(integration_tests::redis_cluster::MASTER_NAME)
+        .query_async(&mut conn)
+        .await;
+    assert!(refused.is_err(), "the sentinels answered without their password: {refused:?}");
+
+    // With `redis_sentinel_password`, both processes find the primary and work as ever.
+    let access = format!("redis_sentinel_password = \"{password}\"\n");
+    let d = Deployed::start_with(dir.path(), &redis.url(), 1, &access, &access).await;
+    d.put(0, "acme", "k", "old").await;
+    d.warm("acme", "k").await;
+    let (status, answer) = d.post("/v1/invalidate?wait=all", json!({"tenant": "acme", "keys": ["k"]})).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["nodes"]["acked"], 1, "{answer}");
+    assert_eq!(d.read(0, "acme", "k").await.0, 404);
+}
