@@ -26,7 +26,7 @@ use shared::{l2, service::ApiError};
 use crate::l1::{self, L1};
 use crate::metrics::Metrics;
 use crate::settings::Settings;
-use crate::sync::state::SyncState;
+use crate::sync::state::{node_disagrees, SyncState};
 
 /// A cheap-to-clone handle to one agent.
 #[derive(Clone)]
@@ -262,7 +262,25 @@ impl Agent {
         let m = &self.0.metrics;
         let mut conn = self.conn().await?;
         let partition = self.0.layout.of(tenant);
-        let lookup = l2::get(&mut conn, partition, tenant, key).await.map_err(|e| self.l2_failed(e))?;
+        let cursor = self.0.sync.cursor(partition.index);
+        let lookup = l2::get(&mut conn, partition, tenant, key, cursor.applied).await.map_err(|e| self.l2_failed(e))?;
+        let disagrees =
+            node_disagrees(&cursor, &lookup.token.epoch, lookup.token.seq, lookup.nonce_at_applied.as_deref());
+        if let Some(why) = disagrees {
+            // Not this history: what the node holds may be what an answered
+            // invalidation deleted. A miss (the caller reads its database),
+            // and the partition catches up with the node, which finds the
+            // fork and moves the partition to a new epoch.
+            tracing::warn!(
+                partition = partition.index,
+                why,
+                "an L2 read went to a node that lacks invalidations this agent applied"
+            );
+            m.forked_reads.inc();
+            self.0.sync.request_catch_up(partition.index);
+            m.misses.l2.inc();
+            return Ok(Read::Miss { fill_token: lookup.token.encode() });
+        }
         match lookup.entry {
             Some(found) => {
                 m.hits.l2.inc();

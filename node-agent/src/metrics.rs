@@ -34,6 +34,8 @@ pub struct Metrics {
     pub flushes: IntCounter,
     /// Forks of a partition's log detected.
     pub forks: IntCounter,
+    /// L2 reads not served: the node lacked invalidations this agent applied.
+    pub forked_reads: IntCounter,
     /// Highest seq applied.
     pub applied_seq: IntGauge,
     /// 1 when ready.
@@ -87,6 +89,10 @@ impl Metrics {
             forks: counter(
                 "dcc_log_forks_total",
                 "Forks of a partition's log detected (a failover lost applied messages)",
+            ),
+            forked_reads: counter(
+                "dcc_l2_forked_reads_total",
+                "L2 reads answered as misses: the node read lacked invalidations this agent applied",
             ),
             applied_seq: gauge("dcc_applied_seq", "Highest invalidation seq applied"),
             ready: gauge("dcc_ready", "1 when the agent is ready"),

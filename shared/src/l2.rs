@@ -42,8 +42,14 @@ pub struct Entry {
 pub struct Lookup {
     /// The entry, if L2 has it (in the current epoch).
     pub entry: Option<Entry>,
-    /// Log position read before the entry, in the same pipeline.
+    /// Log position read before the entry, in the same pipeline (the
+    /// partition's epoch and head seq on the node that answered).
     pub token: FillToken,
+    /// The nonce of message `applied` (the caller's applied seq) in that
+    /// node's log, when the log holds it: with the head seq, it tells whether
+    /// the node carries the history the caller applied (see
+    /// `node_agent::sync::state::node_disagrees`).
+    pub nonce_at_applied: Option<String>,
 }
 
 /// Separator of `depends_on` keys inside the `deps` field: keys cannot contain
@@ -93,33 +99,50 @@ pub fn last_nonce(last: Option<&str>, seq: u64) -> String {
     }
 }
 
-/// What one pipelined read returns: epoch, seq, time, the entry's fields, its PTTL.
-type ReadReply = (Option<String>, Option<u64>, (u64, u64), HashMap<String, Vec<u8>>, i64);
+/// One logged message: its id and fields.
+type LogEntry = (String, Vec<(String, Vec<u8>)>);
+
+/// What one pipelined read returns: epoch, seq, the log entry at the
+/// caller's applied seq, time, the entry's fields, its PTTL.
+type ReadReply = (Option<String>, Option<u64>, Vec<LogEntry>, (u64, u64), HashMap<String, Vec<u8>>, i64);
 
 /// Reads an entry, and the log position just before it (in the same
-/// pipeline, which Redis runs in order), which is the fill token of a miss.
+/// pipeline, which Redis runs in order), which is the fill token of a miss;
+/// and the nonce of message `applied` in the log, so that the caller can
+/// tell a node that forked from the history it applied.
 pub async fn get(
     conn: &mut impl ConnectionLike,
     partition: &Partition,
     tenant: &str,
     key: &str,
+    applied: u64,
 ) -> RedisResult<Lookup> {
     let vkey = partition.value(tenant, key);
-    let (epoch, seq, (secs, micros), fields, pttl): ReadReply = redis::pipe()
+    let at = format!("{applied}-0");
+    let (epoch, seq, logged, (secs, micros), fields, pttl): ReadReply = redis::pipe()
         .get(partition.epoch())
         .get(partition.seq())
+        .cmd("XRANGE")
+        .arg(partition.log())
+        .arg(&at)
+        .arg(&at)
         .cmd("TIME")
         .hgetall(&vkey)
         .pttl(&vkey)
         .query_async(conn)
         .await?;
+    let nonce_at_applied = logged
+        .into_iter()
+        .next()
+        .and_then(|(_, fields)| fields.into_iter().find(|(f, _)| f == "n"))
+        .and_then(|(_, v)| String::from_utf8(v).ok());
     let epoch = match epoch {
         Some(e) => e,
         None => ensure_epoch(conn, partition).await?,
     };
     let entry = entry_from_fields(fields, pttl, &epoch);
     let token = FillToken { epoch, seq: seq.unwrap_or(0), issued_ms: secs * 1000 + micros / 1000 };
-    Ok(Lookup { entry, token })
+    Ok(Lookup { entry, token, nonce_at_applied })
 }
 
 fn entry_from_fields(mut fields: HashMap<String, Vec<u8>>, pttl: i64, epoch: &str) -> Option<Entry> {

@@ -122,6 +122,28 @@ pub fn head_disagrees(cursor: &Cursor, epoch: &str, seq: u64, nonce: &str) -> Op
     }
 }
 
+/// Whether the node an L2 read went to carries the history this agent
+/// applied: `None` when it does (or cannot tell: another epoch, whose entries
+/// are stamped as such, or a message its log no longer holds), else why not.
+/// A node behind what was applied, or with another message at the applied
+/// seq, is a replica promoted without the last invalidations (a failover, or
+/// the old primary still answering): an entry read there may be one that an
+/// answered invalidation deleted, so it is not served until the partition
+/// has caught up with that node (and found the fork).
+pub fn node_disagrees(cursor: &Cursor, epoch: &str, seq: u64, nonce_at_applied: Option<&str>) -> Option<&'static str> {
+    if cursor.epoch.is_empty() || epoch != cursor.epoch {
+        None
+    } else if seq < cursor.applied {
+        Some("the node's log is behind what this agent applied")
+    } else if nonce_at_applied
+        .is_some_and(|n| cursor.nonce_of(cursor.applied).is_some_and(|k| !k.is_empty() && !n.is_empty() && k != n))
+    {
+        Some("the node's log holds another message where this agent applied one")
+    } else {
+        None
+    }
+}
+
 /// A heartbeat that found the head ahead of L1 by messages still on their
 /// way: applying up to `head` proves sync as of `sent_at`.
 #[derive(Debug, Clone, Copy)]
@@ -409,6 +431,20 @@ mod tests {
         assert!(head_disagrees(&c, "e", 4, "n4").is_some());
         assert!(head_disagrees(&c, "e", 5, "n5'").is_some());
         assert!(head_disagrees(&c, "f", 5, "n5").is_some());
+    }
+
+    #[test]
+    fn a_node_behind_or_unlike_what_was_applied_is_not_read() {
+        let cursor = at("e1", 10, &[(9, "n9"), (10, "n10")]);
+        assert_eq!(node_disagrees(&cursor, "e1", 10, Some("n10")), None);
+        assert_eq!(node_disagrees(&cursor, "e1", 12, Some("n10")), None);
+        // The log no longer holds it, or the node is in another epoch: nothing to compare.
+        assert_eq!(node_disagrees(&cursor, "e1", 12, None), None);
+        assert_eq!(node_disagrees(&cursor, "e2", 3, None), None);
+        assert!(node_disagrees(&cursor, "e1", 9, Some("n9")).is_some());
+        assert!(node_disagrees(&cursor, "e1", 12, Some("other")).is_some());
+        // Nothing applied yet: nothing to disagree with.
+        assert_eq!(node_disagrees(&Cursor::default(), "e1", 0, None), None);
     }
 
     #[test]
