@@ -7,13 +7,15 @@ use serde::Deserialize;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use shared::audit::{self, Trail};
+use shared::auth::{Caller, Scope};
 use shared::invalidation;
-use shared::protocol::now_ms;
+use shared::protocol::{now_ms, Selector};
 use shared::service::{metrics_response, read_body, ApiError};
 
 use crate::cluster;
 use crate::events::{parse_events, resolve_events, InvalidateBody};
-use crate::state::Coordinator;
+use crate::state::{Coordinator, InvalidationAnswer};
 
 /// Registers every route.
 pub fn configure(cfg: &mut web::ServiceConfig) {
@@ -21,6 +23,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/v1/invalidate", web::post().to(post_invalidate))
         .route("/v1/cluster/health", web::get().to(cluster_health))
         .route("/v1/rules", web::get().to(rules))
+        .route("/v1/audit", web::get().to(audit))
         .route("/healthz", web::get().to(healthz))
         .route("/readyz", web::get().to(readyz))
         .route("/metrics", web::get().to(metrics));
@@ -60,28 +63,57 @@ impl WaitQuery {
     }
 }
 
+/// What an invalidation needs of its caller: `invalidate` on every tenant it
+/// names (one forbidden tenant refuses it whole), and `admin` to wipe a
+/// whole tenant.
+fn allow_invalidation(caller: &Caller, items: &[Selector]) -> Result<(), ApiError> {
+    if items.iter().any(Selector::wipes_tenant) {
+        caller.allow(Scope::Admin, [])?;
+    }
+    caller.allow(Scope::Invalidate, items.iter().map(|s| s.tenant.as_str()))
+}
+
 async fn post_events(
     req: HttpRequest,
     body: web::Payload,
     query: web::Query<WaitQuery>,
     coordinator: web::Data<Coordinator>,
+    caller: Caller,
+    trail: web::Data<Trail>,
 ) -> Result<HttpResponse, ApiError> {
     let wait = query.wait(coordinator.inner().settings.node_dead_after_ms)?;
     let body = read_body(&req, body, coordinator.inner().settings.max_body_bytes).await?;
     let events = parse_events(&body)?;
     coordinator.inner().metrics.events.inc_by(events.len() as u64);
     let request = resolve_events(&events, &coordinator.inner().rules, coordinator.inner().origin.clone())?;
-    let answer = coordinator.invalidate(request, wait).await?;
-    Ok(HttpResponse::Ok().json(answer))
+    allow_invalidation(&caller, &request.items)?;
+    let entry = audit::Entry::invalidation("event", &caller, &request.items);
+    let answer = coordinator.invalidate(request, wait).await;
+    record(&trail, entry, &answer);
+    Ok(HttpResponse::Ok().json(answer?))
+}
+
+/// Puts an invalidation and what it was answered in the audit trail.
+fn record(trail: &Trail, entry: audit::Entry, answer: &Result<InvalidationAnswer, ApiError>) {
+    trail.record(match answer {
+        Ok(answer) => entry.answered(200, answer.seq, None),
+        Err(e) => {
+            let seq = e.extra.as_ref().and_then(|x| x.get("seq")).and_then(serde_json::Value::as_u64);
+            entry.answered(e.status.as_u16(), seq, Some(e))
+        }
+    });
 }
 
 async fn post_invalidate(
     body: web::Json<InvalidateBody>,
     query: web::Query<WaitQuery>,
     coordinator: web::Data<Coordinator>,
+    caller: Caller,
+    trail: web::Data<Trail>,
 ) -> Result<HttpResponse, ApiError> {
     let wait = query.wait(coordinator.inner().settings.node_dead_after_ms)?;
     let selector = body.selector()?;
+    allow_invalidation(&caller, std::slice::from_ref(&selector))?;
     if body.dry_run {
         let mut conn = coordinator.conn().await?;
         let preview = invalidation::preview(&mut conn, &coordinator.inner().layout, std::slice::from_ref(&selector))
@@ -94,16 +126,53 @@ async fn post_invalidate(
             "invalidated": [selector],
         })));
     }
+    let entry = audit::Entry::invalidation("invalidate", &caller, std::slice::from_ref(&selector));
     let request = invalidation::Request {
         items: vec![selector],
         event_ids: Vec::new(),
         origin: coordinator.inner().origin.clone(),
     };
-    let answer = coordinator.invalidate(request, wait).await?;
-    Ok(HttpResponse::Ok().json(answer))
+    let answer = coordinator.invalidate(request, wait).await;
+    record(&trail, entry, &answer);
+    Ok(HttpResponse::Ok().json(answer?))
 }
 
-async fn cluster_health(coordinator: web::Data<Coordinator>) -> HttpResponse {
+/// `?tenant=T&limit=N`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuditQuery {
+    tenant: Option<String>,
+    limit: Option<usize>,
+}
+
+/// The most entries one `GET /v1/audit` answers.
+const MAX_AUDIT_LIMIT: usize = 1000;
+
+/// `GET /v1/audit`: the trail, newest first (admin).
+async fn audit(
+    query: web::Query<AuditQuery>,
+    coordinator: web::Data<Coordinator>,
+    caller: Caller,
+) -> Result<HttpResponse, ApiError> {
+    caller.allow(Scope::Admin, [])?;
+    if let Some(tenant) = &query.tenant {
+        shared::names::validate_tenant(tenant)?;
+    }
+    let limit = query.limit.unwrap_or(100);
+    if limit == 0 || limit > MAX_AUDIT_LIMIT {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            format!("limit must be between 1 and {MAX_AUDIT_LIMIT}; got {limit}"),
+        ));
+    }
+    let mut conn = coordinator.conn().await?;
+    let entries =
+        audit::read(&mut conn, query.tenant.as_deref(), limit).await.map_err(|e| coordinator.redis_failed(e))?;
+    Ok(HttpResponse::Ok().json(serde_json::json!({ "entries": entries })))
+}
+
+async fn cluster_health(coordinator: web::Data<Coordinator>, caller: Caller) -> Result<HttpResponse, ApiError> {
+    caller.allow(Scope::Read, [])?;
     let inner = coordinator.inner();
     let about = serde_json::json!({
         "origin": inner.origin,
@@ -122,7 +191,7 @@ async fn cluster_health(coordinator: web::Data<Coordinator>) -> HttpResponse {
         let redis = cluster::redis_info(&mut conn).await.map_err(|e| coordinator.redis_failed(e))?;
         Ok::<_, ApiError>((view, redis))
     };
-    match gathered.await {
+    Ok(match gathered.await {
         Ok((view, redis)) => {
             let all_synced = view.nodes.iter().all(|n| n.status == "synced");
             let status = if all_synced { "ok" } else { "degraded" };
@@ -146,11 +215,12 @@ async fn cluster_health(coordinator: web::Data<Coordinator>) -> HttpResponse {
             "coordinator": about,
             "nodes": [],
         })),
-    }
+    })
 }
 
-async fn rules(coordinator: web::Data<Coordinator>) -> HttpResponse {
-    HttpResponse::Ok().json(coordinator.inner().rules.describe())
+async fn rules(coordinator: web::Data<Coordinator>, caller: Caller) -> Result<HttpResponse, ApiError> {
+    caller.allow(Scope::Read, [])?;
+    Ok(HttpResponse::Ok().json(coordinator.inner().rules.describe()))
 }
 
 async fn healthz() -> HttpResponse {

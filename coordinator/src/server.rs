@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use actix_web::middleware::from_fn;
 use actix_web::{web, App, HttpServer};
+use actix_web_httpauth::middleware::HttpAuthentication;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -38,8 +39,13 @@ impl Application {
             n => n,
         };
         let body_limit = settings.max_body_bytes;
+        let access = web::Data::new(settings.access().map_err(|e| anyhow::anyhow!(e))?);
         let coordinator = Coordinator::new(settings, origin).map_err(|e| anyhow::anyhow!(e))?;
         let data = web::Data::new(coordinator.clone());
+        let trail = web::Data::new(shared::audit::Trail::new(
+            coordinator.inner().store.clone(),
+            coordinator.inner().origin.clone(),
+        ));
         let latency = shared::service::HttpLatency(coordinator.inner().metrics.http.clone(), None);
         let server = HttpServer::new(move || {
             App::new()
@@ -47,6 +53,10 @@ impl Application {
                 .app_data(shared::service::json_config(body_limit))
                 .app_data(shared::service::query_config())
                 .app_data(latency.clone())
+                .app_data(access.clone())
+                .app_data(trail.clone())
+                .wrap(HttpAuthentication::with_fn(shared::auth::authenticate))
+                .wrap(from_fn(shared::audit::refusals))
                 .wrap(from_fn(shared::service::record_latency))
                 .configure(api::configure)
                 .default_service(web::to(shared::service::not_found))

@@ -57,6 +57,12 @@ pub struct Settings {
     pub http_workers: usize,
     /// Log JSON lines.
     pub log_json: bool,
+    /// Bearer tokens (`[[tokens]]`, file only); none: authentication is off.
+    pub tokens: Vec<shared::auth::TokenSpec>,
+    /// Whether `/metrics` needs a token too.
+    pub metrics_token_required: bool,
+    /// Serve without tokens on an address other than loopback.
+    pub allow_anonymous: bool,
     /// Entity rules.
     pub rules: Vec<Rule>,
 }
@@ -76,6 +82,9 @@ impl Default for Settings {
             replica_timeout_ms: 1000,
             http_workers: 0,
             log_json: false,
+            tokens: Vec::new(),
+            metrics_token_required: false,
+            allow_anonymous: false,
             rules: Vec::new(),
         }
     }
@@ -93,6 +102,12 @@ impl Settings {
             .map_err(|e| format!("configuration error: {e}"))?;
         settings.validate()?;
         Ok(settings)
+    }
+
+    /// Who may call the API: the tokens, checked (see [`shared::auth`]).
+    pub fn access(&self) -> Result<shared::auth::Access, String> {
+        let tokens = shared::auth::Tokens::new(&self.tokens)?;
+        Ok(shared::auth::Access { tokens, metrics_token_required: self.metrics_token_required })
     }
 
     /// What the coordinator needs besides `redis_url` to reach Redis.
@@ -125,6 +140,14 @@ impl Settings {
         }
         if let Err(e) = crate::rules::RuleSet::new(self.rules.clone()) {
             problems.push(e);
+        }
+        match shared::auth::Tokens::new(&self.tokens) {
+            Ok(tokens) => {
+                if let Err(e) = shared::auth::check_exposure(&self.bind, &tokens, self.allow_anonymous) {
+                    problems.push(e);
+                }
+            }
+            Err(e) => problems.push(e),
         }
         if problems.is_empty() {
             Ok(())

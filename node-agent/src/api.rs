@@ -8,7 +8,10 @@ use actix_web::http::{Method, StatusCode};
 use actix_web::{web, HttpRequest, HttpResponse};
 use percent_encoding::percent_decode_str;
 
+use shared::audit::{self, Trail};
+use shared::auth::{Caller, Scope};
 use shared::names::InvalidName;
+use shared::protocol::Selector;
 use shared::service::{metrics_response, read_body, ApiError};
 
 use crate::agent::{Agent, Layer, Put, Read};
@@ -49,12 +52,18 @@ fn decode_segment<'a>(segment: &'a str, code: &'static str) -> Result<Cow<'a, st
     })
 }
 
-/// `/v1/cache/{tenant}/{key}`, by method.
-async fn cache_entry(req: HttpRequest, body: web::Payload, agent: web::Data<Agent>) -> Result<HttpResponse, ApiError> {
+/// `/v1/cache/{tenant}/{key}`, by method; each checks the caller's scope on
+/// the tenant before anything else (see [`shared::auth`]).
+async fn cache_entry(
+    req: HttpRequest,
+    body: web::Payload,
+    agent: web::Data<Agent>,
+    caller: Caller,
+) -> Result<HttpResponse, ApiError> {
     match *req.method() {
-        Method::GET => get_entry(req, agent).await,
-        Method::PUT => put_entry(req, body, agent).await,
-        Method::DELETE => delete_entry(req, agent).await,
+        Method::GET => get_entry(req, agent, caller).await,
+        Method::PUT => put_entry(req, body, agent, caller).await,
+        Method::DELETE => delete_entry(req, agent, caller).await,
         _ => Err(ApiError::new(
             StatusCode::METHOD_NOT_ALLOWED,
             "method_not_allowed",
@@ -63,8 +72,9 @@ async fn cache_entry(req: HttpRequest, body: web::Payload, agent: web::Data<Agen
     }
 }
 
-async fn get_entry(req: HttpRequest, agent: web::Data<Agent>) -> Result<HttpResponse, ApiError> {
+async fn get_entry(req: HttpRequest, agent: web::Data<Agent>, caller: Caller) -> Result<HttpResponse, ApiError> {
     let (tenant, key) = tenant_and_key(&req)?;
+    caller.allow(Scope::Read, [tenant.as_ref()])?;
     match agent.get(&tenant, &key).await? {
         Read::Hit { entry, layer } => {
             let mut resp = HttpResponse::Ok();
@@ -137,8 +147,14 @@ fn parse_put_query(query: &str) -> Result<Put, ApiError> {
     Ok(put)
 }
 
-async fn put_entry(req: HttpRequest, body: web::Payload, agent: web::Data<Agent>) -> Result<HttpResponse, ApiError> {
+async fn put_entry(
+    req: HttpRequest,
+    body: web::Payload,
+    agent: web::Data<Agent>,
+    caller: Caller,
+) -> Result<HttpResponse, ApiError> {
     let (tenant, key) = tenant_and_key(&req)?;
+    caller.allow(Scope::Write, [tenant.as_ref()])?;
     let mut put = parse_put_query(req.query_string())?;
     put.value = read_body(&req, body, agent.inner().settings.max_value_bytes).await?;
     put.content_type =
@@ -147,9 +163,19 @@ async fn put_entry(req: HttpRequest, body: web::Payload, agent: web::Data<Agent>
     Ok(HttpResponse::NoContent().finish())
 }
 
-async fn delete_entry(req: HttpRequest, agent: web::Data<Agent>) -> Result<HttpResponse, ApiError> {
+async fn delete_entry(req: HttpRequest, agent: web::Data<Agent>, caller: Caller) -> Result<HttpResponse, ApiError> {
     let (tenant, key) = tenant_and_key(&req)?;
-    let outcome = agent.delete(&tenant, &key).await?;
+    caller.allow(Scope::Invalidate, [tenant.as_ref()])?;
+    let deleted = agent.delete(&tenant, &key).await.map_err(ApiError::from);
+    if let Some(trail) = req.app_data::<web::Data<Trail>>() {
+        let selector = Selector { tenant: tenant.to_string(), keys: vec![key.to_string()], ..Selector::default() };
+        let entry = audit::Entry::invalidation("delete", &caller, &[selector]);
+        trail.record(match &deleted {
+            Ok(outcome) => entry.answered(204, Some(outcome.position.seq), None),
+            Err(e) => entry.answered(e.status.as_u16(), None, Some(e)),
+        });
+    }
+    let outcome = deleted?;
     let at = &outcome.position;
     Ok(HttpResponse::NoContent()
         .insert_header(("X-Invalidation-Seq", at.seq.to_string()))
@@ -158,8 +184,9 @@ async fn delete_entry(req: HttpRequest, agent: web::Data<Agent>) -> Result<HttpR
         .finish())
 }
 
-async fn status(agent: web::Data<Agent>) -> HttpResponse {
-    HttpResponse::Ok().json(agent.status())
+async fn status(agent: web::Data<Agent>, caller: Caller) -> Result<HttpResponse, ApiError> {
+    caller.allow(Scope::Read, [])?;
+    Ok(HttpResponse::Ok().json(agent.status()))
 }
 
 async fn healthz() -> HttpResponse {

@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 
 use actix_web::middleware::from_fn;
 use actix_web::{web, App, HttpServer};
+use actix_web_httpauth::middleware::HttpAuthentication;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
@@ -38,8 +39,10 @@ impl Application {
             n => n,
         };
         let body_limit = settings.max_value_bytes;
+        let access = web::Data::new(settings.access().map_err(|e| anyhow::anyhow!(e))?);
         let agent = Agent::new(settings, node_id, addr.to_string()).map_err(|e| anyhow::anyhow!(e))?;
         let data = web::Data::new(agent.clone());
+        let trail = web::Data::new(shared::audit::Trail::new(agent.inner().store.clone(), agent.node_id().to_string()));
         let latency = shared::service::HttpLatency(agent.inner().metrics.http.clone(), Some(api::CACHE_SCOPE));
         let server = HttpServer::new(move || {
             App::new()
@@ -47,6 +50,10 @@ impl Application {
                 .app_data(shared::service::json_config(body_limit))
                 .app_data(shared::service::query_config())
                 .app_data(latency.clone())
+                .app_data(access.clone())
+                .app_data(trail.clone())
+                .wrap(HttpAuthentication::with_fn(shared::auth::authenticate))
+                .wrap(from_fn(shared::audit::refusals))
                 .wrap(from_fn(shared::service::record_latency))
                 .configure(api::configure)
                 .default_service(web::to(shared::service::not_found))

@@ -69,6 +69,12 @@ pub struct Settings {
     pub http_workers: usize,
     /// Log JSON lines.
     pub log_json: bool,
+    /// Bearer tokens (`[[tokens]]`, file only); none: authentication is off.
+    pub tokens: Vec<shared::auth::TokenSpec>,
+    /// Whether `/metrics` needs a token too.
+    pub metrics_token_required: bool,
+    /// Serve without tokens on an address other than loopback.
+    pub allow_anonymous: bool,
 }
 
 impl Default for Settings {
@@ -91,6 +97,9 @@ impl Default for Settings {
             replica_timeout_ms: 1000,
             http_workers: 0,
             log_json: false,
+            tokens: Vec::new(),
+            metrics_token_required: false,
+            allow_anonymous: false,
         }
     }
 }
@@ -108,6 +117,12 @@ impl Settings {
             .map_err(|e| format!("configuration error: {e}"))?;
         settings.validate()?;
         Ok(settings)
+    }
+
+    /// Who may call the API: the tokens, checked (see [`shared::auth`]).
+    pub fn access(&self) -> Result<shared::auth::Access, String> {
+        let tokens = shared::auth::Tokens::new(&self.tokens)?;
+        Ok(shared::auth::Access { tokens, metrics_token_required: self.metrics_token_required })
     }
 
     /// What the agent needs besides `redis_url` to reach Redis.
@@ -155,7 +170,12 @@ impl Settings {
         if let Err(e) = self.redis_access().check(&self.redis_url) {
             url_problem = Some(e);
         }
-        let all: Vec<String> = problems.into_iter().map(str::to_string).chain(url_problem).collect();
+        let auth_problem = match shared::auth::Tokens::new(&self.tokens) {
+            Ok(tokens) => shared::auth::check_exposure(&self.bind, &tokens, self.allow_anonymous).err(),
+            Err(e) => Some(e),
+        };
+        let all: Vec<String> =
+            problems.into_iter().map(str::to_string).chain(url_problem).chain(auth_problem).collect();
         if all.is_empty() {
             Ok(())
         } else {

@@ -11,11 +11,15 @@
 //! - [`invalidation`]: the invalidation path from selectors to L2 delete, log,
 //!   broadcast and replication, with its scripts; agents apply the broadcast to L1.
 //! - [`registry`]: heartbeats and acknowledgements.
-//! - [`store`]: the Redis topologies (one server, a cluster) behind one
+//! - [`store`]: the Redis topologies (one server, Sentinel, a cluster) behind one
 //!   handle: connections and subscriptions.
 //! - [`service`]: what both HTTP services share: errors, telemetry, metrics,
 //!   Redis pools, shutdown.
+//! - [`auth`]: bearer tokens with tenant scopes, checked by both services.
+//! - [`audit`]: the audit trail both services write and the coordinator serves.
 
+pub mod audit;
+pub mod auth;
 pub mod glob;
 pub mod invalidation;
 pub mod l2;

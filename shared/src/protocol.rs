@@ -52,6 +52,13 @@ fn yes() -> bool {
 }
 
 impl Selector {
+    /// Whether it covers every key of its tenant (a pattern such as `*`).
+    pub fn wipes_tenant(&self) -> bool {
+        self.patterns.iter().any(|p| crate::glob::matches_everything(p))
+    }
+}
+
+impl Selector {
     /// True when the selector covers nothing at all.
     pub fn is_empty(&self) -> bool {
         self.keys.is_empty() && self.tags.is_empty() && self.patterns.is_empty()

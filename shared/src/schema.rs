@@ -33,6 +33,7 @@
 //! | `dcc:{ctl}:nodes` | zset | node id → last heartbeat (Redis time, Unix ms) |
 //! | `dcc:{ctl}:coordinators` | hash | coordinator → its `node_dead_after_ms` |
 //! | `dcc:{ctl}:node:{node}` | string | the node's last report, JSON |
+//! | `dcc:{ctl}:audit` | stream | the audit trail, capped (see `crate::audit`) |
 //!
 //! `{P}` is the partition's hash tag (see [`Layout`]). Tenant names cannot
 //! contain `:`, `{` or `}`, so `dcc:{P}:t:{tenant}:` is an unambiguous prefix
@@ -263,6 +264,8 @@ pub const CONTROL_EPOCH_BORN: &str = "dcc:{ctl}:epoch:born";
 pub const NODES: &str = "dcc:{ctl}:nodes";
 /// Coordinators' `node_dead_after_ms`, by coordinator.
 pub const COORDINATORS: &str = "dcc:{ctl}:coordinators";
+/// The audit trail: one stream entry (field `a`, JSON) per audited request.
+pub const AUDIT: &str = "dcc:{ctl}:audit";
 
 /// A node's last report.
 pub fn node(node_id: &str) -> String {

@@ -68,7 +68,11 @@ impl ResponseError for ApiError {
         let mut body = self.extra.clone().unwrap_or_default();
         body.insert("error".into(), self.code.into());
         body.insert("message".into(), self.message.clone().into());
-        HttpResponse::build(self.status).json(body)
+        let mut response = HttpResponse::build(self.status);
+        if self.status == StatusCode::UNAUTHORIZED {
+            response.insert_header((actix_web::http::header::WWW_AUTHENTICATE, "Bearer"));
+        }
+        response.json(body)
     }
 }
 

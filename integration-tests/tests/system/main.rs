@@ -5,6 +5,7 @@
 //! Timing: nothing here asserts a duration. Waits poll until a condition holds,
 //! with deadlines generous enough for a busy 2-core machine.
 
+mod auth;
 mod bad_input;
 mod cache_api;
 mod cluster;
