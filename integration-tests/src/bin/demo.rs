@@ -1,8 +1,9 @@
 //! `make demo`: starts a private redis-server, a coordinator and three agents,
 //! and tells the story of one value: filled through one agent, read through the
 //! others (L2, then L1), invalidated by a write event (with the time until the
-//! last agent dropped it), a rules cascade, and the cluster's health. Exits 0
-//! and leaves nothing running.
+//! last agent dropped it), a rules cascade, the cluster's health, and who may
+//! do what: the processes run with tokens, a request without one is refused,
+//! and the audit trail shows it. Exits 0 and leaves nothing running.
 
 use std::time::{Duration, Instant};
 
@@ -26,17 +27,52 @@ fn step(title: &str) {
     println!("\n== {title}");
 }
 
+/// The demo's tokens: the app's (its tenant `acme`) and an operator's.
+struct Secrets {
+    app: String,
+    ops: String,
+}
+
+impl Secrets {
+    /// Fresh random secrets.
+    fn new() -> Secrets {
+        let secret = || format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple());
+        Secrets { app: secret(), ops: secret() }
+    }
+
+    /// `[[tokens]]` for both processes: only the secrets' SHA-256 is configured.
+    fn toml(&self) -> String {
+        format!(
+            "\n[[tokens]]\nname = \"orders-app\"\nsha256 = \"{}\"\ntenants = [\"acme\"]\n\
+             scopes = [\"read\", \"write\", \"invalidate\"]\n\n[[tokens]]\nname = \"ops\"\nsha256 = \"{}\"\n\
+             scopes = [\"admin\"]\n",
+            shared::auth::sha256_hex(&self.app),
+            shared::auth::sha256_hex(&self.ops)
+        )
+    }
+}
+
 async fn run() -> anyhow::Result<()> {
-    step("Starting a private redis-server, a coordinator and 3 node agents");
-    let options = ClusterOptions { agents: 3, coordinator_toml: deploy_coordinator_toml(), ..Default::default() };
+    step("Starting a private redis-server, a coordinator and 3 node agents, with tokens");
+    let secrets = Secrets::new();
+    let options = ClusterOptions {
+        agents: 3,
+        coordinator_toml: format!("{}\n{}", deploy_coordinator_toml(), secrets.toml()),
+        agent_toml: secrets.toml(),
+        ..Default::default()
+    };
     let cluster = Cluster::start(options).await.context("starting the cluster")?;
     println!("   redis        {}", cluster.redis_url());
     println!("   coordinator  http://{}", cluster.coordinator.addr);
     for agent in &cluster.agents {
         println!("   {:<12} http://{}", agent.proc.name, agent.addr);
     }
-    let http = Client::new();
-    let demo = Demo { cluster: &cluster, http: &http };
+    println!("   tokens       orders-app (tenant acme: read, write, invalidate), ops (admin)");
+    // The app's requests carry its token.
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(reqwest::header::AUTHORIZATION, format!("Bearer {}", secrets.app).parse()?);
+    let http = Client::builder().default_headers(headers).build()?;
+    let demo = Demo { cluster: &cluster, http: &http, secrets: &secrets };
     let result = demo.story().await;
     if result.is_err() {
         let dir = cluster.keep_logs();
@@ -51,7 +87,9 @@ async fn run() -> anyhow::Result<()> {
 
 struct Demo<'a> {
     cluster: &'a Cluster,
+    /// Sends the app's token.
     http: &'a Client,
+    secrets: &'a Secrets,
 }
 
 impl Demo<'_> {
@@ -196,6 +234,41 @@ impl Demo<'_> {
                 node["l1_entries"],
                 node["l1_bytes"],
                 node["hit_ratio"].as_f64().unwrap_or(0.0)
+            );
+        }
+
+        step("6. Who may do what: tokens, refusals and the audit trail");
+        let anonymous = Client::new();
+        let url = self.agent_url(1, "acme", key);
+        let refused = anonymous.get(&url).send().await?;
+        println!("   GET acme/{key} on agent-2 without a token -> {}", refused.status().as_u16());
+        if refused.status().as_u16() != 401 {
+            bail!("a request without a token was answered {}", refused.status());
+        }
+        let other = self.http.get(self.agent_url(1, "globex", key)).send().await?;
+        let why: Value = other.json().await.unwrap_or_default();
+        println!("   GET globex/{key} with orders-app's token -> 403: {}", why["message"].as_str().unwrap_or("?"));
+        let audit_url = self.cluster.coordinator.url("/v1/audit?tenant=acme&limit=3");
+        let mut entries = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        // The trail is written just after each answer.
+        while entries.len() < 3 || !entries.iter().any(|e: &Value| e["action"] == "refused") {
+            if Instant::now() > deadline {
+                bail!("the audit trail does not show the refused request: {entries:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let answer: Value = anonymous.get(&audit_url).bearer_auth(&self.secrets.ops).send().await?.json().await?;
+            entries = answer["entries"].as_array().cloned().unwrap_or_default();
+        }
+        println!("   GET /v1/audit?tenant=acme&limit=3 with the ops token, newest first:");
+        for e in &entries {
+            println!(
+                "   {:<9} token {:<12} status {} {}{}",
+                e["action"].as_str().unwrap_or("?"),
+                e["token"].as_str().unwrap_or("(none)"),
+                e["status"],
+                e["request"].as_str().map(|r| format!("{r} ")).unwrap_or_default(),
+                e["seq"].as_u64().map(|s| format!("seq {s}")).unwrap_or_default()
             );
         }
         Ok(())
