@@ -170,46 +170,57 @@ pub async fn refusals(
     req: ServiceRequest,
     next: Next<impl MessageBody + 'static>,
 ) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
-    let trail = req.app_data::<web::Data<Trail>>().cloned();
-    let mut request = format!("{} {}", req.method(), req.path());
-    if request.len() > 256 {
-        let mut end = 256;
-        while !request.is_char_boundary(end) {
-            end -= 1;
-        }
-        request.truncate(end);
-    }
-    let path_tenant = req
-        .path()
-        .strip_prefix("/v1/cache/")
-        .and_then(|rest| rest.split('/').next())
-        .filter(|t| crate::names::validate_tenant(t).is_ok())
-        .map(str::to_string);
-    // (The request itself must not be held meanwhile: routing needs it unshared.)
+    let Some(trail) = req.app_data::<web::Data<Trail>>().cloned() else { return next.call(req).await };
+    // Nothing is taken from the request before: the answer has it (and
+    // routing needs it unshared meanwhile); the hit path pays nothing here.
     let result = next.call(req).await;
-    let Some(trail) = trail else { return result };
-    let (status, error, caller) = match &result {
-        Ok(res) => (
-            res.status(),
-            res.response().error().and_then(|e| e.as_error::<ApiError>().cloned()),
-            res.request().extensions().get::<Caller>().cloned(),
-        ),
-        Err(e) => (e.as_response_error().status_code(), e.as_error::<ApiError>().cloned(), None),
+    let refused = match &result {
+        Ok(res) => matches!(res.status().as_u16(), 401 | 403).then(|| {
+            let req = res.request();
+            let error = res.response().error().and_then(|e| e.as_error::<ApiError>().cloned());
+            (
+                res.status().as_u16(),
+                error,
+                req.extensions().get::<Caller>().cloned(),
+                Some((req.method().clone(), req.path().to_string())),
+            )
+        }),
+        Err(e) => {
+            let status = e.as_response_error().status_code().as_u16();
+            matches!(status, 401 | 403).then(|| (status, e.as_error::<ApiError>().cloned(), None, None))
+        }
     };
-    if status.as_u16() == 401 || status.as_u16() == 403 {
+    if let Some((status, error, caller, request)) = refused {
         let tenant = error
             .as_ref()
             .and_then(|e| e.extra.as_ref())
             .and_then(|x| x.get("tenant"))
             .and_then(|t| t.as_str())
             .map(str::to_string);
+        let path_tenant = request.as_ref().and_then(|(_, path)| {
+            path.strip_prefix("/v1/cache/")
+                .and_then(|rest| rest.split('/').next())
+                .filter(|t| crate::names::validate_tenant(t).is_ok())
+                .map(str::to_string)
+        });
+        let request = request.map(|(method, path)| {
+            let mut line = format!("{method} {path}");
+            if line.len() > 256 {
+                let mut end = 256;
+                while !line.is_char_boundary(end) {
+                    end -= 1;
+                }
+                line.truncate(end);
+            }
+            line
+        });
         trail.record(Entry {
             ts_ms: now_ms(),
             token: caller.as_ref().and_then(|c| c.name()).map(str::to_string),
             action: "refused".into(),
             tenants: tenant.or(path_tenant).map(|t| vec![t]).unwrap_or_default(),
-            status: status.as_u16(),
-            request: Some(request),
+            status,
+            request,
             reason: error.map(|e| e.message),
             ..Entry::default()
         });

@@ -78,7 +78,8 @@ pub struct TokenSpec {
 pub struct Token {
     /// Its name.
     pub name: String,
-    digest: [u8; 32],
+    /// The secret's SHA-256, as four words (compared word by word).
+    digest: [u64; 4],
     every_tenant: bool,
     tenants: Vec<String>,
     scopes: Vec<Scope>,
@@ -171,7 +172,7 @@ impl Tokens {
     /// The token whose secret this is. The digests are compared in constant
     /// time, and every one of them is compared.
     pub fn identify(&self, secret: &str) -> Option<Arc<Token>> {
-        let digest: [u8; 32] = Sha256::digest(secret.as_bytes()).into();
+        let digest = words(Sha256::digest(secret.as_bytes()).into());
         let mut found = None;
         for token in self.0.iter() {
             if bool::from(token.digest.ct_eq(&digest)) {
@@ -187,7 +188,13 @@ pub fn sha256_hex(secret: &str) -> String {
     Sha256::digest(secret.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn decode_digest(hex: &str) -> Option<[u8; 32]> {
+/// A digest as four words.
+fn words(digest: [u8; 32]) -> [u64; 4] {
+    let word = |i: usize| u64::from_le_bytes(digest[8 * i..8 * i + 8].try_into().unwrap_or_default());
+    [word(0), word(1), word(2), word(3)]
+}
+
+fn decode_digest(hex: &str) -> Option<[u64; 4]> {
     if hex.len() != 64 || !hex.is_ascii() {
         return None;
     }
@@ -195,7 +202,7 @@ fn decode_digest(hex: &str) -> Option<[u8; 32]> {
     for (i, byte) in out.iter_mut().enumerate() {
         *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()?;
     }
-    Some(out)
+    Some(words(out))
 }
 
 /// Who sent a request.

@@ -28,8 +28,22 @@ fn value() -> Bytes {
 
 /// One GET that must be an L1 hit of the 100-byte value.
 async fn http_get(sender: &mut SendRequest<Empty<Bytes>>, addr: &str, path: &str) -> anyhow::Result<()> {
+    http_get_as(sender, addr, path, None).await
+}
+
+/// [`http_get`], with an `Authorization` header when given.
+async fn http_get_as(
+    sender: &mut SendRequest<Empty<Bytes>>,
+    addr: &str,
+    path: &str,
+    authorization: Option<&hyper::header::HeaderValue>,
+) -> anyhow::Result<()> {
     sender.ready().await?;
-    let request = hyper::Request::get(path).header(hyper::header::HOST, addr).body(Empty::<Bytes>::new())?;
+    let mut request = hyper::Request::get(path).header(hyper::header::HOST, addr);
+    if let Some(value) = authorization {
+        request = request.header(hyper::header::AUTHORIZATION, value.clone());
+    }
+    let request = request.body(Empty::<Bytes>::new())?;
     let response = sender.send_request(request).await?;
     let status = response.status();
     let layer = response.headers().get("x-cache").cloned();
@@ -42,6 +56,11 @@ async fn http_get(sender: &mut SendRequest<Empty<Bytes>>, addr: &str, path: &str
 
 /// Requests per second of `TASKS` connections, each looping for `run`.
 async fn agent_throughput(addr: &str, run: Duration) -> anyhow::Result<f64> {
+    agent_throughput_as(addr, run, None).await
+}
+
+/// [`agent_throughput`], each request with the token `secret` when given.
+async fn agent_throughput_as(addr: &str, run: Duration, secret: Option<&str>) -> anyhow::Result<f64> {
     let path = format!("/v1/cache/{TENANT}/{KEY}");
     let mut senders = Vec::new();
     for _ in 0..TASKS {
@@ -52,10 +71,12 @@ async fn agent_throughput(addr: &str, run: Duration) -> anyhow::Result<f64> {
     let mut tasks = Vec::new();
     for mut sender in senders {
         let (addr, path) = (addr.to_string(), path.clone());
+        // Made once: the client's cost should not count against the agent's.
+        let authorization = secret.map(|s| hyper::header::HeaderValue::try_from(format!("Bearer {s}"))).transpose()?;
         tasks.push(tokio::spawn(async move {
             let mut n = 0u64;
             while Instant::now() < deadline {
-                http_get(&mut sender, &addr, &path).await?;
+                http_get_as(&mut sender, &addr, &path, authorization.as_ref()).await?;
                 n += 1;
             }
             anyhow::Ok(n)
@@ -270,5 +291,64 @@ async fn embedded_hits(options: &Options, redis: &Store, redis_url: &str) -> any
         "Embedded: `node_agent::agent::Agent` in the bench process (its subscriber and heartbeat \
          running), `agent.get()` from {TASKS} tasks, against the same direct GETs."
     );
+    Ok((row, note))
+}
+
+/// The cost of authentication on the hit path: L1-hit throughput of an
+/// agent that requires a token (`secured`, every request sending `secret`)
+/// against one without tokens (`open`), on the same Redis, alternating.
+pub async fn with_token(
+    options: &Options,
+    open: &str,
+    secured: &str,
+    secret: &str,
+    redis_url: &str,
+) -> anyhow::Result<(Row, String)> {
+    let redis = Store::open(redis_url, 4).map_err(anyhow::Error::msg)?;
+    prepare_agent(open, &redis).await?;
+    // The secured agent: store and warm the value with the token.
+    let http = reqwest::Client::new();
+    let url = format!("http://{secured}/v1/cache/{TENANT}/{KEY}?ttl=3600");
+    let status = http.put(&url).bearer_auth(secret).body(value().to_vec()).send().await?.status();
+    if status != 204 {
+        bail!("PUT {url} with a token answered {status}");
+    }
+    let mut sender = http_connection(secured).await?;
+    let path = format!("/v1/cache/{TENANT}/{KEY}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let authorization = hyper::header::HeaderValue::try_from(format!("Bearer {secret}"))?;
+    while http_get_as(&mut sender, secured, &path, Some(&authorization)).await.is_err() {
+        if Instant::now() > deadline {
+            bail!("the secured agent never served {KEY} from L1");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (mut with, mut without) = (Vec::new(), Vec::new());
+    for round in 0..options.rounds {
+        // Each side goes first in every other round.
+        if round % 2 == 0 {
+            with.push(agent_throughput_as(secured, options.run, Some(secret)).await?);
+            without.push(agent_throughput(open, options.run).await?);
+        } else {
+            without.push(agent_throughput(open, options.run).await?);
+            with.push(agent_throughput_as(secured, options.run, Some(secret)).await?);
+        }
+        eprintln!("  token round {}: {:.0}/s with a token, {:.0}/s without", round + 1, with[round], without[round]);
+    }
+    let ratio = median(&ratios(&with, &without));
+    let row = Row {
+        measure: format!(
+            "L1-hit GET with a bearer token, {TASKS} connections: throughput (Redis column: the same without tokens)"
+        ),
+        ours: spread(&with, "req/s", 0),
+        baseline: spread(&without, "req/s", 0),
+        result: format!("{ratio:.3}x"),
+        target: "≥ 0.95x".into(),
+        met: ratio >= 0.95,
+    };
+    let note = "Token: two agents on the same Redis, one with `[[tokens]]` (5 tokens; every request sends one, \
+                which is hashed with SHA-256 and compared with each digest, then checked for the read scope on \
+                the tenant) and one without; the same L1-hit load, alternating rounds."
+        .to_string();
     Ok((row, note))
 }

@@ -3,7 +3,7 @@
 //! `BENCHMARKS.md`. `bench --quick` (`make bench QUICK=1`) is a short pass
 //! that checks everything runs; `--out FILE` writes elsewhere; `--only
 //! NAME[,NAME]` runs some measures (hits, propagation, barrier, throughput,
-//! propagation32, scale, memory, cluster, replicas), for profiling one of them; `--run-ms N`
+//! token, propagation32, scale, memory, cluster, replicas), for profiling one of them; `--run-ms N`
 //! makes each run N ms long (to hold a load steady under a profiler).
 //! See `integration_tests::bench` for what each figure is.
 
@@ -58,6 +58,25 @@ async fn main() -> anyhow::Result<()> {
         let (r, n) = hits::run(&options, &cluster.agent(0).addr, &redis_url, true).await?;
         rows.extend(r);
         notes.extend(n);
+    }
+    if wanted("token") {
+        eprintln!("1b. L1 hits with a token");
+        let secret = "bench-token-secret";
+        let mut toml = String::new();
+        for (i, name) in ["bench", "other-1", "other-2", "other-3", "other-4"].iter().enumerate() {
+            let digest = shared::auth::sha256_hex(&if i == 0 { secret.to_string() } else { format!("{secret}-{i}") });
+            toml.push_str(&format!(
+                "[[tokens]]\nname = \"{name}\"\nsha256 = \"{digest}\"\ntenants = [\"bench\"]\nscopes = [\"read\", \"write\"]\n\n"
+            ));
+        }
+        // Two agents started alike, one with tokens and one without.
+        let secured = start_agent(cluster.dir.path(), &redis_url, free_port(), "agent-token", &toml)?;
+        let open = start_agent(cluster.dir.path(), &redis_url, free_port(), "agent-open", "")?;
+        wait_ready(&reqwest::Client::new(), &secured).await?;
+        wait_ready(&reqwest::Client::new(), &open).await?;
+        let (r, n) = hits::with_token(&options, &open.addr, &secured.addr, secret, &redis_url).await?;
+        rows.push(r);
+        notes.push(n);
     }
     if wanted("propagation") {
         eprintln!("3. propagation to 8 agents");
