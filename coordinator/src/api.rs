@@ -231,8 +231,14 @@ async fn readyz(coordinator: web::Data<Coordinator>) -> Result<HttpResponse, Api
     if coordinator.inner().redis_ok.load(Ordering::Acquire) {
         Ok(HttpResponse::Ok().json(serde_json::json!({"status": "ready"})))
     } else {
-        Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", "not ready: Redis is unreachable")
-            .with("reason", "redis_unreachable".into()))
+        let outage = shared::store::Outage::from_code(coordinator.inner().outage.load(Ordering::Acquire));
+        let why = match outage {
+            shared::store::Outage::Unreachable => "Redis is unreachable",
+            shared::store::Outage::CredentialsRefused => "Redis refused the credentials (check redis_url)",
+            shared::store::Outage::PermissionDenied => "Redis's ACL refuses a command this service needs",
+        };
+        Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", format!("not ready: {why}"))
+            .with("reason", outage.reason().into()))
     }
 }
 

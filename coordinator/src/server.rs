@@ -160,8 +160,10 @@ async fn watch_redis(coordinator: Coordinator, stop: CancellationToken) {
                     _ => "timed out".to_string(),
                 };
                 inner.redis_ok.store(false, Ordering::Release);
+                let outage = shared::store::Outage::of(&why);
+                inner.outage.store(outage.code(), Ordering::Release);
                 if !outage_logged {
-                    warn!(error = %why, "Redis is unreachable; retrying with backoff");
+                    warn!(error = %why, reason = outage.reason(), "Redis did not answer; retrying with backoff");
                     outage_logged = true;
                 }
                 inner.metrics.redis_up.set(0);

@@ -49,6 +49,8 @@ pub struct Inner {
     pub origin: String,
     /// The last Redis check succeeded.
     pub redis_ok: AtomicBool,
+    /// Why the last check of Redis failed ([`shared::store::Outage::code`]).
+    pub outage: std::sync::atomic::AtomicU8,
     /// Start time, for uptime.
     pub started: Instant,
     /// Metrics.
@@ -194,6 +196,7 @@ impl Coordinator {
             batcher,
             origin,
             redis_ok: AtomicBool::new(false),
+            outage: std::sync::atomic::AtomicU8::new(0),
             started: Instant::now(),
             metrics: Metrics::new(),
         })))

@@ -406,7 +406,7 @@ impl Agent {
     pub fn readiness(&self) -> Result<(), &'static str> {
         let s = &self.0.sync;
         if !s.redis_ok() {
-            Err("redis_unreachable")
+            Err(s.outage().reason())
         } else if !s.subscribed() {
             Err("not_subscribed")
         } else if (0..s.count()).all(|p| !s.in_sync(p)) {

@@ -356,6 +356,54 @@ pub enum Store {
     },
 }
 
+/// Why Redis did not answer, as readiness reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outage {
+    /// Down, or not reachable (the default).
+    Unreachable,
+    /// It refused the credentials (`WRONGPASS`, `NOAUTH`).
+    CredentialsRefused,
+    /// The user may not run a command it needs (`NOPERM`): its ACL is too narrow.
+    PermissionDenied,
+}
+
+impl Outage {
+    /// What an error's text says happened. (The pool reports errors as text,
+    /// so the text is what every path has in common.)
+    pub fn of(error: &str) -> Outage {
+        if error.contains("WRONGPASS") || error.contains("NOAUTH") || error.contains("AuthenticationFailed") {
+            Outage::CredentialsRefused
+        } else if error.contains("NOPERM") {
+            Outage::PermissionDenied
+        } else {
+            Outage::Unreachable
+        }
+    }
+
+    /// The `reason` of a 503 `not_ready`.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Outage::Unreachable => "redis_unreachable",
+            Outage::CredentialsRefused => "redis_credentials_refused",
+            Outage::PermissionDenied => "redis_permission_denied",
+        }
+    }
+
+    /// As a number, to keep in an atomic.
+    pub fn code(self) -> u8 {
+        self as u8
+    }
+
+    /// See [`Outage::code`].
+    pub fn from_code(code: u8) -> Outage {
+        match code {
+            1 => Outage::CredentialsRefused,
+            2 => Outage::PermissionDenied,
+            _ => Outage::Unreachable,
+        }
+    }
+}
+
 /// Why no connection could be had.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -753,6 +801,21 @@ impl Subscription {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_outage_says_when_redis_refused_the_credentials() {
+        let wrong = "WRONGPASS: invalid username-password pair or user is disabled.";
+        assert_eq!(Outage::of(wrong), Outage::CredentialsRefused);
+        assert_eq!(Outage::of("Backend error: NOAUTH: Authentication required."), Outage::CredentialsRefused);
+        assert_eq!(
+            Outage::of("NOPERM: User dcc has no permissions to run the 'flushall' command"),
+            Outage::PermissionDenied
+        );
+        assert_eq!(Outage::of("Connection refused (os error 111)"), Outage::Unreachable);
+        for o in [Outage::Unreachable, Outage::CredentialsRefused, Outage::PermissionDenied] {
+            assert_eq!(Outage::from_code(o.code()), o);
+        }
+    }
 
     #[test]
     fn the_primary_is_what_most_sentinels_name() {

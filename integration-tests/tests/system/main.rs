@@ -9,6 +9,7 @@ mod auth;
 mod bad_input;
 mod cache_api;
 mod cluster;
+mod credentials;
 mod faults;
 mod invalidation;
 mod operations;

@@ -399,8 +399,10 @@ async fn heartbeat_loop(agent: Agent, shutdown: CancellationToken) {
                 }
             }
             Err(e) => {
+                let outage = shared::store::Outage::of(&format!("{e:#}"));
+                inner.sync.set_outage(outage);
                 if inner.sync.set_redis_ok(false) {
-                    warn!(error = %e, "heartbeat failed: Redis unreachable");
+                    warn!(error = %e, reason = outage.reason(), "heartbeat failed: Redis did not answer");
                 }
             }
         }

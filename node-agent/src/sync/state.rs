@@ -179,6 +179,8 @@ pub struct SyncState {
     generation: AtomicU64,
     /// The last heartbeat reached Redis.
     redis_ok: AtomicBool,
+    /// Why it did not, when it did not ([`shared::store::Outage::code`]).
+    outage: std::sync::atomic::AtomicU8,
     /// The staleness bound in force: the configured one, lowered below the
     /// coordinators' `node_dead_after_ms` when needed.
     bound_ms: AtomicU64,
@@ -204,6 +206,7 @@ impl SyncState {
             subscribed: AtomicBool::new(false),
             generation: AtomicU64::new(0),
             redis_ok: AtomicBool::new(false),
+            outage: std::sync::atomic::AtomicU8::new(0),
             bound_ms: AtomicU64::new(bound_ms),
             applied: tokio::sync::Notify::new(),
             report_now: tokio::sync::Notify::new(),
@@ -350,6 +353,16 @@ impl SyncState {
     /// Whether the last heartbeat reached Redis; returns the previous value.
     pub fn set_redis_ok(&self, ok: bool) -> bool {
         self.redis_ok.swap(ok, Ordering::AcqRel)
+    }
+
+    /// Why the last heartbeat failed.
+    pub fn set_outage(&self, outage: shared::store::Outage) {
+        self.outage.store(outage.code(), Ordering::Release);
+    }
+
+    /// Why the last failed heartbeat failed.
+    pub fn outage(&self) -> shared::store::Outage {
+        shared::store::Outage::from_code(self.outage.load(Ordering::Acquire))
     }
 
     /// Whether the last heartbeat reached Redis.
