@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use actix_web::middleware::from_fn;
+use actix_web::middleware::{from_fn, Condition};
 use actix_web::{web, App, HttpServer};
 use actix_web_httpauth::middleware::HttpAuthentication;
 use tokio_util::sync::CancellationToken;
@@ -40,6 +40,7 @@ impl Application {
         };
         let body_limit = settings.max_body_bytes;
         let access = web::Data::new(settings.access().map_err(|e| anyhow::anyhow!(e))?);
+        let secured = access.tokens.enabled();
         let coordinator = Coordinator::new(settings, origin).map_err(|e| anyhow::anyhow!(e))?;
         let data = web::Data::new(coordinator.clone());
         let trail = web::Data::new(shared::audit::Trail::new(
@@ -55,8 +56,9 @@ impl Application {
                 .app_data(latency.clone())
                 .app_data(access.clone())
                 .app_data(trail.clone())
-                .wrap(HttpAuthentication::with_fn(shared::auth::authenticate))
-                .wrap(from_fn(shared::audit::refusals))
+                // Without tokens nothing is refused: neither layer runs.
+                .wrap(Condition::new(secured, HttpAuthentication::with_fn(shared::auth::authenticate)))
+                .wrap(Condition::new(secured, from_fn(shared::audit::refusals)))
                 .wrap(from_fn(shared::service::record_latency))
                 .configure(api::configure)
                 .default_service(web::to(shared::service::not_found))
