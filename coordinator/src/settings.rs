@@ -39,6 +39,8 @@ pub struct Settings {
     pub redis_url: String,
     /// The sentinels' own password, when they need one.
     pub redis_sentinel_password: Option<String>,
+    /// The data nodes' password, when it is not in `redis_url`.
+    pub redis_password: Option<String>,
     /// A node silent this long is dead and no longer awaited.
     pub node_dead_after_ms: u64,
     /// Length the invalidation log is trimmed to (approximately).
@@ -73,6 +75,7 @@ impl Default for Settings {
             bind: "127.0.0.1:7700".into(),
             redis_url: "redis://127.0.0.1:6379".into(),
             redis_sentinel_password: None,
+            redis_password: None,
             node_dead_after_ms: 5000,
             log_max_len: 100_000,
             max_body_bytes: 4 * 1024 * 1024,
@@ -112,7 +115,10 @@ impl Settings {
 
     /// What the coordinator needs besides `redis_url` to reach Redis.
     pub fn redis_access(&self) -> shared::store::Access {
-        shared::store::Access { sentinel_password: self.redis_sentinel_password.clone() }
+        shared::store::Access {
+            sentinel_password: self.redis_sentinel_password.clone(),
+            password: self.redis_password.clone(),
+        }
     }
 
     /// Checks values that would make the coordinator misbehave.

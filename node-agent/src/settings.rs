@@ -41,6 +41,8 @@ pub struct Settings {
     pub redis_url: String,
     /// The sentinels' own password, when they need one.
     pub redis_sentinel_password: Option<String>,
+    /// The data nodes' password, when it is not in `redis_url`.
+    pub redis_password: Option<String>,
     /// Node id; `None` means hostname:port once bound.
     pub node_id: Option<String>,
     /// Longest time L1 may answer without proof of being in sync.
@@ -83,6 +85,7 @@ impl Default for Settings {
             bind: "127.0.0.1:7701".into(),
             redis_url: "redis://127.0.0.1:6379".into(),
             redis_sentinel_password: None,
+            redis_password: None,
             node_id: None,
             staleness_bound_ms: 2000,
             l1_max_bytes: 256 * 1024 * 1024,
@@ -127,7 +130,10 @@ impl Settings {
 
     /// What the agent needs besides `redis_url` to reach Redis.
     pub fn redis_access(&self) -> shared::store::Access {
-        shared::store::Access { sentinel_password: self.redis_sentinel_password.clone() }
+        shared::store::Access {
+            sentinel_password: self.redis_sentinel_password.clone(),
+            password: self.redis_password.clone(),
+        }
     }
 
     /// Checks values that would make the agent misbehave.

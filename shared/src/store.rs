@@ -351,6 +351,8 @@ pub enum Store {
         client: Box<redis::cluster::ClusterClient>,
         /// The seed nodes, for subscription clients.
         nodes: Vec<String>,
+        /// `redis_password`, for them too.
+        password: Option<String>,
         /// The shared connection, once made.
         shared: std::sync::Arc<tokio::sync::Mutex<Option<ClusterConnection>>>,
     },
@@ -422,6 +424,10 @@ pub struct Access {
     /// require one (`requirepass` in their config); the data nodes'
     /// credentials are in the URL.
     pub sentinel_password: Option<String>,
+    /// The data nodes' password (`redis_password`), if it is not in the URL
+    /// (so that the URL can sit in a config file and the secret in the
+    /// environment); it wins over one in the URL.
+    pub password: Option<String>,
 }
 
 impl Access {
@@ -447,22 +453,30 @@ impl Store {
     pub fn open_with(url: &str, pool_size: usize, access: &Access) -> Result<Store, String> {
         match Topology::parse(url)? {
             Topology::Standalone(url) => {
-                let manager = deadpool_redis::Manager::new_with_config(url.as_str(), connection_config())
+                let mut info = redis::IntoConnectionInfo::into_connection_info(url.as_str())
+                    .map_err(|e| format!("bad redis_url: {e}"))?;
+                if let Some(password) = &access.password {
+                    let settings = info.redis_settings().clone().set_password(password);
+                    info = info.set_redis_settings(settings);
+                }
+                let manager = deadpool_redis::Manager::new_with_config(info.clone(), connection_config())
                     .map_err(|e| format!("bad redis_url: {e}"))?;
                 let pool = pool(manager, pool_size)?;
-                let client = redis::Client::open(url.as_str()).map_err(|e| format!("bad redis_url: {e}"))?;
+                let client = redis::Client::open(info).map_err(|e| format!("bad redis_url: {e}"))?;
                 Ok(Store::Standalone { pool, client })
             }
             Topology::Cluster(nodes) => {
-                let client = cluster_builder(&nodes).build().map_err(|e| format!("bad redis_url: {e}"))?;
-                Ok(Store::Cluster { client: Box::new(client), nodes, shared: Default::default() })
+                let password = access.password.clone();
+                let client =
+                    cluster_builder(&nodes, password.as_deref()).build().map_err(|e| format!("bad redis_url: {e}"))?;
+                Ok(Store::Cluster { client: Box::new(client), nodes, password, shared: Default::default() })
             }
             Topology::Sentinel { sentinels, master, username, password } => {
                 let mut node = redis::RedisConnectionInfo::default();
                 if let Some(user) = &username {
                     node = node.set_username(user);
                 }
-                if let Some(password) = &password {
+                if let Some(password) = access.password.as_ref().or(password.as_ref()) {
                     node = node.set_password(password);
                 }
                 let primary = Primary::new(&sentinels, &master, node, access.sentinel_password.as_deref());
@@ -577,10 +591,12 @@ impl Store {
                 changed.borrow_and_update();
                 classic(&client, Some(changed)).await
             }
-            Store::Cluster { nodes, .. } => {
+            Store::Cluster { nodes, password, .. } => {
                 let (tx, pushes) = tokio::sync::mpsc::unbounded_channel();
-                let client =
-                    cluster_builder(nodes).use_protocol(redis::ProtocolVersion::RESP3).push_sender(tx).build()?;
+                let client = cluster_builder(nodes, password.as_deref())
+                    .use_protocol(redis::ProtocolVersion::RESP3)
+                    .push_sender(tx)
+                    .build()?;
                 let mut conn = client.get_async_connection().await?;
                 // One call per channel: channels of different slots live on
                 // different masters.
@@ -612,10 +628,14 @@ where
 }
 
 /// A cluster client with this project's timeouts.
-fn cluster_builder(nodes: &[String]) -> redis::cluster::ClusterClientBuilder {
-    redis::cluster::ClusterClientBuilder::new(nodes.to_vec())
+fn cluster_builder(nodes: &[String], password: Option<&str>) -> redis::cluster::ClusterClientBuilder {
+    let builder = redis::cluster::ClusterClientBuilder::new(nodes.to_vec())
         .connection_timeout(CONNECT_TIMEOUT)
-        .response_timeout(RESPONSE_TIMEOUT)
+        .response_timeout(RESPONSE_TIMEOUT);
+    match password {
+        Some(password) => builder.password(password),
+        None => builder,
+    }
 }
 
 /// A connection from [`Store::get`].
@@ -834,7 +854,7 @@ mod tests {
 
     #[test]
     fn a_sentinel_password_goes_with_a_sentinel_url() {
-        let access = Access { sentinel_password: Some("secret".into()) };
+        let access = Access { sentinel_password: Some("secret".into()), ..Access::default() };
         assert!(access.check("redis+sentinel://127.0.0.1:26379/mymaster").is_ok());
         assert!(access.check("redis://127.0.0.1:6379").is_err());
         assert!(access.check("redis+cluster://127.0.0.1:7000").is_err());

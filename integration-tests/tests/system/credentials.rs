@@ -50,6 +50,15 @@ async fn the_least_privilege_acl_user_is_enough_and_a_wrong_password_is_a_clear_
     let audit = d.http.get(d.coordinator.url("/v1/audit")).send().await.expect("audit");
     assert_eq!(audit.status(), 200);
 
+    // The password as a setting (`redis_password`, say from the environment),
+    // the URL without it.
+    let bare_url = format!("redis://dcc@127.0.0.1:{}", redis.port);
+    let setting = "redis_password = \"dcc-secret\"\n";
+    let from_setting = start_agent(dir.path(), &bare_url, free_port(), "agent-setting", setting).expect("agent");
+    integration_tests::wait_ready(&d.http, &from_setting).await.unwrap_or_else(|e| panic!("{e:#}"));
+    let put = d.http.put(from_setting.url("/v1/cache/acme/via-setting")).body("v").send().await.expect("PUT");
+    assert_eq!(put.status(), 204);
+
     // A wrong password: not ready, saying why, and still retrying.
     let wrong_url = format!("redis://dcc:not-the-password@127.0.0.1:{}", redis.port);
     let mut wrong = start_agent(dir.path(), &wrong_url, free_port(), "agent-wrong", "").expect("agent");
