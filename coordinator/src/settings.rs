@@ -109,8 +109,7 @@ impl Settings {
 
     /// Who may call the API: the tokens, checked (see [`shared::auth`]).
     pub fn access(&self) -> Result<shared::auth::Access, String> {
-        let tokens = shared::auth::Tokens::new(&self.tokens)?;
-        Ok(shared::auth::Access { tokens, metrics_token_required: self.metrics_token_required })
+        shared::auth::Access::from_settings(&self.bind, &self.tokens, self.metrics_token_required, self.allow_anonymous)
     }
 
     /// What the coordinator needs besides `redis_url` to reach Redis.
@@ -147,13 +146,8 @@ impl Settings {
         if let Err(e) = crate::rules::RuleSet::new(self.rules.clone()) {
             problems.push(e);
         }
-        match shared::auth::Tokens::new(&self.tokens) {
-            Ok(tokens) => {
-                if let Err(e) = shared::auth::check_exposure(&self.bind, &tokens, self.allow_anonymous) {
-                    problems.push(e);
-                }
-            }
-            Err(e) => problems.push(e),
+        if let Err(e) = self.access() {
+            problems.push(e);
         }
         if problems.is_empty() {
             Ok(())

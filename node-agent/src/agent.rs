@@ -262,10 +262,9 @@ impl Agent {
         let m = &self.0.metrics;
         let mut conn = self.conn().await?;
         let partition = self.0.layout.of(tenant);
-        let cursor = self.0.sync.cursor(partition.index);
-        let lookup = l2::get(&mut conn, partition, tenant, key, cursor.applied).await.map_err(|e| self.l2_failed(e))?;
-        let disagrees =
-            node_disagrees(&cursor, &lookup.token.epoch, lookup.token.seq, lookup.nonce_at_applied.as_deref());
+        let tip = self.0.sync.tip(partition.index);
+        let lookup = l2::get(&mut conn, partition, tenant, key, tip.applied).await.map_err(|e| self.l2_failed(e))?;
+        let disagrees = node_disagrees(&tip, &lookup.token.epoch, lookup.token.seq, lookup.nonce_at_applied.as_deref());
         if let Some(why) = disagrees {
             // Not this history: what the node holds may be what an answered
             // invalidation deleted. A miss (the caller reads its database),

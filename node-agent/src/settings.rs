@@ -124,8 +124,7 @@ impl Settings {
 
     /// Who may call the API: the tokens, checked (see [`shared::auth`]).
     pub fn access(&self) -> Result<shared::auth::Access, String> {
-        let tokens = shared::auth::Tokens::new(&self.tokens)?;
-        Ok(shared::auth::Access { tokens, metrics_token_required: self.metrics_token_required })
+        shared::auth::Access::from_settings(&self.bind, &self.tokens, self.metrics_token_required, self.allow_anonymous)
     }
 
     /// What the agent needs besides `redis_url` to reach Redis.
@@ -176,10 +175,7 @@ impl Settings {
         if let Err(e) = self.redis_access().check(&self.redis_url) {
             url_problem = Some(e);
         }
-        let auth_problem = match shared::auth::Tokens::new(&self.tokens) {
-            Ok(tokens) => shared::auth::check_exposure(&self.bind, &tokens, self.allow_anonymous).err(),
-            Err(e) => Some(e),
-        };
+        let auth_problem = self.access().err();
         let all: Vec<String> =
             problems.into_iter().map(str::to_string).chain(url_problem).chain(auth_problem).collect();
         if all.is_empty() {

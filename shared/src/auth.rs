@@ -259,6 +259,22 @@ pub struct Access {
     pub metrics_token_required: bool,
 }
 
+impl Access {
+    /// A process's access settings, checked together (every problem at
+    /// once): the `[[tokens]]`, and whether it may serve on `bind` without
+    /// them (see [`check_exposure`]).
+    pub fn from_settings(
+        bind: &str,
+        tokens: &[TokenSpec],
+        metrics_token_required: bool,
+        allow_anonymous: bool,
+    ) -> Result<Access, String> {
+        let tokens = Tokens::new(tokens)?;
+        check_exposure(bind, &tokens, allow_anonymous)?;
+        Ok(Access { tokens, metrics_token_required })
+    }
+}
+
 /// The validator of actix-web-httpauth's middleware (see the module docs).
 pub async fn authenticate(
     req: ServiceRequest,
