@@ -23,12 +23,35 @@ pub fn header_str(resp: &reqwest::Response, name: &str) -> String {
     resp.headers().get(name).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string()
 }
 
-/// A port nobody listens on right now.
+/// A port nobody listens on right now, and that this process has not handed
+/// out before. The port is free only until somebody binds it: a cluster asks
+/// for the coordinator's and every agent's port before any of them binds, and
+/// the kernel may offer a port twice in that window (an agent then took the
+/// coordinator's port, and a test talked to the wrong process).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or_else(|e| panic!("cannot find a free port: {e}"))
+    free_port_with(&[]).unwrap_or_else(|e| panic!("{e:#}"))
+}
+
+/// [`free_port`] for a port `p` such that `p + offset` is free too for each
+/// of `offsets` (a cluster node's bus port is `p + 10000`); those ports are
+/// handed out with it.
+pub fn free_port_with(offsets: &[u16]) -> anyhow::Result<u16> {
+    static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    for _ in 0..1000 {
+        let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).context("binding port 0")?.port();
+        let Some(companions) = offsets.iter().map(|o| port.checked_add(*o)).collect::<Option<Vec<u16>>>() else {
+            continue;
+        };
+        let mut handed_out = HANDED_OUT.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let unused = |p: &u16| !handed_out.contains(p);
+        let companions_free = companions.iter().all(|p| unused(p) && TcpListener::bind(("127.0.0.1", *p)).is_ok());
+        if unused(&port) && companions_free {
+            handed_out.push(port);
+            handed_out.extend(companions);
+            return Ok(port);
+        }
+    }
+    bail!("no free port that was not handed out already")
 }
 
 /// Where the workspace's binaries are: `$DCC_BIN_DIR`, else `target/debug`

@@ -4,24 +4,17 @@
 //! --cluster create`), and a primary with a replica watched by three
 //! sentinels (`redis-server --sentinel`).
 
-use std::net::TcpListener;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use redis::RedisResult;
 
-use crate::{free_port, which, Proc, Redis};
+use crate::{free_port, free_port_with, which, Proc, Redis};
 
 /// A port that is free, and whose cluster bus port (+10000) is free too.
 fn free_cluster_port() -> anyhow::Result<u16> {
-    for _ in 0..100 {
-        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        if port < 55_000 && TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
-            return Ok(port);
-        }
-    }
-    bail!("no free port pair for a cluster node")
+    free_port_with(&[10_000])
 }
 
 /// The `redis-server` arguments of a cluster node on `port`. Each node has a
