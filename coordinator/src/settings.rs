@@ -38,9 +38,9 @@ pub struct Settings {
     /// Redis holding L2, the log and the channel.
     pub redis_url: String,
     /// The sentinels' own password, when they need one.
-    pub redis_sentinel_password: Option<String>,
+    pub redis_sentinel_password: Option<shared::service::Secret>,
     /// The data nodes' password, when it is not in `redis_url`.
-    pub redis_password: Option<String>,
+    pub redis_password: Option<shared::service::Secret>,
     /// A node silent this long is dead and no longer awaited.
     pub node_dead_after_ms: u64,
     /// Length the invalidation log is trimmed to (approximately).
@@ -115,8 +115,8 @@ impl Settings {
     /// What the coordinator needs besides `redis_url` to reach Redis.
     pub fn redis_access(&self) -> shared::store::Access {
         shared::store::Access {
-            sentinel_password: self.redis_sentinel_password.clone(),
-            password: self.redis_password.clone(),
+            sentinel_password: self.redis_sentinel_password.as_ref().map(|s| s.expose().to_string()),
+            password: self.redis_password.as_ref().map(|s| s.expose().to_string()),
         }
     }
 

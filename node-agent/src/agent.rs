@@ -23,6 +23,7 @@ use shared::schema::Layout;
 use shared::store::{Conn, Store};
 use shared::{l2, service::ApiError};
 
+use crate::encryption::Encryption;
 use crate::l1::{self, L1};
 use crate::metrics::Metrics;
 use crate::settings::Settings;
@@ -48,6 +49,8 @@ pub(crate) struct Inner {
     pub(crate) store: Store,
     /// The in-memory cache.
     pub(crate) l1: L1,
+    /// Which values are sealed in L2, and the keys.
+    pub(crate) encryption: Encryption,
     /// How far this agent is in sync with each partition's log.
     pub(crate) sync: SyncState,
     /// Metrics and counters.
@@ -156,6 +159,7 @@ impl Agent {
     /// Builds an agent; nothing connects yet, so Redis may be down.
     pub fn new(settings: Settings, node_id: String, addr: String) -> Result<Agent, String> {
         let store = Store::open_with(&settings.redis_url, settings.redis_pool_size, &settings.redis_access())?;
+        let encryption = settings.encryption()?;
         let metrics = Metrics::new();
         metrics.l1_capacity.set(i64::try_from(settings.l1_max_bytes).unwrap_or(i64::MAX));
         let layout = Layout::new(settings.partitions);
@@ -168,6 +172,7 @@ impl Agent {
         };
         Ok(Agent(Arc::new(Inner {
             l1: L1::new(settings.l1_max_bytes, layout.clone()),
+            encryption,
             layout,
             log,
             settings,
@@ -280,7 +285,24 @@ impl Agent {
             m.misses.l2.inc();
             return Ok(Read::Miss { fill_token: lookup.token.encode() });
         }
-        match lookup.entry {
+        let found = match lookup.entry {
+            // Sealed (see `crate::encryption`): opened here, so that L1 and
+            // the caller see the plaintext. One that does not open is a miss:
+            // the caller reads its database and fills the key again.
+            Some(mut found) => match found.sealed_by.take() {
+                None => Some(found),
+                Some(id) => match self.0.encryption.open(tenant, key, &id, &found.value) {
+                    Ok(plain) => Some(l2::Entry { value: plain, ..found }),
+                    Err(why) => {
+                        tracing::warn!(tenant, key_id = %id, %why, "an L2 value did not decrypt: answered as a miss");
+                        m.decrypt_errors.inc();
+                        None
+                    }
+                },
+            },
+            None => None,
+        };
+        match found {
             Some(found) => {
                 m.hits.l2.inc();
                 let entry = l1::Entry::new(
@@ -334,12 +356,19 @@ impl Agent {
             if put.content_type.is_empty() { "application/octet-stream".to_string() } else { put.content_type };
 
         let guard = self.0.l1.fill_guard(tenant);
+        // Sealed when an `[[encrypt]]` rule names the entry: L2 gets only the
+        // ciphertext, L1 the plaintext.
+        let (value, sealed_by) = match self.0.encryption.seal(tenant, key, &put.value) {
+            Some((sealed, id)) => (sealed, Some(id)),
+            None => (put.value.to_vec(), None),
+        };
         let stored = l2::Entry {
-            value: put.value.to_vec(),
+            value,
             content_type: content_type.clone(),
             tags: put.tags.clone(),
             depends_on: put.depends_on.clone(),
             ttl_ms: ttl_secs * 1000,
+            sealed_by,
         };
         let mut conn = self.conn().await?;
         l2::put(&mut conn, self.0.layout.of(tenant), tenant, key, &stored, token.as_ref())

@@ -6,6 +6,7 @@
 //! - [`settings`]: configuration layers and flags.
 //! - [`agent`]: reads, writes and deletes through L1 and L2; status.
 //! - [`l1`]: the in-memory cache and its tag, pattern and dependency indexes.
+//! - [`encryption`]: values sealed in L2 (AES-256-GCM) for `[[encrypt]]` rules.
 //! - [`sync`]: the subscriber (applies invalidations to L1, in seq order,
 //!   replaying gaps) and the heartbeat.
 //! - [`api`]: the HTTP cache API and operational endpoints.
@@ -28,6 +29,7 @@
 
 pub mod agent;
 pub mod api;
+pub mod encryption;
 pub mod l1;
 pub mod metrics;
 pub mod server;

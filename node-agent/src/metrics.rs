@@ -36,6 +36,8 @@ pub struct Metrics {
     pub forks: IntCounter,
     /// L2 reads not served: the node lacked invalidations this agent applied.
     pub forked_reads: IntCounter,
+    /// L2 values that did not decrypt (answered as misses).
+    pub decrypt_errors: IntCounter,
     /// Highest seq applied.
     pub applied_seq: IntGauge,
     /// 1 when ready.
@@ -93,6 +95,10 @@ impl Metrics {
             forked_reads: counter(
                 "dcc_l2_forked_reads_total",
                 "L2 reads answered as misses: the node read lacked invalidations this agent applied",
+            ),
+            decrypt_errors: counter(
+                "dcc_decrypt_errors_total",
+                "Sealed L2 values that did not decrypt (unknown key id, wrong key, altered bytes): answered as misses",
             ),
             applied_seq: gauge("dcc_applied_seq", "Highest invalidation seq applied"),
             ready: gauge("dcc_ready", "1 when the agent is ready"),

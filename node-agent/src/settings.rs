@@ -40,9 +40,9 @@ pub struct Settings {
     /// Redis holding L2, the log and the channel.
     pub redis_url: String,
     /// The sentinels' own password, when they need one.
-    pub redis_sentinel_password: Option<String>,
+    pub redis_sentinel_password: Option<shared::service::Secret>,
     /// The data nodes' password, when it is not in `redis_url`.
-    pub redis_password: Option<String>,
+    pub redis_password: Option<shared::service::Secret>,
     /// Node id; `None` means hostname:port once bound.
     pub node_id: Option<String>,
     /// Longest time L1 may answer without proof of being in sync.
@@ -77,6 +77,11 @@ pub struct Settings {
     pub metrics_token_required: bool,
     /// Serve without tokens on an address other than loopback.
     pub allow_anonymous: bool,
+    /// Which entries are sealed in L2 (`[[encrypt]]`, file only).
+    pub encrypt: Vec<crate::encryption::EncryptRule>,
+    /// `ID:BASE64,…` 32-byte AES keys, the first sealing new writes
+    /// (`DCC_AGENT_ENCRYPTION_KEYS`).
+    pub encryption_keys: Option<shared::service::Secret>,
 }
 
 impl Default for Settings {
@@ -103,6 +108,8 @@ impl Default for Settings {
             tokens: Vec::new(),
             metrics_token_required: false,
             allow_anonymous: false,
+            encrypt: Vec::new(),
+            encryption_keys: None,
         }
     }
 }
@@ -127,11 +134,16 @@ impl Settings {
         shared::auth::Access::from_settings(&self.bind, &self.tokens, self.metrics_token_required, self.allow_anonymous)
     }
 
+    /// The `[[encrypt]]` rules with their keys, checked (see [`crate::encryption`]).
+    pub fn encryption(&self) -> Result<crate::encryption::Encryption, String> {
+        crate::encryption::Encryption::new(&self.encrypt, self.encryption_keys.as_ref().map(|k| k.expose()))
+    }
+
     /// What the agent needs besides `redis_url` to reach Redis.
     pub fn redis_access(&self) -> shared::store::Access {
         shared::store::Access {
-            sentinel_password: self.redis_sentinel_password.clone(),
-            password: self.redis_password.clone(),
+            sentinel_password: self.redis_sentinel_password.as_ref().map(|s| s.expose().to_string()),
+            password: self.redis_password.as_ref().map(|s| s.expose().to_string()),
         }
     }
 
@@ -176,8 +188,14 @@ impl Settings {
             url_problem = Some(e);
         }
         let auth_problem = self.access().err();
-        let all: Vec<String> =
-            problems.into_iter().map(str::to_string).chain(url_problem).chain(auth_problem).collect();
+        let encryption_problem = self.encryption().err();
+        let all: Vec<String> = problems
+            .into_iter()
+            .map(str::to_string)
+            .chain(url_problem)
+            .chain(auth_problem)
+            .chain(encryption_problem)
+            .collect();
         if all.is_empty() {
             Ok(())
         } else {

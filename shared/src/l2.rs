@@ -34,6 +34,9 @@ pub struct Entry {
     pub depends_on: Vec<String>,
     /// Time to live left, in milliseconds.
     pub ttl_ms: u64,
+    /// The id of the key `value` is sealed under (the agent's encryption at
+    /// rest); `None`: `value` is the plaintext.
+    pub sealed_by: Option<String>,
 }
 
 /// The answer to an L2 read: the entry if there is one, and the log position
@@ -167,6 +170,7 @@ fn entry_from_fields(mut fields: HashMap<String, Vec<u8>>, pttl: i64, epoch: &st
         depends_on: split(text(fields.remove("deps")), DEPS_SEPARATOR),
         // -1 (no TTL) cannot happen for entries we wrote; treat it as "unknown".
         ttl_ms: u64::try_from(pttl).unwrap_or(0),
+        sealed_by: fields.remove("x").map(|id| text(Some(id))),
     })
 }
 
@@ -256,6 +260,7 @@ pub async fn put(
         Some(t) => inv.arg(&t.epoch).arg(t.seq).arg(t.issued_ms).arg(crate::protocol::FILL_TOKEN_TTL_MS),
         None => inv.arg("").arg(0).arg(0).arg(0),
     };
+    inv.arg(entry.sealed_by.as_deref().unwrap_or(""));
     let outcome: String = inv.invoke_async(conn).await?;
     Ok(match outcome.as_str() {
         "ok" => Ok(()),
@@ -278,7 +283,10 @@ mod tests {
                 ("e".to_string(), e.as_bytes().to_vec()),
             ])
         };
-        assert!(entry_from_fields(fields("e1"), 1000, "e1").is_some());
+        assert_eq!(entry_from_fields(fields("e1"), 1000, "e1").and_then(|e| e.sealed_by), None);
+        let mut sealed = fields("e1");
+        sealed.insert("x".to_string(), b"k1".to_vec());
+        assert_eq!(entry_from_fields(sealed, 1000, "e1").and_then(|e| e.sealed_by).as_deref(), Some("k1"));
         assert!(entry_from_fields(fields("e0"), 1000, "e1").is_none());
         let mut unstamped = fields("e1");
         unstamped.remove("e");

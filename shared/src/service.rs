@@ -133,6 +133,32 @@ pub fn load_settings<T: DeserializeOwned>(
     builder.build()?.try_deserialize()
 }
 
+/// A setting that is a secret (a password, encryption keys): read like a
+/// string, never printed (`Debug` shows `<redacted>`), so that a settings
+/// dump or an error that formats the settings cannot leak it.
+#[derive(Clone, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The secret itself, for the one place that uses it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<&str> for Secret {
+    fn from(s: &str) -> Self {
+        Secret(s.to_string())
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
 /// Sets up tracing: human-readable or JSON lines, filtered by `RUST_LOG`
 /// (default `info`).
 pub fn init_tracing(json: bool) {

@@ -10,6 +10,7 @@ mod bad_input;
 mod cache_api;
 mod cluster;
 mod credentials;
+mod encryption;
 mod faults;
 mod invalidation;
 mod operations;

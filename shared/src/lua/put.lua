@@ -5,7 +5,8 @@
 -- (tenant keys, tags, dependents).
 -- ARGV[1] value, [2] content type, [3] tags, [4] deps, [5] ttl ms, [6] key,
 -- [7] nm, [8] epoch candidate, [9] token epoch ('' without a token),
--- [10] token seq, [11] token issued ms, [12] token ttl ms
+-- [10] token seq, [11] token issued ms, [12] token ttl ms, [13] the id of the key
+-- the value is sealed under ('' for a plaintext value)
 local now = now_ms()
 local epoch = ensure_epoch(KEYS[2], KEYS[3], ARGV[8])
 local nm = tonumber(ARGV[7])
@@ -25,6 +26,7 @@ local ttl = tonumber(ARGV[5])
 local expiry = now + ttl
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'v', ARGV[1], 'ct', ARGV[2], 'tags', ARGV[3], 'deps', ARGV[4], 'e', epoch)
+if ARGV[13] ~= '' then redis.call('HSET', KEYS[1], 'x', ARGV[13]) end
 redis.call('PEXPIRE', KEYS[1], ttl)
 for i = 5 + nm, #KEYS do
   local idx = KEYS[i]
