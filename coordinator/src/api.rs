@@ -236,6 +236,9 @@ async fn readyz(coordinator: web::Data<Coordinator>) -> Result<HttpResponse, Api
             shared::store::Outage::Unreachable => "Redis is unreachable",
             shared::store::Outage::CredentialsRefused => "Redis refused the credentials (check redis_url)",
             shared::store::Outage::PermissionDenied => "Redis's ACL refuses a command this service needs",
+            shared::store::Outage::TlsRefused => {
+                "the TLS handshake with Redis failed (is its certificate signed by a CA in redis_ca_file?)"
+            }
         };
         Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", format!("not ready: {why}"))
             .with("reason", outage.reason().into()))

@@ -41,6 +41,8 @@ pub struct Settings {
     pub redis_sentinel_password: Option<shared::service::Secret>,
     /// The data nodes' password, when it is not in `redis_url`.
     pub redis_password: Option<shared::service::Secret>,
+    /// PEM CAs to trust besides the system's, for a `rediss://` redis_url.
+    pub redis_ca_file: Option<std::path::PathBuf>,
     /// A node silent this long is dead and no longer awaited.
     pub node_dead_after_ms: u64,
     /// Length the invalidation log is trimmed to (approximately).
@@ -76,6 +78,7 @@ impl Default for Settings {
             redis_url: "redis://127.0.0.1:6379".into(),
             redis_sentinel_password: None,
             redis_password: None,
+            redis_ca_file: None,
             node_dead_after_ms: 5000,
             log_max_len: 100_000,
             max_body_bytes: 4 * 1024 * 1024,
@@ -117,6 +120,7 @@ impl Settings {
         shared::store::Access {
             sentinel_password: self.redis_sentinel_password.as_ref().map(|s| s.expose().to_string()),
             password: self.redis_password.as_ref().map(|s| s.expose().to_string()),
+            ca_file: self.redis_ca_file.clone(),
         }
     }
 

@@ -43,6 +43,8 @@ pub struct Settings {
     pub redis_sentinel_password: Option<shared::service::Secret>,
     /// The data nodes' password, when it is not in `redis_url`.
     pub redis_password: Option<shared::service::Secret>,
+    /// PEM CAs to trust besides the system's, for a `rediss://` redis_url.
+    pub redis_ca_file: Option<std::path::PathBuf>,
     /// Node id; `None` means hostname:port once bound.
     pub node_id: Option<String>,
     /// Longest time L1 may answer without proof of being in sync.
@@ -91,6 +93,7 @@ impl Default for Settings {
             redis_url: "redis://127.0.0.1:6379".into(),
             redis_sentinel_password: None,
             redis_password: None,
+            redis_ca_file: None,
             node_id: None,
             staleness_bound_ms: 2000,
             l1_max_bytes: 256 * 1024 * 1024,
@@ -144,6 +147,7 @@ impl Settings {
         shared::store::Access {
             sentinel_password: self.redis_sentinel_password.as_ref().map(|s| s.expose().to_string()),
             password: self.redis_password.as_ref().map(|s| s.expose().to_string()),
+            ca_file: self.redis_ca_file.clone(),
         }
     }
 

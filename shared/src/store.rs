@@ -367,6 +367,9 @@ pub enum Outage {
     CredentialsRefused,
     /// The user may not run a command it needs (`NOPERM`): its ACL is too narrow.
     PermissionDenied,
+    /// The TLS handshake failed: the server's certificate is not trusted
+    /// (`redis_ca_file`), or names another host.
+    TlsRefused,
 }
 
 impl Outage {
@@ -377,6 +380,8 @@ impl Outage {
             Outage::CredentialsRefused
         } else if error.contains("NOPERM") {
             Outage::PermissionDenied
+        } else if error.contains("certificate") || error.contains("TLS") || error.contains("tls handshake") {
+            Outage::TlsRefused
         } else {
             Outage::Unreachable
         }
@@ -388,6 +393,7 @@ impl Outage {
             Outage::Unreachable => "redis_unreachable",
             Outage::CredentialsRefused => "redis_credentials_refused",
             Outage::PermissionDenied => "redis_permission_denied",
+            Outage::TlsRefused => "redis_tls_failed",
         }
     }
 
@@ -401,6 +407,7 @@ impl Outage {
         match code {
             1 => Outage::CredentialsRefused,
             2 => Outage::PermissionDenied,
+            3 => Outage::TlsRefused,
             _ => Outage::Unreachable,
         }
     }
@@ -428,6 +435,9 @@ pub struct Access {
     /// (so that the URL can sit in a config file and the secret in the
     /// environment); it wins over one in the URL.
     pub password: Option<String>,
+    /// A PEM bundle of CAs to trust besides the system's, for a `rediss://`
+    /// URL (`redis_ca_file`).
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 impl Access {
@@ -438,8 +448,50 @@ impl Access {
         if self.sentinel_password.is_some() && !matches!(topology, Topology::Sentinel { .. }) {
             return Err("redis_sentinel_password is for a redis+sentinel:// redis_url".into());
         }
+        if self.ca_file.is_some() {
+            if !url.starts_with("rediss://") {
+                return Err("redis_ca_file is for a rediss:// redis_url (TLS)".into());
+            }
+            self.tls_certificates()?;
+        }
         Ok(())
     }
+
+    /// The CAs a `rediss://` connection trusts: `redis_ca_file`'s and the
+    /// system's (redis-rs trusts only the bundle it is given, so the system's
+    /// are added to it); `None` without `redis_ca_file` (the system's alone).
+    fn tls_certificates(&self) -> Result<Option<redis::TlsCertificates>, String> {
+        let Some(path) = &self.ca_file else { return Ok(None) };
+        let mut bundle =
+            std::fs::read(path).map_err(|e| format!("redis_ca_file {}: cannot read it: {e}", path.display()))?;
+        let mut found = 0;
+        for cert in rustls::pki_types::pem::PemObject::pem_slice_iter(&bundle) {
+            let _: rustls::pki_types::CertificateDer =
+                cert.map_err(|e| format!("redis_ca_file {}: not a PEM certificate bundle: {e}", path.display()))?;
+            found += 1;
+        }
+        if found == 0 {
+            return Err(format!("redis_ca_file {}: holds no PEM certificate", path.display()));
+        }
+        bundle.push(b'\n');
+        for cert in rustls_native_certs::load_native_certs().certs {
+            bundle.extend_from_slice(pem_certificate(&cert).as_bytes());
+        }
+        Ok(Some(redis::TlsCertificates { client_tls: None, root_cert: Some(bundle) }))
+    }
+}
+
+/// A DER certificate as PEM.
+fn pem_certificate(der: &[u8]) -> String {
+    use base64::Engine;
+    let body = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut pem = String::from("-----BEGIN CERTIFICATE-----\n");
+    for line in body.as_bytes().chunks(64) {
+        pem.push_str(&String::from_utf8_lossy(line));
+        pem.push('\n');
+    }
+    pem.push_str("-----END CERTIFICATE-----\n");
+    pem
 }
 
 impl Store {
@@ -459,10 +511,17 @@ impl Store {
                     let settings = info.redis_settings().clone().set_password(password);
                     info = info.set_redis_settings(settings);
                 }
-                let manager = deadpool_redis::Manager::new_with_config(info.clone(), connection_config())
-                    .map_err(|e| format!("bad redis_url: {e}"))?;
+                // rediss:// with redis_ca_file: the client carries the CAs
+                // (the pool's manager is made from its connection info).
+                let client = match access.tls_certificates()? {
+                    Some(certs) => redis::Client::build_with_tls(info, certs),
+                    None => redis::Client::open(info),
+                }
+                .map_err(|e| format!("bad redis_url: {e}"))?;
+                let manager =
+                    deadpool_redis::Manager::new_with_config(client.get_connection_info().clone(), connection_config())
+                        .map_err(|e| format!("bad redis_url: {e}"))?;
                 let pool = pool(manager, pool_size)?;
-                let client = redis::Client::open(info).map_err(|e| format!("bad redis_url: {e}"))?;
                 Ok(Store::Standalone { pool, client })
             }
             Topology::Cluster(nodes) => {
@@ -832,7 +891,8 @@ mod tests {
             Outage::PermissionDenied
         );
         assert_eq!(Outage::of("Connection refused (os error 111)"), Outage::Unreachable);
-        for o in [Outage::Unreachable, Outage::CredentialsRefused, Outage::PermissionDenied] {
+        assert_eq!(Outage::of("invalid peer certificate: UnknownIssuer"), Outage::TlsRefused);
+        for o in [Outage::Unreachable, Outage::CredentialsRefused, Outage::PermissionDenied, Outage::TlsRefused] {
             assert_eq!(Outage::from_code(o.code()), o);
         }
     }

@@ -15,6 +15,7 @@ mod faults;
 mod invalidation;
 mod operations;
 mod sentinel;
+mod tls;
 
 use std::time::{Duration, Instant};
 
