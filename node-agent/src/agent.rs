@@ -290,6 +290,14 @@ impl Agent {
             // the caller see the plaintext. One that does not open is a miss:
             // the caller reads its database and fills the key again.
             Some(mut found) => match found.sealed_by.take() {
+                // Stored in plaintext although a rule says it is sealed:
+                // written before the rule, or by someone who may write to
+                // Redis. Not served; the refill seals it.
+                None if self.0.encryption.applies(tenant, key) => {
+                    tracing::warn!(tenant, "an L2 value an [[encrypt]] rule names is not encrypted: answered as a miss");
+                    m.decrypt_errors.inc();
+                    None
+                }
                 None => Some(found),
                 Some(id) => match self.0.encryption.open(tenant, key, &id, &found.value) {
                     Ok(plain) => Some(l2::Entry { value: plain, ..found }),

@@ -145,6 +145,15 @@ async fn sealed_values_never_reach_redis_in_plaintext_and_read_back_everywhere()
     assert_eq!(t.read(0, "clinic", "patient:8").await.0, 404, "altered ciphertext");
     assert!(decrypt_errors(&t, t.agent(0)).await > before, "the failure is counted");
 
+    // A plaintext value under a key a rule names (written before the rule,
+    // or by someone who may write to Redis) is not served either.
+    let planted = entry_key("clinic", "patient:8");
+    let _: () = conn.hdel(&planted, "x").await.expect("HDEL");
+    let _: () = conn.hset(&planted, "v", "planted plaintext").await.expect("HSET");
+    let before = decrypt_errors(&t, t.agent(0)).await;
+    assert_eq!(t.read(0, "clinic", "patient:8").await.0, 404, "an unencrypted value a rule names");
+    assert!(decrypt_errors(&t, t.agent(0)).await > before, "the refusal is counted");
+
     // A fill after the miss stores it again, and everyone reads it.
     t.put_ok(0, "clinic", "patient:8", "", newer).await;
     assert_eq!(t.read(1, "clinic", "patient:8").await, (200, "L2".into(), newer.into()));
