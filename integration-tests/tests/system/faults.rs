@@ -1,6 +1,6 @@
 //! Coherence under faults: the `wait=all` barrier, fill tokens across agents,
 //! and each injected fault (a dropped subscriber, an output-buffer overflow,
-//! Redis killed and restarted empty, a frozen agent, a killed coordinator,
+//! Redis killed and restarted empty or from an old snapshot, a frozen agent, a killed coordinator,
 //! two coordinators). The stale-read checker has its own test binary
 //! (`tests/checker.rs`), so that it runs alone.
 
@@ -408,4 +408,74 @@ async fn two_coordinators_share_one_log() {
     for i in 0..2 {
         assert_eq!(status_of(&t, i, "two:k").await, 404, "agent {i}");
     }
+}
+
+/// Redis restored from an old snapshot rewinds the log under the same epoch:
+/// the entry an answered invalidation deleted is back in L2, and the next
+/// invalidation reuses a seq every agent has already applied. Agents and the
+/// coordinator must see the fork: the deleted entry is never served again,
+/// and the next invalidation is applied, not skipped as a duplicate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restored_from_an_old_snapshot_is_a_fork_that_undoes_no_answered_invalidation() {
+    let mut t =
+        TestCluster::with(ClusterOptions { agents: 2, redis: Some("single"), ..ClusterOptions::default() }).await;
+    t.put_ok(0, "acme", "snap:a", "", "old-a").await;
+    t.put_ok(0, "acme", "snap:b", "", "old-b").await;
+    t.warm("acme", "snap:a").await;
+    t.warm("acme", "snap:b").await;
+    let mut conn = t.cluster.redis().connection().await.expect("redis");
+    let _: () = redis::cmd("SAVE").query_async(&mut conn).await.expect("SAVE");
+    drop(conn);
+
+    let p = usize::from(crate::partition_of("acme"));
+    let epoch_before = t.get_json(t.agent(0), "/v1/status").await.1["partitions"][p]["epoch"].clone();
+    // Answered after the snapshot, applied by every agent.
+    let answer = t.invalidate(json!({"tenant": "acme", "keys": ["snap:a"]})).await;
+    t.assert_gone_everywhere(seq(&answer), "acme", "snap:a").await;
+
+    // Restored: snap:a is back in L2, the log one message shorter, the epoch
+    // the same.
+    let port = t.cluster.redis().port;
+    t.cluster.redis_mut().proc.kill();
+    t.cluster.set_redis(Redis::start_on(t.cluster.dir.path(), port).await.expect("restart Redis"));
+    let mut conn = t.cluster.redis().connection().await.expect("redis");
+    let restored: bool =
+        redis::cmd("EXISTS").arg(entry_key("acme", "snap:a")).query_async(&mut conn).await.expect("EXISTS");
+    assert!(restored, "the snapshot did not bring snap:a back: the test shows nothing");
+
+    // The next invalidation, as soon as the coordinator answers again: its
+    // seq may be one every agent has applied already.
+    wait_ready(&t.http, &t.cluster.coordinator).await.expect("coordinator ready");
+    let deadline = std::time::Instant::now() + RECOVERY;
+    loop {
+        let (status, answer) =
+            t.coordinator_post("/v1/invalidate", json!({"tenant": "acme", "keys": ["snap:b"]})).await;
+        if status == 200 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no invalidation answered after the restore: {status} {answer}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // From here on neither key is ever served: snap:a's invalidation was
+    // answered before the restore, snap:b's after it.
+    for i in 0..2 {
+        for key in ["snap:a", "snap:b"] {
+            let gone = wait_until(RECOVERY, || async {
+                let (status, layer, body) = t.read(i, "acme", key).await;
+                assert!(status != 200, "agent {i} served {key} = {body} from {layer} after the restore");
+                status == 404
+            })
+            .await;
+            assert!(gone, "agent {i} never answered 404 for {key} after the restore");
+        }
+        // The partition moved to a new epoch (an agent or the coordinator
+        // found the fork first; the others followed the new epoch).
+        let (_, s) = t.get_json(t.agent(i), "/v1/status").await;
+        assert_ne!(s["partitions"][p]["epoch"], epoch_before, "agent {i} is still in the forked epoch: {s}");
+    }
+    // Later invalidations reach every agent.
+    t.put_ok(0, "acme", "snap:c", "", "c").await;
+    t.warm("acme", "snap:c").await;
+    let answer = t.invalidate(json!({"tenant": "acme", "keys": ["snap:c"]})).await;
+    t.assert_gone_everywhere(seq(&answer), "acme", "snap:c").await;
 }
