@@ -56,6 +56,8 @@ impl Application {
                 .app_data(latency.clone())
                 .app_data(access.clone())
                 .app_data(trail.clone())
+                // Innermost, so that a wrong token is refused (401) first.
+                .wrap(from_fn(shared::service::refuse_websocket_upgrade))
                 // Without tokens nothing is refused: neither layer runs.
                 .wrap(Condition::new(secured, HttpAuthentication::with_fn(shared::auth::authenticate)))
                 .wrap(Condition::new(secured, from_fn(shared::audit::refusals)))

@@ -292,7 +292,10 @@ pub async fn authenticate(
         req.extensions_mut().insert(Caller::Anonymous);
         return Ok(req);
     }
-    match credentials.and_then(|c| access.tokens.identify(c.token())) {
+    // Two Authorization headers are ambiguous (a proxy may check one and the
+    // service read the other): refused, whatever they hold.
+    let single = req.headers().get_all(actix_web::http::header::AUTHORIZATION).count() <= 1;
+    match credentials.filter(|_| single).and_then(|c| access.tokens.identify(c.token())) {
         Some(token) => {
             req.extensions_mut().insert(Caller::Token(token));
             Ok(req)

@@ -310,9 +310,30 @@ pub async fn record_latency<B: actix_web::body::MessageBody>(
             let path = request.path();
             scope.filter(|(prefix, _)| path.starts_with(prefix)).map_or("unmatched", |(_, label)| label)
         });
-        histogram
-            .with_label_values(&[request.method().as_str(), route, resp.status().as_str()])
-            .observe(start.elapsed().as_secs_f64());
+        // The method is the client's to choose (`FOO /v1/rules` is routed
+        // too): one outside the standard set is labelled `other`, so that no
+        // client can add series without bound.
+        let method = request.method().as_str();
+        let standard = ["GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH", "CONNECT", "TRACE"];
+        let method = if standard.contains(&method) { method } else { "other" };
+        histogram.with_label_values(&[method, route, resp.status().as_str()]).observe(start.elapsed().as_secs_f64());
     }
     Ok(resp)
+}
+
+/// Middleware (`actix_web::middleware::from_fn`): refuses a request with
+/// `Upgrade: websocket` (400 `upgrade_not_supported`). Neither service
+/// speaks WebSocket, and actix-http reads the body of such a request until
+/// the connection closes, whatever its `Content-Length` says: a route that
+/// reads the body would wait for as long as the client keeps it open.
+pub async fn refuse_websocket_upgrade<B: actix_web::body::MessageBody>(
+    req: actix_web::dev::ServiceRequest,
+    next: actix_web::middleware::Next<B>,
+) -> Result<actix_web::dev::ServiceResponse<B>, actix_web::Error> {
+    let upgrade = req.headers().get_all(actix_web::http::header::UPGRADE);
+    if upgrade.into_iter().any(|v| v.to_str().is_ok_and(|v| v.trim().eq_ignore_ascii_case("websocket"))) {
+        let message = "this service does not speak WebSocket: send the request without Upgrade: websocket";
+        return Err(ApiError::bad_request("upgrade_not_supported", message).into());
+    }
+    next.call(req).await
 }

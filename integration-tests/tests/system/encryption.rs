@@ -22,6 +22,9 @@ fn agent_toml(keys: &str) -> String {
     format!("encryption_keys = \"{keys}\"\n[[encrypt]]\ntenant = \"clinic\"\nkeys = \"patient:*\"\n")
 }
 
+/// A stream entry's fields.
+type Fields = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// Every byte Redis holds under every key, key name included, as one list
 /// of (key, bytes) records: strings, hashes, sets, sorted sets, lists and
 /// streams read in full.
@@ -47,7 +50,7 @@ async fn everything_in_redis(conn: &mut redis::aio::MultiplexedConnection) -> Ve
             "zset" => add(conn.zrange(&k, 0, -1).await.expect("ZRANGE")),
             "list" => add(conn.lrange(&k, 0, -1).await.expect("LRANGE")),
             "stream" => {
-                let entries: Vec<(String, Vec<(Vec<u8>, Vec<u8>)>)> =
+                let entries: Vec<(String, Fields)> =
                     redis::cmd("XRANGE").arg(&k).arg("-").arg("+").query_async(conn).await.expect("XRANGE");
                 add(entries.into_iter().flat_map(|(_, fields)| fields.into_iter().flat_map(|(f, v)| [f, v])).collect())
             }

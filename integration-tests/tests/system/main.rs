@@ -13,6 +13,7 @@ mod credentials;
 mod encryption;
 mod faults;
 mod invalidation;
+mod malformed;
 mod operations;
 mod sentinel;
 mod tls;
