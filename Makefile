@@ -8,7 +8,7 @@ SHELL := /bin/bash
 # built: ./target, or $$CARGO_TARGET_DIR (never assume ./target).
 RUN_RELEASE = $(CARGO) run --release --quiet -p integration-tests --bin
 
-.PHONY: demo test run chaos bench build release lint redis clean demo-check
+.PHONY: demo test run chaos bench fuzz build release lint redis clean demo-check
 
 ## demo: start a private Redis, a coordinator and 3 agents; tell the story; stop everything
 demo: redis release
@@ -60,6 +60,15 @@ chaos: redis release
 bench: redis release
 	$(CARGO) bench -p shared -p node-agent $(if $(QUICK),-- --quick,)
 	$(RUN_RELEASE) bench -- $(if $(QUICK),--quick --out BENCHMARKS.quick.md,)
+
+## fuzz: the fuzz targets (bolero, run as tests: tests/fuzz.rs of shared, coordinator and node-agent:
+## the fill token, the log message, the glob dialect against ports of Redis's and Lua's matchers,
+## names, event and invalidate bodies, query strings, cache paths) for FUZZ_SECS seconds each
+## (default 30), in release mode, one at a time; a failure prints its input and BOLERO_RANDOM_SEED.
+## `make test` runs the same targets for half a second each
+FUZZ_SECS ?= 30
+fuzz:
+	DCC_FUZZ_SECS=$(FUZZ_SECS) $(CARGO) test --release -p shared -p coordinator -p node-agent --test fuzz -- --test-threads=1
 
 ## lint: formatting and clippy, warnings are errors
 lint:

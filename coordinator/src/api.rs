@@ -54,13 +54,27 @@ impl WaitQuery {
             )),
             (None, Some(_)) => Err(ApiError::bad_request("invalid_query", "timeout_ms needs wait=all")),
             (None, None) => Ok(None),
-            (Some("all"), ms) => Ok(Some(Duration::from_millis(ms.unwrap_or(node_dead_after_ms + 1000)))),
+            (Some("all"), ms) => Ok(Some(Duration::from_millis(ms.unwrap_or(node_dead_after_ms.saturating_add(1000))))),
             (Some(other), _) => Err(ApiError::bad_request(
                 "invalid_query",
                 format!("wait={other:?} is not defined; the only value is \"all\""),
             )),
         }
     }
+}
+
+/// Parses the query of `POST /v1/events` and `POST /v1/invalidate` as their
+/// handlers do: the `web::Query` extractor, whose errors the servers answer
+/// with `shared::service::query_config`'s 400 `invalid_query`, then
+/// `WaitQuery::wait`. An entry point for the fuzz targets.
+#[doc(hidden)]
+pub fn parse_wait_query(query: &str, node_dead_after_ms: u64) -> Result<Option<Duration>, ApiError> {
+    web::Query::<WaitQuery>::from_query(query).map_err(bad_query)?.wait(node_dead_after_ms)
+}
+
+/// The answer of `shared::service::query_config`'s error handler.
+fn bad_query(err: actix_web::error::QueryPayloadError) -> ApiError {
+    ApiError::bad_request("invalid_query", format!("bad query string: {err}"))
 }
 
 /// What an invalidation needs of its caller: `invalidate` on every tenant it
@@ -148,6 +162,32 @@ struct AuditQuery {
 /// The most entries one `GET /v1/audit` answers.
 const MAX_AUDIT_LIMIT: usize = 1000;
 
+impl AuditQuery {
+    /// The tenant to filter on, if any, and how many entries to answer.
+    fn checked(&self) -> Result<(Option<&str>, usize), ApiError> {
+        if let Some(tenant) = &self.tenant {
+            shared::names::validate_tenant(tenant)?;
+        }
+        let limit = self.limit.unwrap_or(100);
+        if limit == 0 || limit > MAX_AUDIT_LIMIT {
+            return Err(ApiError::bad_request(
+                "invalid_query",
+                format!("limit must be between 1 and {MAX_AUDIT_LIMIT}; got {limit}"),
+            ));
+        }
+        Ok((self.tenant.as_deref(), limit))
+    }
+}
+
+/// Parses the query of `GET /v1/audit` as its handler does (after the
+/// caller's scope is checked). An entry point for the fuzz targets.
+#[doc(hidden)]
+pub fn parse_audit_query(query: &str) -> Result<(Option<String>, usize), ApiError> {
+    let query = web::Query::<AuditQuery>::from_query(query).map_err(bad_query)?;
+    let (tenant, limit) = query.checked()?;
+    Ok((tenant.map(str::to_string), limit))
+}
+
 /// `GET /v1/audit`: the trail, newest first (admin).
 async fn audit(
     query: web::Query<AuditQuery>,
@@ -155,19 +195,9 @@ async fn audit(
     caller: Caller,
 ) -> Result<HttpResponse, ApiError> {
     caller.allow(Scope::Admin, [])?;
-    if let Some(tenant) = &query.tenant {
-        shared::names::validate_tenant(tenant)?;
-    }
-    let limit = query.limit.unwrap_or(100);
-    if limit == 0 || limit > MAX_AUDIT_LIMIT {
-        return Err(ApiError::bad_request(
-            "invalid_query",
-            format!("limit must be between 1 and {MAX_AUDIT_LIMIT}; got {limit}"),
-        ));
-    }
+    let (tenant, limit) = query.checked()?;
     let mut conn = coordinator.conn().await?;
-    let entries =
-        audit::read(&mut conn, query.tenant.as_deref(), limit).await.map_err(|e| coordinator.redis_failed(e))?;
+    let entries = audit::read(&mut conn, tenant, limit).await.map_err(|e| coordinator.redis_failed(e))?;
     Ok(HttpResponse::Ok().json(serde_json::json!({ "entries": entries })))
 }
 

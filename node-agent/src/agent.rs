@@ -294,7 +294,10 @@ impl Agent {
                 // written before the rule, or by someone who may write to
                 // Redis. Not served; the refill seals it.
                 None if self.0.encryption.applies(tenant, key) => {
-                    tracing::warn!(tenant, "an L2 value an [[encrypt]] rule names is not encrypted: answered as a miss");
+                    tracing::warn!(
+                        tenant,
+                        "an L2 value an [[encrypt]] rule names is not encrypted: answered as a miss"
+                    );
                     m.decrypt_errors.inc();
                     None
                 }

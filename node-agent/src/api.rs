@@ -38,7 +38,13 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 /// Splits `/v1/cache/{tenant}/{key}` from the raw (still percent-encoded)
 /// path; borrowed from it unless something had to be decoded.
 fn tenant_and_key(req: &HttpRequest) -> Result<(Cow<'_, str>, Cow<'_, str>), ApiError> {
-    let rest = req.path().strip_prefix("/v1/cache/").unwrap_or_default();
+    split_cache_path(req.path())
+}
+
+/// `tenant_and_key` of a raw path. An entry point for the fuzz targets.
+#[doc(hidden)]
+pub fn split_cache_path(path: &str) -> Result<(Cow<'_, str>, Cow<'_, str>), ApiError> {
+    let rest = path.strip_prefix("/v1/cache/").unwrap_or_default();
     let Some((tenant, key)) = rest.split_once('/') else {
         return Err(ApiError::bad_request("invalid_key", "use /v1/cache/{tenant}/{key}: the key is missing"));
     };
@@ -103,7 +109,6 @@ async fn get_entry(req: HttpRequest, agent: web::Data<Agent>, caller: Caller) ->
     }
 }
 
-/// The PUT query: `ttl`, `tags`, `depends_on` (comma lists, or repeated), `fill_token`.
 /// Decodes one `application/x-www-form-urlencoded` component strictly: bytes
 /// that are not UTF-8 are refused, not replaced, so that a tag or a dependency
 /// is never stored under a name the client did not send.
@@ -114,7 +119,10 @@ fn decode_query_component(raw: &str) -> Result<String, ApiError> {
     })
 }
 
-fn parse_put_query(query: &str) -> Result<Put, ApiError> {
+/// The PUT query: `ttl`, `tags`, `depends_on` (comma lists, or repeated),
+/// `fill_token`. Public for the fuzz targets.
+#[doc(hidden)]
+pub fn parse_put_query(query: &str) -> Result<Put, ApiError> {
     let mut put = Put::default();
     for pair in query.split('&').filter(|pair| !pair.is_empty()) {
         let (raw_name, raw_value) = pair.split_once('=').unwrap_or((pair, ""));

@@ -10,6 +10,12 @@ pub const MAX_KEY_BYTES: usize = 1024;
 pub const MAX_TAG_BYTES: usize = 256;
 /// Longest tenant name, in characters (all ASCII).
 pub const MAX_TENANT_CHARS: usize = 64;
+/// Longest pattern, in bytes.
+pub const MAX_PATTERN_BYTES: usize = 2 * MAX_KEY_BYTES;
+/// Most runs of `*` in one pattern. Redis's `MATCH` gives up (no match) past
+/// 1000 nested stars, where [`glob::matches`] would match: the key would stay
+/// in L2 while every L1 dropped it.
+pub const MAX_PATTERN_STARS: usize = 32;
 
 /// A name that failed validation: `code` is the JSON error code, `message` says
 /// what was wrong and what to send instead.
@@ -84,10 +90,16 @@ pub fn validate_pattern(pattern: &str, confirm: bool) -> Result<(), InvalidName>
             "a pattern must not be empty; use \"*\" with \"confirm\": true to invalidate a whole tenant".into(),
         ));
     }
-    if pattern.len() > MAX_KEY_BYTES * 2 || pattern.chars().any(char::is_control) {
+    if pattern.len() > MAX_PATTERN_BYTES || pattern.chars().any(char::is_control) {
         return Err(invalid(
             "invalid_pattern",
             format!("pattern {:?} is too long or contains a control character", truncate(pattern)),
+        ));
+    }
+    if star_runs(pattern) > MAX_PATTERN_STARS {
+        return Err(invalid(
+            "invalid_pattern",
+            format!("pattern {:?} has more than {MAX_PATTERN_STARS} runs of '*'", truncate(pattern)),
         ));
     }
     if let Err(why) = glob::check(pattern) {
@@ -100,6 +112,21 @@ pub fn validate_pattern(pattern: &str, confirm: bool) -> Result<(), InvalidName>
         ));
     }
     Ok(())
+}
+
+/// Runs of unescaped `*` (inside a class, a `*` is a plain byte, but
+/// counting it too only refuses sooner).
+fn star_runs(pattern: &str) -> usize {
+    let (mut runs, mut escaped, mut previous_star) = (0, false, false);
+    for b in pattern.bytes() {
+        let star = b == b'*' && !escaped;
+        if star && !previous_star {
+            runs += 1;
+        }
+        escaped = b == b'\\' && !escaped;
+        previous_star = star;
+    }
+    runs
 }
 
 fn truncate(s: &str) -> &str {
@@ -157,5 +184,21 @@ mod tests {
         assert!(validate_pattern("*", true).is_ok());
         assert_eq!(validate_pattern("a[bc", false).unwrap_err().code, "invalid_pattern");
         assert_eq!(validate_pattern("a\\", false).unwrap_err().code, "invalid_pattern");
+    }
+
+    // Found while porting Redis's matcher for the fuzz target `fuzz_glob`
+    // (shared/tests/fuzz.rs): Redis's `stringmatchlen` answers "no match"
+    // past 1000 nested stars, so a pattern of 1001 `*a` (2002 bytes, within
+    // the length limit) left `aaa...` in L2 while the agents dropped it from L1.
+    #[test]
+    fn patterns_have_a_bounded_number_of_stars() {
+        let most = "*a".repeat(MAX_PATTERN_STARS);
+        assert!(validate_pattern(&most, false).is_ok());
+        assert_eq!(validate_pattern(&format!("{most}*b"), false).unwrap_err().code, "invalid_pattern");
+        assert_eq!(validate_pattern(&"*a".repeat(1001), false).unwrap_err().code, "invalid_pattern");
+        // A run counts once, and escaped stars do not count.
+        assert!(validate_pattern(&"**a".repeat(MAX_PATTERN_STARS), false).is_ok());
+        assert!(validate_pattern(&format!("{most}\\*x\\*"), false).is_ok());
+        assert!(validate_pattern(&format!("{most}\\\\*"), false).is_err());
     }
 }

@@ -193,13 +193,27 @@ impl FillToken {
     }
 
     /// Parses a header value; `None` for anything this build did not issue.
+    /// Numbers must be written as [`encode`](Self::encode) writes them (no
+    /// sign, no leading zero), so that a token that decodes encodes back to
+    /// itself.
     pub fn decode(token: &str) -> Option<Self> {
         let mut parts = token.split('.');
         let (epoch, seq, issued) = (parts.next()?, parts.next()?, parts.next()?);
         if parts.next().is_some() || epoch.is_empty() || !epoch.bytes().all(|b| b.is_ascii_hexdigit()) {
             return None;
         }
-        Some(FillToken { epoch: epoch.to_string(), seq: seq.parse().ok()?, issued_ms: issued.parse().ok()? })
+        Some(FillToken { epoch: epoch.to_string(), seq: decimal(seq)?, issued_ms: decimal(issued)? })
+    }
+}
+
+/// A `u64` in its canonical decimal form: digits only, no leading zero.
+fn decimal(text: &str) -> Option<u64> {
+    let canonical =
+        !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) && (text == "0" || !text.starts_with('0'));
+    if canonical {
+        text.parse().ok()
+    } else {
+        None
     }
 }
 
@@ -298,5 +312,23 @@ mod tests {
         assert_eq!(FillToken::decode("ab.x.2"), None);
         assert_eq!(FillToken::decode("ab.1"), None);
         assert_eq!(FillToken::decode("ab.1.2.3"), None);
+    }
+
+    // Found by the fuzz target `fuzz_fill_token` (shared/tests/fuzz.rs):
+    // `u64::from_str` takes a `+` sign and leading zeros, so tokens this build
+    // never issues (`ab.+1.2`, `ab.01.2`) decoded, and encoded back to
+    // another string.
+    #[test]
+    fn fill_token_numbers_are_canonical() {
+        assert_eq!(FillToken::decode("ab.+1.2"), None);
+        assert_eq!(FillToken::decode("ab.1.+2"), None);
+        assert_eq!(FillToken::decode("ab.01.2"), None);
+        assert_eq!(FillToken::decode("ab.1.00"), None);
+        assert_eq!(FillToken::decode("ab.1.-2"), None);
+        assert_eq!(FillToken::decode("ab..2"), None);
+        assert_eq!(FillToken::decode("ab.18446744073709551616.2"), None);
+        let max = FillToken { epoch: "AbC0".into(), seq: u64::MAX, issued_ms: 0 };
+        assert_eq!(FillToken::decode(&max.encode()), Some(max.clone()));
+        assert_eq!(FillToken::decode("AbC0.18446744073709551615.0"), Some(max));
     }
 }
