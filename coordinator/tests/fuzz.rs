@@ -6,8 +6,6 @@
 //! bolero targets, run as ordinary tests: a short pass by default,
 //! `DCC_FUZZ_SECS=N` for N seconds per target (`make fuzz`).
 
-use std::time::Duration;
-
 use serde_json::{json, Map, Value};
 
 use coordinator::api::{parse_audit_query, parse_wait_query};
@@ -15,27 +13,9 @@ use coordinator::events::{parse_events, resolve_events, validate_selector, Event
 use coordinator::rules::{escape_glob, Rule, RuleSet};
 use shared::{glob, names};
 
-/// How long each target runs: `DCC_FUZZ_SECS` seconds, or a short default.
-fn budget() -> Duration {
-    std::env::var("DCC_FUZZ_SECS")
-        .ok()
-        .and_then(|s| s.trim().parse::<f64>().ok())
-        .filter(|s| s.is_finite() && *s > 0.0)
-        .map_or(Duration::from_millis(500), Duration::from_secs_f64)
-}
-
-/// A target over `T`, run for [`budget`].
-macro_rules! fuzz {
-    ($t:ty) => {
-        bolero::check!().with_type::<$t>().with_test_time(budget())
-    };
-}
-
-/// Bytes read through an alphabet, so that random input hits the characters
-/// a parser cares about.
-fn spell(bytes: &[u8], alphabet: &[&str]) -> String {
-    bytes.iter().map(|&b| alphabet[usize::from(b) % alphabet.len()]).collect()
-}
+#[path = "../../shared/tests/fuzz_support/mod.rs"]
+mod fuzz_support;
+use fuzz_support::spell;
 
 /// Error codes of an event body (README, "Error codes").
 const EVENT_PARSE_CODES: &[&str] = &["invalid_json", "invalid_event", "batch_too_large"];

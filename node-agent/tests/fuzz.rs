@@ -4,33 +4,13 @@
 //! bolero targets, run as ordinary tests: a short pass by default,
 //! `DCC_FUZZ_SECS=N` for N seconds per target (`make fuzz`).
 
-use std::time::Duration;
-
 use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 
 use node_agent::api::{parse_put_query, split_cache_path};
 
-/// How long each target runs: `DCC_FUZZ_SECS` seconds, or a short default.
-fn budget() -> Duration {
-    std::env::var("DCC_FUZZ_SECS")
-        .ok()
-        .and_then(|s| s.trim().parse::<f64>().ok())
-        .filter(|s| s.is_finite() && *s > 0.0)
-        .map_or(Duration::from_millis(500), Duration::from_secs_f64)
-}
-
-/// A target over `T`, run for [`budget`].
-macro_rules! fuzz {
-    ($t:ty) => {
-        bolero::check!().with_type::<$t>().with_test_time(budget())
-    };
-}
-
-/// Bytes read through an alphabet, so that random input hits the characters
-/// a parser cares about.
-fn spell(bytes: &[u8], alphabet: &[&str]) -> String {
-    bytes.iter().map(|&b| alphabet[usize::from(b) % alphabet.len()]).collect()
-}
+#[path = "../../shared/tests/fuzz_support/mod.rs"]
+mod fuzz_support;
+use fuzz_support::spell;
 
 /// Strict percent-decoding: `None` when the bytes are not UTF-8.
 fn decoded(raw: &str) -> Option<String> {

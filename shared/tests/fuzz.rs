@@ -15,27 +15,9 @@ use shared::names::{self, MAX_KEY_BYTES, MAX_PATTERN_BYTES, MAX_PATTERN_STARS, M
 use shared::protocol::{FillToken, InvalidationMessage, MessageBody, Position, Selector, MESSAGE_VERSION};
 use shared::registry::Ack;
 
-/// How long each target runs: `DCC_FUZZ_SECS` seconds, or a short default.
-fn budget() -> Duration {
-    std::env::var("DCC_FUZZ_SECS")
-        .ok()
-        .and_then(|s| s.trim().parse::<f64>().ok())
-        .filter(|s| s.is_finite() && *s > 0.0)
-        .map_or(Duration::from_millis(500), Duration::from_secs_f64)
-}
-
-/// A target over `T`, run for [`budget`].
-macro_rules! fuzz {
-    ($t:ty) => {
-        bolero::check!().with_type::<$t>().with_test_time(budget())
-    };
-}
-
-/// Bytes read through an alphabet, so that random input hits the characters
-/// a parser cares about.
-fn spell(bytes: &[u8], alphabet: &[&str]) -> String {
-    bytes.iter().map(|&b| alphabet[usize::from(b) % alphabet.len()]).collect()
-}
+#[path = "fuzz_support/mod.rs"]
+mod fuzz_support;
+use fuzz_support::spell;
 
 // ---- Fill token ---------------------------------------------------------------
 
