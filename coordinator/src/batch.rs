@@ -140,7 +140,7 @@ async fn lane(
         // Under Sentinel, a connection to a primary that is no longer one is not kept.
         let conn = match kept.take().filter(|(conn, used)| used.elapsed() < KEEP_IDLE && store.is_current(conn)) {
             Some((conn, _)) => Ok(conn),
-            None => store.get().await.map_err(|e| BatchError::Redis(Arc::new(e.into()))),
+            None => store.writer().await.map_err(|e| BatchError::Redis(Arc::new(e.into()))),
         };
         match conn {
             Ok(mut conn) => {

@@ -406,7 +406,8 @@ impl Agent {
             event_ids: Vec::new(),
             origin: format!("agent@{}", self.0.node_id),
         };
-        let mut conn = self.conn().await?;
+        // Not the connection reads share: the path ends with a WAIT.
+        let mut conn = self.0.store.writer().await.map_err(|e| self.l2_failed(e))?;
         let partition = self.0.layout.of(tenant);
         // Read-your-writes on this agent; the broadcast applies it again,
         // harmlessly. Also when it is not replicated in time: it is deleted and logged.

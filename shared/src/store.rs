@@ -355,6 +355,9 @@ pub enum Store {
         password: Option<String>,
         /// The shared connection, once made.
         shared: std::sync::Arc<tokio::sync::Mutex<Option<ClusterConnection>>>,
+        /// The connection of the writes that `WAIT` for replicas (see
+        /// [`Store::writer`]), once made.
+        writer: std::sync::Arc<tokio::sync::Mutex<Option<ClusterConnection>>>,
     },
 }
 
@@ -528,7 +531,13 @@ impl Store {
                 let password = access.password.clone();
                 let client =
                     cluster_builder(&nodes, password.as_deref()).build().map_err(|e| format!("bad redis_url: {e}"))?;
-                Ok(Store::Cluster { client: Box::new(client), nodes, password, shared: Default::default() })
+                Ok(Store::Cluster {
+                    client: Box::new(client),
+                    nodes,
+                    password,
+                    shared: Default::default(),
+                    writer: Default::default(),
+                })
             }
             Topology::Sentinel { sentinels, master, username, password } => {
                 let mut node = redis::RedisConnectionInfo::default();
@@ -560,15 +569,22 @@ impl Store {
             Store::Sentinel { pool, .. } => {
                 pool.get().await.map(Conn::Sentinel).map_err(|e| Unreachable(e.to_string()))
             }
-            Store::Cluster { client, shared, .. } => {
-                let mut shared = shared.lock().await;
-                if let Some(conn) = shared.as_ref() {
-                    return Ok(Conn::Cluster(conn.clone()));
-                }
-                let conn = client.get_async_connection().await.map_err(|e| Unreachable(e.to_string()))?;
-                *shared = Some(conn.clone());
-                Ok(Conn::Cluster(conn))
-            }
+            Store::Cluster { client, shared, .. } => shared_cluster_connection(client, shared).await,
+        }
+    }
+
+    /// A connection for the invalidation path, whose writes end with a
+    /// `WAIT` for replicas: on a cluster, a second shared `ClusterConnection`.
+    /// Redis holds a connection that sent `WAIT` until the replicas answer
+    /// (up to `replica_timeout_ms`), and on the connection every read of the
+    /// process shares, each read to that master would wait behind it. (`WAIT`
+    /// must go on the connection of the writes it waits for, so it cannot
+    /// have one of its own.) Elsewhere the same as [`Store::get`]: a pooled
+    /// connection is the caller's alone.
+    pub async fn writer(&self) -> Result<Conn, Unreachable> {
+        match self {
+            Store::Cluster { client, writer, .. } => shared_cluster_connection(client, writer).await,
+            _ => self.get().await,
         }
     }
 
@@ -684,6 +700,20 @@ where
         .runtime(deadpool::Runtime::Tokio1)
         .build()
         .map_err(|e| format!("cannot build the Redis pool: {e}"))
+}
+
+/// The connection kept in `slot`, made at first use.
+async fn shared_cluster_connection(
+    client: &redis::cluster::ClusterClient,
+    slot: &tokio::sync::Mutex<Option<ClusterConnection>>,
+) -> Result<Conn, Unreachable> {
+    let mut slot = slot.lock().await;
+    if let Some(conn) = slot.as_ref() {
+        return Ok(Conn::Cluster(conn.clone()));
+    }
+    let conn = client.get_async_connection().await.map_err(|e| Unreachable(e.to_string()))?;
+    *slot = Some(conn.clone());
+    Ok(Conn::Cluster(conn))
 }
 
 /// A cluster client with this project's timeouts.
