@@ -478,23 +478,10 @@ impl Access {
         }
         bundle.push(b'\n');
         for cert in rustls_native_certs::load_native_certs().certs {
-            bundle.extend_from_slice(pem_certificate(&cert).as_bytes());
+            bundle.extend_from_slice(pem::encode(&pem::Pem::new("CERTIFICATE", cert.to_vec())).as_bytes());
         }
         Ok(Some(redis::TlsCertificates { client_tls: None, root_cert: Some(bundle) }))
     }
-}
-
-/// A DER certificate as PEM.
-fn pem_certificate(der: &[u8]) -> String {
-    use base64::Engine;
-    let body = base64::engine::general_purpose::STANDARD.encode(der);
-    let mut pem = String::from("-----BEGIN CERTIFICATE-----\n");
-    for line in body.as_bytes().chunks(64) {
-        pem.push_str(&String::from_utf8_lossy(line));
-        pem.push('\n');
-    }
-    pem.push_str("-----END CERTIFICATE-----\n");
-    pem
 }
 
 impl Store {
