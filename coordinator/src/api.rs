@@ -24,6 +24,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/v1/cluster/health", web::get().to(cluster_health))
         .route("/v1/rules", web::get().to(rules))
         .route("/v1/audit", web::get().to(audit))
+        .route("/v1/keys/{tenant}", web::get().to(keys))
         .route("/healthz", web::get().to(healthz))
         .route("/readyz", web::get().to(readyz))
         .route("/metrics", web::get().to(metrics));
@@ -199,6 +200,57 @@ async fn audit(
     let mut conn = coordinator.conn().await?;
     let entries = audit::read(&mut conn, tenant, limit).await.map_err(|e| coordinator.redis_failed(e))?;
     Ok(HttpResponse::Ok().json(serde_json::json!({ "entries": entries })))
+}
+
+/// `?pattern=P&cursor=C&limit=N` of the key explorer.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeysQuery {
+    pattern: Option<String>,
+    cursor: Option<String>,
+    limit: Option<usize>,
+}
+
+/// The most keys one page of the key explorer lists.
+const MAX_KEYS_LIMIT: usize = 1000;
+
+/// `GET /v1/keys/{tenant}`: the key explorer, a page of the tenant's keys in
+/// L2 with their size, TTL and tags (`read` on the tenant).
+async fn keys(
+    tenant: web::Path<String>,
+    query: web::Query<KeysQuery>,
+    coordinator: web::Data<Coordinator>,
+    caller: Caller,
+) -> Result<HttpResponse, ApiError> {
+    let tenant = tenant.into_inner();
+    shared::names::validate_tenant(&tenant)?;
+    caller.allow(Scope::Read, [tenant.as_str()])?;
+    let pattern = query.pattern.as_deref().unwrap_or("*");
+    // Listing the whole tenant is what an explorer does: no confirm needed.
+    shared::names::validate_pattern(pattern, true)?;
+    let cursor = match query.cursor.as_deref() {
+        None => shared::l2::ListCursor::default(),
+        Some(text) => shared::l2::ListCursor::decode(text).ok_or_else(|| {
+            ApiError::bad_request("invalid_query", "cursor is not one this service gave: pass back a page's cursor")
+        })?,
+    };
+    let limit = query.limit.unwrap_or(100);
+    if limit == 0 || limit > MAX_KEYS_LIMIT {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            format!("limit must be between 1 and {MAX_KEYS_LIMIT}; got {limit}"),
+        ));
+    }
+    let partition = coordinator.inner().layout.of(&tenant);
+    let mut conn = coordinator.conn().await?;
+    let page = shared::l2::list_keys(&mut conn, partition, &tenant, pattern, cursor, limit)
+        .await
+        .map_err(|e| coordinator.redis_failed(e))?;
+    Ok(HttpResponse::Ok().json(serde_json::json!({
+        "tenant": tenant,
+        "keys": page.keys,
+        "cursor": page.cursor.map(shared::l2::ListCursor::encode),
+    })))
 }
 
 async fn cluster_health(coordinator: web::Data<Coordinator>, caller: Caller) -> Result<HttpResponse, ApiError> {

@@ -53,6 +53,7 @@ impl Application {
                 .app_data(data.clone())
                 .app_data(shared::service::json_config(body_limit))
                 .app_data(shared::service::query_config())
+                .app_data(shared::service::path_config())
                 .app_data(latency.clone())
                 .app_data(access.clone())
                 .app_data(trail.clone())

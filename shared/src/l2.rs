@@ -270,6 +270,140 @@ pub async fn put(
     })
 }
 
+/// One key as the key explorer lists it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Listed {
+    /// The key.
+    pub key: String,
+    /// The size of the value as stored (the ciphertext, for a sealed one).
+    pub bytes: u64,
+    /// Whole seconds left to live (rounded up).
+    pub ttl_secs: u64,
+    /// Its tags.
+    pub tags: Vec<String>,
+}
+
+/// A page of the key explorer, and where the next one starts (`None`: this
+/// was the last).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Page {
+    /// The keys of this page, live and of the partition's current epoch.
+    pub keys: Vec<Listed>,
+    /// The cursor of the next page.
+    pub cursor: Option<ListCursor>,
+}
+
+/// Where a listing stands: a `ZSCAN` cursor over the tenant's key index, and
+/// how many matching members of the batch that cursor returns were already
+/// listed (a small index comes back whole from one `ZSCAN`, whatever its
+/// `COUNT`). Written `"{scan}.{skip}"`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ListCursor {
+    /// The `ZSCAN` cursor.
+    pub scan: u64,
+    /// Members of its batch already listed.
+    pub skip: usize,
+}
+
+impl ListCursor {
+    /// Reads a cursor this service wrote.
+    pub fn decode(text: &str) -> Option<ListCursor> {
+        let (scan, skip) = text.split_once('.')?;
+        let digits = |s: &str| !s.is_empty() && s.len() <= 20 && s.bytes().all(|b| b.is_ascii_digit());
+        if !digits(scan) || !digits(skip) {
+            return None;
+        }
+        Some(ListCursor { scan: scan.parse().ok()?, skip: skip.parse().ok()? })
+    }
+
+    /// As the API gives it.
+    pub fn encode(self) -> String {
+        format!("{}.{}", self.scan, self.skip)
+    }
+}
+
+/// Most `ZSCAN` calls one page makes before it answers with what it found
+/// (a sparse pattern over a large tenant): the next page goes on from there.
+const MAX_SCANS_PER_PAGE: usize = 64;
+
+/// Lists up to `limit` keys of a tenant whose names match `pattern` (the
+/// glob dialect), from `cursor`: `ZSCAN ... MATCH` over the tenant's key
+/// index, then each entry's size, TTL, tags and epoch in one pipeline.
+/// Entries the index still names but that expired, or that were written in
+/// another epoch, are left out, so a page can hold fewer than `limit` keys.
+/// Following the cursors lists every key present throughout at least once,
+/// as `ZSCAN` does (once unless the index is rehashed meanwhile).
+pub async fn list_keys(
+    conn: &mut impl ConnectionLike,
+    partition: &Partition,
+    tenant: &str,
+    pattern: &str,
+    cursor: ListCursor,
+    limit: usize,
+) -> RedisResult<Page> {
+    let index = partition.tenant_keys(tenant);
+    let mut names: Vec<String> = Vec::new();
+    let mut at = cursor;
+    let mut next = None;
+    for _ in 0..MAX_SCANS_PER_PAGE {
+        let (scan, flat): (u64, Vec<String>) = redis::cmd("ZSCAN")
+            .arg(&index)
+            .arg(at.scan)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(limit.max(100))
+            .query_async(conn)
+            .await?;
+        // Members and scores alternate.
+        let members: Vec<String> = flat.into_iter().step_by(2).skip(at.skip).collect();
+        let room = limit - names.len();
+        if members.len() > room {
+            names.extend(members.into_iter().take(room));
+            next = Some(ListCursor { scan: at.scan, skip: at.skip + room });
+            break;
+        }
+        names.extend(members);
+        if scan == 0 {
+            break;
+        }
+        at = ListCursor { scan, skip: 0 };
+        next = Some(at);
+        if names.len() == limit {
+            break;
+        }
+    }
+    let mut pipe = redis::pipe();
+    pipe.get(partition.epoch());
+    for name in &names {
+        let vkey = partition.value(tenant, name);
+        pipe.cmd("HMGET").arg(&vkey).arg("e").arg("tags").cmd("HSTRLEN").arg(&vkey).arg("v").pttl(&vkey);
+    }
+    let replies: Vec<redis::Value> = pipe.query_async(conn).await?;
+    let mut replies = replies.into_iter();
+    let epoch: Option<String> = match replies.next() {
+        Some(value) => redis::from_redis_value(value)?,
+        None => None,
+    };
+    let mut keys = Vec::new();
+    for name in names {
+        let (Some(fields), Some(bytes), Some(pttl)) = (replies.next(), replies.next(), replies.next()) else {
+            break;
+        };
+        let (entry_epoch, tags): (Option<String>, Option<String>) = redis::from_redis_value(fields)?;
+        let bytes: u64 = redis::from_redis_value(bytes)?;
+        let pttl: i64 = redis::from_redis_value(pttl)?;
+        if entry_epoch.is_none() || entry_epoch != epoch || pttl < 0 {
+            continue;
+        }
+        let tags =
+            tags.filter(|t| !t.is_empty()).map(|t| t.split(',').map(str::to_string).collect()).unwrap_or_default();
+        let ttl_secs = u64::try_from(pttl).unwrap_or(0).div_ceil(1000);
+        keys.push(Listed { key: name, bytes, ttl_secs, tags });
+    }
+    Ok(Page { keys, cursor: next })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -291,6 +425,15 @@ mod tests {
         let mut unstamped = fields("e1");
         unstamped.remove("e");
         assert!(entry_from_fields(unstamped, 1000, "e1").is_none());
+    }
+
+    #[test]
+    fn list_cursors_read_back_only_what_was_written() {
+        let c = ListCursor { scan: 123, skip: 7 };
+        assert_eq!(ListCursor::decode(&c.encode()), Some(c));
+        for bad in ["", ".", "1.", ".1", "1", "a.b", "1.2.3", "-1.0", "+1.0", "1 .0", "99999999999999999999999.0"] {
+            assert_eq!(ListCursor::decode(bad), None, "{bad:?}");
+        }
     }
 
     #[test]

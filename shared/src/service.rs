@@ -107,6 +107,14 @@ pub fn query_config() -> actix_web::web::QueryConfig {
         .error_handler(|err, _req| ApiError::bad_request("invalid_query", format!("bad query string: {err}")).into())
 }
 
+/// Path-parameter extraction (`/v1/keys/{tenant}`): a JSON 400 for a segment
+/// that is not valid percent-encoded UTF-8.
+pub fn path_config() -> actix_web::web::PathConfig {
+    actix_web::web::PathConfig::default().error_handler(|err, _req| {
+        ApiError::bad_request("invalid_tenant", format!("the path is not valid percent-encoded UTF-8: {err}")).into()
+    })
+}
+
 /// The answer to any unknown route or method.
 pub async fn not_found() -> HttpResponse {
     ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint or method; see the README for the API")

@@ -151,10 +151,12 @@ async fn every_scope_opens_its_endpoints_to_its_tenants_only_and_refusals_are_au
 
     // The coordinator's: read views, invalidate of the token's tenants, admin
     // for a whole-tenant wipe and the audit trail.
-    for path in ["/v1/cluster/health", "/v1/rules"] {
+    for path in ["/v1/cluster/health", "/v1/rules", "/v1/keys/acme"] {
         assert_eq!(call(&t, Method::GET, &coordinator(path), Some(READER), None).await.0, 200, "{path}");
         assert_eq!(call(&t, Method::GET, &coordinator(path), Some(WRITER), None).await.0, 403, "{path}");
     }
+    let (status, _, answer) = call(&t, Method::GET, &coordinator("/v1/keys/globex"), Some(READER), None).await;
+    assert_eq!((status, answer["tenant"].as_str()), (403, Some("globex")), "{answer}");
     let invalidate = |secret, body| call_as(&t, Method::POST, coordinator("/v1/invalidate"), secret, body);
     let acme_key = json!({"tenant": "acme", "keys": ["k"]});
     assert_eq!(invalidate(READER, acme_key.clone()).await.0, 403);

@@ -605,3 +605,79 @@ async fn agents_repair_missed_invalidations_after_losing_their_subscription() {
         t.wait_applied("acme", seq(&answer)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_key_explorer_pages_through_a_tenants_keys_once_each() {
+    let t = TestCluster::start(1, "").await;
+    // 250 keys (past the size where Redis keeps the index as one small
+    // listpack that one ZSCAN returns whole), one with tags, and keys that
+    // must not be listed: another tenant's, and one the pattern excludes.
+    let mut expected = std::collections::BTreeSet::new();
+    for i in 0..250 {
+        let key = format!("item:{i}");
+        let query = if i == 7 { "?tags=red,blue&ttl=600" } else { "" };
+        t.put_ok(0, "acme", &key, query, &"x".repeat(i % 10 + 1)).await;
+        expected.insert(key);
+    }
+    t.put_ok(0, "acme", "other:1", "", "v").await;
+    t.put_ok(0, "globex", "item:1", "", "v").await;
+
+    let url = |query: &str| t.cluster.coordinator.url(&format!("/v1/keys/acme{query}"));
+    let mut listed = Vec::new();
+    let mut cursor: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let query = match &cursor {
+            None => "?pattern=item:*&limit=40".to_string(),
+            Some(c) => format!("?pattern=item:*&limit=40&cursor={c}"),
+        };
+        let (status, page) = get_json(&t.http, &url(&query)).await;
+        assert_eq!(status, 200, "{page}");
+        let keys = page["keys"].as_array().unwrap_or_else(|| panic!("no keys in {page}"));
+        assert!(keys.len() <= 40, "a page over its limit: {}", keys.len());
+        for k in keys {
+            let key = k["key"].as_str().unwrap_or_else(|| panic!("no key in {k}")).to_string();
+            if key == "item:7" {
+                assert_eq!(k["tags"], json!(["red", "blue"]), "{k}");
+                assert_eq!(k["bytes"], 8, "{k}");
+                let ttl = k["ttl_secs"].as_u64().unwrap_or(0);
+                assert!(ttl > 500 && ttl <= 600, "{k}");
+            }
+            listed.push(key);
+        }
+        pages += 1;
+        assert!(pages < 100, "the cursor never ends");
+        match page["cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_string()),
+            None => {
+                assert!(page["cursor"].is_null(), "{page}");
+                break;
+            }
+        }
+    }
+    let unique: std::collections::BTreeSet<String> = listed.iter().cloned().collect();
+    assert_eq!(unique.len(), listed.len(), "a key was listed twice");
+    assert_eq!(unique, expected, "the pages did not list exactly the tenant's item:* keys");
+    assert!(pages >= 7, "250 keys in pages of 40 took {pages} pages");
+
+    // Without a pattern: every key of the tenant, the other one too.
+    let (status, page) = get_json(&t.http, &url("?limit=1000")).await;
+    assert_eq!(status, 200, "{page}");
+    assert_eq!(page["keys"].as_array().map(Vec::len), Some(251), "{page}");
+    // An invalidated key is no longer listed.
+    let answer = t.invalidate(json!({"tenant": "acme", "keys": ["item:7"]})).await;
+    assert!(seq(&answer) > 0);
+    let (_, page) = get_json(&t.http, &url("?pattern=item:7")).await;
+    assert_eq!(page["keys"], json!([]), "{page}");
+
+    // Bad input: a JSON 400 each.
+    for query in ["?cursor=nonsense", "?cursor=1.2.3", "?limit=0", "?limit=1001", "?pattern=a[b", "?bogus=1"] {
+        let (status, body) = get_json(&t.http, &url(query)).await;
+        assert_eq!(status, 400, "{query}: {body}");
+        assert!(body["error"].as_str().is_some_and(|e| e.starts_with("invalid_")), "{query}: {body}");
+    }
+    for path in ["/v1/keys/a%20b", "/v1/keys/%FF"] {
+        let (status, body) = get_json(&t.http, &t.cluster.coordinator.url(path)).await;
+        assert_eq!((status, body["error"].as_str()), (400, Some("invalid_tenant")), "{path}: {body}");
+    }
+}
