@@ -8,6 +8,7 @@
 mod auth;
 mod bad_input;
 mod cache_api;
+mod cachectl;
 mod cluster;
 mod credentials;
 mod encryption;
