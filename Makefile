@@ -9,7 +9,7 @@ SHELL := /bin/bash
 RUN_RELEASE = $(CARGO) run --release --quiet -p integration-tests --bin
 RUN_DEBUG = $(CARGO) run --quiet -p integration-tests --bin
 
-.PHONY: demo test run chaos bench fuzz build release lint redis clean demo-check
+.PHONY: demo test run chaos bench fuzz build release lint redis promtool clean demo-check
 
 ## demo: start a private Redis, a coordinator and 3 agents; tell the story; stop everything
 ## (a debug build: it compiles in about half the time of a release build, and make test's
@@ -23,7 +23,7 @@ demo: redis build
 ## stale-read checker, on a Redis Cluster (3 masters, 3 replicas) and under Sentinel (a
 ## primary, a replica, 3 sentinels);
 ## then the criterion benches once each, as tests (criterion takes no --test-threads)
-test: redis build
+test: redis promtool build
 	$(CARGO) test --workspace --lib --bins --tests -- --test-threads=1
 	DCC_TEST_REDIS=cluster $(CARGO) test -p integration-tests --test system -- --test-threads=1 $(TOPOLOGY_TESTS)
 	DCC_TEST_REDIS=sentinel $(CARGO) test -p integration-tests --test system -- --test-threads=1 $(TOPOLOGY_TESTS)
@@ -105,6 +105,20 @@ redis:
 			|| { echo "apt-get could not install redis-server; install Redis 7 (redis-server) and retry"; exit 1; }; \
 	else \
 		echo "no apt-get here: install redis-server (Redis 6.2 or newer) with your package manager and retry"; exit 1; \
+	fi
+
+## promtool: make sure promtool (Debian's prometheus package) is installed: the deploy-files
+## test checks deploy/prometheus/alerts.yml with it
+promtool:
+	@if command -v promtool >/dev/null 2>&1 || [ -x /usr/bin/promtool ]; then exit 0; fi; \
+	echo "promtool is missing: installing Debian's prometheus package with apt-get"; \
+	if command -v apt-get >/dev/null 2>&1; then \
+		if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null 2>&1; then SUDO=sudo; else \
+			echo "run as root, or install promtool yourself (apt-get install prometheus)"; exit 1; fi; \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null \
+			|| { echo "apt-get could not install prometheus (for promtool); install it and retry"; exit 1; }; \
+	else \
+		echo "no apt-get here: install promtool (Prometheus 2.x) with your package manager and retry"; exit 1; \
 	fi
 
 clean:
