@@ -510,10 +510,6 @@ async fn run(cli: Cli, output: Output) -> Result<(), Failure> {
 }
 
 fn main() -> ExitCode {
-    // reqwest's rustls needs a crypto provider: ring, as redis-rs's TLS uses
-    // (rustls now prefers aws-lc-rs, whose build needs cmake and a C toolchain).
-    #[allow(deprecated)]
-    let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
     let output = cli.output.unwrap_or(if std::io::stdout().is_terminal() { Output::Table } else { Output::Json });
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
