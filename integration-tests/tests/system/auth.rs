@@ -17,12 +17,7 @@ const APP: &str = "app-secret";
 const OPS: &str = "ops-secret";
 
 fn tokens_toml() -> String {
-    let token = |name: &str, secret: &str, tenants: &str, scopes: &str| {
-        format!(
-            "[[tokens]]\nname = \"{name}\"\nsha256 = \"{}\"\ntenants = {tenants}\nscopes = {scopes}\n\n",
-            shared::auth::sha256_hex(secret)
-        )
-    };
+    let token = crate::token_toml;
     [
         token("reader", READER, r#"["acme"]"#, r#"["read"]"#),
         token("writer", WRITER, r#"["acme"]"#, r#"["write"]"#),

@@ -15,12 +15,7 @@ const OPS: &str = "cachectl-ops-secret";
 const READER: &str = "cachectl-reader-secret";
 
 fn tokens() -> String {
-    let token = |name: &str, secret: &str, tenants: &str, scopes: &str| {
-        format!(
-            "[[tokens]]\nname = \"{name}\"\nsha256 = \"{}\"\ntenants = {tenants}\nscopes = {scopes}\n\n",
-            shared::auth::sha256_hex(secret)
-        )
-    };
+    let token = crate::token_toml;
     [token("ops", OPS, "[]", r#"["admin"]"#), token("reader", READER, r#"["acme"]"#, r#"["read"]"#)].concat()
 }
 

@@ -259,6 +259,15 @@ impl Deployed {
     }
 }
 
+/// A `[[tokens]]` table for a process's config: `tenants` and `scopes` are
+/// TOML lists; only the secret's SHA-256 is written.
+pub fn token_toml(name: &str, secret: &str, tenants: &str, scopes: &str) -> String {
+    format!(
+        "[[tokens]]\nname = \"{name}\"\nsha256 = \"{}\"\ntenants = {tenants}\nscopes = {scopes}\n\n",
+        shared::auth::sha256_hex(secret)
+    )
+}
+
 /// The HTTP client of the tests: idle connections are dropped before the
 /// services' keep-alive (5 s) closes them, so that a request never races a
 /// closing connection on a slow machine.
