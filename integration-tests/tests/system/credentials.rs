@@ -6,7 +6,7 @@ use serde_json::json;
 
 use integration_tests::{free_port, start_agent, Redis};
 
-use crate::{wait_until, Deployed, PROPAGATION_DEADLINE};
+use crate::Deployed;
 
 /// The ACL of the README ("Redis credentials"), as `redis-server --user` arguments.
 const ACL: &[&str] =
@@ -62,17 +62,7 @@ async fn the_least_privilege_acl_user_is_enough_and_a_wrong_password_is_a_clear_
     // A wrong password: not ready, saying why, and still retrying.
     let wrong_url = format!("redis://dcc:not-the-password@127.0.0.1:{}", redis.port);
     let mut wrong = start_agent(dir.path(), &wrong_url, free_port(), "agent-wrong", "").expect("agent");
-    let readyz = wrong.url("/readyz");
-    let reason = || async {
-        let resp = d.http.get(&readyz).send().await.ok()?;
-        let body: serde_json::Value = resp.json().await.ok()?;
-        body["reason"].as_str().map(str::to_string)
-    };
-    let refused =
-        wait_until(PROPAGATION_DEADLINE, || async { reason().await.as_deref() == Some("redis_credentials_refused") })
-            .await;
-    assert!(refused, "readyz said {:?}", reason().await);
-    assert!(wrong.proc.try_status().is_none(), "the agent with a wrong password exited");
+    crate::assert_not_ready_because(&d.http, &mut wrong, "redis_credentials_refused").await;
 
     // The passwords appear in no answer and no log.
     let status = d.http.get(wrong.url("/v1/status")).send().await.expect("status").text().await.unwrap_or_default();

@@ -315,6 +315,25 @@ where
     }
 }
 
+/// Waits until `service`'s `/readyz` gives `reason` for not being ready,
+/// and checks the process did not exit meanwhile (it keeps retrying).
+pub async fn assert_not_ready_because(http: &Client, service: &mut Service, reason: &str) {
+    let url = service.url("/readyz");
+    let said = || async {
+        let body: Value = http.get(&url).send().await.ok()?.json().await.ok()?;
+        body["reason"].as_str().map(str::to_string)
+    };
+    let found = wait_until(PROPAGATION_DEADLINE, || async { said().await.as_deref() == Some(reason) }).await;
+    assert!(
+        found,
+        "{}: readyz said {:?}, not {reason}; log:\n{}",
+        service.proc.name,
+        said().await,
+        service.proc.log_tail()
+    );
+    assert!(service.proc.try_status().is_none(), "{} exited instead of retrying", service.proc.name);
+}
+
 /// The seq of a coordinator answer that touched one partition.
 pub fn seq(answer: &Value) -> u64 {
     answer["seq"].as_u64().unwrap_or_else(|| panic!("no seq in {answer}"))

@@ -109,18 +109,8 @@ async fn over_tls_with_redis_ca_file_everything_works_and_an_untrusted_certifica
 
     // Without the CA (the system's CAs alone), an agent is not ready, says
     // it is TLS, and keeps trying.
-    let untrusting = start_agent(dir.path(), &url, free_port(), "agent-untrusting", "").expect("agent");
-    let readyz = untrusting.url("/readyz");
-    let reason = || async {
-        let resp = d.http.get(&readyz).send().await.ok()?;
-        let body: serde_json::Value = resp.json().await.ok()?;
-        body["reason"].as_str().map(str::to_string)
-    };
-    let refused =
-        wait_until(PROPAGATION_DEADLINE, || async { reason().await.as_deref() == Some("redis_tls_failed") }).await;
-    assert!(refused, "readyz said {:?}; log:\n{}", reason().await, untrusting.proc.log_tail());
-    let mut untrusting = untrusting;
-    assert!(untrusting.proc.try_status().is_none(), "the agent that does not trust the CA exited");
+    let mut untrusting = start_agent(dir.path(), &url, free_port(), "agent-untrusting", "").expect("agent");
+    crate::assert_not_ready_because(&d.http, &mut untrusting, "redis_tls_failed").await;
 
     // redis_ca_file is for rediss:// only: refused at start-up, exit 2.
     let mut misused = start_agent(dir.path(), "redis://127.0.0.1:1", free_port(), "agent-misused", &ca).expect("agent");
