@@ -9,7 +9,7 @@ SHELL := /bin/bash
 RUN_RELEASE = $(CARGO) run --release --quiet -p integration-tests --bin
 RUN_DEBUG = $(CARGO) run --quiet -p integration-tests --bin
 
-.PHONY: demo test run chaos bench fuzz build release lint redis promtool clean demo-check
+.PHONY: demo test run chaos bench fuzz build release lint redis promtool venv openapi clean demo-check
 
 ## demo: start a private Redis, a coordinator and 3 agents; tell the story; stop everything
 ## (a debug build: it compiles in about half the time of a release build, and make test's
@@ -23,7 +23,7 @@ demo: redis build
 ## stale-read checker, on a Redis Cluster (3 masters, 3 replicas) and under Sentinel (a
 ## primary, a replica, 3 sentinels);
 ## then the criterion benches once each, as tests (criterion takes no --test-threads)
-test: redis promtool build
+test: redis promtool venv build
 	$(CARGO) test --workspace --lib --bins --tests -- --test-threads=1
 	DCC_TEST_REDIS=cluster $(CARGO) test -p integration-tests --test system -- --test-threads=1 $(TOPOLOGY_TESTS)
 	DCC_TEST_REDIS=sentinel $(CARGO) test -p integration-tests --test system -- --test-threads=1 $(TOPOLOGY_TESTS)
@@ -49,7 +49,7 @@ TOPOLOGY_TESTS = cache_api:: invalidation:: faults::wait_all_answers faults::fil
 demo-check: build
 	@tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
 	target=$$($(CARGO) metadata --format-version 1 --no-deps | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p'); \
-	tar --exclude=./target --exclude=./.git -cf - . | tar -xf - -C "$$tmp"; \
+	tar --exclude=./target --exclude=./.git --exclude=./.venv -cf - . | tar -xf - -C "$$tmp"; \
 	echo "make demo in $$tmp with CARGO_TARGET_DIR=$$target"; \
 	CARGO_TARGET_DIR="$$target" $(MAKE) --no-print-directory -C "$$tmp" demo
 
@@ -120,6 +120,24 @@ promtool:
 	else \
 		echo "no apt-get here: install promtool (Prometheus 2.x) with your package manager and retry"; exit 1; \
 	fi
+
+## venv: the Python tools of make test (schemathesis, the property-based client run against
+## the live servers' OpenAPI documents), in ./.venv, from integration-tests/requirements.txt
+venv: .venv/.installed
+.venv/.installed: integration-tests/requirements.txt
+	@command -v python3 >/dev/null 2>&1 || { echo "python3 is missing: install Python 3.9 or newer (apt-get install python3 python3-venv)"; exit 1; }
+	@python3 -m venv .venv 2>/dev/null || { \
+		echo "python3 cannot make a virtualenv: installing python3-venv with apt-get"; \
+		if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq python3-venv >/dev/null \
+			&& python3 -m venv .venv; }
+	.venv/bin/pip install --quiet --disable-pip-version-check -r integration-tests/requirements.txt
+	@touch $@
+
+## openapi: rewrite docs/openapi.json and docs/openapi.node-agent.json from the code (the
+## drift tests fail until the committed documents are the generated ones)
+openapi:
+	DCC_UPDATE_OPENAPI=1 $(CARGO) test --quiet -p coordinator -p node-agent --lib the_committed_openapi_document
 
 clean:
 	$(CARGO) clean

@@ -2,41 +2,62 @@
 //! and the operational endpoints.
 
 use actix_web::http::StatusCode;
-use actix_web::{web, HttpRequest, HttpResponse};
-use serde::Deserialize;
+use actix_web::{get, post, web, HttpRequest, HttpResponse};
+use serde::{Deserialize, Serialize};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use shared::audit::{self, Trail};
 use shared::auth::{Caller, Scope};
 use shared::invalidation;
+use shared::openapi::ErrorBody;
 use shared::protocol::{now_ms, Selector};
 use shared::service::{metrics_response, read_body, ApiError};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_actix_web::service_config::ServiceConfig;
 
-use crate::cluster;
-use crate::events::{parse_events, resolve_events, InvalidateBody};
+use crate::cluster::{self, NodeView, PartitionHead};
+use crate::events::{parse_events, resolve_events, Event, InvalidateBody};
 use crate::state::{Coordinator, InvalidationAnswer};
 
-/// Registers every route.
-pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.route("/v1/events", web::post().to(post_events))
-        .route("/v1/invalidate", web::post().to(post_invalidate))
-        .route("/v1/cluster/health", web::get().to(cluster_health))
-        .route("/v1/rules", web::get().to(rules))
-        .route("/v1/audit", web::get().to(audit))
-        .route("/v1/keys/{tenant}", web::get().to(keys))
-        .route("/healthz", web::get().to(healthz))
-        .route("/readyz", web::get().to(readyz))
-        .route("/metrics", web::get().to(metrics));
+/// Registers every route; each handler's `#[utoipa::path]` puts it in the
+/// OpenAPI document as it is registered (see [`openapi`]).
+pub fn configure(cfg: &mut ServiceConfig) {
+    cfg.service(post_events)
+        .service(post_invalidate)
+        .service(cluster_health)
+        .service(rules)
+        .service(audit_trail)
+        .service(keys)
+        .service(healthz)
+        .service(readyz)
+        .service(metrics);
+}
+
+/// The coordinator's OpenAPI document, collected from the routes [`configure`] registers.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    use utoipa_actix_web::AppExt;
+    let (_, doc) = actix_web::App::new().into_utoipa_app().configure(configure).split_for_parts();
+    shared::openapi::finish(
+        doc,
+        "dcc coordinator",
+        "Turns write events into invalidations (by key, tag, pattern and along the dependency graph), logs them \
+         and broadcasts them to every node agent; the cluster view, the rules, the audit trail and the key explorer.",
+    )
 }
 
 /// `?wait=all&timeout_ms=N`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct WaitQuery {
-    /// Only `all` is defined.
+    /// `all`: answer once every live node agent has applied the invalidation
+    /// (or 504 `wait_timeout` naming the laggards). The only value.
+    #[param(pattern = "^all$")]
     wait: Option<String>,
-    /// How long to wait.
+    /// How long to wait, 1 to 600000 ms (needs `wait=all`; default: the
+    /// cluster's `node_dead_after_ms` plus a second).
+    #[param(minimum = 1, maximum = 600000)]
     timeout_ms: Option<u64>,
 }
 
@@ -88,6 +109,32 @@ fn allow_invalidation(caller: &Caller, items: &[Selector]) -> Result<(), ApiErro
     caller.allow(Scope::Invalidate, items.iter().map(|s| s.tenant.as_str()))
 }
 
+/// The body of `POST /v1/events`: one event, or a batch of up to 1000.
+#[derive(ToSchema)]
+#[allow(dead_code)] // A schema: `parse_events` reads the body, one event at a time.
+#[serde(untagged)]
+enum EventsBody {
+    /// One event.
+    One(Event),
+    /// A batch, logged as one invalidation.
+    Batch(Vec<Event>),
+}
+
+/// `POST /v1/events`: write events, resolved by the rules into one invalidation.
+#[utoipa::path(
+    tag = "invalidation",
+    params(WaitQuery),
+    request_body(content = EventsBody, content_type = "application/json"),
+    responses(
+        (status = 200, description = "Logged, deleted from L2 and broadcast (or a repeat of event ids already logged: `duplicate`)", body = InvalidationAnswer),
+        shared::openapi::BadInput,
+        shared::openapi::Refused,
+        shared::openapi::TooLarge,
+        shared::openapi::Unavailable,
+        shared::openapi::WaitTimedOut,
+    ),
+)]
+#[post("/v1/events")]
 async fn post_events(
     req: HttpRequest,
     body: web::Payload,
@@ -119,6 +166,47 @@ fn record(trail: &Trail, entry: audit::Entry, answer: &Result<InvalidationAnswer
     });
 }
 
+/// What `POST /v1/invalidate` answers: the invalidation, or its dry run.
+#[derive(Serialize, ToSchema)]
+#[serde(untagged)]
+enum InvalidateAnswer {
+    /// Done: logged, deleted from L2 and broadcast.
+    Done(InvalidationAnswer),
+    /// `dry_run`: what would go, nothing done.
+    DryRun(DryRun),
+}
+
+/// The preview of an invalidation (`dry_run: true`).
+#[derive(Serialize, ToSchema)]
+struct DryRun {
+    /// Always true.
+    dry_run: bool,
+    /// The L2 keys it would delete (at most a sample when there are many; see `count`).
+    would_delete: Vec<String>,
+    /// How many L2 entries it would delete.
+    count: u64,
+    /// What it names.
+    invalidated: Vec<Selector>,
+}
+
+/// `POST /v1/invalidate`: invalidate keys, tags and patterns of one tenant
+/// (`dry_run` previews; a pattern covering the whole tenant needs `confirm`
+/// and an admin token).
+#[utoipa::path(
+    tag = "invalidation",
+    params(WaitQuery),
+    request_body = InvalidateBody,
+    responses(
+        (status = 200, description = "Invalidated, or previewed (`dry_run`)", body = InvalidateAnswer),
+        shared::openapi::BadInput,
+        shared::openapi::NotJson,
+        shared::openapi::Refused,
+        shared::openapi::TooLarge,
+        shared::openapi::Unavailable,
+        shared::openapi::WaitTimedOut,
+    ),
+)]
+#[post("/v1/invalidate")]
 async fn post_invalidate(
     body: web::Json<InvalidateBody>,
     query: web::Query<WaitQuery>,
@@ -134,11 +222,11 @@ async fn post_invalidate(
         let preview = invalidation::preview(&mut conn, &coordinator.inner().layout, std::slice::from_ref(&selector))
             .await
             .map_err(|e| coordinator.redis_failed(e))?;
-        return Ok(HttpResponse::Ok().json(serde_json::json!({
-            "dry_run": true,
-            "would_delete": preview.would_delete.into_iter().map(|(_, key)| key).collect::<Vec<_>>(),
-            "count": preview.count,
-            "invalidated": [selector],
+        return Ok(HttpResponse::Ok().json(InvalidateAnswer::DryRun(DryRun {
+            dry_run: true,
+            would_delete: preview.would_delete.into_iter().map(|(_, key)| key).collect(),
+            count: preview.count,
+            invalidated: vec![selector],
         })));
     }
     let entry = audit::Entry::invalidation("invalidate", &caller, std::slice::from_ref(&selector));
@@ -149,14 +237,19 @@ async fn post_invalidate(
     };
     let answer = coordinator.invalidate(request, wait).await;
     record(&trail, entry, &answer);
-    Ok(HttpResponse::Ok().json(answer?))
+    Ok(HttpResponse::Ok().json(InvalidateAnswer::Done(answer?)))
 }
 
 /// `?tenant=T&limit=N`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct AuditQuery {
+    /// Only the entries naming this tenant.
+    #[param(pattern = r"^[A-Za-z0-9_-]{1,64}$")]
     tenant: Option<String>,
+    /// How many entries, 1 to 1000 (default 100).
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<usize>,
 }
 
@@ -189,8 +282,26 @@ pub fn parse_audit_query(query: &str) -> Result<(Option<String>, usize), ApiErro
     Ok((tenant.map(str::to_string), limit))
 }
 
+/// The audit trail, newest first.
+#[derive(Serialize, ToSchema)]
+struct AuditPage {
+    /// The entries.
+    entries: Vec<audit::Entry>,
+}
+
 /// `GET /v1/audit`: the trail, newest first (admin).
-async fn audit(
+#[utoipa::path(
+    tag = "operations",
+    params(AuditQuery),
+    responses(
+        (status = 200, description = "The newest entries first", body = AuditPage),
+        shared::openapi::BadInput,
+        shared::openapi::Refused,
+        shared::openapi::Unavailable,
+    ),
+)]
+#[get("/v1/audit")]
+async fn audit_trail(
     query: web::Query<AuditQuery>,
     coordinator: web::Data<Coordinator>,
     caller: Caller,
@@ -199,16 +310,32 @@ async fn audit(
     let (tenant, limit) = query.checked()?;
     let mut conn = coordinator.conn().await?;
     let entries = audit::read(&mut conn, tenant, limit).await.map_err(|e| coordinator.redis_failed(e))?;
-    Ok(HttpResponse::Ok().json(serde_json::json!({ "entries": entries })))
+    Ok(HttpResponse::Ok().json(AuditPage { entries }))
 }
 
 /// `?pattern=P&cursor=C&limit=N` of the key explorer.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct KeysQuery {
+    /// A glob over the tenant's keys (`*`, `?`, `[a-z]`, `\\` escapes; default `*`).
     pattern: Option<String>,
+    /// The `cursor` of the previous page, as it was given.
     cursor: Option<String>,
+    /// Keys a page, 1 to 1000 (default 100).
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<usize>,
+}
+
+/// A page of the key explorer.
+#[derive(Serialize, ToSchema)]
+struct KeysPage {
+    /// The tenant.
+    tenant: String,
+    /// At most `limit` keys.
+    keys: Vec<shared::l2::Listed>,
+    /// Pass it back for the next page; `null` on the last.
+    cursor: Option<String>,
 }
 
 /// The most keys one page of the key explorer lists.
@@ -216,6 +343,17 @@ const MAX_KEYS_LIMIT: usize = 1000;
 
 /// `GET /v1/keys/{tenant}`: the key explorer, a page of the tenant's keys in
 /// L2 with their size, TTL and tags (`read` on the tenant).
+#[utoipa::path(
+    tag = "operations",
+    params(("tenant" = String, Path, description = "The tenant: 1 to 64 of `[A-Za-z0-9_-]`", pattern = r"^[A-Za-z0-9_-]{1,64}$"), KeysQuery),
+    responses(
+        (status = 200, description = "A page of keys; following `cursor` lists every matching key once", body = KeysPage),
+        shared::openapi::BadInput,
+        shared::openapi::Refused,
+        shared::openapi::Unavailable,
+    ),
+)]
+#[get("/v1/keys/{tenant}")]
 async fn keys(
     tenant: web::Path<String>,
     query: web::Query<KeysQuery>,
@@ -246,25 +384,97 @@ async fn keys(
     let page = shared::l2::list_keys(&mut conn, partition, &tenant, pattern, cursor, limit)
         .await
         .map_err(|e| coordinator.redis_failed(e))?;
-    Ok(HttpResponse::Ok().json(serde_json::json!({
-        "tenant": tenant,
-        "keys": page.keys,
-        "cursor": page.cursor.map(shared::l2::ListCursor::encode),
-    })))
+    Ok(HttpResponse::Ok().json(KeysPage {
+        tenant,
+        keys: page.keys,
+        cursor: page.cursor.map(shared::l2::ListCursor::encode),
+    }))
 }
 
+/// What the coordinator answering says of itself.
+#[derive(Serialize, ToSchema)]
+struct About {
+    /// This process (`coordinator@host:port`).
+    origin: String,
+    /// Its version.
+    version: &'static str,
+    /// Since it started.
+    uptime_ms: u64,
+    /// After how long without a heartbeat a node agent is dead (no longer awaited).
+    node_dead_after_ms: u64,
+    /// How many entity rules it has.
+    rules: usize,
+    /// Events it received.
+    events_received: u64,
+    /// Invalidations it logged.
+    invalidations_logged: u64,
+}
+
+/// `GET /v1/cluster/health` when Redis answers.
+#[derive(Serialize, ToSchema)]
+struct ClusterHealth {
+    /// `ok` when every node is synced, else `degraded`.
+    #[schema(pattern = "^(ok|degraded)$")]
+    status: &'static str,
+    /// One partition's epoch, or a fingerprint of all of them.
+    epoch: String,
+    /// Sum over the partitions of their latest seq.
+    seq: u64,
+    /// Each partition's log head.
+    partitions: Vec<PartitionHead>,
+    /// When this view was taken (Unix ms).
+    checked_at_ms: u64,
+    /// What Redis says of itself (`INFO`): version, memory, clients, keyspace.
+    #[schema(value_type = Object)]
+    redis: serde_json::Value,
+    /// The coordinator that answered.
+    coordinator: About,
+    /// Every node agent heard from, live or dead.
+    nodes: Vec<NodeView>,
+}
+
+/// `GET /v1/cluster/health` when Redis cannot be reached (503).
+#[derive(Serialize, ToSchema)]
+struct ClusterDown {
+    /// `down`.
+    status: &'static str,
+    /// `unavailable`.
+    error: &'static str,
+    /// Why, in words.
+    message: String,
+    /// Unknown: `null`.
+    seq: Option<u64>,
+    /// `{"reachable": false, "error": ...}`.
+    #[schema(value_type = Object)]
+    redis: serde_json::Value,
+    /// The coordinator that answered.
+    coordinator: About,
+    /// Unknown: empty.
+    nodes: Vec<NodeView>,
+}
+
+/// `GET /v1/cluster/health`: the cluster as Redis and the agents' heartbeats show it.
+#[utoipa::path(
+    tag = "operations",
+    responses(
+        (status = 200, description = "The cluster: partitions, nodes, Redis", body = ClusterHealth),
+        shared::openapi::Refused,
+        (status = 503, description = "Redis cannot be reached", body = ClusterDown),
+    ),
+)]
+#[get("/v1/cluster/health")]
 async fn cluster_health(coordinator: web::Data<Coordinator>, caller: Caller) -> Result<HttpResponse, ApiError> {
     caller.allow(Scope::Read, [])?;
     let inner = coordinator.inner();
-    let about = serde_json::json!({
-        "origin": inner.origin,
-        "version": env!("CARGO_PKG_VERSION"),
-        "uptime_ms": inner.started.elapsed().as_millis() as u64,
-        "node_dead_after_ms": inner.settings.node_dead_after_ms,
-        "rules": inner.rules.rules().count(),
-        "events_received": inner.metrics.events.get(),
-        "invalidations_logged": inner.metrics.invalidations.get(),
-    });
+    let about = About {
+        origin: inner.origin.clone(),
+        version: env!("CARGO_PKG_VERSION"),
+        uptime_ms: inner.started.elapsed().as_millis() as u64,
+        node_dead_after_ms: inner.settings.node_dead_after_ms,
+        rules: inner.rules.rules().count(),
+        events_received: inner.metrics.events.get(),
+        invalidations_logged: inner.metrics.invalidations.get(),
+    };
     let gathered = async {
         let mut conn = coordinator.conn().await?;
         let view = cluster::view(&conn.shared(), &inner.layout, &inner.acks, inner.settings.node_dead_after_ms, true)
@@ -276,42 +486,74 @@ async fn cluster_health(coordinator: web::Data<Coordinator>, caller: Caller) -> 
     Ok(match gathered.await {
         Ok((view, redis)) => {
             let all_synced = view.nodes.iter().all(|n| n.status == "synced");
-            let status = if all_synced { "ok" } else { "degraded" };
-            HttpResponse::Ok().json(serde_json::json!({
-                "status": status,
-                "epoch": view.epoch,
-                "seq": view.seq,
-                "partitions": view.partitions,
-                "checked_at_ms": now_ms(),
-                "redis": redis,
-                "coordinator": about,
-                "nodes": view.nodes,
-            }))
+            HttpResponse::Ok().json(ClusterHealth {
+                status: if all_synced { "ok" } else { "degraded" },
+                epoch: view.epoch,
+                seq: view.seq,
+                partitions: view.partitions,
+                checked_at_ms: now_ms(),
+                redis,
+                coordinator: about,
+                nodes: view.nodes,
+            })
         }
-        Err(e) => HttpResponse::ServiceUnavailable().json(serde_json::json!({
-            "status": "down",
-            "error": e.code,
-            "message": format!("the cluster cannot be seen: {}", e.message),
-            "seq": null,
-            "redis": {"reachable": false, "error": e.message},
-            "coordinator": about,
-            "nodes": [],
-        })),
+        Err(e) => {
+            let redis = serde_json::json!({"reachable": false, "error": e.message});
+            HttpResponse::ServiceUnavailable().json(ClusterDown {
+                status: "down",
+                error: e.code,
+                message: format!("the cluster cannot be seen: {}", e.message),
+                seq: None,
+                redis,
+                coordinator: about,
+                nodes: Vec::new(),
+            })
+        }
     })
 }
 
+/// `GET /v1/rules`: the entity rules and the dependency graph they make.
+#[utoipa::path(
+    tag = "operations",
+    responses(
+        (status = 200, description = "The rules, and the graph of entities they connect", body = Object),
+        shared::openapi::Refused,
+    ),
+)]
+#[get("/v1/rules")]
 async fn rules(coordinator: web::Data<Coordinator>, caller: Caller) -> Result<HttpResponse, ApiError> {
     caller.allow(Scope::Read, [])?;
     Ok(HttpResponse::Ok().json(coordinator.inner().rules.describe()))
 }
 
-async fn healthz() -> HttpResponse {
-    HttpResponse::Ok().json(serde_json::json!({"status": "ok"}))
+/// `GET /healthz`, `GET /readyz`: `{"status": "ok" | "ready"}`.
+#[derive(Serialize, ToSchema)]
+pub struct Probe {
+    /// `ok` (alive) or `ready`.
+    status: &'static str,
 }
 
+/// `GET /healthz`: the process is alive (a liveness probe; no token needed).
+#[utoipa::path(tag = "probes", security(()), responses((status = 200, description = "Alive", body = Probe)))]
+#[get("/healthz")]
+async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().json(Probe { status: "ok" })
+}
+
+/// `GET /readyz`: Redis answers and the partition layout agrees (a readiness
+/// probe; no token needed).
+#[utoipa::path(
+    tag = "probes",
+    security(()),
+    responses(
+        (status = 200, description = "Ready", body = Probe),
+        (status = 503, description = "Not ready: `reason` says why (`redis_unreachable`, `redis_auth_failed`, `redis_acl_denied`, `redis_tls_failed`)", body = ErrorBody),
+    ),
+)]
+#[get("/readyz")]
 async fn readyz(coordinator: web::Data<Coordinator>) -> Result<HttpResponse, ApiError> {
     if coordinator.inner().redis_ok.load(Ordering::Acquire) {
-        Ok(HttpResponse::Ok().json(serde_json::json!({"status": "ready"})))
+        Ok(HttpResponse::Ok().json(Probe { status: "ready" }))
     } else {
         let outage = shared::store::Outage::from_code(coordinator.inner().outage.load(Ordering::Acquire));
         let why = match outage {
@@ -327,6 +569,26 @@ async fn readyz(coordinator: web::Data<Coordinator>) -> Result<HttpResponse, Api
     }
 }
 
+/// `GET /metrics`: Prometheus metrics (open unless `metrics_token_required`).
+#[utoipa::path(
+    tag = "probes",
+    responses(
+        (status = 200, description = "The Prometheus text format", body = String, content_type = "text/plain"),
+        shared::openapi::Refused,
+    ),
+)]
+#[get("/metrics")]
 async fn metrics(coordinator: web::Data<Coordinator>) -> HttpResponse {
     metrics_response(&coordinator.inner().metrics.registry)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_committed_openapi_document_is_the_generated_one() {
+        shared::openapi::assert_committed(
+            &super::openapi(),
+            concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/openapi.json"),
+        );
+    }
 }

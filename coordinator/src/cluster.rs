@@ -20,7 +20,7 @@ use crate::barrier::AckBoard;
 const FORGET_AFTER_DEAD_PERIODS: u64 = 60;
 
 /// One node's state.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct NodeView {
     /// Node id.
     pub node_id: String,
@@ -50,7 +50,7 @@ pub struct NodeView {
 }
 
 /// One partition's log head.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct PartitionHead {
     /// Its index.
     pub partition: u16,

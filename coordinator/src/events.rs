@@ -24,6 +24,19 @@ pub enum Id {
     Number(serde_json::Number),
 }
 
+/// [`Id`]'s schema: a string or a number (or `null`: no id).
+fn id_schema() -> utoipa::openapi::schema::Schema {
+    use utoipa::openapi::schema::{ObjectBuilder, OneOfBuilder, Schema, Type};
+    Schema::OneOf(
+        OneOfBuilder::new()
+            .item(ObjectBuilder::new().schema_type(Type::String))
+            .item(ObjectBuilder::new().schema_type(Type::Number))
+            .item(ObjectBuilder::new().schema_type(Type::Null))
+            .description(Some("The entity's id, as a string or a number"))
+            .build(),
+    )
+}
+
 impl Id {
     fn as_string(&self) -> String {
         match self {
@@ -34,15 +47,17 @@ impl Id {
 }
 
 /// One write event.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Event {
-    /// Tenant it happened in.
+    /// Tenant it happened in: 1 to 64 of `[A-Za-z0-9_-]`.
+    #[schema(pattern = r"^[A-Za-z0-9_-]{1,64}$")]
     pub tenant: String,
     /// Entity type, such as `supplier`.
     pub entity: String,
     /// Entity id, if the event is about one entity.
     #[serde(default)]
+    #[schema(schema_with = id_schema)]
     pub id: Option<Id>,
     /// What happened (`create`, `update`, `delete`, ...); recorded, not interpreted.
     #[serde(default)]
@@ -65,10 +80,11 @@ pub struct Event {
 }
 
 /// `POST /v1/invalidate`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct InvalidateBody {
-    /// Tenant.
+    /// Tenant: 1 to 64 of `[A-Za-z0-9_-]`.
+    #[schema(pattern = r"^[A-Za-z0-9_-]{1,64}$")]
     pub tenant: String,
     /// Exact keys.
     #[serde(default)]

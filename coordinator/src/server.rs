@@ -10,6 +10,7 @@ use actix_web::{web, App, HttpServer};
 use actix_web_httpauth::middleware::HttpAuthentication;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
+use utoipa_actix_web::AppExt;
 
 use shared::service::Backoff;
 
@@ -48,6 +49,8 @@ impl Application {
             coordinator.inner().origin.clone(),
         ));
         let latency = shared::service::HttpLatency(coordinator.inner().metrics.http.clone(), None);
+        let doc = api::openapi();
+        let methods = web::Data::new(shared::openapi::Methods::of(&doc));
         let server = HttpServer::new(move || {
             App::new()
                 .app_data(data.clone())
@@ -55,6 +58,7 @@ impl Application {
                 .app_data(shared::service::query_config())
                 .app_data(shared::service::path_config())
                 .app_data(latency.clone())
+                .app_data(methods.clone())
                 .app_data(access.clone())
                 .app_data(trail.clone())
                 // Innermost, so that a wrong token is refused (401) first.
@@ -63,7 +67,10 @@ impl Application {
                 .wrap(Condition::new(secured, HttpAuthentication::with_fn(shared::auth::authenticate)))
                 .wrap(Condition::new(secured, from_fn(shared::audit::refusals)))
                 .wrap(from_fn(shared::service::record_latency))
+                .into_utoipa_app()
                 .configure(api::configure)
+                .into_app()
+                .configure(shared::openapi::serve_docs(doc.clone()))
                 .default_service(web::to(shared::service::not_found))
         })
         .workers(workers)

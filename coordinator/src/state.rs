@@ -131,7 +131,7 @@ impl Metrics {
 }
 
 /// How many live nodes there are and how many already applied an invalidation.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct NodeCount {
     /// Nodes heard from within `node_dead_after_ms`.
     pub live: usize,
@@ -140,7 +140,7 @@ pub struct NodeCount {
 }
 
 /// The answer to an event or an invalidation.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct InvalidationAnswer {
     /// Seq it was logged under, when it touched one partition.
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -521,7 +521,8 @@ fn ratio(hits: u64, misses: u64) -> f64 {
 }
 
 /// `GET /v1/status`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[schema(as = AgentStatus)]
 pub struct Status {
     /// Node id.
     pub node_id: String,
@@ -551,7 +552,7 @@ pub struct Status {
 }
 
 /// One partition in the status.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct PartitionStatus {
     /// Its index.
     pub partition: u16,
@@ -564,7 +565,7 @@ pub struct PartitionStatus {
 }
 
 /// L1 part of the status.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct L1Status {
     /// Entries held.
     pub entries: u64,
@@ -583,7 +584,7 @@ pub struct L1Status {
 }
 
 /// L2 part of the status.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct L2Status {
     /// Hits.
     pub hits: u64,
@@ -594,7 +595,7 @@ pub struct L2Status {
 }
 
 /// Invalidation part of the status.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct InvalidationStatus {
     /// Messages applied.
     pub applied: u64,

@@ -5,12 +5,16 @@ use std::borrow::Cow;
 
 use actix_web::http::header::{self, HeaderName, HeaderValue};
 use actix_web::http::{Method, StatusCode};
-use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web::{get, web, HttpRequest, HttpResponse};
 use percent_encoding::percent_decode_str;
+use serde::Serialize;
+use utoipa::{IntoParams, OpenApi, ToSchema};
+use utoipa_actix_web::service_config::ServiceConfig;
 
 use shared::audit::{self, Trail};
 use shared::auth::{Caller, Scope};
 use shared::names::InvalidName;
+use shared::openapi::ErrorBody;
 use shared::protocol::Selector;
 use shared::service::{metrics_response, read_body, ApiError};
 
@@ -27,12 +31,34 @@ const X_CACHE_TTL: HeaderName = HeaderName::from_static("x-cache-ttl");
 /// Registers every route. The cache API is a scope with one handler that
 /// dispatches on the method: a prefix match, where a `{rest:.*}` route would
 /// run a regex on every read (about a tenth of an agent's CPU under load).
-pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.service(web::scope("/v1/cache").default_service(web::to(cache_entry)))
-        .route("/v1/status", web::get().to(status))
-        .route("/healthz", web::get().to(healthz))
-        .route("/readyz", web::get().to(readyz))
-        .route("/metrics", web::get().to(metrics));
+///
+/// Each handler's `#[utoipa::path]` puts it in the OpenAPI document as it is
+/// registered; the cache API's three methods, dispatched by one handler, are
+/// documented from their own functions (see [`openapi`]).
+pub fn configure(cfg: &mut ServiceConfig) {
+    cfg.map(|cfg| cfg.service(web::scope("/v1/cache").default_service(web::to(cache_entry))))
+        .service(status)
+        .service(healthz)
+        .service(readyz)
+        .service(metrics);
+}
+
+/// The cache API's methods, which [`configure`] registers as one scope.
+#[derive(OpenApi)]
+#[openapi(paths(get_entry, put_entry, delete_entry))]
+struct CacheApi;
+
+/// The node agent's OpenAPI document: the routes [`configure`] registers.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    use utoipa_actix_web::AppExt;
+    let (_, mut doc) = actix_web::App::new().into_utoipa_app().configure(configure).split_for_parts();
+    doc.merge(CacheApi::openapi());
+    shared::openapi::finish(
+        doc,
+        "dcc node agent",
+        "The cache API beside an app instance: reads from L1 (in memory) then L2 (Redis), writes to L2, and \
+         invalidations that every agent applies; its status and probes.",
+    )
 }
 
 /// Splits `/v1/cache/{tenant}/{key}` from the raw (still percent-encoded)
@@ -70,14 +96,55 @@ async fn cache_entry(
         Method::GET => get_entry(req, agent, caller).await,
         Method::PUT => put_entry(req, body, agent, caller).await,
         Method::DELETE => delete_entry(req, agent, caller).await,
-        _ => Err(ApiError::new(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method_not_allowed",
-            "a cache entry takes GET, PUT and DELETE",
-        )),
+        _ => {
+            let refusal = ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "a cache entry takes GET, PUT and DELETE",
+            );
+            let mut response = actix_web::ResponseError::error_response(&refusal);
+            response.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET, PUT, DELETE"));
+            Ok(response)
+        }
     }
 }
 
+/// The path of a cache entry: its tenant and its key.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Path)]
+#[allow(dead_code)] // Documentation: `split_cache_path` reads the raw path.
+struct EntryPath {
+    /// The tenant: 1 to 64 of `[A-Za-z0-9_-]`.
+    #[param(pattern = r"^[A-Za-z0-9_-]{1,64}$")]
+    tenant: String,
+    /// The key: the rest of the path, percent-encoded. It may contain `/`
+    /// (`/v1/cache/acme/user/42/profile` is key `user/42/profile`); 1 to 1024
+    /// bytes once decoded, no control characters.
+    key: String,
+}
+
+/// `GET /v1/cache/{tenant}/{key}`: the value, from L1 or L2.
+#[utoipa::path(
+    get,
+    path = "/v1/cache/{tenant}/{key}",
+    tag = "cache",
+    params(EntryPath),
+    responses(
+        (status = 200, description = "A hit: the value's bytes, with the content type it was stored with",
+         content_type = "*/*", body = Vec<u8>,
+         headers(
+             ("X-Cache" = String, description = "`L1` or `L2`: where the value came from"),
+             ("X-Cache-Tags" = String, description = "Its tags, comma-separated"),
+             ("X-Cache-TTL" = u64, description = "Whole seconds it has left to live"),
+         )),
+        (status = 404, description = "Not cached (`not_found`): load it and PUT it with the fill token",
+         body = ErrorBody,
+         headers(("X-Cache-Fill-Token" = String, description = "Pass it to the PUT that fills this key"))),
+        shared::openapi::BadInput,
+        shared::openapi::Refused,
+        shared::openapi::Unavailable,
+    ),
+)]
 async fn get_entry(req: HttpRequest, agent: web::Data<Agent>, caller: Caller) -> Result<HttpResponse, ApiError> {
     let (tenant, key) = tenant_and_key(&req)?;
     caller.allow(Scope::Read, [tenant.as_ref()])?;
@@ -119,6 +186,24 @@ fn decode_query_component(raw: &str) -> Result<String, ApiError> {
     })
 }
 
+/// The query of a PUT, as the document gives it; [`parse_put_query`] reads it.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)] // Documentation: `parse_put_query` reads the query.
+struct PutParams {
+    /// Seconds to live, at least 1 (default: the agent's `default_ttl_secs`).
+    #[param(minimum = 1)]
+    ttl: Option<u64>,
+    /// Tags, comma-separated (or the parameter repeated).
+    tags: Option<String>,
+    /// Keys of the same tenant this entry depends on: invalidating one of them
+    /// invalidates it too. Comma-separated (or repeated).
+    depends_on: Option<String>,
+    /// The `X-Cache-Fill-Token` of the miss this value fills: an invalidation
+    /// since that read makes the PUT a 409 `stale_fill` instead of storing a stale value.
+    fill_token: Option<String>,
+}
+
 /// The PUT query: `ttl`, `tags`, `depends_on` (comma lists, or repeated),
 /// `fill_token`. Public for the fuzz targets.
 #[doc(hidden)]
@@ -155,6 +240,23 @@ pub fn parse_put_query(query: &str) -> Result<Put, ApiError> {
     Ok(put)
 }
 
+/// `PUT /v1/cache/{tenant}/{key}`: store a value in L2 (and this agent's L1).
+#[utoipa::path(
+    put,
+    path = "/v1/cache/{tenant}/{key}",
+    tag = "cache",
+    params(EntryPath, PutParams),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream",
+                 description = "The value: any bytes, stored with the request's content type"),
+    responses(
+        (status = 204, description = "Stored"),
+        shared::openapi::BadInput,
+        shared::openapi::Refused,
+        (status = 409, description = "`stale_fill`: an invalidation came after the read this fill token is from; nothing was stored", body = ErrorBody),
+        shared::openapi::TooLarge,
+        (status = 503, description = "`unavailable` (Redis did not answer) or `not_replicated` (fewer replicas than `min_replicas` took the write)", body = ErrorBody),
+    ),
+)]
 async fn put_entry(
     req: HttpRequest,
     body: web::Payload,
@@ -171,6 +273,25 @@ async fn put_entry(
     Ok(HttpResponse::NoContent().finish())
 }
 
+/// `DELETE /v1/cache/{tenant}/{key}`: invalidate one key everywhere (and
+/// what depends on it).
+#[utoipa::path(
+    delete,
+    path = "/v1/cache/{tenant}/{key}",
+    tag = "cache",
+    params(EntryPath),
+    responses(
+        (status = 204, description = "Invalidated: logged, deleted from L2, broadcast to every agent",
+         headers(
+             ("X-Invalidation-Seq" = u64, description = "Where it was logged"),
+             ("X-Invalidation-Partition" = u16, description = "In which partition"),
+             ("X-Invalidation-Epoch" = String, description = "That partition's epoch"),
+         )),
+        shared::openapi::BadInput,
+        shared::openapi::Refused,
+        (status = 503, description = "`unavailable` (Redis did not answer) or `not_replicated`", body = ErrorBody),
+    ),
+)]
 async fn delete_entry(req: HttpRequest, agent: web::Data<Agent>, caller: Caller) -> Result<HttpResponse, ApiError> {
     let (tenant, key) = tenant_and_key(&req)?;
     caller.allow(Scope::Invalidate, [tenant.as_ref()])?;
@@ -192,23 +313,58 @@ async fn delete_entry(req: HttpRequest, agent: web::Data<Agent>, caller: Caller)
         .finish())
 }
 
+/// `GET /v1/status`: this agent: readiness, partitions, L1, L2 and invalidation counters.
+#[utoipa::path(
+    tag = "operations",
+    responses((status = 200, description = "This agent's status", body = crate::agent::Status), shared::openapi::Refused),
+)]
+#[get("/v1/status")]
 async fn status(agent: web::Data<Agent>, caller: Caller) -> Result<HttpResponse, ApiError> {
     caller.allow(Scope::Read, [])?;
     Ok(HttpResponse::Ok().json(agent.status()))
 }
 
-async fn healthz() -> HttpResponse {
-    HttpResponse::Ok().json(serde_json::json!({"status": "ok"}))
+/// `GET /healthz`, `GET /readyz`: `{"status": "ok" | "ready"}`.
+#[derive(Serialize, ToSchema)]
+struct Probe {
+    /// `ok` (alive) or `ready`.
+    status: &'static str,
 }
 
+/// `GET /healthz`: the process is alive (a liveness probe; no token needed).
+#[utoipa::path(tag = "probes", security(()), responses((status = 200, description = "Alive", body = Probe)))]
+#[get("/healthz")]
+async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().json(Probe { status: "ok" })
+}
+
+/// `GET /readyz`: connected, subscribed and proven in sync (a readiness probe; no token needed).
+#[utoipa::path(
+    tag = "probes",
+    security(()),
+    responses(
+        (status = 200, description = "Ready", body = Probe),
+        (status = 503, description = "Not ready: `reason` says why", body = ErrorBody),
+    ),
+)]
+#[get("/readyz")]
 async fn readyz(agent: web::Data<Agent>) -> Result<HttpResponse, ApiError> {
     match agent.readiness() {
-        Ok(()) => Ok(HttpResponse::Ok().json(serde_json::json!({"status": "ready"}))),
+        Ok(()) => Ok(HttpResponse::Ok().json(Probe { status: "ready" })),
         Err(reason) => Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", format!("not ready: {reason}"))
             .with("reason", reason.into())),
     }
 }
 
+/// `GET /metrics`: Prometheus metrics (open unless `metrics_token_required`).
+#[utoipa::path(
+    tag = "probes",
+    responses(
+        (status = 200, description = "The Prometheus text format", body = String, content_type = "text/plain"),
+        shared::openapi::Refused,
+    ),
+)]
+#[get("/metrics")]
 async fn metrics(agent: web::Data<Agent>) -> HttpResponse {
     let inner = agent.inner();
     let m = &inner.metrics;
@@ -217,4 +373,15 @@ async fn metrics(agent: web::Data<Agent>) -> HttpResponse {
     m.l1_evictions
         .set(i64::try_from(inner.l1.stats.evictions.load(std::sync::atomic::Ordering::Relaxed)).unwrap_or(i64::MAX));
     metrics_response(&m.registry)
+}
+
+#[cfg(test)]
+mod openapi_tests {
+    #[test]
+    fn the_committed_openapi_document_is_the_generated_one() {
+        shared::openapi::assert_committed(
+            &super::openapi(),
+            concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/openapi.node-agent.json"),
+        );
+    }
 }

@@ -3,6 +3,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use utoipa_actix_web::AppExt;
 
 use actix_web::middleware::{from_fn, Condition};
 use actix_web::{web, App, HttpServer};
@@ -45,12 +46,15 @@ impl Application {
         let data = web::Data::new(agent.clone());
         let trail = web::Data::new(shared::audit::Trail::new(agent.inner().store.clone(), agent.node_id().to_string()));
         let latency = shared::service::HttpLatency(agent.inner().metrics.http.clone(), Some(api::CACHE_SCOPE));
+        let doc = api::openapi();
+        let methods = web::Data::new(shared::openapi::Methods::of(&doc));
         let server = HttpServer::new(move || {
             App::new()
                 .app_data(data.clone())
                 .app_data(shared::service::json_config(body_limit))
                 .app_data(shared::service::query_config())
                 .app_data(latency.clone())
+                .app_data(methods.clone())
                 .app_data(access.clone())
                 .app_data(trail.clone())
                 // Innermost, so that a wrong token is refused (401) first.
@@ -59,7 +63,10 @@ impl Application {
                 .wrap(Condition::new(secured, HttpAuthentication::with_fn(shared::auth::authenticate)))
                 .wrap(Condition::new(secured, from_fn(shared::audit::refusals)))
                 .wrap(from_fn(shared::service::record_latency))
+                .into_utoipa_app()
                 .configure(api::configure)
+                .into_app()
+                .configure(shared::openapi::serve_docs(doc.clone()))
                 .default_service(web::to(shared::service::not_found))
         })
         .workers(workers)

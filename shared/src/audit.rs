@@ -31,7 +31,8 @@ use crate::store::Store;
 pub const MAX_ENTRIES: u64 = 100_000;
 
 /// One audited request, as `GET /v1/audit` shows it.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[schema(as = AuditEntry)]
 pub struct Entry {
     /// When it was recorded (Unix ms): Redis's clock, from the stream entry's
     /// id, once read back, so that the trail's order and its times agree.

@@ -285,6 +285,7 @@ pub async fn authenticate(
     };
     let open = match req.path() {
         "/healthz" | "/readyz" => true,
+        path if crate::openapi::is_docs_path(path) => true,
         "/metrics" => !access.metrics_token_required,
         _ => false,
     };

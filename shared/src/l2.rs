@@ -271,7 +271,8 @@ pub async fn put(
 }
 
 /// One key as the key explorer lists it.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+#[schema(as = ListedKey)]
 pub struct Listed {
     /// The key.
     pub key: String,

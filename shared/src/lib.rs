@@ -24,6 +24,7 @@ pub mod glob;
 pub mod invalidation;
 pub mod l2;
 pub mod names;
+pub mod openapi;
 pub mod protocol;
 pub mod registry;
 pub mod schema;

@@ -29,7 +29,7 @@ pub const MESSAGE_VERSION: u32 = 2;
 /// are resolved by every holder of entries (L2 in the coordinator, L1 in each
 /// agent) against its own indexes. With `cascade`, entries that `depends_on` an
 /// invalidated key are invalidated too, transitively.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Selector {
     /// The tenant everything below lives in.
     pub tenant: String,
@@ -156,7 +156,7 @@ impl InvalidationMessage {
 /// A place in one partition's log: the message with this seq and nonce, in
 /// this epoch. Two positions with the same seq and different nonces are on
 /// different histories (a fork).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Position {
     /// The partition.
     pub partition: u16,

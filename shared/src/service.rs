@@ -115,10 +115,24 @@ pub fn path_config() -> actix_web::web::PathConfig {
     })
 }
 
-/// The answer to any unknown route or method.
-pub async fn not_found() -> HttpResponse {
-    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint or method; see the README for the API")
-        .error_response()
+/// The answer to any unknown route, or a known one with a method it does not
+/// take (405, with `Allow`, when the process registered its
+/// [`crate::openapi::Methods`]).
+pub async fn not_found(req: actix_web::HttpRequest) -> HttpResponse {
+    let methods = req.app_data::<actix_web::web::Data<crate::openapi::Methods>>();
+    if let Some(allow) = methods.and_then(|m| m.allowed(req.path())) {
+        let mut response = ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            format!("{} takes {allow}; see /docs for the API", req.path()),
+        )
+        .error_response();
+        if let Ok(value) = actix_web::http::header::HeaderValue::from_str(allow) {
+            response.headers_mut().insert(actix_web::http::header::ALLOW, value);
+        }
+        return response;
+    }
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint; see /docs for the API").error_response()
 }
 
 /// Loads a settings tree in layers: defaults (the struct's serde defaults), then

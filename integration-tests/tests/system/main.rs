@@ -16,6 +16,7 @@ mod encryption;
 mod faults;
 mod invalidation;
 mod malformed;
+mod openapi;
 mod operations;
 mod sentinel;
 mod tls;
