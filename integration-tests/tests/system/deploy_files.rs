@@ -74,12 +74,30 @@ async fn start_shipped(t: &TestCluster, binary: &str, config: &str, env: &[(&str
 async fn the_deploy_files_parse_start_the_processes_and_name_only_real_metrics() {
     let t = TestCluster::start(1, "").await;
 
-    // Kubernetes: every document has a kind; the Deployments probe /healthz and /readyz.
+    // Kubernetes: every document has a kind; the Deployments probe /healthz and
+    // /readyz and have requests, and a PodDisruptionBudget selects their pods.
     for file in ["k8s/coordinator.yaml", "k8s/app-with-agent.yaml"] {
         let docs = yaml(file);
         assert!(docs.len() >= 3, "{file}: {} documents", docs.len());
         for doc in &docs {
             assert!(doc["kind"].as_str().is_some() && doc["metadata"]["name"].as_str().is_some(), "{file}: {doc:?}");
+        }
+        let of_kind = |kind: &str| docs.iter().find(|doc| doc["kind"].as_str() == Some(kind));
+        let deployment = of_kind("Deployment").unwrap_or_else(|| panic!("{file}: no Deployment"));
+        let budget = of_kind("PodDisruptionBudget").unwrap_or_else(|| panic!("{file}: no PodDisruptionBudget"));
+        assert!(budget["spec"]["selector"]["matchLabels"].as_hash().is_some(), "{file}: the budget selects nothing");
+        assert_eq!(
+            budget["spec"]["selector"]["matchLabels"], deployment["spec"]["selector"]["matchLabels"],
+            "{file}: the PodDisruptionBudget must select the Deployment's pods"
+        );
+        for container in deployment["spec"]["template"]["spec"]["containers"].as_vec().into_iter().flatten() {
+            let name = container["name"].as_str().unwrap_or("?");
+            if name != "app" {
+                assert!(
+                    container["resources"]["requests"]["memory"].as_str().is_some(),
+                    "{file}: {name} has no memory request"
+                );
+            }
         }
         let text = read(file);
         assert!(text.contains("path: /healthz") && text.contains("path: /readyz"), "{file} lacks the probes");
