@@ -29,7 +29,7 @@ pub fn configure(cfg: &mut ServiceConfig) {
         .service(rules)
         .service(audit_trail)
         .service(keys)
-        .service(healthz)
+        .service(shared::service::healthz)
         .service(readyz)
         .service(metrics);
 }
@@ -526,34 +526,20 @@ async fn rules(coordinator: web::Data<Coordinator>, caller: Caller) -> Result<Ht
     Ok(HttpResponse::Ok().json(coordinator.inner().rules.describe()))
 }
 
-/// `GET /healthz`, `GET /readyz`: `{"status": "ok" | "ready"}`.
-#[derive(Serialize, ToSchema)]
-pub struct Probe {
-    /// `ok` (alive) or `ready`.
-    status: &'static str,
-}
-
-/// `GET /healthz`: the process is alive (a liveness probe; no token needed).
-#[utoipa::path(tag = "probes", security(()), responses((status = 200, description = "Alive", body = Probe)))]
-#[get("/healthz")]
-async fn healthz() -> HttpResponse {
-    HttpResponse::Ok().json(Probe { status: "ok" })
-}
-
 /// `GET /readyz`: Redis answers and the partition layout agrees (a readiness
 /// probe; no token needed).
 #[utoipa::path(
     tag = "probes",
     security(()),
     responses(
-        (status = 200, description = "Ready", body = Probe),
+        (status = 200, description = "Ready", body = shared::service::Probe),
         (status = 503, description = "Not ready: `reason` says why (`redis_unreachable`, `redis_auth_failed`, `redis_acl_denied`, `redis_tls_failed`)", body = ErrorBody),
     ),
 )]
 #[get("/readyz")]
 async fn readyz(coordinator: web::Data<Coordinator>) -> Result<HttpResponse, ApiError> {
     if coordinator.inner().redis_ok.load(Ordering::Acquire) {
-        Ok(HttpResponse::Ok().json(Probe { status: "ready" }))
+        Ok(HttpResponse::Ok().json(shared::service::Probe { status: "ready" }))
     } else {
         let outage = shared::store::Outage::from_code(coordinator.inner().outage.load(Ordering::Acquire));
         let why = match outage {

@@ -7,8 +7,7 @@ use actix_web::http::header::{self, HeaderName, HeaderValue};
 use actix_web::http::{Method, StatusCode};
 use actix_web::{get, web, HttpRequest, HttpResponse};
 use percent_encoding::percent_decode_str;
-use serde::Serialize;
-use utoipa::{IntoParams, OpenApi, ToSchema};
+use utoipa::{IntoParams, OpenApi};
 use utoipa_actix_web::service_config::ServiceConfig;
 
 use shared::audit::{self, Trail};
@@ -38,7 +37,7 @@ const X_CACHE_TTL: HeaderName = HeaderName::from_static("x-cache-ttl");
 pub fn configure(cfg: &mut ServiceConfig) {
     cfg.map(|cfg| cfg.service(web::scope("/v1/cache").default_service(web::to(cache_entry))))
         .service(status)
-        .service(healthz)
+        .service(shared::service::healthz)
         .service(readyz)
         .service(metrics);
 }
@@ -324,33 +323,19 @@ async fn status(agent: web::Data<Agent>, caller: Caller) -> Result<HttpResponse,
     Ok(HttpResponse::Ok().json(agent.status()))
 }
 
-/// `GET /healthz`, `GET /readyz`: `{"status": "ok" | "ready"}`.
-#[derive(Serialize, ToSchema)]
-struct Probe {
-    /// `ok` (alive) or `ready`.
-    status: &'static str,
-}
-
-/// `GET /healthz`: the process is alive (a liveness probe; no token needed).
-#[utoipa::path(tag = "probes", security(()), responses((status = 200, description = "Alive", body = Probe)))]
-#[get("/healthz")]
-async fn healthz() -> HttpResponse {
-    HttpResponse::Ok().json(Probe { status: "ok" })
-}
-
 /// `GET /readyz`: connected, subscribed and proven in sync (a readiness probe; no token needed).
 #[utoipa::path(
     tag = "probes",
     security(()),
     responses(
-        (status = 200, description = "Ready", body = Probe),
+        (status = 200, description = "Ready", body = shared::service::Probe),
         (status = 503, description = "Not ready: `reason` says why", body = ErrorBody),
     ),
 )]
 #[get("/readyz")]
 async fn readyz(agent: web::Data<Agent>) -> Result<HttpResponse, ApiError> {
     match agent.readiness() {
-        Ok(()) => Ok(HttpResponse::Ok().json(Probe { status: "ready" })),
+        Ok(()) => Ok(HttpResponse::Ok().json(shared::service::Probe { status: "ready" })),
         Err(reason) => Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", format!("not ready: {reason}"))
             .with("reason", reason.into())),
     }

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use actix_web::http::StatusCode;
-use actix_web::{HttpResponse, ResponseError};
+use actix_web::{get, HttpResponse, ResponseError};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -190,6 +190,20 @@ pub fn init_tracing(json: bool) {
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr);
     // A second call (tests embedding a service) keeps the first subscriber.
     let _ = if json { builder.json().try_init() } else { builder.try_init() };
+}
+
+/// `GET /healthz`, `GET /readyz`: `{"status": "ok" | "ready"}`.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct Probe {
+    /// `ok` (alive) or `ready`.
+    pub status: &'static str,
+}
+
+/// `GET /healthz`: the process is alive (a liveness probe; no token needed).
+#[utoipa::path(tag = "probes", security(()), responses((status = 200, description = "Alive", body = Probe)))]
+#[get("/healthz")]
+pub async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().json(Probe { status: "ok" })
 }
 
 /// Renders a Prometheus registry as text exposition.
