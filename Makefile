@@ -91,13 +91,14 @@ build:
 release:
 	$(CARGO) build --release --workspace --bins
 
-## redis: make sure redis-server and redis-cli are installed (tests and the demo start their own, on free ports)
+## redis: make sure redis-server, redis-cli and redis-benchmark are installed (tests and the demo start their own, on free ports)
 redis:
 	@if { command -v redis-server >/dev/null 2>&1 || [ -x /usr/bin/redis-server ] || [ -x /usr/sbin/redis-server ]; } \
-		&& { command -v redis-cli >/dev/null 2>&1 || [ -x /usr/bin/redis-cli ]; }; then \
+		&& { command -v redis-cli >/dev/null 2>&1 || [ -x /usr/bin/redis-cli ]; } \
+		&& { command -v redis-benchmark >/dev/null 2>&1 || [ -x /usr/bin/redis-benchmark ]; }; then \
 		exit 0; \
 	fi; \
-	echo "redis-server or redis-cli (the tests build Redis Clusters with it) is missing: installing them with apt-get"; \
+	echo "redis-server, redis-cli (the tests build Redis Clusters with it) or redis-benchmark (the RESP port test) is missing: installing them with apt-get"; \
 	if command -v apt-get >/dev/null 2>&1; then \
 		if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null 2>&1; then SUDO=sudo; else \
 			echo "run as root, or install redis-server yourself (apt-get install redis-server)"; exit 1; fi; \

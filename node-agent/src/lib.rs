@@ -10,6 +10,7 @@
 //! - [`sync`]: the subscriber (applies invalidations to L1, in seq order,
 //!   replaying gaps) and the heartbeat.
 //! - [`api`]: the HTTP cache API and operational endpoints.
+//! - [`resp`]: the same cache on a Redis protocol port, for any Redis client.
 //! - [`server`]: binding, background tasks, graceful shutdown.
 //! - [`metrics`]: Prometheus metrics.
 //!
@@ -32,6 +33,7 @@ pub mod api;
 pub mod encryption;
 pub mod l1;
 pub mod metrics;
+pub mod resp;
 pub mod server;
 pub mod settings;
 pub mod sync;

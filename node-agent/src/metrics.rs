@@ -46,6 +46,47 @@ pub struct Metrics {
     pub propagation_lag: Histogram,
     /// HTTP latency.
     pub http: HistogramVec,
+    /// Open connections to the Redis protocol port.
+    pub resp_connections: IntGauge,
+    /// Commands on the Redis protocol port.
+    pub resp_commands: RespCommands,
+}
+
+/// Commands on the Redis protocol port by kind (the `command` label), each
+/// counter looked up once, as [`ByLayer`]'s are.
+pub struct RespCommands {
+    /// `GET`.
+    get: IntCounter,
+    /// `MGET`.
+    mget: IntCounter,
+    /// `SET`.
+    set: IntCounter,
+    /// `DEL`, `UNLINK`.
+    del: IntCounter,
+    /// `EXISTS`, `TTL`, `PTTL`.
+    exists: IntCounter,
+    /// `PING`, `AUTH`, `HELLO` and the other connection commands.
+    connection: IntCounter,
+    /// Anything else (answered `-ERR unknown command`).
+    unknown: IntCounter,
+}
+
+impl RespCommands {
+    /// Counts one command, by its name in capitals.
+    pub fn count(&self, name: &[u8]) {
+        match name {
+            b"GET" => &self.get,
+            b"MGET" => &self.mget,
+            b"SET" => &self.set,
+            b"DEL" | b"UNLINK" => &self.del,
+            b"EXISTS" | b"TTL" | b"PTTL" => &self.exists,
+            b"PING" | b"ECHO" | b"AUTH" | b"HELLO" | b"CLIENT" | b"SELECT" | b"COMMAND" | b"INFO" | b"QUIT" => {
+                &self.connection
+            }
+            _ => &self.unknown,
+        }
+        .inc();
+    }
 }
 
 /// One counter per cache layer (the `layer` label), each looked up once here:
@@ -114,6 +155,27 @@ impl Metrics {
                 .unwrap_or_else(|e| panic!("{e}")),
             ),
             http: shared::service::http_latency_histogram(&registry),
+            resp_connections: gauge("dcc_resp_connections", "Open connections to the Redis protocol port"),
+            resp_commands: {
+                let vec = register(
+                    &registry,
+                    IntCounterVec::new(
+                        Opts::new("dcc_resp_commands_total", "Commands on the Redis protocol port by kind"),
+                        &["command"],
+                    )
+                    .unwrap_or_else(|e| panic!("{e}")),
+                );
+                let kind = |name: &str| vec.with_label_values(&[name]);
+                RespCommands {
+                    get: kind("get"),
+                    mget: kind("mget"),
+                    set: kind("set"),
+                    del: kind("del"),
+                    exists: kind("exists"),
+                    connection: kind("connection"),
+                    unknown: kind("unknown"),
+                }
+            },
             registry,
         }
     }

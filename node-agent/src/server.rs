@@ -13,7 +13,7 @@ use tracing::info;
 
 use crate::agent::Agent;
 use crate::settings::Settings;
-use crate::{api, sync};
+use crate::{api, resp, sync};
 
 /// A bound, not yet running agent server.
 pub struct Application {
@@ -23,6 +23,8 @@ pub struct Application {
     server: actix_web::dev::Server,
     /// The address actually bound (useful with port 0).
     addr: SocketAddr,
+    /// The Redis protocol port, when `resp_bind` is set: its listener, bound.
+    resp: Option<(std::net::TcpListener, resp::Port)>,
 }
 
 impl Application {
@@ -42,9 +44,24 @@ impl Application {
         let body_limit = settings.max_value_bytes;
         let access = web::Data::new(settings.access().map_err(|e| anyhow::anyhow!(e))?);
         let secured = access.tokens.enabled();
+        let resp_listener = match &settings.resp_bind {
+            Some(bind) => {
+                let listener = std::net::TcpListener::bind(bind)
+                    .map_err(|e| anyhow::anyhow!("cannot bind the Redis protocol port {bind}: {e}"))?;
+                listener.set_nonblocking(true)?;
+                Some(listener)
+            }
+            None => None,
+        };
+        let resp_default_tenant = settings.resp_default_tenant.clone();
         let agent = Agent::new(settings, node_id, addr.to_string()).map_err(|e| anyhow::anyhow!(e))?;
         let data = web::Data::new(agent.clone());
-        let trail = web::Data::new(shared::audit::Trail::new(agent.inner().store.clone(), agent.node_id().to_string()));
+        let audit_trail = shared::audit::Trail::new(agent.inner().store.clone(), agent.node_id().to_string());
+        let resp = resp_listener.map(|listener| {
+            let port = resp::Port::new(agent.clone(), access.tokens.clone(), resp_default_tenant, audit_trail.clone());
+            (listener, port)
+        });
+        let trail = web::Data::new(audit_trail);
         let latency = shared::service::HttpLatency(agent.inner().metrics.http.clone(), Some(api::CACHE_SCOPE));
         let doc = api::openapi();
         let methods = web::Data::new(shared::openapi::Methods::of(&doc));
@@ -77,7 +94,7 @@ impl Application {
         .shutdown_timeout(10)
         .listen(listener)?
         .run();
-        Ok(Application { agent, server, addr })
+        Ok(Application { agent, server, addr, resp })
     }
 
     /// The bound address.
@@ -85,12 +102,22 @@ impl Application {
         self.addr
     }
 
+    /// The Redis protocol port's bound address, when it is on.
+    pub fn resp_addr(&self) -> Option<SocketAddr> {
+        self.resp.as_ref().and_then(|(listener, _)| listener.local_addr().ok())
+    }
+
     /// Serves until `shutdown` resolves, then stops gracefully: in-flight
     /// requests finish, background tasks stop, the node deregisters.
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = &'static str>) -> anyhow::Result<()> {
-        let Application { agent, server, addr } = self;
+        let Application { agent, server, addr, resp } = self;
         let stop = CancellationToken::new();
-        let tasks = sync::spawn(&agent, stop.clone());
+        let mut tasks = sync::spawn(&agent, stop.clone());
+        if let Some((listener, port)) = resp {
+            let listener = tokio::net::TcpListener::from_std(listener)?;
+            info!(addr = %listener.local_addr()?, "Redis protocol port listening");
+            tasks.push(tokio::spawn(port.serve(listener, stop.clone())));
+        }
         info!(%addr, node_id = agent.node_id(), "node agent listening");
         let handle = server.handle();
         let mut server = std::pin::pin!(server);

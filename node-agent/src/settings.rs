@@ -79,6 +79,10 @@ pub struct Settings {
     pub metrics_token_required: bool,
     /// Serve without tokens on an address other than loopback.
     pub allow_anonymous: bool,
+    /// Address of the Redis protocol port; `None`: off.
+    pub resp_bind: Option<String>,
+    /// Tenant of a Redis protocol connection that does not `AUTH` with one.
+    pub resp_default_tenant: Option<String>,
     /// Which entries are sealed in L2 (`[[encrypt]]`, file only).
     pub encrypt: Vec<crate::encryption::EncryptRule>,
     /// `ID:BASE64,…` 32-byte AES keys, the first sealing new writes
@@ -111,6 +115,8 @@ impl Default for Settings {
             tokens: Vec::new(),
             metrics_token_required: false,
             allow_anonymous: false,
+            resp_bind: None,
+            resp_default_tenant: None,
             encrypt: Vec::new(),
             encryption_keys: None,
         }
@@ -191,12 +197,22 @@ impl Settings {
         if let Err(e) = self.redis_access().check(&self.redis_url) {
             url_problem = Some(e);
         }
+        let tenant_problem = self.resp_default_tenant.as_ref().and_then(|tenant| {
+            shared::names::validate_tenant(tenant).err().map(|e| format!("resp_default_tenant: {}", e.message))
+        });
+        let resp_problem = self.resp_bind.as_ref().and_then(|bind| {
+            // Token problems are reported once, below.
+            let tokens = shared::auth::Tokens::new(&self.tokens).ok()?;
+            shared::auth::check_exposure(bind, &tokens, self.allow_anonymous).err().map(|e| format!("resp_bind: {e}"))
+        });
         let auth_problem = self.access().err();
         let encryption_problem = self.encryption().err();
         let all: Vec<String> = problems
             .into_iter()
             .map(str::to_string)
             .chain(url_problem)
+            .chain(tenant_problem)
+            .chain(resp_problem)
             .chain(auth_problem)
             .chain(encryption_problem)
             .collect();

@@ -18,6 +18,7 @@ mod invalidation;
 mod malformed;
 mod openapi;
 mod operations;
+mod resp;
 mod sentinel;
 mod tls;
 
