@@ -2,7 +2,7 @@
 //! builds), measures them side by side with Redis itself, and writes
 //! `BENCHMARKS.md`. `bench --quick` (`make bench QUICK=1`) is a short pass
 //! that checks everything runs; `--out FILE` writes elsewhere; `--only
-//! NAME[,NAME]` runs some measures (hits, propagation, barrier, throughput,
+//! NAME[,NAME]` runs some measures (hits, resp, propagation, barrier, throughput,
 //! token, propagation32, scale, memory, cluster, replicas), for profiling one of them; `--run-ms N`
 //! makes each run N ms long (to hold a load steady under a profiler).
 //! See `integration_tests::bench` for what each figure is.
@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Context;
-use integration_tests::bench::{self, fanout, hits, scale, Options};
+use integration_tests::bench::{self, fanout, hits, resp, scale, Options};
 use integration_tests::{free_port, start_agent, start_coordinator, wait_ready, Cluster, ClusterOptions};
 
 /// As the agent: the memory floor it reports is measured under the same allocator.
@@ -76,6 +76,12 @@ async fn main() -> anyhow::Result<()> {
         wait_ready(&reqwest::Client::new(), &open).await?;
         let (r, n) = hits::with_token(&options, &open.addr, &secured.addr, secret, &redis_url).await?;
         rows.push(r);
+        notes.push(n);
+    }
+    if wanted("resp") {
+        eprintln!("1c. the Redis protocol port vs Redis, by redis-benchmark");
+        let (r, n) = resp::run(&options, cluster.dir.path(), &redis_url).await?;
+        rows.extend(r);
         notes.push(n);
     }
     if wanted("propagation") {
