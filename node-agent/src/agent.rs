@@ -456,6 +456,12 @@ impl Agent {
         }
     }
 
+    /// The highest seq of `tenant`'s partition that L1 has applied: what a
+    /// tool timing propagation to embedded agents reads (`make bench`).
+    pub fn applied_seq(&self, tenant: &str) -> u64 {
+        self.0.sync.tip(self.0.layout.of(tenant).index).applied
+    }
+
     /// This agent as `GET /v1/status` shows it.
     pub fn status(&self) -> Status {
         let i = &self.0;

@@ -12,6 +12,8 @@
 //! - [`fanout`]: propagation from an accepted event to the last agent, the
 //!   `wait=all` round trip, and the coordinator's event throughput, vs raw
 //!   Redis pub/sub and `PUBLISH`.
+//! - [`many`]: propagation to a thousand agents embedded in the bench
+//!   process, vs as many plain Redis subscribers.
 //! - [`resp`]: the agent's Redis protocol port vs Redis, both driven by
 //!   `redis-benchmark`.
 //! - [`scale`]: a tag of 100k keys and a pattern over a tenant of 1M keys,
@@ -23,6 +25,7 @@ use std::time::Duration;
 
 pub mod fanout;
 pub mod hits;
+pub mod many;
 pub mod resp;
 pub mod scale;
 

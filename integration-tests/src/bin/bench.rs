@@ -3,7 +3,7 @@
 //! `BENCHMARKS.md`. `bench --quick` (`make bench QUICK=1`) is a short pass
 //! that checks everything runs; `--out FILE` writes elsewhere; `--only
 //! NAME[,NAME]` runs some measures (hits, resp, propagation, barrier, throughput,
-//! token, propagation32, scale, memory, cluster, replicas), for profiling one of them; `--run-ms N`
+//! token, propagation32, scale, memory, many, cluster, replicas), for profiling one of them; `--run-ms N`
 //! makes each run N ms long (to hold a load steady under a profiler).
 //! See `integration_tests::bench` for what each figure is.
 
@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Context;
-use integration_tests::bench::{self, fanout, hits, resp, scale, Options};
+use integration_tests::bench::{self, fanout, hits, many, resp, scale, Options};
 use integration_tests::{free_port, start_agent, start_coordinator, wait_ready, Cluster, ClusterOptions};
 
 /// As the agent: the memory floor it reports is measured under the same allocator.
@@ -141,6 +141,14 @@ async fn main() -> anyhow::Result<()> {
     }
     drop(cluster);
 
+    if wanted("many") {
+        let count = if quick { 100 } else { 1000 };
+        eprintln!("10. propagation to {count} embedded agents");
+        let alone = Cluster::start(ClusterOptions { agents: 0, ..ClusterOptions::default() }).await?;
+        let (r, n) = many::propagation(&options, &alone.coordinator.url(""), &alone.redis_url(), count).await?;
+        rows.extend(r);
+        notes.push(n);
+    }
     if wanted("cluster") {
         eprintln!("8. hits, propagation and throughput on a Redis Cluster of 3 masters and 3 replicas");
         let on_cluster =
