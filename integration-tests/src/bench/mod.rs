@@ -9,6 +9,8 @@
 //! The measures, one module each:
 //! - [`hits`]: L1-hit GETs through an agent's HTTP API, and through the agent
 //!   embedded as a library, vs direct Redis GETs.
+//! - [`costs`]: Redis CPU and commands per invalidation and per idle agent,
+//!   the inputs of `docs/capacity.md`.
 //! - [`fanout`]: propagation from an accepted event to the last agent, the
 //!   `wait=all` round trip, and the coordinator's event throughput, vs raw
 //!   Redis pub/sub and `PUBLISH`.
@@ -23,6 +25,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 use std::time::Duration;
 
+pub mod costs;
 pub mod fanout;
 pub mod hits;
 pub mod many;

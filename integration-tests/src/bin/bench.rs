@@ -3,7 +3,7 @@
 //! `BENCHMARKS.md`. `bench --quick` (`make bench QUICK=1`) is a short pass
 //! that checks everything runs; `--out FILE` writes elsewhere; `--only
 //! NAME[,NAME]` runs some measures (hits, resp, propagation, barrier, throughput,
-//! token, propagation32, scale, memory, many, cluster, replicas), for profiling one of them; `--run-ms N`
+//! token, costs, propagation32, scale, memory, many, cluster, replicas), for profiling one of them; `--run-ms N`
 //! makes each run N ms long (to hold a load steady under a profiler).
 //! See `integration_tests::bench` for what each figure is.
 
@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Context;
-use integration_tests::bench::{self, fanout, hits, many, resp, scale, Options};
+use integration_tests::bench::{self, costs, fanout, hits, many, resp, scale, Options};
 use integration_tests::{free_port, start_agent, start_coordinator, wait_ready, Cluster, ClusterOptions};
 
 /// As the agent: the memory floor it reports is measured under the same allocator.
@@ -105,6 +105,18 @@ async fn main() -> anyhow::Result<()> {
         rows.extend(r);
         notes.push(n);
         rows.push(fanout::spread_throughput(&options, &coordinator, &redis_url).await?);
+    }
+    if wanted("costs") {
+        eprintln!("5b. what an invalidation and an idle agent cost Redis");
+        let alone = Cluster::start(ClusterOptions { agents: 0, ..ClusterOptions::default() }).await?;
+        let (alone_cost, idle_alone) =
+            costs::invalidation(&options, &alone.coordinator.url(""), &alone.redis_url()).await?;
+        drop(alone);
+        let (cost, idle_with_agents) = costs::invalidation(&options, &coordinator, &redis_url).await?;
+        let raw = costs::raw_publish(&options, &redis_url, 8).await?;
+        let (r, n) = costs::rows(8, &alone_cost, &cost, &raw, &idle_alone, &idle_with_agents);
+        rows.extend(r);
+        notes.push(n);
     }
     let client = reqwest::Client::new();
     if wanted("propagation32") {
