@@ -94,6 +94,35 @@ pub async fn head(conn: &mut impl ConnectionLike, partition: &Partition) -> Redi
     Ok(Head { epoch, seq, nonce: last_nonce(last.as_deref(), seq) })
 }
 
+/// Every partition's head in one `MGET` (one command instead of one per
+/// partition): for one server or a Sentinel primary, where the partitions'
+/// keys may be read together; a cluster reads them with [`head`] each.
+pub async fn heads(conn: &mut impl ConnectionLike, partitions: &[Partition]) -> RedisResult<Vec<Head>> {
+    let mut mget = redis::cmd("MGET");
+    for partition in partitions {
+        mget.arg(partition.epoch()).arg(partition.seq()).arg(partition.last());
+    }
+    let values: Vec<Option<String>> = mget.query_async(conn).await?;
+    let mut heads = Vec::with_capacity(partitions.len());
+    for (partition, fields) in partitions.iter().zip(values.chunks(3)) {
+        let [epoch, seq, last] = fields else {
+            return Err(redis::RedisError::from((redis::ErrorKind::Parse, "MGET answered fewer values than asked")));
+        };
+        let epoch = match epoch {
+            Some(e) => e.clone(),
+            None => ensure_epoch(conn, partition).await?,
+        };
+        let seq = match seq {
+            Some(s) => s
+                .parse()
+                .map_err(|_| redis::RedisError::from((redis::ErrorKind::Parse, "a partition's seq is not a number")))?,
+            None => 0,
+        };
+        heads.push(Head { epoch, seq, nonce: last_nonce(last.as_deref(), seq) });
+    }
+    Ok(heads)
+}
+
 /// The nonce in a `"{seq} {nonce}"` record, if it is the one of `seq`.
 pub fn last_nonce(last: Option<&str>, seq: u64) -> String {
     match last.and_then(|l| l.split_once(' ')) {

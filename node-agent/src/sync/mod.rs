@@ -474,7 +474,14 @@ async fn beat(agent: &Agent) -> anyhow::Result<(registry::Beat, Heads)> {
     tokio::time::timeout(Duration::from_secs(2), inner.store.check_primary()).await??;
     let mut conn = tokio::time::timeout(Duration::from_secs(2), inner.store.get()).await??;
     let beat = registry::beat(&mut conn, &report).await?;
-    // Concurrent on one multiplexed connection: one round trip for all.
+    if !inner.store.sharded() {
+        // One server: every head in one command.
+        let heads = l2::heads(&mut conn, inner.layout.all()).await?;
+        return Ok((beat, heads.into_iter().map(Ok).collect()));
+    }
+    // A cluster: one read per partition, concurrent on one multiplexed
+    // connection (one round trip per shard), so that a shard that is down
+    // costs only its own partitions their proof.
     let mux = conn.shared();
     let reads = inner.layout.all().iter().map(|partition| {
         let mut mux = mux.clone();
