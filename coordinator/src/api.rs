@@ -234,6 +234,8 @@ async fn post_invalidate(
         items: vec![selector],
         event_ids: Vec::new(),
         origin: coordinator.inner().origin.clone(),
+        // Set by `invalidate` from `wait`.
+        ack: false,
     };
     let answer = coordinator.invalidate(request, wait).await;
     record(&trail, entry, &answer);

@@ -267,6 +267,8 @@ pub fn merge(requests: Vec<Request>) -> Request {
             merged.origin = request.origin;
         }
         merged.event_ids.extend(request.event_ids);
+        // One waiting caller is enough for the merged message to ask for acknowledgements.
+        merged.ack |= request.ack;
         for item in request.items {
             match merged.items.iter_mut().find(|m| m.tenant == item.tenant && m.cascade == item.cascade) {
                 Some(m) => {
@@ -312,14 +314,17 @@ mod tests {
             items: vec![selector("acme", &["k1", "k2"], &["t1"], true), selector("globex", &["g"], &[], true)],
             event_ids: vec![("acme".into(), "e1".into())],
             origin: "c1".into(),
+            ack: false,
         };
         let b = Request {
             items: vec![selector("acme", &["k2", "k3"], &["t1", "t2"], true), selector("acme", &["x"], &[], false)],
             event_ids: vec![("acme".into(), "e2".into())],
             origin: "c2".into(),
+            ack: true,
         };
         let merged = merge(vec![a, b]);
         assert_eq!(merged.origin, "c1");
+        assert!(merged.ack, "one waiting caller makes the merged message ask for acknowledgements");
         assert_eq!(merged.event_ids.len(), 2);
         assert_eq!(merged.items.len(), 3);
         assert_eq!(merged.items[0].keys, ["k1", "k2", "k3"]);

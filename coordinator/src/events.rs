@@ -213,7 +213,8 @@ pub fn resolve_events(events: &[Event], rules: &RuleSet, origin: String) -> Resu
         validate_selector(&selector, confirm)?;
         items.push(selector);
     }
-    Ok(Request { items, event_ids, origin })
+    // `ack` is set by `Coordinator::invalidate` from `wait`.
+    Ok(Request { items, event_ids, origin, ack: false })
 }
 
 fn extend_unique(list: &mut Vec<String>, items: impl Iterator<Item = String>) {

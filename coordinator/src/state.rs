@@ -236,8 +236,14 @@ impl Coordinator {
     /// ([`shared::invalidation::execute`], through its partition's lane),
     /// the parts side by side; then counts nodes, or with `wait`
     /// (`wait=all`) waits for every live node to apply every part.
-    pub async fn invalidate(&self, request: Request, wait: Option<Duration>) -> Result<InvalidationAnswer, ApiError> {
+    pub async fn invalidate(
+        &self,
+        mut request: Request,
+        wait: Option<Duration>,
+    ) -> Result<InvalidationAnswer, ApiError> {
         let started = Instant::now();
+        // Agents publish their acknowledgements only of messages someone waits for.
+        request.ack = wait.is_some();
         let parts = request.split(&self.0.layout);
         let runs = parts.into_iter().map(|(partition, part)| self.0.batcher.execute(partition, part));
         let results = futures_util::future::join_all(runs).await;

@@ -405,6 +405,8 @@ impl Agent {
             }],
             event_ids: Vec::new(),
             origin: format!("agent@{}", self.0.node_id),
+            // Nobody waits for the other agents' acknowledgements of a DELETE.
+            ack: false,
         };
         // Not the connection reads share: the path ends with a WAIT.
         let mut conn = self.0.store.writer().await.map_err(|e| self.l2_failed(e))?;

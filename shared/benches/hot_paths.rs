@@ -44,8 +44,12 @@ fn sample_selectors() -> Vec<Selector> {
 
 fn bench_message(c: &mut Criterion) {
     let selectors = sample_selectors();
-    let body =
-        MessageBody { ts_ms: 1_732_300_000_000, origin: "coordinator@cache-coord-0:8080", invalidations: &selectors };
+    let body = MessageBody {
+        ts_ms: 1_732_300_000_000,
+        origin: "coordinator@cache-coord-0:8080",
+        invalidations: &selectors,
+        ack: false,
+    };
     // The exact bytes an agent receives: the body plus the header the log-append script adds.
     let at = shared::protocol::Position {
         partition: 3,

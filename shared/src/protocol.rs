@@ -87,6 +87,11 @@ pub struct InvalidationMessage {
     pub origin: String,
     /// What it invalidates.
     pub invalidations: Vec<Selector>,
+    /// Someone waits for every agent to acknowledge it (`wait=all`): agents
+    /// publish their acknowledgement of it at once. Without it they only
+    /// record their position, which costs the coordinator nothing.
+    #[serde(default)]
+    pub ack: bool,
 }
 
 /// The part of a message that the issuer writes; Redis adds the header.
@@ -98,6 +103,9 @@ pub struct MessageBody<'a> {
     pub origin: &'a str,
     /// See [`InvalidationMessage::invalidations`].
     pub invalidations: &'a [Selector],
+    /// See [`InvalidationMessage::ack`]; left out when false.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub ack: bool,
 }
 
 impl MessageBody<'_> {
@@ -276,7 +284,7 @@ mod tests {
     #[test]
     fn message_round_trip_through_the_script_header() {
         let items = sample();
-        let body = MessageBody { ts_ms: 5, origin: "test", invalidations: &items };
+        let body = MessageBody { ts_ms: 5, origin: "test", invalidations: &items, ack: false };
         let at = Position { partition: 3, epoch: "abc123".into(), seq: 42, nonce: "n42".into() };
         let wire = InvalidationMessage::assemble(&at, "n41", &body).expect("encodes");
         let msg = InvalidationMessage::decode(wire.as_bytes()).expect("decodes");

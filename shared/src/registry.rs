@@ -120,25 +120,27 @@ fn decode_nonce(nonce: &str) -> String {
     }
 }
 
-/// Records an acknowledgement in its partition (for the cluster view and
-/// late-starting coordinators) and publishes it (for `wait=all` barriers in
-/// progress): one round trip, in the partition's slot.
+/// Records an acknowledgement in its partition (for the cluster view, the
+/// barriers' periodic reads and late-starting coordinators) and, with
+/// `publish`, publishes it (for a `wait=all` barrier in progress, which then
+/// hears of it within a round trip): one round trip, in the partition's slot.
 pub async fn acknowledge(
     conn: &mut impl ConnectionLike,
     partition: &Partition,
     ack: &Ack,
     sharded: bool,
+    publish: bool,
 ) -> RedisResult<()> {
     let stored = ack.stored();
-    redis::pipe()
-        .hset(partition.acks(), &ack.node_id, &stored)
-        .ignore()
-        .cmd(if sharded { "SPUBLISH" } else { "PUBLISH" })
-        .arg(partition.ack_channel())
-        .arg(format!("{stored} {}", ack.node_id))
-        .ignore()
-        .query_async(conn)
-        .await
+    let mut pipe = redis::pipe();
+    pipe.hset(partition.acks(), &ack.node_id, &stored).ignore();
+    if publish {
+        pipe.cmd(if sharded { "SPUBLISH" } else { "PUBLISH" })
+            .arg(partition.ack_channel())
+            .arg(format!("{stored} {}", ack.node_id))
+            .ignore();
+    }
+    pipe.query_async(conn).await
 }
 
 /// Every acknowledgement stored in a partition.

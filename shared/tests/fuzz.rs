@@ -139,13 +139,14 @@ fn fuzz_invalidation_message() {
             })
             .collect();
         let origin = text(3);
-        let body = MessageBody { ts_ms: *ts, origin: &origin, invalidations: &invalidations };
+        let ack = *seq % 2 == 0;
+        let body = MessageBody { ts_ms: *ts, origin: &origin, invalidations: &invalidations, ack };
         let position = Position { partition: *p, epoch: text(0), seq: *seq, nonce: text(1) };
         let wire = InvalidationMessage::assemble(&position, &text(2), &body).expect("a message always encodes");
         let msg = InvalidationMessage::decode(wire.as_bytes()).expect("an assembled message decodes");
         assert_eq!(msg.position(), position);
         assert_eq!((msg.prev.as_str(), msg.ts_ms, msg.origin.as_str()), (text(2).as_str(), *ts, origin.as_str()));
-        assert_eq!(msg.invalidations, invalidations);
+        assert_eq!((msg.invalidations.as_slice(), msg.ack), (invalidations.as_slice(), ack));
         // The same bytes, damaged in one place: refused or read, never a panic.
         let mut damaged = wire.into_bytes();
         let i = usize::from(*at) % damaged.len();

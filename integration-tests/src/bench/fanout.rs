@@ -87,7 +87,9 @@ fn publish_command(redis: &Store, channel: &str, payload: &str) -> redis::Cmd {
 
 /// Posts `RATE` single-item events per second for `run` (to `/v1/events`).
 async fn post_events_at_rate(http: &reqwest::Client, coordinator: &str, run: Duration) -> anyhow::Result<()> {
-    let url = format!("{coordinator}/v1/events");
+    // With `wait=all`, so that agents publish their acknowledgements (without
+    // it they only record them, and the bench's subscriber would hear nothing).
+    let url = format!("{coordinator}/v1/events?wait=all&timeout_ms=10000");
     let mut ticker = tokio::time::interval(Duration::from_micros(1_000_000 / RATE));
     let deadline = Instant::now() + run;
     let mut posts = Vec::new();
@@ -237,8 +239,8 @@ pub async fn propagation(
     let note = format!(
         "Propagation to {agents}: events posted to `/v1/events` at {RATE}/s for {} ms per round. The bench's own \
          subscriber on the tenant's partition's invalidation and ack channels times each seq from its broadcast to the last agent's \
-         acknowledgement (agents acknowledge as soon as they have applied it), so it includes one extra \
-         hop back through Redis. Raw: the same number of plain redis-rs subscribers in the bench process, \
+         acknowledgement (events are posted with `wait=all`, so agents publish their acknowledgement as soon \
+         as they have applied the message), so it includes one extra hop back through Redis. Raw: the same number of plain redis-rs subscribers in the bench process, \
          200-byte messages at the same rate, from `PUBLISH` (`SPUBLISH` on a cluster) to the last receipt.",
         run.as_millis()
     );

@@ -246,6 +246,10 @@ fn apply(agent: &Agent, p: u16, msg: &InvalidationMessage) {
     for selector in &msg.invalidations {
         dropped += inner.l1.apply(selector);
     }
+    if msg.ack {
+        // Before the cursor moves, so that the acknowledgement it wakes publishes.
+        inner.sync.want_ack();
+    }
     inner.sync.applied(p, msg.seq, &msg.nonce);
     inner.metrics.applied.inc();
     let lag_ms = now_ms().saturating_sub(msg.ts_ms);
@@ -275,12 +279,14 @@ fn flush_partition(agent: &Agent, p: u16, why: &str) {
     agent.inner().metrics.flushes.inc();
 }
 
-/// Acknowledges each partition's applied position as soon as it moves
-/// (stored in the partition's acks and published on its ack channel), so
-/// that a coordinator holding a `wait=all` request hears of it within a round
-/// trip rather than a heartbeat. Bursts coalesce: while one write is in
-/// flight, later applies only leave the notification set, and the next write
-/// carries the newest position of every partition that moved.
+/// Acknowledges each partition's applied position as soon as it moves:
+/// stored in the partition's acks (the cluster view's lag, and what a
+/// barrier reads every `LIVENESS_REFRESH`), and published on its ack channel
+/// only when a message asked for it (someone waits with `wait=all`), so that
+/// the coordinator hears of it within a round trip then and receives nothing
+/// otherwise. Bursts coalesce: while one write is in flight, later applies
+/// only leave the notification set, and the next write carries the newest
+/// position of every partition that moved.
 async fn acknowledge_loop(agent: Agent, shutdown: CancellationToken) {
     let inner = agent.inner();
     let mut acked: Vec<Option<Position>> = vec![None; usize::from(inner.layout.count())];
@@ -319,12 +325,13 @@ async fn acknowledge_loop(agent: Agent, shutdown: CancellationToken) {
             inner.sync.applied.notify_one();
             continue;
         };
+        let publish = inner.sync.take_ack_wanted();
         // One round trip for all: the multiplexed connection pipelines them.
         let writes = moved.iter().map(|position| {
             let mut conn = conn.clone();
             let ack = registry::Ack { node_id: inner.node_id.clone(), position: position.clone() };
             let partition = inner.layout.get(position.partition);
-            async move { registry::acknowledge(&mut conn, partition, &ack, inner.log.sharded).await.is_ok() }
+            async move { registry::acknowledge(&mut conn, partition, &ack, inner.log.sharded, publish).await.is_ok() }
         });
         let written = futures_util::future::join_all(writes).await;
         let mut failed = false;
@@ -337,6 +344,9 @@ async fn acknowledge_loop(agent: Agent, shutdown: CancellationToken) {
             }
         }
         if failed {
+            if publish {
+                inner.sync.want_ack();
+            }
             connection = None;
             tokio::time::sleep(Duration::from_millis(200)).await;
             inner.sync.applied.notify_one();

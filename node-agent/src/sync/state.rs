@@ -205,6 +205,9 @@ pub struct SyncState {
     bound_ms: AtomicU64,
     /// Wakes the acknowledger when a cursor moves.
     pub(crate) applied: tokio::sync::Notify,
+    /// A message someone waits for (`wait=all`) was applied, or a cursor
+    /// jumped: the acknowledger's next write publishes (see [`Self::want_ack`]).
+    ack_wanted: AtomicBool,
     /// Asks the heartbeat to report now.
     pub(crate) report_now: tokio::sync::Notify,
     /// Asks the subscriber to catch up with the partitions marked.
@@ -228,6 +231,7 @@ impl SyncState {
             outage: std::sync::atomic::AtomicU8::new(0),
             bound_ms: AtomicU64::new(bound_ms),
             applied: tokio::sync::Notify::new(),
+            ack_wanted: AtomicBool::new(false),
             report_now: tokio::sync::Notify::new(),
             catch_up_now: tokio::sync::Notify::new(),
         }
@@ -297,6 +301,8 @@ impl SyncState {
             *cursor = Cursor { epoch: epoch.to_string(), applied: seq, recent: VecDeque::new() };
             cursor.remember(seq, nonce);
         }
+        // Rare (first contact, a flush): a barrier may be waiting on it.
+        self.want_ack();
         self.moved(p, seq);
     }
 
@@ -312,6 +318,18 @@ impl SyncState {
             cursor.remember(seq, nonce);
         }
         self.moved(p, seq);
+    }
+
+    /// Asks the acknowledger to publish its next acknowledgement, not only
+    /// record it: a coordinator holding a `wait=all` request then hears of it
+    /// within a round trip instead of at its next read of the stored ones.
+    pub fn want_ack(&self) {
+        self.ack_wanted.store(true, Ordering::Release);
+    }
+
+    /// Whether the next acknowledgement is to be published (and clears it).
+    pub fn take_ack_wanted(&self) -> bool {
+        self.ack_wanted.swap(false, Ordering::AcqRel)
     }
 
     /// A cursor moved: wake the acknowledger, complete a pending proof.

@@ -57,6 +57,10 @@ pub struct Request {
     pub event_ids: Vec<(String, String)>,
     /// Who issues it, recorded in the message.
     pub origin: String,
+    /// The caller waits for every agent's acknowledgement (`wait=all`): the
+    /// message asks agents to publish theirs (see
+    /// [`crate::protocol::InvalidationMessage::ack`]).
+    pub ack: bool,
 }
 
 impl Request {
@@ -64,8 +68,8 @@ impl Request {
     /// the selectors and event ids of the tenants of one partition.
     pub fn split(self, layout: &Layout) -> Vec<(u16, Request)> {
         let mut parts: BTreeMap<u16, Request> = BTreeMap::new();
-        let origin = self.origin;
-        let new = || Request { origin: origin.clone(), ..Request::default() };
+        let (origin, ack) = (self.origin, self.ack);
+        let new = || Request { origin: origin.clone(), ack, ..Request::default() };
         for selector in self.items {
             let index = layout.of(&selector.tenant).index;
             parts.entry(index).or_insert_with(new).items.push(selector);
@@ -192,7 +196,8 @@ pub async fn execute(
     }
 
     // Step 4: log and broadcast.
-    let position = append(conn, partition, &invalidated, &request.origin, &request.event_ids, settings).await?;
+    let position =
+        append(conn, partition, &invalidated, &request.origin, request.ack, &request.event_ids, settings).await?;
 
     // Step 5: held by the replicas before it is answered.
     replicate(conn, partition, &position, settings).await?;
@@ -557,10 +562,11 @@ pub async fn append(
     partition: &Partition,
     invalidated: &[Selector],
     origin: &str,
+    ack: bool,
     event_ids: &[(String, String)],
     settings: &LogSettings,
 ) -> RedisResult<Position> {
-    let body = MessageBody { ts_ms: now_ms(), origin, invalidations: invalidated };
+    let body = MessageBody { ts_ms: now_ms(), origin, invalidations: invalidated, ack };
     let tail = body
         .encode_tail()
         .map_err(|e| RedisError::from((redis::ErrorKind::Client, "cannot encode the message", e.to_string())))?;
@@ -841,12 +847,13 @@ mod tests {
             items: tenants.iter().map(|t| selector(t, &["k"])).collect(),
             event_ids: tenants.iter().map(|t| (t.clone(), "e".to_string())).collect(),
             origin: "o".into(),
+            ack: true,
         };
         let parts = request.split(&layout);
         assert!(parts.len() > 1);
         assert_eq!(parts.iter().map(|(_, r)| r.items.len()).sum::<usize>(), 40);
         for (index, part) in &parts {
-            assert_eq!(part.origin, "o");
+            assert_eq!((part.origin.as_str(), part.ack), ("o", true));
             assert!(part.items.iter().all(|s| layout.of(&s.tenant).index == *index));
             assert!(part.event_ids.iter().all(|(t, _)| layout.of(t).index == *index));
             assert_eq!(part.items.len(), part.event_ids.len());
