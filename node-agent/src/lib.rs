@@ -35,3 +35,4 @@ pub mod metrics;
 pub mod server;
 pub mod settings;
 pub mod sync;
+pub mod usage;

@@ -19,6 +19,7 @@ mod malformed;
 mod openapi;
 mod operations;
 mod sentinel;
+mod stats;
 mod tls;
 
 use std::time::{Duration, Instant};
