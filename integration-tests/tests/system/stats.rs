@@ -222,13 +222,17 @@ async fn ttl_and_tag_recommendations_follow_the_workloads_made_for_them() {
         all["recommendations"].as_array().into_iter().flatten().filter(|r| r["tenant"] == "hotco").collect();
     assert!(hot.is_empty(), "nothing to change for a well cached tenant: {hot:?}");
     assert!(recommended(&all, "ttlco", "tag_invalidated_too_often").is_empty(), "{all:#}");
+
+    // Tenants stay off Prometheus labels unless the operator asks (`[metrics] tenant_labels`).
+    let metrics = metrics_text(&t, 0).await;
+    assert!(metrics.contains("dcc_cache_hits_total") && !metrics.contains("tenant="), "{metrics}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_l1_that_evicts_entries_before_their_first_hit_is_too_small() {
     let t = TestCluster::with(integration_tests::ClusterOptions {
         agents: 1,
-        agent_toml: "l1_max_bytes = 65536\n".into(),
+        agent_toml: "l1_max_bytes = 65536\n\n[metrics]\ntenant_labels = true\n".into(),
         ..integration_tests::ClusterOptions::default()
     })
     .await;
@@ -244,4 +248,24 @@ async fn an_l1_that_evicts_entries_before_their_first_hit_is_too_small() {
     let bigco = tenant(&all, "bigco");
     assert!(n(&bigco["bytes"]) <= 65536, "L1 holds no more than its capacity: {bigco:#}");
     assert!(n(&bigco["evictions"]) >= n(&r["evictions"]), "{bigco:#}");
+
+    // Asked for, /metrics has the tenant's hits and misses with a tenant label.
+    t.put_ok(0, "bigco", "small:1", "", "s").await;
+    assert_eq!(t.read(0, "bigco", "small:1").await.0, 200);
+    assert_eq!(t.read(0, "bigco", "absent:1").await.0, 404);
+    let metrics = metrics_text(&t, 0).await;
+    // From L1, or from L2 if the full L1 did not admit it.
+    let hits: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("dcc_tenant_cache_hits_total{") && l.contains(r#"tenant="bigco""#))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(hits, 1.0, "{metrics}");
+    assert!(metrics.contains(r#"dcc_tenant_cache_misses_total{tenant="bigco"} 1"#), "{metrics}");
+}
+
+/// Agent `i`'s `/metrics`.
+async fn metrics_text(t: &TestCluster, i: usize) -> String {
+    let resp = t.http.get(t.agent(i).url("/metrics")).send().await.unwrap_or_else(|e| panic!("/metrics: {e}"));
+    resp.text().await.unwrap_or_default()
 }
