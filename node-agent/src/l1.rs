@@ -751,6 +751,40 @@ mod tests {
     }
 
     #[test]
+    fn tenant_figures_count_entries_bytes_tags_and_invalidations_from_the_log() {
+        let l1 = L1::new(1 << 20, Layout::new(16));
+        store(&l1, "t", "a", &["red"], &[]);
+        store(&l1, "t", "b", &["red"], &[]);
+        store(&l1, "t", "b", &["red"], &[]); // replaced: still one entry
+        store(&l1, "u", "c", &[], &[]);
+        assert!(l1.get("t", "a").is_some() && l1.get("t", "a").is_some());
+        assert_eq!(l1.get("t", "a").map(|e| e.reads()), Some(3));
+        l1.apply(&Selector { tags: vec!["red".into()], ..selector("t") });
+        // This agent's own DELETE, applied ahead of the log: counted when the log's copy comes.
+        l1.apply_ahead(&Selector { keys: vec!["zzz".into()], ..selector("t") });
+        let figures = l1.tenant_figures();
+        let t = &figures["t"];
+        assert_eq!((t.entries, t.bytes, t.invalidations, t.evictions), (0, 0, 1, 0), "{t:?}");
+        let red = t.tags.iter().find(|g| g.tag == "red").expect("the red tag");
+        // Three fills (one replaced), and the hits of "a", counted as it left L1.
+        assert_eq!((red.invalidations, red.fills, red.hits), (1, 3, 3), "{red:?}");
+        // "u" + NUL + "c" (the NUL not charged), a 5-byte value, "text/plain".
+        assert_eq!((figures["u"].entries, figures["u"].bytes), (1, 2 + 5 + 10));
+    }
+
+    #[test]
+    fn evictions_of_entries_never_hit_are_counted_per_tenant() {
+        let l1 = L1::new(2_000, Layout::new(16));
+        for i in 0..500 {
+            store(&l1, "t", &format!("key-{i:04}"), &[], &[]);
+        }
+        l1.maintain();
+        let t = &l1.tenant_figures()["t"];
+        assert!(t.evictions > 0 && t.evicted_unread == t.evictions, "{t:?}");
+        assert!(t.bytes <= 2_000 && t.entries == l1.entries(), "{t:?}");
+    }
+
+    #[test]
     fn entries_expire_at_their_own_ttl() {
         let l1 = L1::new(1 << 20, Layout::new(16));
         let short = Entry::new(Bytes::from_static(b"v"), "", vec![], vec![], Duration::from_millis(30));
