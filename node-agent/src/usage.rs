@@ -6,8 +6,8 @@
 //! tally must cost a hit next to nothing: it is split into shards, each
 //! thread counting into its own (a thread takes one at its first read, in
 //! turn), so a hit locks a mutex no other thread is using and touches no
-//! line another core writes. Nothing is allocated once a tenant, key slot
-//! and prefix are known. Gaps are measured on L1 misses only, in one table
+//! line another core writes. Nothing is allocated once a tenant and a
+//! prefix are known, but to lengthen a sketch slot for a longer key. Gaps are measured on L1 misses only, in one table
 //! for all threads (a miss has just waited on Redis): a key read within its
 //! TTL is a hit, and a key whose reads keep missing is what the gap
 //! explains. Everything is bounded: [`MAX_TENANTS`] tenants a shard,
