@@ -41,7 +41,8 @@ TOPOLOGY_CHECKER_SECS = 30
 ## bad_input:: is refused before Redis is touched, the same on every topology)
 TOPOLOGY_TESTS = cache_api:: invalidation:: faults::wait_all_answers faults::fill_tokens \
 	faults::two_coordinators faults::a_frozen_agent operations::cluster_health operations::agent_status \
-	operations::rules_endpoint operations::an_event_id operations::health_readiness operations::the_key_explorer
+	operations::rules_endpoint operations::an_event_id operations::health_readiness operations::the_key_explorer \
+	stats::
 
 ## demo-check: `make demo` from a copy of the sources that has no ./target, with
 ## CARGO_TARGET_DIR pointing at this checkout's build folder, so that no target

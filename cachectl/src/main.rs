@@ -57,6 +57,11 @@ enum Command {
     Nodes,
     /// The loaded rules and the entity graph.
     Rules,
+    /// Per-tenant figures from every live agent, the most read keys, and recommendations.
+    Stats {
+        /// Only this tenant.
+        tenant: Option<String>,
+    },
     /// The audit trail, newest first (admin).
     Audit {
         /// Only entries that name this tenant.
@@ -276,6 +281,52 @@ fn nodes_table(health: &Value) -> String {
     )
 }
 
+/// `stats`: a row per tenant, its most read keys, then the recommendations.
+fn stats_table(stats: &Value) -> String {
+    let tenants = stats["tenants"].as_array().cloned().unwrap_or_default();
+    let fields =
+        ["tenant", "l1_hits", "l2_hits", "misses", "hit_ratio", "entries", "bytes", "invalidations", "fills_refused"];
+    let mut out = table(
+        &["tenant", "L1 hits", "L2 hits", "misses", "hit ratio", "entries", "bytes", "invalidations", "fills refused"],
+        tenants.iter().map(|t| {
+            fields
+                .iter()
+                .map(|f| match (f, t[*f].as_f64()) {
+                    (&"hit_ratio", Some(r)) => format!("{:.1}%", 100.0 * r),
+                    _ => cell(&t[*f]),
+                })
+                .collect()
+        }),
+    );
+    let top: Vec<Vec<String>> = tenants
+        .iter()
+        .flat_map(|t| {
+            let tenant = cell(&t["tenant"]);
+            t["top_keys"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .into_iter()
+                .map(move |k| vec![tenant.clone(), cell(&k["key"]), cell(&k["reads"]), cell(&k["error"])])
+        })
+        .collect();
+    if !top.is_empty() {
+        out.push_str("\n\nmost read keys\n");
+        out.push_str(&table(&["tenant", "key", "reads", "error"], top));
+    }
+    let recommendations = stats["recommendations"].as_array().cloned().unwrap_or_default();
+    if recommendations.is_empty() {
+        out.push_str("\n\nno recommendations\n");
+    } else {
+        out.push_str("\n\nrecommendations\n");
+        out.push_str(&table(
+            &["tenant", "kind", "message"],
+            recommendations.iter().map(|r| vec![cell(&r["tenant"]), cell(&r["kind"]), cell(&r["message"])]),
+        ));
+    }
+    out
+}
+
 fn invalidation_table(answer: &Value) -> String {
     let mut out = String::new();
     if answer["dry_run"] == true {
@@ -340,6 +391,17 @@ async fn run(cli: Cli, output: Output) -> Result<(), Failure> {
                         ["entity", "tags", "patterns", "dependents"].iter().map(|f| cell(&rule[*f])).collect()
                     }),
                 ),
+            });
+        }
+        Command::Stats { tenant } => {
+            let path = match tenant {
+                Some(t) => format!("/v1/stats?tenant={}", segment(&t)),
+                None => "/v1/stats".to_string(),
+            };
+            let stats = api.get_json(api.coordinator(&path)).await?;
+            print(match output {
+                Output::Json => pretty(&stats),
+                Output::Table => stats_table(&stats),
             });
         }
         Command::Audit { tenant, limit } => {

@@ -29,6 +29,7 @@ pub fn configure(cfg: &mut ServiceConfig) {
         .service(rules)
         .service(audit_trail)
         .service(keys)
+        .service(stats)
         .service(shared::service::healthz)
         .service(readyz)
         .service(metrics);
@@ -391,6 +392,57 @@ async fn keys(
         keys: page.keys,
         cursor: page.cursor.map(shared::l2::ListCursor::encode),
     }))
+}
+
+/// `?tenant=T` of `GET /v1/stats`.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+struct StatsQuery {
+    /// Only this tenant (`read` on it needed).
+    #[param(pattern = r"^[A-Za-z0-9_-]{1,64}$")]
+    tenant: Option<String>,
+}
+
+/// `GET /v1/stats`: per-tenant figures added up from the last report of
+/// every live node agent, and recommendations (`read`; a token scoped to
+/// some tenants sees only those).
+#[utoipa::path(
+    tag = "operations",
+    params(StatsQuery),
+    responses(
+        (status = 200, description = "Per-tenant figures, and recommendations with the numbers behind them", body = crate::stats::Stats),
+        shared::openapi::BadInput,
+        shared::openapi::Refused,
+        shared::openapi::Unavailable,
+    ),
+)]
+#[get("/v1/stats")]
+async fn stats(
+    query: web::Query<StatsQuery>,
+    coordinator: web::Data<Coordinator>,
+    caller: Caller,
+) -> Result<HttpResponse, ApiError> {
+    caller.allow(Scope::Read, [])?;
+    if let Some(tenant) = &query.tenant {
+        shared::names::validate_tenant(tenant)?;
+        caller.allow(Scope::Read, [tenant.as_str()])?;
+    }
+    let inner = coordinator.inner();
+    let dead_after = inner.settings.node_dead_after_ms;
+    let mut conn = coordinator.conn().await?;
+    let forget = dead_after.saturating_mul(cluster::FORGET_AFTER_DEAD_PERIODS);
+    let registry = shared::registry::nodes(&mut conn, forget, true).await.map_err(|e| coordinator.redis_failed(e))?;
+    let live: Vec<shared::protocol::NodeReport> = registry
+        .nodes
+        .into_iter()
+        .filter(|n| registry.now_ms.saturating_sub(n.last_beat_ms) <= dead_after)
+        .filter_map(|n| n.report)
+        .collect();
+    let visible = |tenant: &str| {
+        query.tenant.as_deref().is_none_or(|only| only == tenant) && caller.allow(Scope::Read, [tenant]).is_ok()
+    };
+    Ok(HttpResponse::Ok().json(crate::stats::aggregate(live.iter().map(|r| r.tenants.as_slice()), visible)))
 }
 
 /// What the coordinator answering says of itself.

@@ -17,7 +17,7 @@ use shared::store::SharedConn;
 use crate::barrier::AckBoard;
 
 /// Registry entries silent this many times `node_dead_after_ms` are forgotten.
-const FORGET_AFTER_DEAD_PERIODS: u64 = 60;
+pub const FORGET_AFTER_DEAD_PERIODS: u64 = 60;
 
 /// One node's state.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]

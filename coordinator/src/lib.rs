@@ -10,6 +10,7 @@
 //! - [`batch`]: group commit: concurrent invalidations merged into one.
 //! - [`barrier`]: agents' acknowledgements and the `wait=all` barrier.
 //! - [`cluster`]: the nodes' reports and Redis's health.
+//! - [`stats`]: per-tenant figures from the nodes' reports, and recommendations.
 //! - [`api`]: the HTTP endpoints.
 //! - [`server`]: binding, Redis watch, graceful shutdown.
 
@@ -22,3 +23,4 @@ pub mod rules;
 pub mod server;
 pub mod settings;
 pub mod state;
+pub mod stats;

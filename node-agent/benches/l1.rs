@@ -1,5 +1,8 @@
 //! Micro-benchmarks of the L1 hot paths on a cache holding 100k entries of
-//! 100-byte values: lookups (`l1/get_hit`, `l1/get_miss`), a fill with two tags
+//! 100-byte values: lookups (`l1/get_hit`, `l1/get_miss`; `l1/get_hit_counted`
+//! adds what `Agent::get` also does on a hit for `GET /v1/stats`, the
+//! per-tenant tally of `node_agent::usage`, and `l1/count_hit` that tally
+//! alone), a fill with two tags
 //! (`l1/insert_2_tags`: `fill_guard` then `insert`, i.e. the index update) and
 //! invalidations (`l1/apply_key`: one key; `l1/apply_tag_100`: a tag carried by
 //! 100 entries).
@@ -18,6 +21,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use node_agent::l1::{Entry, L1};
+use node_agent::usage::{Served, Usage};
 use shared::protocol::Selector;
 
 const TENANT: &str = "acme";
@@ -77,6 +81,24 @@ fn bench_l1(c: &mut Criterion) {
         b.iter(|| {
             let key = keys.next().expect("cycle never ends");
             l1.get(TENANT, black_box(key)).expect("every key is held")
+        })
+    });
+    let usage = Usage::new();
+    group.bench_function("get_hit_counted", |b| {
+        let mut keys = hits.iter().cycle();
+        b.iter(|| {
+            let key = keys.next().expect("cycle never ends");
+            let entry = l1.get(TENANT, black_box(key)).expect("every key is held");
+            usage.read(TENANT, key, Served::L1);
+            entry
+        })
+    });
+    // The tally alone, the same keys: what `Agent::get` adds to a hit.
+    group.bench_function("count_hit", |b| {
+        let mut keys = hits.iter().cycle();
+        b.iter(|| {
+            let key = keys.next().expect("cycle never ends");
+            usage.read(TENANT, black_box(key), Served::L1);
         })
     });
     group.bench_function("get_miss", |b| {

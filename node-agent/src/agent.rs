@@ -28,6 +28,7 @@ use crate::l1::{self, L1};
 use crate::metrics::Metrics;
 use crate::settings::Settings;
 use crate::sync::state::{node_disagrees, SyncState};
+use crate::usage::{Served, Usage};
 
 /// A cheap-to-clone handle to one agent.
 #[derive(Clone)]
@@ -55,6 +56,8 @@ pub(crate) struct Inner {
     pub(crate) sync: SyncState,
     /// Metrics and counters.
     pub(crate) metrics: Metrics,
+    /// Per-tenant reads, for the stats in the heartbeat.
+    pub(crate) usage: Usage,
     /// L2 reads in flight, by (tenant, key), with the fill guard they started under.
     flights: Mutex<HashMap<(String, String), (l1::FillGuard, Flight)>>,
 }
@@ -160,7 +163,7 @@ impl Agent {
     pub fn new(settings: Settings, node_id: String, addr: String) -> Result<Agent, String> {
         let store = Store::open_with(&settings.redis_url, settings.redis_pool_size, &settings.redis_access())?;
         let encryption = settings.encryption()?;
-        let metrics = Metrics::new();
+        let metrics = Metrics::with_tenant_labels(settings.metrics.tenant_labels);
         metrics.l1_capacity.set(i64::try_from(settings.l1_max_bytes).unwrap_or(i64::MAX));
         let layout = Layout::new(settings.partitions);
         let sync = SyncState::new(layout.count(), settings.staleness_bound_ms);
@@ -181,6 +184,7 @@ impl Agent {
             store,
             sync,
             metrics,
+            usage: Usage::new(),
             flights: Mutex::default(),
         })))
     }
@@ -225,10 +229,22 @@ impl Agent {
             m.l1_bypassed.inc();
         } else if let Some(entry) = self.0.l1.get(tenant, key) {
             m.hits.l1.inc();
+            self.0.usage.read(tenant, key, Served::L1);
             return Ok(Read::Hit { entry, layer: Layer::L1 });
         }
         m.misses.l1.inc();
-        self.read_through(tenant, key, trusted).await
+        let read = self.read_through(tenant, key, trusted).await?;
+        let served = match &read {
+            Read::Hit { .. } => Served::L2,
+            Read::Miss { .. } => Served::Miss,
+        };
+        self.0.usage.read(tenant, key, served);
+        Ok(read)
+    }
+
+    /// Every tenant's figures for the heartbeat (see [`crate::usage`]).
+    pub fn tenant_reports(&self) -> Vec<shared::protocol::TenantReport> {
+        self.0.usage.report(self.0.l1.tenant_figures())
     }
 
     /// Reads L2 for a key. Concurrent misses for one key share a single L2
@@ -388,6 +404,7 @@ impl Agent {
             .map_err(|stale| AgentError::StaleFill(stale.explain()))?;
         let entry = l1::Entry::new(put.value, &content_type, put.tags, put.depends_on, Duration::from_secs(ttl_secs));
         self.0.l1.insert(tenant, key, entry, guard);
+        self.0.usage.write(tenant, key, ttl_secs.saturating_mul(1000));
         Ok(())
     }
 
@@ -415,7 +432,7 @@ impl Agent {
         // harmlessly. Also when it is not replicated in time: it is deleted and logged.
         let apply = |selectors: &[Selector]| {
             for selector in selectors {
-                self.0.l1.apply(selector);
+                self.0.l1.apply_ahead(selector);
             }
         };
         match invalidation::execute(&mut conn, partition, request, &self.0.log).await {

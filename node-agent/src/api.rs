@@ -357,6 +357,9 @@ async fn metrics(agent: web::Data<Agent>) -> HttpResponse {
     m.l1_entries.set(i64::try_from(inner.l1.entries()).unwrap_or(i64::MAX));
     m.l1_evictions
         .set(i64::try_from(inner.l1.stats.evictions.load(std::sync::atomic::Ordering::Relaxed)).unwrap_or(i64::MAX));
+    if let Some(tenants) = &m.tenants {
+        tenants.update(&inner.usage.totals());
+    }
     metrics_response(&m.registry)
 }
 

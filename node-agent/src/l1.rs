@@ -13,11 +13,17 @@
 //! that may run inside a cache call; it only queues the removed entry, and the
 //! queue is folded into the indexes at the next write, matched by generation so
 //! that a replaced entry never removes the index records of its successor.
+//!
+//! The per-tenant figures of `GET /v1/stats` that L1 knows (entries, bytes,
+//! evictions, invalidations, refused fills, tag hits) are kept beside the
+//! indexes, on the write paths only. The one thing a hit records is in the
+//! entry itself: its read count ([`Reads`]), a plain load and store on the
+//! entry a lookup has just touched, so a hit takes no lock and no shared line.
 
 use std::borrow::Borrow;
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -27,7 +33,7 @@ use moka::sync::Cache;
 use moka::Expiry;
 
 use shared::glob;
-use shared::protocol::Selector;
+use shared::protocol::{Selector, TagReport, TenantReport};
 use shared::schema::Layout;
 
 /// An entry's name: its tenant, a NUL, its key, in one shared string
@@ -89,6 +95,32 @@ pub struct Entry {
     pub expires_at: Instant,
     /// Insertion generation, to match index records with this very entry.
     generation: u64,
+    /// L1 hits of this entry.
+    reads: Reads,
+}
+
+/// How often an entry was hit in L1. Counted with a relaxed load and store,
+/// not a locked add: two threads hitting one entry at once may count one hit
+/// (the figures are statistics), and a hit costs no atomic read-modify-write.
+#[derive(Debug, Default)]
+pub struct Reads(AtomicU32);
+
+impl Reads {
+    fn hit(&self) {
+        let n = self.0.load(Ordering::Relaxed);
+        self.0.store(n.saturating_add(1), Ordering::Relaxed);
+    }
+
+    /// Hits counted so far.
+    pub fn get(&self) -> u32 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+impl Clone for Reads {
+    fn clone(&self) -> Self {
+        Reads(AtomicU32::new(self.get()))
+    }
 }
 
 /// Content types most entries have, held once for all of them.
@@ -118,7 +150,13 @@ impl Entry {
             depends_on: depends_on.into_boxed_slice(),
             expires_at: Instant::now() + ttl,
             generation: 0,
+            reads: Reads::default(),
         }
+    }
+
+    /// L1 hits of this entry so far.
+    pub fn reads(&self) -> u32 {
+        self.reads.get()
     }
 
     /// Time to live left.
@@ -178,6 +216,45 @@ struct Indexes {
     invalidations: HashMap<String, u64>,
     /// Count of flushes of each partition, also part of every fill guard.
     flushes: Vec<u64>,
+    /// Per-tenant figures for the stats (at most [`MAX_TRACKED_TENANTS`]).
+    usage: HashMap<String, TenantUsage>,
+}
+
+/// The most tenants whose L1 figures are kept; later ones go uncounted.
+pub const MAX_TRACKED_TENANTS: usize = 1024;
+/// The most tags of one tenant whose figures are kept; later ones go uncounted.
+pub const MAX_TRACKED_TAGS: usize = 32;
+
+/// What L1 counts of one tenant, on its write paths.
+#[derive(Debug, Default, Clone)]
+struct TenantUsage {
+    /// Entries held.
+    entries: u64,
+    /// Bytes held (entry weights).
+    bytes: u64,
+    /// Invalidations of the tenant applied (from the log).
+    invalidations: u64,
+    /// Fills refused for a racing invalidation.
+    fills_refused: u64,
+    /// Entries evicted for room.
+    evictions: u64,
+    /// Of those, never hit.
+    evicted_unread: u64,
+    /// Per tag: invalidations, fills, and the hits of its entries gone from L1.
+    tags: HashMap<String, TagReport>,
+}
+
+impl TenantUsage {
+    /// The figures of a tag, unless the tenant already has too many.
+    fn tag(&mut self, tag: &str) -> Option<&mut TagReport> {
+        if !self.tags.contains_key(tag) {
+            if self.tags.len() >= MAX_TRACKED_TAGS {
+                return None;
+            }
+            self.tags.insert(tag.to_string(), TagReport { tag: tag.to_string(), ..TagReport::default() });
+        }
+        self.tags.get_mut(tag)
+    }
 }
 
 impl Indexes {
@@ -187,10 +264,21 @@ impl Indexes {
             flushes: self.flushes.get(usize::from(partition)).copied().unwrap_or(0),
         }
     }
+
+    /// The tenant's figures, unless too many tenants are tracked already.
+    fn usage(&mut self, tenant: &str) -> Option<&mut TenantUsage> {
+        if !self.usage.contains_key(tenant) {
+            if self.usage.len() >= MAX_TRACKED_TENANTS {
+                return None;
+            }
+            self.usage.insert(tenant.to_string(), TenantUsage::default());
+        }
+        self.usage.get_mut(tenant)
+    }
 }
 
 /// Entries moka removed, queued by its listener until the next index update.
-type RemovalQueue = Arc<Mutex<Vec<(EntryKey, Arc<Entry>)>>>;
+type RemovalQueue = Arc<Mutex<Vec<(EntryKey, Arc<Entry>, RemovalCause)>>>;
 
 /// The L1 cache with its indexes; cheap to share behind an `Arc`.
 pub struct L1 {
@@ -244,7 +332,7 @@ impl L1 {
                 if cause == RemovalCause::Size {
                     listener_stats.evictions.fetch_add(1, Ordering::Relaxed);
                 }
-                lock(&listener_queue).push(((*name).clone(), value));
+                lock(&listener_queue).push(((*name).clone(), value, cause));
             })
             .build();
         let indexes = Indexes { flushes: vec![0; usize::from(layout.count())], ..Indexes::default() };
@@ -262,7 +350,12 @@ impl L1 {
     /// The entry, if L1 holds it and it has not expired.
     pub fn get(&self, tenant: &str, key: &str) -> Option<Arc<Entry>> {
         let entry = with_name(tenant, key, |name| self.cache.get(name))?;
-        (entry.expires_at > Instant::now()).then_some(entry)
+        if entry.expires_at > Instant::now() {
+            entry.reads.hit();
+            Some(entry)
+        } else {
+            None
+        }
     }
 
     /// Takes a guard before reading L2 for a fill of `tenant`.
@@ -276,11 +369,24 @@ impl L1 {
         let mut idx = self.lock_indexes();
         if idx.guard(tenant, self.layout.of(tenant).index) != guard {
             self.stats.fills_refused.fetch_add(1, Ordering::Relaxed);
+            if let Some(usage) = idx.usage(tenant) {
+                usage.fills_refused += 1;
+            }
             return false;
         }
         let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
         entry.generation = generation;
         let name = EntryKey::new(tenant, key);
+        let weight = u64::from(entry.weight(&name));
+        if let Some(usage) = idx.usage(tenant) {
+            usage.entries += 1;
+            usage.bytes += weight;
+            for tag in &entry.tags {
+                if let Some(t) = usage.tag(tag) {
+                    t.fills += 1;
+                }
+            }
+        }
         let t = idx.tenants.entry(tenant.to_string()).or_default();
         t.keys.insert(name.clone(), generation);
         for tag in &entry.tags {
@@ -296,9 +402,30 @@ impl L1 {
     /// Drops every entry the selector covers: its keys, the members of its tags,
     /// the tenant's keys matching its patterns and, with `cascade`, every entry
     /// depending on one of those, transitively. Returns how many were dropped.
+    /// Counted in the tenant's figures: an invalidation from the log.
     pub fn apply(&self, selector: &Selector) -> usize {
+        self.apply_counted(selector, true)
+    }
+
+    /// [`apply`](Self::apply) ahead of the log, for this agent's own DELETE
+    /// (read-your-writes): not counted, the log's copy of it will be.
+    pub fn apply_ahead(&self, selector: &Selector) -> usize {
+        self.apply_counted(selector, false)
+    }
+
+    fn apply_counted(&self, selector: &Selector, counted: bool) -> usize {
         let mut idx = self.lock_indexes();
         *idx.invalidations.entry(selector.tenant.clone()).or_insert(0) += 1;
+        if counted {
+            if let Some(usage) = idx.usage(&selector.tenant) {
+                usage.invalidations += 1;
+                for tag in &selector.tags {
+                    if let Some(t) = usage.tag(tag) {
+                        t.invalidations += 1;
+                    }
+                }
+            }
+        }
         let Some(t) = idx.tenants.get(&selector.tenant) else {
             return 0;
         };
@@ -395,10 +522,62 @@ impl L1 {
     fn lock_indexes(&self) -> MutexGuard<'_, Indexes> {
         let mut idx = lock(&self.indexes);
         let removed = std::mem::take(&mut *lock(&self.removed));
-        for (key, entry) in removed {
+        for (key, entry, cause) in removed {
+            account(&mut idx, &key, &entry, cause);
             forget(&mut idx, &key, &entry);
         }
         idx
+    }
+
+    /// The L1 figures of each tenant: entries, bytes, invalidations, refused
+    /// fills, evictions and tags (after pending maintenance).
+    pub fn tenant_figures(&self) -> HashMap<String, TenantReport> {
+        self.cache.run_pending_tasks();
+        let idx = self.lock_indexes();
+        idx.usage
+            .iter()
+            .map(|(tenant, u)| {
+                let mut tags: Vec<TagReport> = u.tags.values().cloned().collect();
+                tags.sort_by(|a, b| a.tag.cmp(&b.tag));
+                let report = TenantReport {
+                    tenant: tenant.clone(),
+                    entries: u.entries,
+                    bytes: u.bytes,
+                    invalidations: u.invalidations,
+                    fills_refused: u.fills_refused,
+                    evictions: u.evictions,
+                    evicted_unread: u.evicted_unread,
+                    tags,
+                    ..TenantReport::default()
+                };
+                (tenant.clone(), report)
+            })
+            .collect()
+    }
+}
+
+/// Counts an entry gone from L1 in its tenant's figures: its room, its hits
+/// (for its tags), and whether it was evicted before its first hit.
+fn account(idx: &mut Indexes, name: &EntryKey, entry: &Entry, cause: RemovalCause) {
+    let weight = u64::from(entry.weight(name));
+    let Some(usage) = idx.usage.get_mut(name.tenant()) else {
+        return;
+    };
+    usage.entries = usage.entries.saturating_sub(1);
+    usage.bytes = usage.bytes.saturating_sub(weight);
+    let reads = u64::from(entry.reads());
+    if cause == RemovalCause::Size {
+        usage.evictions += 1;
+        if reads == 0 {
+            usage.evicted_unread += 1;
+        }
+    }
+    if reads > 0 {
+        for tag in &entry.tags {
+            if let Some(t) = usage.tag(tag) {
+                t.hits += reads;
+            }
+        }
     }
 }
 
@@ -569,6 +748,40 @@ mod tests {
         let one = L1::new(10_000, Layout::new(16));
         store(&one, "t", "key-0001", &[], &[]);
         assert_eq!(one.bytes(), (1 + 8 + 5 + 10) as u64);
+    }
+
+    #[test]
+    fn tenant_figures_count_entries_bytes_tags_and_invalidations_from_the_log() {
+        let l1 = L1::new(1 << 20, Layout::new(16));
+        store(&l1, "t", "a", &["red"], &[]);
+        store(&l1, "t", "b", &["red"], &[]);
+        store(&l1, "t", "b", &["red"], &[]); // replaced: still one entry
+        store(&l1, "u", "c", &[], &[]);
+        assert!(l1.get("t", "a").is_some() && l1.get("t", "a").is_some());
+        assert_eq!(l1.get("t", "a").map(|e| e.reads()), Some(3));
+        l1.apply(&Selector { tags: vec!["red".into()], ..selector("t") });
+        // This agent's own DELETE, applied ahead of the log: counted when the log's copy comes.
+        l1.apply_ahead(&Selector { keys: vec!["zzz".into()], ..selector("t") });
+        let figures = l1.tenant_figures();
+        let t = &figures["t"];
+        assert_eq!((t.entries, t.bytes, t.invalidations, t.evictions), (0, 0, 1, 0), "{t:?}");
+        let red = t.tags.iter().find(|g| g.tag == "red").expect("the red tag");
+        // Three fills (one replaced), and the hits of "a", counted as it left L1.
+        assert_eq!((red.invalidations, red.fills, red.hits), (1, 3, 3), "{red:?}");
+        // "u" + NUL + "c" (the NUL not charged), a 5-byte value, "text/plain".
+        assert_eq!((figures["u"].entries, figures["u"].bytes), (1, 2 + 5 + 10));
+    }
+
+    #[test]
+    fn evictions_of_entries_never_hit_are_counted_per_tenant() {
+        let l1 = L1::new(2_000, Layout::new(16));
+        for i in 0..500 {
+            store(&l1, "t", &format!("key-{i:04}"), &[], &[]);
+        }
+        l1.maintain();
+        let t = &l1.tenant_figures()["t"];
+        assert!(t.evictions > 0 && t.evicted_unread == t.evictions, "{t:?}");
+        assert!(t.bytes <= 2_000 && t.entries == l1.entries(), "{t:?}");
     }
 
     #[test]

@@ -6,6 +6,8 @@
 //! - [`settings`]: configuration layers and flags.
 //! - [`agent`]: reads, writes and deletes through L1 and L2; status.
 //! - [`l1`]: the in-memory cache and its tag, pattern and dependency indexes.
+//! - [`usage`]: per-tenant read figures (hits, misses, most read keys, key
+//!   prefixes) that the heartbeat reports for the coordinator's `/v1/stats`.
 //! - [`encryption`]: values sealed in L2 (AES-256-GCM) for `[[encrypt]]` rules.
 //! - [`sync`]: the subscriber (applies invalidations to L1, in seq order,
 //!   replaying gaps) and the heartbeat.
@@ -37,3 +39,4 @@ pub mod resp;
 pub mod server;
 pub mod settings;
 pub mod sync;
+pub mod usage;

@@ -50,6 +50,8 @@ pub struct Metrics {
     pub resp_connections: IntGauge,
     /// Commands on the Redis protocol port.
     pub resp_commands: RespCommands,
+    /// Per-tenant hits and misses, only with `[metrics] tenant_labels = true`.
+    pub tenants: Option<ByTenant>,
 }
 
 /// Commands on the Redis protocol port by kind (the `command` label), each
@@ -89,6 +91,28 @@ impl RespCommands {
     }
 }
 
+/// Hits and misses with a `tenant` label. Copied from the per-tenant tally
+/// (`crate::usage`) when `/metrics` is scraped, never counted on the read
+/// path: a label lookup there would cost every hit a hash and a lock.
+pub struct ByTenant {
+    /// `dcc_tenant_cache_hits_total{tenant, layer}`.
+    pub hits: IntCounterVec,
+    /// `dcc_tenant_cache_misses_total{tenant}`.
+    pub misses: IntCounterVec,
+}
+
+impl ByTenant {
+    /// Brings the counters up to the tally's (L1 hits, L2 hits, misses) per tenant.
+    pub fn update(&self, totals: &std::collections::HashMap<String, [u64; 3]>) {
+        let raise = |counter: prometheus::IntCounter, to: u64| counter.inc_by(to.saturating_sub(counter.get()));
+        for (tenant, [l1, l2, misses]) in totals {
+            raise(self.hits.with_label_values(&[tenant.as_str(), "l1"]), *l1);
+            raise(self.hits.with_label_values(&[tenant.as_str(), "l2"]), *l2);
+            raise(self.misses.with_label_values(&[tenant.as_str()]), *misses);
+        }
+    }
+}
+
 /// One counter per cache layer (the `layer` label), each looked up once here:
 /// a label lookup on every read would cost a hash and a lock on the hit path.
 pub struct ByLayer {
@@ -99,8 +123,14 @@ pub struct ByLayer {
 }
 
 impl Metrics {
-    /// Creates and registers every metric.
+    /// Creates and registers every metric (none with a tenant label).
     pub fn new() -> Self {
+        Self::with_tenant_labels(false)
+    }
+
+    /// Creates and registers every metric; with `tenant_labels`, the
+    /// per-tenant hit and miss counters too.
+    pub fn with_tenant_labels(tenant_labels: bool) -> Self {
         let registry = Registry::new();
         let counter_vec = |name: &str, help: &str| {
             let vec = register(
@@ -176,6 +206,22 @@ impl Metrics {
                     unknown: kind("unknown"),
                 }
             },
+            tenants: tenant_labels.then(|| {
+                let vec = |name: &str, help: &str, labels: &[&str]| {
+                    register(
+                        &registry,
+                        IntCounterVec::new(Opts::new(name, help), labels).unwrap_or_else(|e| panic!("{e}")),
+                    )
+                };
+                ByTenant {
+                    hits: vec("dcc_tenant_cache_hits_total", "Cache hits by tenant and layer", &["tenant", "layer"]),
+                    misses: vec(
+                        "dcc_tenant_cache_misses_total",
+                        "Reads cached in neither layer, by tenant",
+                        &["tenant"],
+                    ),
+                }
+            }),
             registry,
         }
     }

@@ -88,6 +88,18 @@ pub struct Settings {
     /// `ID:BASE64,…` 32-byte AES keys, the first sealing new writes
     /// (`DCC_AGENT_ENCRYPTION_KEYS`).
     pub encryption_keys: Option<shared::service::Secret>,
+    /// What `/metrics` exports (`[metrics]`).
+    pub metrics: MetricsSettings,
+}
+
+/// The `[metrics]` table.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsSettings {
+    /// Export per-tenant hit and miss counters with a `tenant` label
+    /// (`DCC_AGENT_METRICS__TENANT_LABELS`). Off by default: every tenant
+    /// adds series to every scrape.
+    pub tenant_labels: bool,
 }
 
 impl Default for Settings {
@@ -119,6 +131,7 @@ impl Default for Settings {
             resp_default_tenant: None,
             encrypt: Vec::new(),
             encryption_keys: None,
+            metrics: MetricsSettings::default(),
         }
     }
 }

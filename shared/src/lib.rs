@@ -17,6 +17,7 @@
 //!   Redis pools, shutdown.
 //! - [`auth`]: bearer tokens with tenant scopes, checked by both services.
 //! - [`audit`]: the audit trail both services write and the coordinator serves.
+//! - [`sketch`]: the space-saving sketch of the most read keys (`GET /v1/stats`).
 
 pub mod audit;
 pub mod auth;
@@ -30,4 +31,5 @@ pub mod registry;
 pub mod schema;
 pub mod script;
 pub mod service;
+pub mod sketch;
 pub mod store;

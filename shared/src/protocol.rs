@@ -250,6 +250,93 @@ pub struct NodeReport {
     pub staleness_bound_ms: u64,
     /// When this report was written (Unix milliseconds).
     pub ts_ms: u64,
+    /// Per-tenant figures since the agent started (at most
+    /// [`MAX_REPORTED_TENANTS`], the busiest), for `GET /v1/stats`. Absent
+    /// in reports of older agents.
+    #[serde(default)]
+    pub tenants: Vec<TenantReport>,
+}
+
+/// The most tenants one agent reports figures for (the busiest by reads).
+pub const MAX_REPORTED_TENANTS: usize = 64;
+
+/// One tenant's figures in one agent since it started. Counters only grow,
+/// so the coordinator can add up the latest report of every agent.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TenantReport {
+    /// The tenant.
+    pub tenant: String,
+    /// Reads answered from L1.
+    pub l1_hits: u64,
+    /// Reads answered from L2 (Redis).
+    pub l2_hits: u64,
+    /// Reads answered by neither (404 with a fill token).
+    pub misses: u64,
+    /// Entries of the tenant in L1 now.
+    pub entries: u64,
+    /// Bytes of the tenant in L1 now (as L1 charges them).
+    pub bytes: u64,
+    /// Invalidations of the tenant applied to L1 (every agent applies every one).
+    pub invalidations: u64,
+    /// Fills kept out of L1 because an invalidation of the tenant raced them.
+    pub fills_refused: u64,
+    /// L1 entries evicted to make room.
+    pub evictions: u64,
+    /// Of those, entries evicted before their first L1 hit.
+    pub evicted_unread: u64,
+    /// The most read keys (a space-saving sketch: `reads` may overcount by up to `error`).
+    pub top_keys: Vec<KeyReads>,
+    /// Reads by key prefix (the key up to its first `:`).
+    pub prefixes: Vec<PrefixReport>,
+    /// Invalidations and hits by tag.
+    pub tags: Vec<TagReport>,
+}
+
+/// One heavy hitter of a space-saving sketch.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct KeyReads {
+    /// The key.
+    pub key: String,
+    /// Reads counted for it (an upper bound).
+    pub reads: u64,
+    /// How much of `reads` may belong to keys it displaced from the sketch.
+    pub error: u64,
+}
+
+/// Reads of the keys sharing one prefix, with the sums behind the typical
+/// gap between two reads of one key and the TTL it is stored with.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PrefixReport {
+    /// The key up to its first `:` (the whole key when it has none).
+    pub prefix: String,
+    /// Reads.
+    pub reads: u64,
+    /// Of which answered from L1 or L2.
+    pub hits: u64,
+    /// Sum of the gaps measured between two reads of one key that L1 missed (ms).
+    pub gap_ms_sum: u64,
+    /// How many gaps were measured.
+    pub gaps: u64,
+    /// Sum of the TTLs of the writes (ms).
+    pub ttl_ms_sum: u64,
+    /// How many writes.
+    pub writes: u64,
+}
+
+/// One tag: how often it was invalidated, and how often its entries were hit.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TagReport {
+    /// The tag.
+    pub tag: String,
+    /// Invalidations naming the tag applied to L1.
+    pub invalidations: u64,
+    /// L1 hits of entries carrying the tag, counted as each entry leaves L1.
+    pub hits: u64,
+    /// Entries carrying the tag stored in L1.
+    pub fills: u64,
 }
 
 /// One epoch standing for several partitions' epochs: the epoch itself when

@@ -110,6 +110,31 @@ async fn cachectl_runs_every_command_in_both_output_modes_with_the_contracts_exi
     );
     assert!(ok(&t, &["-o", "table", "keys", "acme"]).await.stdout.contains("k2"));
 
+    // stats: the reads above reach the coordinator with the agent's heartbeats.
+    let read_k1 = |stats: &Value| {
+        let tenants = stats["tenants"].as_array().cloned().unwrap_or_default();
+        tenants.iter().any(|x| {
+            let hits = x["l1_hits"].as_u64().unwrap_or(0) + x["l2_hits"].as_u64().unwrap_or(0);
+            x["tenant"] == "acme" && hits >= 2 && x["top_keys"][0]["key"] == "k1"
+        })
+    };
+    let counted = crate::wait_until(PROPAGATION_DEADLINE, || async {
+        let run = cachectl(&t, Some(OPS), &["-o", "json", "stats"], b"").await;
+        run.code == 0 && read_k1(&run.json())
+    })
+    .await;
+    assert!(counted, "the reads of acme/k1 never showed in cachectl stats");
+    let shown = ok(&t, &["-o", "table", "stats"]).await.stdout;
+    assert!(shown.contains("acme") && shown.contains("most read keys") && shown.contains("k1"), "{shown}");
+    let mine = cachectl(&t, Some(READER), &["-o", "json", "stats", "acme"], b"").await;
+    assert_eq!(mine.code, 0, "{}", mine.stderr);
+    let tenants = mine.json()["tenants"].as_array().cloned().unwrap_or_default();
+    assert!(!tenants.is_empty() && tenants.iter().all(|x| x["tenant"] == "acme"), "{}", mine.stdout);
+    let theirs = cachectl(&t, Some(READER), &["stats", "globex"], b"").await;
+    assert_eq!(theirs.code, 3, "another tenant's stats: {}", theirs.stderr);
+    let bad = cachectl(&t, Some(OPS), &["stats", "not a tenant"], b"").await;
+    assert_eq!(bad.code, 1, "the server refuses a malformed tenant: {}", bad.stderr);
+
     // invalidate: a dry run changes nothing, then --wait, then the key is gone (exit 5).
     let dry = ok(&t, &["-o", "json", "invalidate", "acme", "--tag", "t1", "--dry-run"]).await.json();
     assert_eq!((dry["dry_run"].as_bool(), dry["count"].as_u64()), (Some(true), Some(1)), "{dry}");

@@ -20,6 +20,7 @@ mod openapi;
 mod operations;
 mod resp;
 mod sentinel;
+mod stats;
 mod tls;
 
 use std::time::{Duration, Instant};

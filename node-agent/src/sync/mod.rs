@@ -478,6 +478,7 @@ async fn beat(agent: &Agent) -> anyhow::Result<(registry::Beat, Heads)> {
         hit_ratio: status.l1.hit_ratio,
         staleness_bound_ms: status.staleness_bound_ms,
         ts_ms: now_ms(),
+        tenants: agent.tenant_reports(),
     };
     // Under Sentinel: the heads are read from the primary the sentinels
     // name now, never from an old one that still answers.

@@ -1,0 +1,389 @@
+//! Per-tenant read figures for `GET /v1/stats`: hits by layer and misses, the
+//! most read keys (a space-saving sketch), and reads by key prefix with the
+//! typical gap between two reads of one key and the TTL it is written with.
+//!
+//! Reads are counted on the agent's read path, L1 hits included, so the
+//! tally must cost a hit next to nothing: it is split into shards, each
+//! thread counting into its own (a thread takes one at its first read, in
+//! turn), so a hit locks a mutex no other thread is using and touches no
+//! line another core writes. Nothing is allocated once a tenant and a
+//! prefix are known, but to lengthen a sketch slot for a longer key. Gaps are measured on L1 misses only, in one table
+//! for all threads (a miss has just waited on Redis): a key read within its
+//! TTL is a hit, and a key whose reads keep missing is what the gap
+//! explains. Everything is bounded: [`MAX_TENANTS`] tenants a shard,
+//! [`TOP_KEYS`] keys and [`MAX_PREFIXES`] prefixes a tenant.
+//!
+//! [`Usage::report`] merges the shards with what L1 counts (see
+//! [`crate::l1::L1::tenant_figures`]) into the heartbeat's `tenants`.
+
+use std::cell::Cell;
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard};
+use std::time::Instant;
+
+use shared::protocol::{PrefixReport, TenantReport, MAX_REPORTED_TENANTS};
+use shared::sketch::SpaceSaving;
+
+/// Keys a tenant's sketch holds.
+pub const TOP_KEYS: usize = 16;
+/// Prefixes counted per tenant; reads of later ones count for the tenant only.
+pub const MAX_PREFIXES: usize = 16;
+/// Tenants one shard counts; reads of later ones are not counted.
+pub const MAX_TENANTS: usize = 256;
+/// Keys per prefix whose last missed read is remembered, for gaps.
+const GAP_SLOTS: usize = 64;
+
+/// How a read was answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Served {
+    /// From L1.
+    L1,
+    /// From L2.
+    L2,
+    /// Not cached.
+    Miss,
+}
+
+/// Gaps between missed reads of the keys of one prefix.
+#[derive(Debug, Clone)]
+struct Gaps {
+    /// The last missed read of a few keys: (key hash, ms since start), indexed by the hash.
+    recent: Box<[(u64, u64)]>,
+    /// Sum of the gaps measured (ms).
+    sum_ms: u64,
+    /// How many.
+    count: u64,
+}
+
+impl Default for Gaps {
+    fn default() -> Self {
+        Gaps { recent: vec![(0, 0); GAP_SLOTS].into_boxed_slice(), sum_ms: 0, count: 0 }
+    }
+}
+
+impl Gaps {
+    /// A missed read of the key hashed `h`, `now_ms` since start.
+    fn missed(&mut self, h: u64, now_ms: u64) {
+        let slot = &mut self.recent[(h % GAP_SLOTS as u64) as usize];
+        if slot.0 == h && slot.1 != 0 {
+            self.sum_ms += now_ms.saturating_sub(slot.1);
+            self.count += 1;
+        }
+        // Never 0: that marks an empty slot.
+        *slot = (h, now_ms.max(1));
+    }
+}
+
+/// Gaps by tenant, then by prefix.
+type GapTables = HashMap<String, HashMap<String, Gaps>>;
+
+/// One tenant's reads in one shard.
+#[derive(Debug, Clone)]
+struct Tally {
+    /// Reads answered from L1.
+    l1_hits: u64,
+    /// Reads answered from L2.
+    l2_hits: u64,
+    /// Reads not cached.
+    misses: u64,
+    /// The most read keys.
+    top: SpaceSaving,
+    /// Per prefix, at most [`MAX_PREFIXES`].
+    prefixes: Vec<PrefixReport>,
+}
+
+impl Default for Tally {
+    fn default() -> Self {
+        Tally { l1_hits: 0, l2_hits: 0, misses: 0, top: SpaceSaving::new(TOP_KEYS), prefixes: Vec::new() }
+    }
+}
+
+impl Tally {
+    fn prefix(&mut self, key: &str) -> Option<&mut PrefixReport> {
+        let prefix = prefix_of(key);
+        match self.prefixes.iter().position(|p| p.prefix == prefix) {
+            Some(i) => self.prefixes.get_mut(i),
+            None if self.prefixes.len() < MAX_PREFIXES => {
+                self.prefixes.push(PrefixReport { prefix: prefix.to_string(), ..PrefixReport::default() });
+                self.prefixes.last_mut()
+            }
+            None => None,
+        }
+    }
+}
+
+/// The prefix a key is counted under: up to its first `:`.
+pub fn prefix_of(key: &str) -> &str {
+    key.split_once(':').map_or(key, |(prefix, _)| prefix)
+}
+
+/// One shard: the tenants one set of threads counted, on its own cache lines.
+#[repr(align(128))]
+#[derive(Default)]
+struct Shard(Mutex<HashMap<String, Tally, Fnv>>);
+
+/// FNV-1a: tenant names are short, and SipHash's setup would be most of a hit's cost.
+#[derive(Clone, Copy, Default)]
+struct Fnv;
+
+/// The state of an FNV-1a hash.
+struct FnvHasher(u64);
+
+impl BuildHasher for Fnv {
+    type Hasher = FnvHasher;
+    fn build_hasher(&self) -> FnvHasher {
+        FnvHasher(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Hasher for FnvHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+}
+
+fn hash(key: &str) -> u64 {
+    let mut h = Fnv.build_hasher();
+    h.write(key.as_bytes());
+    h.finish()
+}
+
+/// The per-tenant read tally of one agent.
+pub struct Usage {
+    /// One per thread, in turn (more threads than shards share them).
+    shards: Box<[Shard]>,
+    /// Gaps between missed reads, for every thread (only misses touch it).
+    gaps: Mutex<GapTables>,
+    /// Gaps are measured in ms since then.
+    started: Instant,
+}
+
+/// Which shard this thread counts into (its number; `usize::MAX` until its first read).
+static NEXT_THREAD: AtomicUsize = AtomicUsize::new(0);
+thread_local!(static THREAD: Cell<usize> = const { Cell::new(usize::MAX) });
+
+impl Default for Usage {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Usage {
+    /// An empty tally, with a shard for each of twice as many threads as cores.
+    pub fn new() -> Self {
+        let threads = std::thread::available_parallelism().map_or(8, |n| n.get());
+        let shards = (0..(2 * threads).clamp(4, 64)).map(|_| Shard::default()).collect();
+        Usage { shards, gaps: Mutex::default(), started: Instant::now() }
+    }
+
+    fn shard(&self) -> MutexGuard<'_, HashMap<String, Tally, Fnv>> {
+        let thread = THREAD.with(|t| {
+            if t.get() == usize::MAX {
+                t.set(NEXT_THREAD.fetch_add(1, Ordering::Relaxed));
+            }
+            t.get()
+        });
+        let shard = &self.shards[thread % self.shards.len()];
+        shard.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn with_tally(&self, tenant: &str, f: impl FnOnce(&mut Tally)) {
+        let mut shard = self.shard();
+        if let Some(tally) = shard.get_mut(tenant) {
+            return f(tally);
+        }
+        if shard.len() < MAX_TENANTS {
+            f(shard.entry(tenant.to_string()).or_default());
+        }
+    }
+
+    /// Counts one read of `key` and how it was answered.
+    pub fn read(&self, tenant: &str, key: &str, served: Served) {
+        self.with_tally(tenant, |tally| {
+            match served {
+                Served::L1 => tally.l1_hits += 1,
+                Served::L2 => tally.l2_hits += 1,
+                Served::Miss => tally.misses += 1,
+            }
+            tally.top.offer(key, 1);
+            if let Some(prefix) = tally.prefix(key) {
+                prefix.reads += 1;
+                if served != Served::Miss {
+                    prefix.hits += 1;
+                }
+            }
+        });
+        if served != Served::L1 {
+            self.missed(tenant, key);
+        }
+    }
+
+    /// Measures the gap since the last missed read of `key`, if remembered.
+    fn missed(&self, tenant: &str, key: &str) {
+        let now_ms = self.started.elapsed().as_millis() as u64;
+        let mut gaps = self.gaps.lock().unwrap_or_else(|p| p.into_inner());
+        if !gaps.contains_key(tenant) && gaps.len() >= MAX_TENANTS {
+            return;
+        }
+        let prefixes = gaps.entry(tenant.to_string()).or_default();
+        let prefix = prefix_of(key);
+        if !prefixes.contains_key(prefix) && prefixes.len() >= MAX_PREFIXES {
+            return;
+        }
+        prefixes.entry(prefix.to_string()).or_default().missed(hash(key), now_ms);
+    }
+
+    /// Counts a write of `key` with its TTL.
+    pub fn write(&self, tenant: &str, key: &str, ttl_ms: u64) {
+        self.with_tally(tenant, |tally| {
+            if let Some(prefix) = tally.prefix(key) {
+                prefix.writes += 1;
+                prefix.ttl_ms_sum += ttl_ms;
+            }
+        });
+    }
+
+    /// Every counted tenant's (L1 hits, L2 hits, misses), for `/metrics`.
+    pub fn totals(&self) -> HashMap<String, [u64; 3]> {
+        let mut totals: HashMap<String, [u64; 3]> = HashMap::new();
+        for shard in self.shards.iter() {
+            let shard = shard.0.lock().unwrap_or_else(|p| p.into_inner());
+            for (tenant, tally) in shard.iter() {
+                let t = totals.entry(tenant.clone()).or_default();
+                t[0] += tally.l1_hits;
+                t[1] += tally.l2_hits;
+                t[2] += tally.misses;
+            }
+        }
+        totals
+    }
+
+    /// Every tenant's figures: the shards merged, with what L1 counted
+    /// (`l1`, by tenant); the [`MAX_REPORTED_TENANTS`] busiest, by name.
+    pub fn report(&self, mut l1: HashMap<String, TenantReport>) -> Vec<TenantReport> {
+        let mut merged: HashMap<String, Tally> = HashMap::new();
+        for shard in self.shards.iter() {
+            let shard = shard.0.lock().unwrap_or_else(|p| p.into_inner());
+            for (tenant, tally) in shard.iter() {
+                match merged.get_mut(tenant) {
+                    None => {
+                        merged.insert(tenant.clone(), tally.clone());
+                    }
+                    Some(into) => {
+                        into.l1_hits += tally.l1_hits;
+                        into.l2_hits += tally.l2_hits;
+                        into.misses += tally.misses;
+                        into.top.merge(&tally.top);
+                        for p in &tally.prefixes {
+                            match into.prefixes.iter_mut().find(|q| q.prefix == p.prefix) {
+                                Some(q) => add_prefix(q, p),
+                                None => into.prefixes.push(p.clone()),
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let gaps = self.gaps.lock().unwrap_or_else(|p| p.into_inner());
+        let mut reports: Vec<TenantReport> = merged
+            .into_iter()
+            .map(|(tenant, mut tally)| {
+                for (prefix, g) in gaps.get(&tenant).into_iter().flatten() {
+                    if let Some(p) = tally.prefixes.iter_mut().find(|p| p.prefix == *prefix) {
+                        p.gap_ms_sum = g.sum_ms;
+                        p.gaps = g.count;
+                    }
+                }
+                let mut report = l1.remove(&tenant).unwrap_or_default();
+                report.tenant = tenant;
+                report.l1_hits = tally.l1_hits;
+                report.l2_hits = tally.l2_hits;
+                report.misses = tally.misses;
+                report.top_keys = tally.top.top();
+                report.prefixes = tally.prefixes;
+                report.prefixes.sort_by(|a, b| a.prefix.cmp(&b.prefix));
+                report
+            })
+            .collect();
+        // Tenants with entries but no read through this agent yet.
+        reports.extend(l1.into_values());
+        let reads = |r: &TenantReport| r.l1_hits + r.l2_hits + r.misses;
+        reports.sort_by(|a, b| reads(b).cmp(&reads(a)).then_with(|| b.entries.cmp(&a.entries)));
+        reports.truncate(MAX_REPORTED_TENANTS);
+        reports.sort_by(|a, b| a.tenant.cmp(&b.tenant));
+        reports
+    }
+}
+
+/// Adds one prefix's figures to another's.
+pub fn add_prefix(into: &mut PrefixReport, from: &PrefixReport) {
+    into.reads += from.reads;
+    into.hits += from.hits;
+    into.gap_ms_sum += from.gap_ms_sum;
+    into.gaps += from.gaps;
+    into.ttl_ms_sum += from.ttl_ms_sum;
+    into.writes += from.writes;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_are_counted_per_tenant_layer_and_prefix_across_threads() {
+        let usage = std::sync::Arc::new(Usage::new());
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let usage = usage.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..100 {
+                        usage.read("t", "user:1", Served::L1);
+                    }
+                    usage.read("t", "order:9", Served::L2);
+                    usage.read("t", "order:9", Served::Miss);
+                    usage.write("t", "order:9", 1000);
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().expect("no panic");
+        }
+        let report = usage.report(HashMap::new());
+        assert_eq!(report.len(), 1);
+        let t = &report[0];
+        assert_eq!((t.l1_hits, t.l2_hits, t.misses), (400, 4, 4));
+        assert_eq!(t.top_keys[0].key, "user:1");
+        assert_eq!(t.top_keys[0].reads, 400);
+        let order = t.prefixes.iter().find(|p| p.prefix == "order").expect("the order prefix");
+        assert_eq!((order.reads, order.hits, order.writes, order.ttl_ms_sum), (8, 4, 4, 4000));
+        // Every missed read of order:9 but the first measured a gap, whatever its thread.
+        assert_eq!(order.gaps, 7);
+    }
+
+    #[test]
+    fn tenants_and_prefixes_are_bounded() {
+        let usage = Usage {
+            shards: vec![Shard::default()].into_boxed_slice(),
+            gaps: Mutex::default(),
+            started: Instant::now(),
+        };
+        for i in 0..(MAX_TENANTS + 10) {
+            usage.read(&format!("t{i}"), "k", Served::Miss);
+        }
+        for i in 0..(MAX_PREFIXES + 10) {
+            usage.read("t0", &format!("p{i}:k"), Served::Miss);
+        }
+        let report = usage.report(HashMap::new());
+        assert_eq!(report.len(), MAX_REPORTED_TENANTS);
+        let t0 = report.iter().find(|t| t.tenant == "t0").expect("the busiest tenant is reported");
+        assert_eq!(t0.misses, 1 + MAX_PREFIXES as u64 + 10, "the tenant counts every read");
+        assert_eq!(t0.prefixes.len(), MAX_PREFIXES);
+    }
+}
