@@ -29,6 +29,7 @@ pub fn configure(cfg: &mut ServiceConfig) {
         .service(rules)
         .service(audit_trail)
         .service(keys)
+        .service(crate::stream::stream)
         .service(shared::service::healthz)
         .service(readyz)
         .service(metrics);

@@ -9,7 +9,8 @@
 //!   is answered 401 `unauthorized` (with `WWW-Authenticate: Bearer`) whatever
 //!   else is wrong with it; a known one travels with the request as a
 //!   [`Caller`]. The probes (and `/metrics`, unless
-//!   `metrics_token_required`) stay open.
+//!   `metrics_token_required`), the API documents and the dashboard's static
+//!   files stay open.
 //! - Each handler then asks [`Caller::allow`] for the scope it needs on the
 //!   tenants it touches, before it touches anything: 403 `forbidden`, naming
 //!   the missing scope or tenant. A request that names several tenants is
@@ -286,6 +287,9 @@ pub async fn authenticate(
     let open = match req.path() {
         "/healthz" | "/readyz" => true,
         path if crate::openapi::is_docs_path(path) => true,
+        // The coordinator's dashboard: static files that hold no data (its
+        // script sends the token with every call it makes).
+        path if path == "/dashboard" || path.starts_with("/dashboard/") => true,
         "/metrics" => !access.metrics_token_required,
         _ => false,
     };
