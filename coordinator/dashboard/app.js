@@ -219,10 +219,10 @@ function drawChart() {
 }
 function niceCeil(v) {
   const p = Math.pow(10, Math.floor(Math.log10(v)));
-  for (const m of [1, 2, 2.5, 5, 10]) if (m * p >= v) return m * p;
+  for (const m of [1, 2, 4, 8, 10]) if (m * p >= v) return m * p;
   return 10 * p;
 }
-function formatAxis(v) { return v >= 1000 ? (v / 1000).toFixed(1) + "k" : (Number.isInteger(v) ? v : v.toFixed(1)); }
+function formatAxis(v) { return v >= 1000 ? (v / 1000).toFixed(1) + "k" : String(Math.round(v * 100) / 100); }
 window.addEventListener("resize", drawChart);
 
 // ---------- the invalidation stream ----------
