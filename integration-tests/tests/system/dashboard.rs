@@ -327,6 +327,18 @@ impl TestCluster {
             .unwrap_or_else(|e| panic!("PUT: {e}"));
         assert_eq!(resp.status().as_u16(), 204);
     }
+
+    /// GETs `acme/key` on agent `i` with the admin token (a hit or a miss in its stats).
+    async fn get_authorized(&self, i: usize, key: &str) {
+        let resp = self
+            .http
+            .get(self.agent(i).url(&format!("/v1/cache/acme/{key}")))
+            .bearer_auth(ADMIN)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("GET: {e}"));
+        assert!(matches!(resp.status().as_u16(), 200 | 404), "GET acme/{key}: {}", resp.status());
+    }
 }
 
 /// The browser part of the dashboard test.
@@ -372,6 +384,21 @@ async fn drive(t: &TestCluster, browser: &Client) -> Result<(), String> {
         invalidate(t, json!({"tenant": "globex", "keys": [key]})).await;
     }
     invalidate(t, json!({"tenant": "acme", "tags": ["users"]})).await;
+    // Entries and hits in every L1, for the page (and the screenshot) to show.
+    for i in 0..3 {
+        for j in 0..=i + 2 {
+            let key = format!("product:{i}{j}");
+            t.put_authorized(i, &key).await;
+            for _ in 0..=j {
+                t.get_authorized(i, &key).await;
+            }
+        }
+    }
+
+    for node in ["agent-1", "agent-2", "agent-3"] {
+        let ratio = format!("#nodes tr[data-node='{node}'] td:nth-child(6)");
+        wait_for_text(browser, &ratio, "a hit ratio", |text| !text.is_empty() && text != "0.0 %").await;
+    }
 
     // A frozen node: lagging (an invalidation it does not apply), then dead.
     t.agent(2).proc.signal(Signal::SIGSTOP).map_err(|e| format!("SIGSTOP: {e}"))?;
