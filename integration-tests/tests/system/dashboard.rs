@@ -419,6 +419,32 @@ async fn drive(t: &TestCluster, browser: &Client) -> Result<(), String> {
     std::fs::write(&path, &png).map_err(|e| format!("{}: {e}", path.display()))?;
     eprintln!("dashboard screenshot: {}", path.display());
 
+    // The admin's guarded invalidation: a dry run first, nothing done until confirmed.
+    let actions = browser.find(Locator::Id("actions")).await.map_err(|e| fail("actions", e))?;
+    let shown = wait_until(SHOWN_WITHIN, || async { actions.is_displayed().await.unwrap_or(false) }).await;
+    if !shown {
+        return Err("the admin's actions are not shown".into());
+    }
+    t.put_authorized(0, "guarded:1").await;
+    let fill = |id: &'static str, text: &'static str| async move {
+        let field = browser.find(Locator::Id(id)).await.map_err(|e| fail(id, e))?;
+        field.clear().await.map_err(|e| fail(id, e))?;
+        field.send_keys(text).await.map_err(|e| fail(id, e))
+    };
+    fill("inv-tenant", "acme").await?;
+    fill("inv-value", "guarded:1").await?;
+    let before = api_seq(t).await;
+    let preview = browser.find(Locator::Css("#invalidate-form button")).await.map_err(|e| fail("preview", e))?;
+    preview.click().await.map_err(|e| fail("preview", e))?;
+    wait_for_text(browser, "#preview-text", "the dry run", |text| text.contains("Would delete 1 L2 entry")).await;
+    if api_seq(t).await != before {
+        return Err("the dry run invalidated something".into());
+    }
+    let confirm = browser.find(Locator::Id("confirm")).await.map_err(|e| fail("confirm", e))?;
+    confirm.click().await.map_err(|e| fail("confirm", e))?;
+    wait_for_text(browser, "#action-result", "the invalidation done", |text| text.starts_with("Invalidated")).await;
+    wait_for_text(browser, "#feed", "the confirmed invalidation", |text| text.contains("guarded:1")).await;
+
     // Thawed, it is synced again.
     t.agent(2).proc.signal(Signal::SIGCONT).map_err(|e| format!("SIGCONT: {e}"))?;
     let pill = "#nodes tr[data-node='agent-3'] .pill";
