@@ -20,6 +20,10 @@ const SCRIPT: &str = include_str!("../dashboard/app.js");
 const POLICY: &str =
     "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'";
 
+/// Served without a token (see `shared::auth::Access::open_pages`): the
+/// files hold no data.
+pub const OPEN_PAGES: &[&str] = &["/dashboard"];
+
 /// Registers `/dashboard` and its two assets.
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.route("/dashboard", web::get().to(|| async { asset("text/html; charset=utf-8", INDEX) }))

@@ -303,6 +303,9 @@ async fn the_dashboard_shows_nodes_seq_live_invalidations_and_a_frozen_node_in_w
         let resp = t.http.get(t.cluster.coordinator.url(asset)).send().await.expect(asset);
         assert_eq!(resp.status().as_u16(), 200, "{asset}");
     }
+    // Only the coordinator opens it: an agent asks for a token first, as for any path.
+    let resp = t.http.get(t.agent(0).url("/dashboard")).send().await.expect("GET an agent's /dashboard");
+    assert_eq!(resp.status().as_u16(), 401);
 
     let driver = Chromedriver::start().await;
     let browser = driver.session().await;
