@@ -5,6 +5,8 @@
 //!   where to go and as whom.
 //! - `-o json` prints the server's JSON; `-o table` a table. The default is a
 //!   table on a terminal and JSON otherwise, so scripts get JSON.
+//! - `watch` follows the coordinator's invalidation stream (server-sent
+//!   events) until Ctrl-C, resuming after the last event when it breaks.
 //! - Exit status: 0 done, 1 the server refused or failed (its error code and
 //!   message on stderr), 2 a usage error, 3 not authorized (401, 403), 4 a
 //!   `--wait` that timed out (504), 5 not found (`get` of a key that is not
