@@ -9,7 +9,7 @@ SHELL := /bin/bash
 RUN_RELEASE = $(CARGO) run --release --quiet -p integration-tests --bin
 RUN_DEBUG = $(CARGO) run --quiet -p integration-tests --bin
 
-.PHONY: demo test run chaos bench fuzz build release lint redis promtool venv openapi clean demo-check
+.PHONY: demo test run chaos bench fuzz build release lint redis promtool chromium venv openapi clean demo-check
 
 ## demo: start a private Redis, a coordinator and 3 agents; tell the story; stop everything
 ## (a debug build: it compiles in about half the time of a release build, and make test's
@@ -23,7 +23,7 @@ demo: redis build
 ## stale-read checker, on a Redis Cluster (3 masters, 3 replicas) and under Sentinel (a
 ## primary, a replica, 3 sentinels);
 ## then the criterion benches once each, as tests (criterion takes no --test-threads)
-test: redis promtool venv build
+test: redis promtool chromium venv build
 	$(CARGO) test --workspace --lib --bins --tests -- --test-threads=1
 	DCC_TEST_REDIS=cluster $(CARGO) test -p integration-tests --test system -- --test-threads=1 $(TOPOLOGY_TESTS)
 	DCC_TEST_REDIS=sentinel $(CARGO) test -p integration-tests --test system -- --test-threads=1 $(TOPOLOGY_TESTS)
@@ -121,6 +121,20 @@ promtool:
 			|| { echo "apt-get could not install prometheus (for promtool); install it and retry"; exit 1; }; \
 	else \
 		echo "no apt-get here: install promtool (Prometheus 2.x) with your package manager and retry"; exit 1; \
+	fi
+
+## chromium: make sure Debian's chromium and chromium-driver are installed: the dashboard's
+## test (tests/system/dashboard.rs) drives headless Chromium through chromedriver
+chromium:
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then exit 0; fi; \
+	echo "chromium or chromedriver is missing (the dashboard's test drives them): installing them with apt-get"; \
+	if command -v apt-get >/dev/null 2>&1; then \
+		if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null 2>&1; then SUDO=sudo; else \
+			echo "run as root, or install chromium yourself (apt-get install chromium chromium-driver)"; exit 1; fi; \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null \
+			|| { echo "apt-get could not install chromium and chromium-driver; install them and retry"; exit 1; }; \
+	else \
+		echo "no apt-get here: install Chromium and its chromedriver (same version) with your package manager and retry"; exit 1; \
 	fi
 
 ## venv: the Python tools of make test (schemathesis, the property-based client run against

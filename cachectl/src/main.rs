@@ -5,6 +5,8 @@
 //!   where to go and as whom.
 //! - `-o json` prints the server's JSON; `-o table` a table. The default is a
 //!   table on a terminal and JSON otherwise, so scripts get JSON.
+//! - `watch` follows the coordinator's invalidation stream (server-sent
+//!   events) until Ctrl-C, resuming after the last event when it breaks.
 //! - Exit status: 0 done, 1 the server refused or failed (its error code and
 //!   message on stderr), 2 a usage error, 3 not authorized (401, 403), 4 a
 //!   `--wait` that timed out (504), 5 not found (`get` of a key that is not
@@ -141,6 +143,12 @@ enum Command {
         #[arg(long, default_value_t = 100)]
         limit: usize,
     },
+    /// Follows the invalidations as they are logged, one line each, until Ctrl-C.
+    Watch {
+        /// Only this tenant's invalidations.
+        #[arg(long)]
+        tenant: Option<String>,
+    },
 }
 
 /// Why a command did not succeed, and its exit status.
@@ -245,6 +253,124 @@ impl Api {
     async fn post_json(&self, url: String, body: &Value) -> Result<Value, Failure> {
         self.send(self.http.post(url).json(body)).await?.json()
     }
+}
+
+/// How long `watch` waits before reconnecting to a stream that ended.
+const RECONNECT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// `watch`: reads `GET /v1/invalidations/stream` (server-sent events) and
+/// prints each invalidation as it comes: a line of columns, or its JSON on
+/// one line. A stream that breaks is resumed where it stopped
+/// (`Last-Event-ID`); a refusal (401, 403, 400) or a coordinator that cannot
+/// be reached at first ends it with the contract's exit status. Ctrl-C ends it (0).
+async fn watch(
+    api: &Api,
+    tenant: Option<String>,
+    output: Output,
+    print: &mut impl FnMut(String),
+) -> Result<(), Failure> {
+    let url = match &tenant {
+        Some(t) => api.coordinator(&format!("/v1/invalidations/stream?tenant={}", segment(t))),
+        None => api.coordinator("/v1/invalidations/stream"),
+    };
+    if output == Output::Table {
+        print(format!("{:<12} {:>8} {:<16} {:<40} {}", "TIME", "SEQ", "TENANT", "INVALIDATED", "ORIGIN"));
+    }
+    let mut last_id: Option<String> = None;
+    let mut connected_once = false;
+    loop {
+        let mut request = api.http.get(&url).header("Accept", "text/event-stream");
+        if let Some(id) = &last_id {
+            request = request.header("Last-Event-ID", id.as_str());
+        }
+        if let Some(token) = &api.token {
+            request = request.bearer_auth(token);
+        }
+        let resp = match request.send().await {
+            Ok(resp) => resp,
+            Err(e) if !connected_once => return Err(Failure::Transport(format!("cannot reach the service: {e}"))),
+            Err(_) => {
+                tokio::time::sleep(RECONNECT).await;
+                continue;
+            }
+        };
+        let status = resp.status().as_u16();
+        if status >= 400 {
+            let body = resp.bytes().await.map(|b| b.to_vec()).unwrap_or_default();
+            let error: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+            let text = |f: &str| error[f].as_str().map(str::to_string);
+            return Err(Failure::Server {
+                status,
+                code: text("error").unwrap_or_else(|| format!("http_{status}")),
+                message: text("message").unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned()),
+            });
+        }
+        connected_once = true;
+        let mut resp = resp;
+        let mut buffer = String::new();
+        // Until the stream ends or breaks; then reconnect.
+        while let Ok(Some(chunk)) = resp.chunk().await {
+            buffer.push_str(&String::from_utf8_lossy(&chunk).replace("\r\n", "\n"));
+            while let Some(end) = buffer.find("\n\n") {
+                let frame: String = buffer.drain(..end + 2).collect();
+                let (id, data) = parse_frame(&frame);
+                if let Some(id) = id {
+                    last_id = Some(id);
+                }
+                if let Some(event) = data.and_then(|d| serde_json::from_str::<Value>(&d).ok()) {
+                    match output {
+                        Output::Json => print(serde_json::to_string(&event).unwrap_or_default()),
+                        Output::Table => watch_lines(&event).into_iter().for_each(&mut *print),
+                    }
+                }
+            }
+        }
+        tokio::time::sleep(RECONNECT).await;
+    }
+}
+
+/// The `id:` and the `data:` of an `invalidation` event (comments and other
+/// events have no data here).
+fn parse_frame(frame: &str) -> (Option<String>, Option<String>) {
+    let (mut id, mut event, mut data) = (None, "message", Vec::new());
+    for line in frame.lines() {
+        if line.starts_with(':') {
+            continue;
+        }
+        let (field, value) = line.split_once(':').unwrap_or((line, ""));
+        let value = value.strip_prefix(' ').unwrap_or(value);
+        match field {
+            "id" => id = Some(value.to_string()),
+            "event" => event = value,
+            "data" => data.push(value),
+            _ => {}
+        }
+    }
+    let data = (event == "invalidation" && !data.is_empty()).then(|| data.join("\n"));
+    (id, data)
+}
+
+/// One line per tenant an invalidation names.
+fn watch_lines(event: &Value) -> Vec<String> {
+    let ts = event["ts_ms"].as_u64().unwrap_or(0);
+    let time = format!("{:02}:{:02}:{:02}.{:03}", ts / 3_600_000 % 24, ts / 60_000 % 60, ts / 1000 % 60, ts % 1000);
+    let seq = event["seq"].as_u64().unwrap_or(0);
+    let origin = event["origin"].as_str().unwrap_or("");
+    let empty = Vec::new();
+    event["invalidations"]
+        .as_array()
+        .unwrap_or(&empty)
+        .iter()
+        .map(|selector| {
+            let mut what = Vec::new();
+            for (field, word) in [("keys", "key"), ("tags", "tag"), ("patterns", "pattern")] {
+                for item in selector[field].as_array().unwrap_or(&empty) {
+                    what.push(format!("{word} {}", cell(item)));
+                }
+            }
+            format!("{time:<12} {seq:>8} {:<16} {:<40} {origin}", cell(&selector["tenant"]), what.join(", "))
+        })
+        .collect()
 }
 
 /// A table with a header row.
@@ -536,6 +662,12 @@ async fn run(cli: Cli, output: Output) -> Result<(), Failure> {
                 Output::Json => pretty(&answer),
                 Output::Table => invalidation_table(&answer),
             });
+        }
+        Command::Watch { tenant } => {
+            tokio::select! {
+                result = watch(&api, tenant, output, &mut print) => result?,
+                _ = tokio::signal::ctrl_c() => {}
+            }
         }
         Command::Keys { tenant, pattern, limit } => {
             if limit == 0 {

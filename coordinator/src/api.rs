@@ -30,6 +30,7 @@ pub fn configure(cfg: &mut ServiceConfig) {
         .service(audit_trail)
         .service(keys)
         .service(stats)
+        .service(crate::stream::stream)
         .service(shared::service::healthz)
         .service(readyz)
         .service(metrics);

@@ -12,15 +12,19 @@
 //! - [`cluster`]: the nodes' reports and Redis's health.
 //! - [`stats`]: per-tenant figures from the nodes' reports, and recommendations.
 //! - [`api`]: the HTTP endpoints.
+//! - [`stream`]: the invalidation log tailed as server-sent events.
+//! - [`dashboard`]: the live page (`/dashboard`), embedded in the binary.
 //! - [`server`]: binding, Redis watch, graceful shutdown.
 
 pub mod api;
 pub mod barrier;
 pub mod batch;
 pub mod cluster;
+pub mod dashboard;
 pub mod events;
 pub mod rules;
 pub mod server;
 pub mod settings;
 pub mod state;
 pub mod stats;
+pub mod stream;

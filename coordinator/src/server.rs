@@ -71,6 +71,7 @@ impl Application {
                 .configure(api::configure)
                 .into_app()
                 .configure(shared::openapi::serve_docs(doc.clone()))
+                .configure(crate::dashboard::configure)
                 .default_service(web::to(shared::service::not_found))
         })
         .workers(workers)
@@ -110,6 +111,7 @@ impl Application {
             result = &mut server => result?,
             signal = shutdown => {
                 info!(signal, "shutting down gracefully");
+                coordinator.inner().closing.cancel();
                 let (_, result) = tokio::join!(handle.stop(true), &mut server);
                 result?;
             }

@@ -112,7 +112,13 @@ impl Settings {
 
     /// Who may call the API: the tokens, checked (see [`shared::auth`]).
     pub fn access(&self) -> Result<shared::auth::Access, String> {
-        shared::auth::Access::from_settings(&self.bind, &self.tokens, self.metrics_token_required, self.allow_anonymous)
+        let access = shared::auth::Access::from_settings(
+            &self.bind,
+            &self.tokens,
+            self.metrics_token_required,
+            self.allow_anonymous,
+        )?;
+        Ok(shared::auth::Access { open_pages: crate::dashboard::OPEN_PAGES, ..access })
     }
 
     /// What the coordinator needs besides `redis_url` to reach Redis.

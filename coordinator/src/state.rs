@@ -55,6 +55,9 @@ pub struct Inner {
     pub started: Instant,
     /// Metrics.
     pub metrics: Metrics,
+    /// Cancelled when shutdown begins: ends the endless answers (the
+    /// invalidation stream) so that the graceful stop does not wait for them.
+    pub closing: tokio_util::sync::CancellationToken,
 }
 
 /// The coordinator's Prometheus metrics.
@@ -199,6 +202,7 @@ impl Coordinator {
             outage: std::sync::atomic::AtomicU8::new(0),
             started: Instant::now(),
             metrics: Metrics::new(),
+            closing: tokio_util::sync::CancellationToken::new(),
         })))
     }
 

@@ -9,7 +9,8 @@
 //!   is answered 401 `unauthorized` (with `WWW-Authenticate: Bearer`) whatever
 //!   else is wrong with it; a known one travels with the request as a
 //!   [`Caller`]. The probes (and `/metrics`, unless
-//!   `metrics_token_required`) stay open.
+//!   `metrics_token_required`), the API documents and a process's
+//!   [`Access::open_pages`] stay open.
 //! - Each handler then asks [`Caller::allow`] for the scope it needs on the
 //!   tenants it touches, before it touches anything: 403 `forbidden`, naming
 //!   the missing scope or tenant. A request that names several tenants is
@@ -257,6 +258,10 @@ pub struct Access {
     pub tokens: Tokens,
     /// Whether `/metrics` needs a token too.
     pub metrics_token_required: bool,
+    /// Pages served without a token, each with everything under it (the
+    /// coordinator's `/dashboard`: static files that hold no data; its
+    /// script sends the token with every call it makes).
+    pub open_pages: &'static [&'static str],
 }
 
 impl Access {
@@ -271,7 +276,7 @@ impl Access {
     ) -> Result<Access, String> {
         let tokens = Tokens::new(tokens)?;
         check_exposure(bind, &tokens, allow_anonymous)?;
-        Ok(Access { tokens, metrics_token_required })
+        Ok(Access { tokens, metrics_token_required, open_pages: &[] })
     }
 }
 
@@ -286,6 +291,7 @@ pub async fn authenticate(
     let open = match req.path() {
         "/healthz" | "/readyz" => true,
         path if crate::openapi::is_docs_path(path) => true,
+        path if access.open_pages.iter().any(|page| under(path, page)) => true,
         "/metrics" => !access.metrics_token_required,
         _ => false,
     };
@@ -303,6 +309,11 @@ pub async fn authenticate(
         }
         None => Err((unauthorized().into(), req)),
     }
+}
+
+/// Whether `path` is `page` or below it.
+fn under(path: &str, page: &str) -> bool {
+    path.strip_prefix(page).is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
 }
 
 /// Refuses to serve without tokens on an address other than loopback, unless
@@ -335,6 +346,14 @@ mod tests {
             tenants: tenants.iter().map(|t| t.to_string()).collect(),
             scopes: scopes.to_vec(),
         }
+    }
+
+    #[test]
+    fn an_open_page_covers_what_is_below_it_and_nothing_else() {
+        assert!(under("/dashboard", "/dashboard"));
+        assert!(under("/dashboard/app.js", "/dashboard"));
+        assert!(!under("/dashboards", "/dashboard"));
+        assert!(!under("/v1/dashboard", "/dashboard"));
     }
 
     #[test]

@@ -31,6 +31,7 @@ async fn main() -> std::process::ExitCode {
     let c = &cluster.coordinator;
     println!("redis        {}", cluster.redis_url());
     println!("coordinator  {}   (health: {})", c.url(""), c.url("/v1/cluster/health"));
+    println!("dashboard    {}", c.url("/dashboard"));
     for agent in &cluster.agents {
         println!("{:<12} {}   (status: {})", agent.proc.name, agent.url(""), agent.url("/v1/status"));
     }

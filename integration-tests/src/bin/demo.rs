@@ -64,6 +64,7 @@ async fn run() -> anyhow::Result<()> {
     let cluster = Cluster::start(options).await.context("starting the cluster")?;
     println!("   redis        {}", cluster.redis_url());
     println!("   coordinator  http://{}", cluster.coordinator.addr);
+    println!("   dashboard    {}", cluster.coordinator.url("/dashboard"));
     for agent in &cluster.agents {
         println!("   {:<12} http://{}", agent.proc.name, agent.addr);
     }
@@ -82,6 +83,9 @@ async fn run() -> anyhow::Result<()> {
     step("Stopping everything");
     drop(cluster);
     println!("   done: nothing is left running");
+    step("The dashboard");
+    println!("   `make run` keeps a cluster running (without tokens) until Ctrl-C; its live dashboard is at");
+    println!("   http://127.0.0.1:7700/dashboard   (make run prints another port when 7700 is taken)");
     result
 }
 

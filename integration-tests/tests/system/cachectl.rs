@@ -205,3 +205,111 @@ async fn cachectl_runs_every_command_in_both_output_modes_with_the_contracts_exi
     .await;
     assert!(back, "the agent did not answer after SIGCONT");
 }
+
+/// A running `cachectl ... watch`, killed on drop.
+struct Watch {
+    child: tokio::process::Child,
+    lines: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+}
+
+impl Watch {
+    fn start(t: &TestCluster, args: &[&str]) -> Watch {
+        let mut child = tokio::process::Command::new(bin_path("cachectl"))
+            .arg("--coordinator")
+            .arg(t.cluster.coordinator.url(""))
+            .args(args)
+            .env("DCC_TOKEN", OPS)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cachectl watch: {e}"));
+        let stdout = child.stdout.take().expect("stdout");
+        Watch { child, lines: tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout)) }
+    }
+
+    /// Invalidates `acme/watch:N` (and `globex/watch:N`, which an acme filter
+    /// must hide) once a second until a line naming an acme key comes; the
+    /// watcher may not be connected before the first ones. Returns every line read.
+    async fn until_acme_line(&mut self, t: &TestCluster) -> Vec<String> {
+        let mut read = Vec::new();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(45);
+        for n in 0.. {
+            assert!(std::time::Instant::now() < deadline, "cachectl watch printed no invalidation: {read:?}");
+            for tenant in ["globex", "acme"] {
+                let body = serde_json::json!({"tenant": tenant, "keys": [format!("watch:{n}")]});
+                let resp = t
+                    .http
+                    .post(t.cluster.coordinator.url("/v1/invalidate"))
+                    .bearer_auth(OPS)
+                    .json(&body)
+                    .send()
+                    .await
+                    .expect("POST /v1/invalidate");
+                assert_eq!(resp.status().as_u16(), 200);
+            }
+            let second = tokio::time::sleep(std::time::Duration::from_secs(1));
+            tokio::pin!(second);
+            loop {
+                tokio::select! {
+                    line = self.lines.next_line() => {
+                        let line = line.expect("reading cachectl's output").expect("cachectl watch ended");
+                        let done = line.contains("acme") && line.contains("watch:");
+                        read.push(line);
+                        if done {
+                            return read;
+                        }
+                    }
+                    _ = &mut second => break,
+                }
+            }
+        }
+        unreachable!()
+    }
+
+    async fn stop(mut self) {
+        let _ = self.child.start_kill();
+        let _ = self.child.wait().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cachectl_watch_prints_each_invalidation_as_a_line_or_as_json_until_killed() {
+    let t = TestCluster::with(integration_tests::ClusterOptions {
+        agents: 1,
+        coordinator_toml: tokens(),
+        agent_toml: tokens(),
+        ..integration_tests::ClusterOptions::default()
+    })
+    .await;
+
+    // -o json: one JSON object a line, each an invalidation.
+    let mut watch = Watch::start(&t, &["-o", "json", "watch"]);
+    let lines = watch.until_acme_line(&t).await;
+    watch.stop().await;
+    for line in &lines {
+        let event: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(event["seq"].is_u64() && event["id"].is_string(), "{event}");
+    }
+    let last: Value = serde_json::from_str(lines.last().expect("a line")).expect("JSON");
+    assert_eq!(last["invalidations"][0]["tenant"], "acme", "{last}");
+    assert!(last["invalidations"][0]["keys"][0].as_str().is_some_and(|k| k.starts_with("watch:")), "{last}");
+
+    // A table, filtered to acme: a header, then lines without globex.
+    let mut watch = Watch::start(&t, &["-o", "table", "watch", "--tenant", "acme"]);
+    let lines = watch.until_acme_line(&t).await;
+    watch.stop().await;
+    assert!(lines[0].starts_with("TIME") && lines[0].contains("TENANT"), "{lines:?}");
+    assert!(lines[1..].iter().all(|l| l.contains("acme") && l.contains("key watch:")), "{lines:?}");
+    assert!(!lines.iter().any(|l| l.contains("globex")), "{lines:?}");
+
+    // Refused: 3 without a token or with a token for other tenants, 1 for a bad tenant.
+    let run = cachectl(&t, None, &["watch"], b"").await;
+    assert_eq!(run.code, 3, "{}", run.stderr);
+    let run = cachectl(&t, Some(READER), &["watch", "--tenant", "globex"], b"").await;
+    assert_eq!(run.code, 3, "{}", run.stderr);
+    assert!(run.stderr.contains("forbidden"), "{}", run.stderr);
+    let run = cachectl(&t, Some(OPS), &["watch", "--tenant", "no such"], b"").await;
+    assert_eq!(run.code, 1, "{}", run.stderr);
+}

@@ -11,6 +11,7 @@ mod cache_api;
 mod cachectl;
 mod cluster;
 mod credentials;
+mod dashboard;
 mod deploy_files;
 mod encryption;
 mod faults;
