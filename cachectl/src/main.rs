@@ -175,6 +175,18 @@ impl Failure {
     }
 }
 
+/// The server's error answer (`{"error", "message"}`) as a failure; a body
+/// that is not one keeps its text as the message.
+fn refusal(status: u16, body: &[u8]) -> Failure {
+    let error: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+    let text = |f: &str| error[f].as_str().map(str::to_string);
+    Failure::Server {
+        status,
+        code: text("error").unwrap_or_else(|| format!("http_{status}")),
+        message: text("message").unwrap_or_else(|| String::from_utf8_lossy(body).into_owned()),
+    }
+}
+
 impl std::fmt::Display for Failure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -227,13 +239,7 @@ impl Api {
         let headers = resp.headers().clone();
         let body = resp.bytes().await.map_err(|e| Failure::Transport(format!("reading the answer: {e}")))?.to_vec();
         if status >= 400 {
-            let error: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-            let text = |f: &str| error[f].as_str().map(str::to_string);
-            return Err(Failure::Server {
-                status,
-                code: text("error").unwrap_or_else(|| format!("http_{status}")),
-                message: text("message").unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned()),
-            });
+            return Err(refusal(status, &body));
         }
         Ok(Answer { headers, body })
     }
@@ -297,13 +303,7 @@ async fn watch(
         let status = resp.status().as_u16();
         if status >= 400 {
             let body = resp.bytes().await.map(|b| b.to_vec()).unwrap_or_default();
-            let error: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-            let text = |f: &str| error[f].as_str().map(str::to_string);
-            return Err(Failure::Server {
-                status,
-                code: text("error").unwrap_or_else(|| format!("http_{status}")),
-                message: text("message").unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned()),
-            });
+            return Err(refusal(status, &body));
         }
         connected_once = true;
         let mut resp = resp;
