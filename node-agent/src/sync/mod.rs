@@ -155,7 +155,20 @@ async fn catch_up(agent: &Agent, conn: &mut Conn, p: u16) -> anyhow::Result<()> 
 /// Handles one broadcast payload of partition `p`.
 async fn on_message(agent: &Agent, p: u16, payload: &[u8]) -> anyhow::Result<()> {
     match InvalidationMessage::decode(payload) {
-        Ok(msg) if msg.p == p => apply_in_order(agent, p, msg).await,
+        Ok(msg) if msg.p == p => {
+            let seq = msg.seq;
+            if let Err(e) = apply_in_order(agent, p, msg).await {
+                // Redis failed while the message was being put in order (a
+                // replay or a fork check): it is not applied, and it may
+                // invalidate anything of the partition. The subscription
+                // starts over and catches up; meanwhile none of the
+                // partition's entries may be served on the strength of an
+                // earlier proof.
+                flush_partition(agent, p, &format!("invalidation {seq} could not be applied: {e:#}"));
+                return Err(e);
+            }
+            Ok(())
+        }
         Ok(msg) => {
             agent.inner().metrics.gaps.inc();
             flush_partition(agent, p, &format!("a message of partition {} on this partition's channel", msg.p));
