@@ -246,8 +246,14 @@ impl SyncState {
         self.partitions.len() as u16
     }
 
-    /// Whether L1 may answer for partition `p`: a proof of sync younger than the bound.
+    /// Whether L1 may answer for partition `p`: a proof of sync younger than
+    /// the bound, on a subscription still alive. Once the subscription is
+    /// known lost, messages may be missed from that moment on, so no earlier
+    /// proof counts any more (a new one needs the new subscription).
     pub fn in_sync(&self, p: u16) -> bool {
+        if !self.subscribed.load(Ordering::Acquire) {
+            return false;
+        }
         let proven = self.partition(p).proven_at.load(Ordering::Acquire);
         if proven == 0 {
             return false;
