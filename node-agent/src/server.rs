@@ -114,9 +114,15 @@ impl Application {
         let stop = CancellationToken::new();
         let mut tasks = sync::spawn(&agent, stop.clone());
         if let Some((listener, port)) = resp {
-            let listener = tokio::net::TcpListener::from_std(listener)?;
-            info!(addr = %listener.local_addr()?, "Redis protocol port listening");
-            tasks.push(tokio::spawn(port.serve(listener, stop.clone())));
+            let threads = agent.settings().resp_threads;
+            info!(addr = %listener.local_addr()?, threads, "Redis protocol port listening");
+            for thread in port.serve_on_threads(listener, threads, stop.clone())? {
+                tasks.push(tokio::task::spawn_blocking(move || {
+                    if thread.join().is_err() {
+                        tracing::error!("a Redis protocol port thread panicked");
+                    }
+                }));
+            }
         }
         info!(%addr, node_id = agent.node_id(), "node agent listening");
         let handle = server.handle();

@@ -83,6 +83,8 @@ pub struct Settings {
     pub resp_bind: Option<String>,
     /// Tenant of a Redis protocol connection that does not `AUTH` with one.
     pub resp_default_tenant: Option<String>,
+    /// Threads (event loops) serving the Redis protocol port.
+    pub resp_threads: usize,
     /// Which entries are sealed in L2 (`[[encrypt]]`, file only).
     pub encrypt: Vec<crate::encryption::EncryptRule>,
     /// `ID:BASE64,…` 32-byte AES keys, the first sealing new writes
@@ -129,6 +131,7 @@ impl Default for Settings {
             allow_anonymous: false,
             resp_bind: None,
             resp_default_tenant: None,
+            resp_threads: 1,
             encrypt: Vec::new(),
             encryption_keys: None,
             metrics: MetricsSettings::default(),
@@ -202,6 +205,9 @@ impl Settings {
         if self.replica_timeout_ms == 0 {
             problems.push("replica_timeout_ms must be at least 1");
         }
+        if self.resp_threads == 0 || self.resp_threads > 64 {
+            problems.push("resp_threads must be between 1 and 64");
+        }
         if let Some(id) = &self.node_id {
             if id.is_empty() || id.len() > 128 || id.chars().any(|c| c.is_control() || c.is_whitespace()) {
                 problems.push("node_id must be 1 to 128 characters without whitespace or control characters");
@@ -234,5 +240,20 @@ impl Settings {
         } else {
             Err(format!("configuration error: {}", all.join("; ")))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_redis_protocol_port_settings_are_checked() {
+        let refused = |s: Settings| s.validate().expect_err("refused");
+        assert!(refused(Settings { resp_threads: 0, ..Settings::default() }).contains("resp_threads"));
+        assert!(refused(Settings { resp_threads: 65, ..Settings::default() }).contains("resp_threads"));
+        let tenant = Settings { resp_default_tenant: Some("two words".into()), ..Settings::default() };
+        assert!(refused(tenant).contains("resp_default_tenant"));
+        Settings { resp_threads: 4, ..Settings::default() }.validate().expect("4 threads are fine");
     }
 }
