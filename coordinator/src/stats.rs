@@ -158,13 +158,7 @@ pub fn aggregate<'a>(reports: impl IntoIterator<Item = &'a [TenantReport]>, visi
                 None => sum.top = Some(sketch),
             }
             for p in &t.prefixes {
-                let into = sum.prefixes.entry(p.prefix.clone()).or_default();
-                into.reads += p.reads;
-                into.hits += p.hits;
-                into.gap_ms_sum += p.gap_ms_sum;
-                into.gaps += p.gaps;
-                into.ttl_ms_sum += p.ttl_ms_sum;
-                into.writes += p.writes;
+                sum.prefixes.entry(p.prefix.clone()).or_default().add(p);
             }
             for tag in &t.tags {
                 let into = sum.tags.entry(tag.tag.clone()).or_default();

@@ -731,20 +731,25 @@ mod tests {
         }
     }
 
+    /// A connection's state with nothing authenticated or remembered yet.
+    fn session(protocol: u8) -> Session {
+        Session {
+            id: 1,
+            protocol,
+            tenant: None,
+            caller: None,
+            tokens: Tokens::default(),
+            name: None,
+            fills: HashMap::new(),
+            order: VecDeque::new(),
+        }
+    }
+
     #[test]
     fn replies_encode_in_both_protocols() {
         let encode = |protocol: u8, reply: Reply| {
             let mut out = BytesMut::new();
-            let session = Session {
-                id: 1,
-                protocol,
-                tenant: None,
-                caller: None,
-                tokens: Tokens::default(),
-                name: None,
-                fills: HashMap::new(),
-                order: VecDeque::new(),
-            };
+            let session = session(protocol);
             session.reply(&mut out, reply);
             String::from_utf8(out.to_vec()).unwrap_or_default()
         };
@@ -759,16 +764,7 @@ mod tests {
 
     #[test]
     fn a_connection_remembers_a_bounded_number_of_fill_tokens() {
-        let mut session = Session {
-            id: 1,
-            protocol: 2,
-            tenant: None,
-            caller: None,
-            tokens: Tokens::default(),
-            name: None,
-            fills: HashMap::new(),
-            order: VecDeque::new(),
-        };
+        let mut session = session(2);
         for i in 0..REMEMBERED_FILLS + 10 {
             session.remember_fill(format!("k{i}"), format!("t{i}"));
         }

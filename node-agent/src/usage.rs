@@ -283,7 +283,7 @@ impl Usage {
                         into.top.merge(&tally.top);
                         for p in &tally.prefixes {
                             match into.prefixes.iter_mut().find(|q| q.prefix == p.prefix) {
-                                Some(q) => add_prefix(q, p),
+                                Some(q) => q.add(p),
                                 None => into.prefixes.push(p.clone()),
                             }
                         }
@@ -320,16 +320,6 @@ impl Usage {
         reports.sort_by(|a, b| a.tenant.cmp(&b.tenant));
         reports
     }
-}
-
-/// Adds one prefix's figures to another's.
-pub fn add_prefix(into: &mut PrefixReport, from: &PrefixReport) {
-    into.reads += from.reads;
-    into.hits += from.hits;
-    into.gap_ms_sum += from.gap_ms_sum;
-    into.gaps += from.gaps;
-    into.ttl_ms_sum += from.ttl_ms_sum;
-    into.writes += from.writes;
 }
 
 #[cfg(test)]

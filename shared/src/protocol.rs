@@ -325,6 +325,19 @@ pub struct PrefixReport {
     pub writes: u64,
 }
 
+impl PrefixReport {
+    /// Adds another report's figures of the same prefix (of another thread,
+    /// or another agent) to these.
+    pub fn add(&mut self, other: &PrefixReport) {
+        self.reads += other.reads;
+        self.hits += other.hits;
+        self.gap_ms_sum += other.gap_ms_sum;
+        self.gaps += other.gaps;
+        self.ttl_ms_sum += other.ttl_ms_sum;
+        self.writes += other.writes;
+    }
+}
+
 /// One tag: how often it was invalidated, and how often its entries were hit.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
