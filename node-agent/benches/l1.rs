@@ -36,9 +36,11 @@ fn value() -> Bytes {
     Bytes::from(vec![b'x'; 100])
 }
 
-fn entry(value: &Bytes, tags: &[&str]) -> Entry {
+fn entry(key: &str, value: &Bytes, tags: &[&str]) -> Entry {
     Entry::new(
-        value.clone(),
+        TENANT,
+        key,
+        value,
         "application/json",
         tags.iter().map(|t| t.to_string()).collect(),
         Vec::new(),
@@ -50,9 +52,9 @@ fn key(i: usize) -> String {
     format!("supplier:{i}:detail")
 }
 
-fn store(l1: &L1, key: &str, entry: Entry) {
+fn store(l1: &L1, entry: Entry) {
     let guard = l1.fill_guard(TENANT);
-    assert!(l1.insert(TENANT, key, entry, guard), "no invalidation races the benchmark's own fills");
+    assert!(l1.insert(entry, guard), "no invalidation races the benchmark's own fills");
 }
 
 /// 100k entries, each with a broad tag and one of 1000 narrower ones.
@@ -61,7 +63,7 @@ fn populated() -> L1 {
     let value = value();
     for i in 0..ENTRIES {
         let group = format!("supplier-group:{}", i % 1000);
-        store(&l1, &key(i), entry(&value, &["suppliers", &group]));
+        store(&l1, entry(&key(i), &value, &["suppliers", &group]));
     }
     l1.maintain();
     assert_eq!(l1.entries(), ENTRIES as u64, "nothing was evicted");
@@ -117,11 +119,11 @@ fn bench_l1(c: &mut Criterion) {
                 // Make sure the key is absent and its removal already folded into the indexes.
                 l1.apply(&drop_fresh);
                 l1.maintain();
-                entry(&value, &["suppliers", "supplier:fresh"])
+                entry(fresh, &value, &["suppliers", "supplier:fresh"])
             },
             |entry| {
                 let guard = l1.fill_guard(TENANT);
-                l1.insert(TENANT, fresh, entry, guard)
+                l1.insert(entry, guard)
             },
             BatchSize::PerIteration,
         )
@@ -132,7 +134,7 @@ fn bench_l1(c: &mut Criterion) {
     group.bench_function("apply_key", |b| {
         b.iter_batched(
             || {
-                store(&l1, &one, entry(&value, &["suppliers", "supplier-group:0"]));
+                store(&l1, entry(&one, &value, &["suppliers", "supplier-group:0"]));
                 l1.maintain();
             },
             |()| assert_eq!(l1.apply(black_box(&drop_one)), 1),
@@ -146,7 +148,7 @@ fn bench_l1(c: &mut Criterion) {
         b.iter_batched(
             || {
                 for key in &tagged {
-                    store(&l1, key, entry(&value, &["suppliers", HOT_TAG]));
+                    store(&l1, entry(key, &value, &["suppliers", HOT_TAG]));
                 }
                 l1.maintain();
             },

@@ -80,7 +80,7 @@ pub enum Read {
     /// Found, with the layer that had it.
     Hit {
         /// The entry.
-        entry: Arc<l1::Entry>,
+        entry: l1::Entry,
         /// Where it was found.
         layer: Layer,
     },
@@ -333,16 +333,18 @@ impl Agent {
             Some(found) => {
                 m.hits.l2.inc();
                 let entry = l1::Entry::new(
-                    Bytes::from(found.value),
+                    tenant,
+                    key,
+                    &found.value,
                     &found.content_type,
                     found.tags,
                     found.depends_on,
                     Duration::from_millis(found.ttl_ms),
                 );
                 if fill {
-                    self.0.l1.insert(tenant, key, entry.clone(), guard);
+                    self.0.l1.insert(entry.clone(), guard);
                 }
-                Ok(Read::Hit { entry: Arc::new(entry), layer: Layer::L2 })
+                Ok(Read::Hit { entry, layer: Layer::L2 })
             }
             None => {
                 m.misses.l2.inc();
@@ -402,8 +404,9 @@ impl Agent {
             .await
             .map_err(|e| self.l2_failed(e))?
             .map_err(|stale| AgentError::StaleFill(stale.explain()))?;
-        let entry = l1::Entry::new(put.value, &content_type, put.tags, put.depends_on, Duration::from_secs(ttl_secs));
-        self.0.l1.insert(tenant, key, entry, guard);
+        let ttl = Duration::from_secs(ttl_secs);
+        let entry = l1::Entry::new(tenant, key, &put.value, &content_type, put.tags, put.depends_on, ttl);
+        self.0.l1.insert(entry, guard);
         self.0.usage.write(tenant, key, ttl_secs.saturating_mul(1000));
         Ok(())
     }

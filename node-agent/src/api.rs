@@ -152,13 +152,13 @@ async fn get_entry(req: HttpRequest, agent: web::Data<Agent>, caller: Caller) ->
             let mut resp = HttpResponse::Ok();
             resp.insert_header((
                 header::CONTENT_TYPE,
-                HeaderValue::from_str(&entry.content_type)
+                HeaderValue::from_str(entry.content_type())
                     .unwrap_or(HeaderValue::from_static("application/octet-stream")),
             ))
             .insert_header((X_CACHE, HeaderValue::from_static(if layer == Layer::L1 { "L1" } else { "L2" })))
-            .insert_header((X_CACHE_TAGS, entry.tags.join(",")))
+            .insert_header((X_CACHE_TAGS, entry.tags().collect::<Vec<_>>().join(",")))
             .insert_header((X_CACHE_TTL, HeaderValue::from(entry.ttl_left().as_secs())));
-            Ok(resp.body(entry.value.clone()))
+            Ok(resp.body(entry.value()))
         }
         Read::Miss { fill_token } => {
             let err = ApiError::new(

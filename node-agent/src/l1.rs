@@ -1,175 +1,336 @@
 //! L1: the in-memory cache of one agent, bounded by bytes, with a TTL per entry,
-//! and the indexes that let an invalidation find its entries: per tenant, its
-//! keys (for patterns), tag members, and dependents (`depends_on` edges).
+//! and the indexes that let an invalidation find its entries: per tenant, tag
+//! members and dependents (`depends_on` edges); patterns walk the entries.
 //!
-//! Reads go straight to moka without any lock. Writes that change what an
-//! invalidation could find (inserts, invalidations, flushes) take the index
-//! lock, so an invalidation never runs between an entry entering the cache and
-//! entering the indexes. A fill that read L2 before an invalidation of its
-//! tenant was applied is refused (see [`FillGuard`]), so an invalidation that
-//! arrives while L2 is being read cannot let the old value in.
-//!
-//! moka reports removals (evictions, expiry, replacement) through a listener
-//! that may run inside a cache call; it only queues the removed entry, and the
-//! queue is folded into the indexes at the next write, matched by generation so
-//! that a replaced entry never removes the index records of its successor.
+//! Reads go to the sharded [`store`] under a shard's read lock and never touch
+//! the indexes. Every change (inserts, invalidations, evictions, expiry sweeps,
+//! flushes) is made with the index lock held, so an invalidation never runs
+//! between an entry entering the store and entering the indexes, and index
+//! records always describe the entries held. A fill that read L2 before an
+//! invalidation of its tenant was applied is refused (see [`FillGuard`]), so
+//! an invalidation that arrives while L2 is being read cannot let the old
+//! value in.
 //!
 //! The per-tenant figures of `GET /v1/stats` that L1 knows (entries, bytes,
 //! evictions, invalidations, refused fills, tag hits) are kept beside the
 //! indexes, on the write paths only. The one thing a hit records is in the
-//! entry itself: its read count ([`Reads`]), a plain load and store on the
-//! entry a lookup has just touched, so a hit takes no lock and no shared line.
+//! entry itself: its read count ([`Entry::reads`]) and its use count for
+//! eviction, plain loads and stores on the entry a lookup has just touched.
 
-use std::borrow::Borrow;
+mod store;
+
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
+use std::fmt;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use moka::notification::RemovalCause;
-use moka::sync::Cache;
-use moka::Expiry;
+use triomphe::ThinArc;
 
 use shared::glob;
 use shared::protocol::{Selector, TagReport, TenantReport};
 use shared::schema::Layout;
 
-/// An entry's name: its tenant, a NUL, its key, in one shared string
-/// (a tenant cannot contain NUL; see `shared::names`). The cache and every
-/// index record of the entry hold the same string, so a key is stored once
-/// however many indexes name it, and a lookup by `&str` allocates nothing.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct EntryKey(Arc<str>);
+use store::{Cause, Store};
 
-impl EntryKey {
-    fn new(tenant: &str, key: &str) -> Self {
-        EntryKey(with_name(tenant, key, |name| Arc::from(name)))
-    }
+/// The moment L1's clock counts from: an entry's expiry is held as
+/// nanoseconds since then (8 bytes, where an `Instant` takes 16).
+static ORIGIN: LazyLock<Instant> = LazyLock::new(Instant::now);
 
-    fn tenant(&self) -> &str {
-        self.0.split_once('\0').map_or(&*self.0, |(tenant, _)| tenant)
-    }
-
-    fn key(&self) -> &str {
-        self.0.split_once('\0').map_or("", |(_, key)| key)
-    }
+/// Nanoseconds from [`ORIGIN`] to `at` (0 for anything earlier).
+fn ns_since_origin(at: Instant) -> u64 {
+    u64::try_from(at.saturating_duration_since(*ORIGIN).as_nanos()).unwrap_or(u64::MAX)
 }
 
-impl Borrow<str> for EntryKey {
-    fn borrow(&self) -> &str {
-        &self.0
-    }
-}
-
-/// Calls `f` with the name of `tenant`/`key` (see [`EntryKey`]), spelled out
-/// in a buffer of this thread: reads name entries without allocating.
-fn with_name<R>(tenant: &str, key: &str, f: impl FnOnce(&str) -> R) -> R {
-    thread_local!(static NAME: RefCell<String> = const { RefCell::new(String::new()) });
+/// Calls `f` with the name of `tenant`/`key`: the tenant, a NUL, the key (a
+/// tenant cannot contain NUL; see `shared::names`), spelled out in a buffer of
+/// this thread, so that a lookup allocates nothing.
+fn with_name<R>(tenant: &str, key: &str, f: impl FnOnce(&[u8]) -> R) -> R {
+    thread_local!(static NAME: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) });
     NAME.with(|cell| match cell.try_borrow_mut() {
         Ok(mut name) => {
             name.clear();
-            name.push_str(tenant);
-            name.push('\0');
-            name.push_str(key);
+            name.extend_from_slice(tenant.as_bytes());
+            name.push(0);
+            name.extend_from_slice(key.as_bytes());
             f(&name)
         }
         // Only if `f` itself named an entry: spell this one out afresh.
-        Err(_) => f(&format!("{tenant}\0{key}")),
+        Err(_) => f(format!("{tenant}\0{key}").as_bytes()),
     })
 }
 
-/// An entry held in L1.
-#[derive(Debug, Clone)]
-pub struct Entry {
-    /// The value.
-    pub value: Bytes,
-    /// Its content type (the common ones shared, not copied per entry).
-    pub content_type: Arc<str>,
-    /// Tags it carries.
-    pub tags: Box<[String]>,
-    /// Keys it depends on.
-    pub depends_on: Box<[String]>,
-    /// When it expires (the same moment as in L2).
-    pub expires_at: Instant,
-    /// Insertion generation, to match index records with this very entry.
-    generation: u64,
-    /// L1 hits of this entry.
-    reads: Reads,
-}
+/// An entry held in L1, cheap to clone (a reference count). Its header (16
+/// bytes), name (tenant, NUL, key), value and, if it has any, its tags,
+/// dependencies and uncommon content type share one allocation. The header is
+/// kept to 16 bytes on purpose: with the allocator's rounding, a 100-byte
+/// value with a short key then takes a 160-byte block instead of a 192-byte one.
+#[derive(Clone)]
+pub struct Entry(ThinArc<Header, u8>);
 
-/// How often an entry was hit in L1. Counted with a relaxed load and store,
-/// not a locked add: two threads hitting one entry at once may count one hit
-/// (the figures are statistics), and a hit costs no atomic read-modify-write.
-#[derive(Debug, Default)]
-pub struct Reads(AtomicU32);
-
-impl Reads {
-    fn hit(&self) {
-        let n = self.0.load(Ordering::Relaxed);
-        self.0.store(n.saturating_add(1), Ordering::Relaxed);
-    }
-
-    /// Hits counted so far.
-    pub fn get(&self) -> u32 {
-        self.0.load(Ordering::Relaxed)
-    }
-}
-
-impl Clone for Reads {
-    fn clone(&self) -> Self {
-        Reads(AtomicU32::new(self.get()))
-    }
+/// The fixed part of an entry.
+struct Header {
+    /// When it expires, in nanoseconds since [`ORIGIN`] (the same moment as in L2).
+    expires_at: u64,
+    /// Its use count for eviction (0 to 3, in the top 2 bits; see
+    /// `store`) and its L1 hits (the other 30). Both change with a relaxed
+    /// load and store rather than a locked add: two threads hitting one entry
+    /// at once may count one hit (the figures are statistics), and a hit
+    /// costs no read-modify-write.
+    uses_and_reads: AtomicU32,
+    /// Bytes of the name; the value follows it.
+    name_len: u16,
+    /// Index into [`COMMON_CONTENT_TYPES`] (or [`OTHER_CONTENT_TYPE`]), plus
+    /// [`HAS_META`] when tags, dependencies or the content type follow the value.
+    kind: u8,
 }
 
 /// Content types most entries have, held once for all of them.
-static COMMON_CONTENT_TYPES: LazyLock<[Arc<str>; 5]> = LazyLock::new(|| {
-    [
-        "application/octet-stream",
-        "application/json",
-        "text/plain; charset=utf-8",
-        "text/plain",
-        "text/html; charset=utf-8",
-    ]
-    .map(Arc::from)
-});
+const COMMON_CONTENT_TYPES: [&str; 5] = [
+    "application/octet-stream",
+    "application/json",
+    "text/plain; charset=utf-8",
+    "text/plain",
+    "text/html; charset=utf-8",
+];
+/// The entry's content type is in its meta.
+const OTHER_CONTENT_TYPE: u8 = 0x7f;
+/// After the value come the meta (tags, dependencies, and the content type
+/// if uncommon, each a 2-byte length and the bytes) and its length in 4 bytes.
+const HAS_META: u8 = 0x80;
+/// The highest use count, and where it sits in `uses_and_reads`.
+const MAX_USES: u32 = 3;
+const USES_SHIFT: u32 = 30;
+const READS_MASK: u32 = (1 << USES_SHIFT) - 1;
 
 impl Entry {
-    /// An entry expiring `ttl` from now.
-    pub fn new(value: Bytes, content_type: &str, tags: Vec<String>, depends_on: Vec<String>, ttl: Duration) -> Self {
-        let content_type = COMMON_CONTENT_TYPES
-            .iter()
-            .find(|common| ***common == *content_type)
-            .cloned()
-            .unwrap_or_else(|| Arc::from(content_type));
-        Entry {
-            value,
-            content_type,
-            tags: tags.into_boxed_slice(),
-            depends_on: depends_on.into_boxed_slice(),
-            expires_at: Instant::now() + ttl,
-            generation: 0,
-            reads: Reads::default(),
+    /// The entry of `tenant`/`key`, expiring `ttl` from now. The value is
+    /// copied into the entry's own allocation, so it never keeps a larger
+    /// buffer it was sliced from alive.
+    pub fn new(
+        tenant: &str,
+        key: &str,
+        value: &[u8],
+        content_type: &str,
+        tags: Vec<String>,
+        depends_on: Vec<String>,
+        ttl: Duration,
+    ) -> Self {
+        let common = COMMON_CONTENT_TYPES.iter().position(|c| *c == content_type);
+        let mut data = Vec::with_capacity(tenant.len() + 1 + key.len() + value.len());
+        data.extend_from_slice(tenant.as_bytes());
+        data.push(0);
+        data.extend_from_slice(key.as_bytes());
+        let name_len = data.len();
+        data.extend_from_slice(value);
+        let mut kind = common.map_or(OTHER_CONTENT_TYPE, |i| i as u8);
+        if common.is_none() || !tags.is_empty() || !depends_on.is_empty() {
+            kind |= HAS_META;
+            let meta_start = data.len();
+            // Counts and lengths take 2 bytes: a tag is at most 256 bytes
+            // and a key 1024 (`shared::names`), a content type a header value.
+            fn put_count(data: &mut Vec<u8>, n: usize) {
+                data.extend_from_slice(&u16::try_from(n).unwrap_or(u16::MAX).to_le_bytes());
+            }
+            fn put_string(data: &mut Vec<u8>, s: &str) {
+                let bytes = &s.as_bytes()[..s.len().min(usize::from(u16::MAX))];
+                put_count(data, bytes.len());
+                data.extend_from_slice(bytes);
+            }
+            for list in [&tags, &depends_on] {
+                let list = &list[..list.len().min(usize::from(u16::MAX))];
+                put_count(&mut data, list.len());
+                list.iter().for_each(|s| put_string(&mut data, s));
+            }
+            if common.is_none() {
+                put_string(&mut data, content_type);
+            }
+            let meta_len = u32::try_from(data.len() - meta_start).unwrap_or(u32::MAX);
+            data.extend_from_slice(&meta_len.to_le_bytes());
+        }
+        let header = Header {
+            expires_at: ns_since_origin(Instant::now() + ttl),
+            uses_and_reads: AtomicU32::new(0),
+            // A tenant is at most 64 bytes and a key 1024 (`shared::names`).
+            name_len: u16::try_from(name_len).unwrap_or(u16::MAX),
+            kind,
+        };
+        Entry(ThinArc::from_header_and_slice(header, &data))
+    }
+
+    fn header(&self) -> &Header {
+        &self.0.header.header
+    }
+
+    /// The meta's bytes (empty without).
+    fn meta(&self) -> &[u8] {
+        let data = &self.0.slice;
+        if self.header().kind & HAS_META == 0 || data.len() < 4 {
+            return &[];
+        }
+        let (rest, len) = data.split_at(data.len() - 4);
+        let len = u32::from_le_bytes([len[0], len[1], len[2], len[3]]) as usize;
+        &rest[rest.len().saturating_sub(len)..]
+    }
+
+    /// The entry's tags (`part` 0), dependencies (1) or uncommon content type (2).
+    fn part(&self, part: usize) -> impl Iterator<Item = &str> {
+        let mut meta = Meta(self.meta());
+        for _ in 0..part.min(2) {
+            meta.skip_list();
+        }
+        let count = if part < 2 { meta.count() } else { 1 };
+        (0..count).map(move |_| meta.string())
+    }
+
+    /// Tenant, NUL, key.
+    fn name(&self) -> &[u8] {
+        &self.0.slice[..usize::from(self.header().name_len)]
+    }
+
+    /// The name as text (it was made of two strings and a NUL).
+    fn name_str(&self) -> &str {
+        std::str::from_utf8(self.name()).unwrap_or_default()
+    }
+
+    /// The tenant it belongs to.
+    pub fn tenant(&self) -> &str {
+        let name = self.name_str();
+        name.split_once('\0').map_or(name, |(tenant, _)| tenant)
+    }
+
+    /// Its key.
+    pub fn key(&self) -> &str {
+        self.name_str().split_once('\0').map_or("", |(_, key)| key)
+    }
+
+    /// The value's bytes, borrowed.
+    pub fn value_slice(&self) -> &[u8] {
+        let data = &self.0.slice;
+        let meta = if self.header().kind & HAS_META == 0 { 0 } else { self.meta().len() + 4 };
+        &data[usize::from(self.header().name_len)..data.len() - meta]
+    }
+
+    /// The value, sharing the entry's memory (no copy).
+    pub fn value(&self) -> Bytes {
+        Bytes::from_owner(ValueOf(self.clone()))
+    }
+
+    /// Its content type.
+    pub fn content_type(&self) -> &str {
+        match COMMON_CONTENT_TYPES.get(usize::from(self.header().kind & !HAS_META)) {
+            Some(common) => common,
+            None => self.part(2).next().unwrap_or(""),
         }
     }
 
-    /// L1 hits of this entry so far.
-    pub fn reads(&self) -> u32 {
-        self.reads.get()
+    /// Tags it carries.
+    pub fn tags(&self) -> impl Iterator<Item = &str> {
+        self.part(0)
+    }
+
+    /// Keys it depends on.
+    pub fn depends_on(&self) -> impl Iterator<Item = &str> {
+        self.part(1)
+    }
+
+    /// When it expires (the same moment as in L2).
+    pub fn expires_at(&self) -> Instant {
+        *ORIGIN + Duration::from_nanos(self.header().expires_at)
     }
 
     /// Time to live left.
     pub fn ttl_left(&self) -> Duration {
-        self.expires_at.saturating_duration_since(Instant::now())
+        self.expires_at().saturating_duration_since(Instant::now())
     }
 
-    /// Bytes it is charged for: key, tenant, value and metadata.
-    fn weight(&self, name: &EntryKey) -> u32 {
-        let meta: usize = self.tags.iter().chain(&self.depends_on).map(String::len).sum();
-        // The name is tenant, NUL, key: the NUL is not charged.
-        let total = name.0.len() - 1 + self.value.len() + self.content_type.len() + meta;
-        u32::try_from(total).unwrap_or(u32::MAX)
+    /// L1 hits of this entry so far.
+    pub fn reads(&self) -> u32 {
+        self.header().uses_and_reads.load(Ordering::Relaxed) & READS_MASK
+    }
+
+    fn expired(&self, now_ns: u64) -> bool {
+        self.header().expires_at <= now_ns
+    }
+
+    /// Counts a hit: one more read, one more use (up to [`MAX_USES`]).
+    fn hit(&self) {
+        let word = &self.header().uses_and_reads;
+        let now = word.load(Ordering::Relaxed);
+        let uses = (now >> USES_SHIFT).saturating_add(1).min(MAX_USES);
+        let reads = (now & READS_MASK).saturating_add(1).min(READS_MASK);
+        word.store(uses << USES_SHIFT | reads, Ordering::Relaxed);
+    }
+
+    /// Lowers the use count as the eviction hand passes; false if it was
+    /// already 0 (the entry is the victim).
+    fn cool(&self) -> bool {
+        let word = &self.header().uses_and_reads;
+        let now = word.load(Ordering::Relaxed);
+        let uses = now >> USES_SHIFT;
+        if uses > 0 {
+            word.store((uses - 1) << USES_SHIFT | now & READS_MASK, Ordering::Relaxed);
+        }
+        uses > 0
+    }
+
+    /// Bytes it is charged for: tenant, key, value, content type, tags and
+    /// dependencies (the NUL is not charged).
+    fn weight(&self) -> u64 {
+        let meta: usize = self.tags().chain(self.depends_on()).map(str::len).sum();
+        let total = self.name().len() - 1 + self.value_slice().len() + self.content_type().len() + meta;
+        total as u64
+    }
+}
+
+/// Reads an entry's meta: 2-byte little-endian counts and lengths, and strings.
+struct Meta<'a>(&'a [u8]);
+
+impl<'a> Meta<'a> {
+    fn count(&mut self) -> usize {
+        let Some((n, rest)) = self.0.split_first_chunk::<2>() else {
+            return 0;
+        };
+        self.0 = rest;
+        usize::from(u16::from_le_bytes(*n))
+    }
+
+    fn string(&mut self) -> &'a str {
+        let len = self.count().min(self.0.len());
+        let (s, rest) = self.0.split_at(len);
+        self.0 = rest;
+        std::str::from_utf8(s).unwrap_or_default()
+    }
+
+    fn skip_list(&mut self) {
+        for _ in 0..self.count() {
+            self.string();
+        }
+    }
+}
+
+impl fmt::Debug for Entry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Entry")
+            .field("tenant", &self.tenant())
+            .field("key", &self.key())
+            .field("bytes", &self.value_slice().len())
+            .field("content_type", &self.content_type())
+            .field("tags", &self.tags().collect::<Vec<_>>())
+            .field("depends_on", &self.depends_on().collect::<Vec<_>>())
+            .field("ttl_left", &self.ttl_left())
+            .finish()
+    }
+}
+
+/// An entry's value as the owner of a [`Bytes`].
+struct ValueOf(Entry);
+
+impl AsRef<[u8]> for ValueOf {
+    fn as_ref(&self) -> &[u8] {
+        self.0.value_slice()
     }
 }
 
@@ -195,21 +356,19 @@ pub struct L1Stats {
     pub fills_refused: AtomicU64,
 }
 
-/// Index records of one tenant; every record holds the generation of the
-/// entry it was made for, and names it by the entry's shared name.
+/// Index records of one tenant, naming entries by their name (tenant, NUL,
+/// key), one shared string per entry however many records it has.
 #[derive(Debug, Default)]
 struct TenantIndex {
-    /// Every entry of the tenant in L1 (patterns walk this).
-    keys: HashMap<EntryKey, u64>,
     /// Tag -> entries carrying it.
-    tags: HashMap<String, HashMap<EntryKey, u64>>,
+    tags: HashMap<String, HashSet<Arc<str>>>,
     /// Key -> entries that depend on it.
-    dependents: HashMap<String, HashMap<EntryKey, u64>>,
+    dependents: HashMap<String, HashSet<Arc<str>>>,
 }
 
 #[derive(Debug, Default)]
 struct Indexes {
-    /// Per-tenant index records.
+    /// Per-tenant index records (only of tenants with tagged or dependent entries).
     tenants: HashMap<String, TenantIndex>,
     /// Per-tenant count of applied invalidations, for fill guards. Never shrinks,
     /// so a guard can never match a count from before it was taken.
@@ -224,6 +383,8 @@ struct Indexes {
 pub const MAX_TRACKED_TENANTS: usize = 1024;
 /// The most tags of one tenant whose figures are kept; later ones go uncounted.
 pub const MAX_TRACKED_TAGS: usize = 32;
+/// Entries the expiry sweep of one [`L1::maintain`] looks at.
+const SWEEP_BUDGET: usize = 16 * 1024;
 
 /// What L1 counts of one tenant, on its write paths.
 #[derive(Debug, Default, Clone)]
@@ -275,22 +436,84 @@ impl Indexes {
         }
         self.usage.get_mut(tenant)
     }
-}
 
-/// Entries moka removed, queued by its listener until the next index update.
-type RemovalQueue = Arc<Mutex<Vec<(EntryKey, Arc<Entry>, RemovalCause)>>>;
+    /// Records an entry that entered the store: its index records and figures.
+    fn entered(&mut self, entry: &Entry) {
+        if let Some(usage) = self.usage(entry.tenant()) {
+            usage.entries += 1;
+            usage.bytes += entry.weight();
+            for tag in entry.tags() {
+                if let Some(t) = usage.tag(tag) {
+                    t.fills += 1;
+                }
+            }
+        }
+        if entry.header().kind & HAS_META == 0 {
+            return;
+        }
+        let name: Arc<str> = Arc::from(entry.name_str());
+        let t = self.tenants.entry(entry.tenant().to_string()).or_default();
+        for tag in entry.tags() {
+            t.tags.entry(tag.to_string()).or_default().insert(name.clone());
+        }
+        for dep in entry.depends_on() {
+            t.dependents.entry(dep.to_string()).or_default().insert(name.clone());
+        }
+    }
+
+    /// Records an entry that left the store: removes its index records and
+    /// counts it in its tenant's figures (its room, its hits for its tags, and
+    /// whether it was evicted before its first hit).
+    fn left(&mut self, entry: &Entry, cause: Cause) {
+        if let Some(usage) = self.usage.get_mut(entry.tenant()) {
+            usage.entries = usage.entries.saturating_sub(1);
+            usage.bytes = usage.bytes.saturating_sub(entry.weight());
+            let reads = u64::from(entry.reads());
+            if cause == Cause::Size {
+                usage.evictions += 1;
+                if reads == 0 {
+                    usage.evicted_unread += 1;
+                }
+            }
+            if reads > 0 {
+                for tag in entry.tags() {
+                    if let Some(t) = usage.tag(tag) {
+                        t.hits += reads;
+                    }
+                }
+            }
+        }
+        let Some(t) = self.tenants.get_mut(entry.tenant()) else {
+            return;
+        };
+        let name = entry.name_str();
+        let drop_record = |map: &mut HashMap<String, HashSet<Arc<str>>>, record: &str| {
+            if let Some(members) = map.get_mut(record) {
+                members.remove(name);
+                if members.is_empty() {
+                    map.remove(record);
+                }
+            }
+        };
+        for tag in entry.tags() {
+            drop_record(&mut t.tags, tag);
+        }
+        for dep in entry.depends_on() {
+            drop_record(&mut t.dependents, dep);
+        }
+        if t.tags.is_empty() && t.dependents.is_empty() {
+            self.tenants.remove(entry.tenant());
+        }
+    }
+}
 
 /// The L1 cache with its indexes; cheap to share behind an `Arc`.
 pub struct L1 {
-    /// The entries; moka bounds them by weight and expires them per entry.
-    cache: Cache<EntryKey, Arc<Entry>>,
-    /// Index records, guarded together with inserts and invalidations.
-    /// A std mutex: it is never held across an await.
+    /// The entries, bounded by weight, each with its own expiry.
+    store: Store,
+    /// Index records and figures, guarded together with every change to the
+    /// store. A std mutex: it is never held across an await.
     indexes: Mutex<Indexes>,
-    /// Entries moka removed, waiting to be folded into the indexes.
-    removed: RemovalQueue,
-    /// Next insertion generation.
-    next_generation: AtomicU64,
     /// Capacity in bytes.
     capacity: u64,
     /// Which partition each tenant is in (flushes go by partition).
@@ -299,74 +522,42 @@ pub struct L1 {
     pub stats: Arc<L1Stats>,
 }
 
-/// Expires each entry at its own `expires_at`.
-struct PerEntryTtl;
-
-impl Expiry<EntryKey, Arc<Entry>> for PerEntryTtl {
-    fn expire_after_create(&self, _: &EntryKey, value: &Arc<Entry>, now: Instant) -> Option<Duration> {
-        Some(value.expires_at.saturating_duration_since(now))
-    }
-
-    fn expire_after_update(
-        &self,
-        _: &EntryKey,
-        value: &Arc<Entry>,
-        now: Instant,
-        _: Option<Duration>,
-    ) -> Option<Duration> {
-        Some(value.expires_at.saturating_duration_since(now))
-    }
-}
-
 impl L1 {
     /// An empty L1 holding at most `capacity_bytes`, for tenants partitioned by `layout`.
     pub fn new(capacity_bytes: u64, layout: Layout) -> Self {
-        let stats = Arc::new(L1Stats::default());
-        let removed: RemovalQueue = Arc::default();
-        let (listener_stats, listener_queue) = (stats.clone(), removed.clone());
-        let cache = Cache::builder()
-            .max_capacity(capacity_bytes)
-            .weigher(|k: &EntryKey, v: &Arc<Entry>| v.weight(k))
-            .expire_after(PerEntryTtl)
-            .eviction_listener(move |name: Arc<EntryKey>, value: Arc<Entry>, cause: RemovalCause| {
-                if cause == RemovalCause::Size {
-                    listener_stats.evictions.fetch_add(1, Ordering::Relaxed);
-                }
-                lock(&listener_queue).push(((*name).clone(), value, cause));
-            })
-            .build();
+        LazyLock::force(&ORIGIN);
         let indexes = Indexes { flushes: vec![0; usize::from(layout.count())], ..Indexes::default() };
         L1 {
-            cache,
+            store: Store::new(capacity_bytes),
             indexes: Mutex::new(indexes),
-            removed,
-            next_generation: AtomicU64::new(1),
             capacity: capacity_bytes,
             layout,
-            stats,
+            stats: Arc::default(),
         }
     }
 
     /// The entry, if L1 holds it and it has not expired.
-    pub fn get(&self, tenant: &str, key: &str) -> Option<Arc<Entry>> {
-        let entry = with_name(tenant, key, |name| self.cache.get(name))?;
-        if entry.expires_at > Instant::now() {
-            entry.reads.hit();
-            Some(entry)
-        } else {
-            None
-        }
+    pub fn get(&self, tenant: &str, key: &str) -> Option<Entry> {
+        self.get_at(tenant, key, Instant::now())
+    }
+
+    /// [`get`](Self::get) with the caller's clock reading, for a caller
+    /// that already read the clock (one read per hit instead of two).
+    pub fn get_at(&self, tenant: &str, key: &str, now: Instant) -> Option<Entry> {
+        with_name(tenant, key, |name| self.store.get(name, ns_since_origin(now)))
     }
 
     /// Takes a guard before reading L2 for a fill of `tenant`.
     pub fn fill_guard(&self, tenant: &str) -> FillGuard {
-        self.lock_indexes().guard(tenant, self.layout.of(tenant).index)
+        lock(&self.indexes).guard(tenant, self.layout.of(tenant).index)
     }
 
     /// Stores an entry unless an invalidation of its tenant was applied after
-    /// `guard` was taken. Returns whether it was stored.
-    pub fn insert(&self, tenant: &str, key: &str, mut entry: Entry, guard: FillGuard) -> bool {
-        let mut idx = self.lock_indexes();
+    /// `guard` was taken, then evicts what exceeds the capacity. Returns
+    /// whether it was stored (an entry larger than all of L1 is not).
+    pub fn insert(&self, entry: Entry, guard: FillGuard) -> bool {
+        let mut idx = lock(&self.indexes);
+        let tenant = entry.tenant();
         if idx.guard(tenant, self.layout.of(tenant).index) != guard {
             self.stats.fills_refused.fetch_add(1, Ordering::Relaxed);
             if let Some(usage) = idx.usage(tenant) {
@@ -374,28 +565,24 @@ impl L1 {
             }
             return false;
         }
-        let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
-        entry.generation = generation;
-        let name = EntryKey::new(tenant, key);
-        let weight = u64::from(entry.weight(&name));
-        if let Some(usage) = idx.usage(tenant) {
-            usage.entries += 1;
-            usage.bytes += weight;
-            for tag in &entry.tags {
-                if let Some(t) = usage.tag(tag) {
-                    t.fills += 1;
-                }
+        if entry.weight() > self.capacity {
+            return false;
+        }
+        // The replaced entry's records go first: the new one may share them.
+        if let Some(replaced) = self.store.insert(entry.clone()) {
+            idx.left(&replaced, Cause::Explicit);
+        }
+        idx.entered(&entry);
+        let now = ns_since_origin(Instant::now());
+        while self.store.bytes() > self.capacity {
+            let Some((victim, cause)) = self.store.evict_one(now) else {
+                break;
+            };
+            if cause == Cause::Size {
+                self.stats.evictions.fetch_add(1, Ordering::Relaxed);
             }
+            idx.left(&victim, cause);
         }
-        let t = idx.tenants.entry(tenant.to_string()).or_default();
-        t.keys.insert(name.clone(), generation);
-        for tag in &entry.tags {
-            t.tags.entry(tag.clone()).or_default().insert(name.clone(), generation);
-        }
-        for dep in &entry.depends_on {
-            t.dependents.entry(dep.clone()).or_default().insert(name.clone(), generation);
-        }
-        self.cache.insert(name, Arc::new(entry));
         true
     }
 
@@ -414,10 +601,11 @@ impl L1 {
     }
 
     fn apply_counted(&self, selector: &Selector, counted: bool) -> usize {
-        let mut idx = self.lock_indexes();
-        *idx.invalidations.entry(selector.tenant.clone()).or_insert(0) += 1;
+        let mut idx = lock(&self.indexes);
+        let tenant = selector.tenant.as_str();
+        *idx.invalidations.entry(tenant.to_string()).or_insert(0) += 1;
         if counted {
-            if let Some(usage) = idx.usage(&selector.tenant) {
+            if let Some(usage) = idx.usage(tenant) {
                 usage.invalidations += 1;
                 for tag in &selector.tags {
                     if let Some(t) = usage.tag(tag) {
@@ -426,25 +614,32 @@ impl L1 {
                 }
             }
         }
-        let Some(t) = idx.tenants.get(&selector.tenant) else {
-            return 0;
-        };
 
-        let mut doomed: HashSet<EntryKey> = selector.keys.iter().map(|k| EntryKey::new(&selector.tenant, k)).collect();
+        // Names of the doomed entries: tenant, NUL, key.
+        let name = |key: &str| format!("{tenant}\0{key}");
+        let mut doomed: HashSet<String> = selector.keys.iter().map(|k| name(k)).collect();
+        let index = idx.tenants.get(tenant);
         for tag in &selector.tags {
-            if let Some(members) = t.tags.get(tag) {
-                doomed.extend(members.keys().cloned());
+            if let Some(members) = index.and_then(|t| t.tags.get(tag)) {
+                doomed.extend(members.iter().map(|m| m.to_string()));
             }
         }
-        for pattern in &selector.patterns {
-            doomed.extend(t.keys.keys().filter(|name| glob::matches(pattern, name.key())).cloned());
+        if !selector.patterns.is_empty() {
+            // Patterns walk the entries: no per-key index is kept for them.
+            self.store.for_each(|entry| {
+                if entry.tenant() == tenant && selector.patterns.iter().any(|p| glob::matches(p, entry.key())) {
+                    doomed.insert(entry.name_str().to_string());
+                }
+            });
         }
-        if selector.cascade {
-            let mut frontier: Vec<EntryKey> = doomed.iter().cloned().collect();
-            while let Some(name) = frontier.pop() {
-                for dependent in t.dependents.get(name.key()).into_iter().flat_map(HashMap::keys) {
-                    if doomed.insert(dependent.clone()) {
-                        frontier.push(dependent.clone());
+        if let Some(index) = index.filter(|_| selector.cascade) {
+            let mut frontier: Vec<String> = doomed.iter().cloned().collect();
+            while let Some(doomed_name) = frontier.pop() {
+                let key = doomed_name.split_once('\0').map_or("", |(_, key)| key);
+                for dependent in index.dependents.get(key).into_iter().flatten() {
+                    if !doomed.contains(&**dependent) {
+                        doomed.insert(dependent.to_string());
+                        frontier.push(dependent.to_string());
                     }
                 }
             }
@@ -452,7 +647,8 @@ impl L1 {
 
         let mut dropped = 0;
         for name in doomed {
-            if self.cache.remove(&name).is_some() {
+            if let Some(entry) = self.store.remove(name.as_bytes()) {
+                idx.left(&entry, Cause::Explicit);
                 dropped += 1;
             }
         }
@@ -464,46 +660,46 @@ impl L1 {
     /// cannot prove them fresh). Fills of those tenants guarded before the
     /// flush are refused afterwards. Returns how many entries were dropped.
     pub fn flush_partition(&self, partition: u16) -> usize {
-        let mut idx = self.lock_indexes();
+        let mut idx = lock(&self.indexes);
         if let Some(count) = idx.flushes.get_mut(usize::from(partition)) {
             *count += 1;
         }
-        let tenants: Vec<String> =
-            idx.tenants.keys().filter(|t| self.layout.of(t).index == partition).cloned().collect();
-        let mut dropped = 0;
-        for tenant in tenants {
-            if let Some(index) = idx.tenants.remove(&tenant) {
-                for name in index.keys.keys() {
-                    if self.cache.remove(name).is_some() {
-                        dropped += 1;
-                    }
-                }
+        let mut partitions: HashMap<String, u16> = HashMap::new();
+        let gone = self.store.remove_where(|entry| {
+            let tenant = entry.tenant();
+            if let Some(p) = partitions.get(tenant) {
+                return *p == partition;
             }
+            let p = self.layout.of(tenant).index;
+            partitions.insert(tenant.to_string(), p);
+            p == partition
+        });
+        for entry in &gone {
+            idx.left(entry, Cause::Explicit);
         }
-        dropped
+        gone.len()
     }
 
     /// Drops everything. Fills guarded before the flush are refused
     /// afterwards, whatever their tenant.
     pub fn flush(&self) {
-        let mut idx = self.lock_indexes();
+        let mut idx = lock(&self.indexes);
         for count in idx.flushes.iter_mut() {
             *count += 1;
         }
-        idx.tenants.clear();
-        self.cache.invalidate_all();
+        for entry in self.store.remove_where(|_| true) {
+            idx.left(&entry, Cause::Explicit);
+        }
     }
 
-    /// Entries held (after pending maintenance).
+    /// Entries held.
     pub fn entries(&self) -> u64 {
-        self.cache.run_pending_tasks();
-        self.cache.entry_count()
+        self.store.entries()
     }
 
     /// Bytes held, keys and values counted.
     pub fn bytes(&self) -> u64 {
-        self.cache.run_pending_tasks();
-        self.cache.weighted_size()
+        self.store.bytes()
     }
 
     /// Capacity in bytes.
@@ -511,29 +707,20 @@ impl L1 {
         self.capacity
     }
 
-    /// Runs moka's pending work and folds removals into the indexes; called
-    /// periodically so that index records do not outlive their entries for long.
+    /// Removes expired entries, a bounded number of them per call (each call
+    /// goes on where the last stopped); called with every heartbeat, so that
+    /// expired entries do not hold memory for long where no eviction needs it.
     pub fn maintain(&self) {
-        self.cache.run_pending_tasks();
-        drop(self.lock_indexes());
-    }
-
-    /// Locks the indexes, first folding in what moka removed meanwhile.
-    fn lock_indexes(&self) -> MutexGuard<'_, Indexes> {
         let mut idx = lock(&self.indexes);
-        let removed = std::mem::take(&mut *lock(&self.removed));
-        for (key, entry, cause) in removed {
-            account(&mut idx, &key, &entry, cause);
-            forget(&mut idx, &key, &entry);
+        for entry in self.store.sweep_expired(ns_since_origin(Instant::now()), SWEEP_BUDGET) {
+            idx.left(&entry, Cause::Expired);
         }
-        idx
     }
 
     /// The L1 figures of each tenant: entries, bytes, invalidations, refused
-    /// fills, evictions and tags (after pending maintenance).
+    /// fills, evictions and tags.
     pub fn tenant_figures(&self) -> HashMap<String, TenantReport> {
-        self.cache.run_pending_tasks();
-        let idx = self.lock_indexes();
+        let idx = lock(&self.indexes);
         idx.usage
             .iter()
             .map(|(tenant, u)| {
@@ -556,61 +743,6 @@ impl L1 {
     }
 }
 
-/// Counts an entry gone from L1 in its tenant's figures: its room, its hits
-/// (for its tags), and whether it was evicted before its first hit.
-fn account(idx: &mut Indexes, name: &EntryKey, entry: &Entry, cause: RemovalCause) {
-    let weight = u64::from(entry.weight(name));
-    let Some(usage) = idx.usage.get_mut(name.tenant()) else {
-        return;
-    };
-    usage.entries = usage.entries.saturating_sub(1);
-    usage.bytes = usage.bytes.saturating_sub(weight);
-    let reads = u64::from(entry.reads());
-    if cause == RemovalCause::Size {
-        usage.evictions += 1;
-        if reads == 0 {
-            usage.evicted_unread += 1;
-        }
-    }
-    if reads > 0 {
-        for tag in &entry.tags {
-            if let Some(t) = usage.tag(tag) {
-                t.hits += reads;
-            }
-        }
-    }
-}
-
-/// Removes the index records that were made for this very entry.
-fn forget(idx: &mut Indexes, name: &EntryKey, entry: &Entry) {
-    let Some(t) = idx.tenants.get_mut(name.tenant()) else {
-        return;
-    };
-    let generation = entry.generation;
-    let drop_record = |map: &mut HashMap<String, HashMap<EntryKey, u64>>, record: &str| {
-        if let Some(members) = map.get_mut(record) {
-            if members.get(name) == Some(&generation) {
-                members.remove(name);
-            }
-            if members.is_empty() {
-                map.remove(record);
-            }
-        }
-    };
-    for tag in &entry.tags {
-        drop_record(&mut t.tags, tag);
-    }
-    for dep in &entry.depends_on {
-        drop_record(&mut t.dependents, dep);
-    }
-    if t.keys.get(name) == Some(&generation) {
-        t.keys.remove(name);
-    }
-    if t.keys.is_empty() && t.tags.is_empty() && t.dependents.is_empty() {
-        idx.tenants.remove(name.tenant());
-    }
-}
-
 /// Locks a std mutex, recovering the data if a panicking thread poisoned it:
 /// the indexes stay usable (at worst they over-invalidate).
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -621,9 +753,11 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 mod tests {
     use super::*;
 
-    fn entry(tags: &[&str], deps: &[&str]) -> Entry {
+    fn entry(tenant: &str, key: &str, tags: &[&str], deps: &[&str]) -> Entry {
         Entry::new(
-            Bytes::from_static(b"value"),
+            tenant,
+            key,
+            b"value",
             "text/plain",
             tags.iter().map(|s| s.to_string()).collect(),
             deps.iter().map(|s| s.to_string()).collect(),
@@ -633,11 +767,38 @@ mod tests {
 
     fn store(l1: &L1, tenant: &str, key: &str, tags: &[&str], deps: &[&str]) {
         let guard = l1.fill_guard(tenant);
-        assert!(l1.insert(tenant, key, entry(tags, deps), guard));
+        assert!(l1.insert(entry(tenant, key, tags, deps), guard));
     }
 
     fn selector(tenant: &str) -> Selector {
         Selector { tenant: tenant.into(), cascade: true, ..Selector::default() }
+    }
+
+    #[test]
+    fn an_entry_keeps_its_name_value_and_meta_in_one_allocation() {
+        let tags = vec!["red".to_string(), "x".repeat(256)];
+        let deps = vec!["base".to_string()];
+        let value = vec![7u8; 1000];
+        let ttl = Duration::from_secs(60);
+        let full = Entry::new("acme", "k:1", &value, "image/png", tags.clone(), deps.clone(), ttl);
+        assert_eq!((full.tenant(), full.key(), full.value_slice()), ("acme", "k:1", &value[..]));
+        assert_eq!(full.tags().collect::<Vec<_>>(), tags);
+        assert_eq!(full.depends_on().collect::<Vec<_>>(), deps);
+        assert_eq!((full.content_type(), &full.value()[..]), ("image/png", &value[..]));
+        let plain = Entry::new("acme", "k:2", b"", "application/json", vec![], vec![], ttl);
+        assert_eq!((plain.value_slice(), plain.content_type()), (&b""[..], "application/json"));
+        assert_eq!((plain.tags().count(), plain.depends_on().count()), (0, 0));
+        let deps_only = Entry::new("a", "k", b"v", "text/plain", vec![], deps.clone(), ttl);
+        assert_eq!((deps_only.tags().count(), deps_only.depends_on().collect::<Vec<_>>()), (0, vec!["base"]));
+        assert_eq!((deps_only.value_slice(), deps_only.content_type()), (&b"v"[..], "text/plain"));
+        // Hits are counted on the entry, and raise its use count up to 3.
+        for _ in 0..5 {
+            plain.hit();
+        }
+        assert_eq!(plain.reads(), 5);
+        assert!(plain.cool() && plain.cool() && plain.cool() && !plain.cool());
+        assert_eq!(plain.reads(), 5);
+        assert!(ttl - full.ttl_left() < Duration::from_secs(5));
     }
 
     #[test]
@@ -684,19 +845,19 @@ mod tests {
         let l1 = L1::new(1 << 20, Layout::new(16));
         let guard = l1.fill_guard("t");
         l1.apply(&Selector { keys: vec!["other".into()], ..selector("t") });
-        assert!(!l1.insert("t", "k", entry(&[], &[]), guard));
+        assert!(!l1.insert(entry("t", "k", &[], &[]), guard));
         assert!(l1.get("t", "k").is_none());
         assert_eq!(l1.stats.fills_refused.load(Ordering::Relaxed), 1);
 
         // Another tenant's invalidation does not void the fill.
         let guard = l1.fill_guard("t");
         l1.apply(&Selector { keys: vec!["k".into()], ..selector("u") });
-        assert!(l1.insert("t", "k", entry(&[], &[]), guard));
+        assert!(l1.insert(entry("t", "k", &[], &[]), guard));
 
         // A flush voids every fill guarded before it.
         let guard = l1.fill_guard("fresh-tenant");
         l1.flush();
-        assert!(!l1.insert("fresh-tenant", "k", entry(&[], &[]), guard));
+        assert!(!l1.insert(entry("fresh-tenant", "k", &[], &[]), guard));
         assert!(l1.get("t", "k").is_none());
     }
 
@@ -717,8 +878,8 @@ mod tests {
         for t in &tenants {
             assert_eq!(l1.get(t, "k").is_none(), layout.of(t).index == flushed, "tenant {t}");
         }
-        assert!(!l1.insert("t0", "k2", entry(&[], &[]), guard_in), "a fill from before the flush");
-        assert!(l1.insert(other, "k2", entry(&[], &[]), guard_out), "another partition's fill");
+        assert!(!l1.insert(entry("t0", "k2", &[], &[]), guard_in), "a fill from before the flush");
+        assert!(l1.insert(entry(other, "k2", &[], &[]), guard_out), "another partition's fill");
         // The flushed tenants' indexes are gone with their entries.
         assert_eq!(l1.apply(&Selector { tags: vec!["tag".into()], ..selector("t0") }), 0);
     }
@@ -787,9 +948,9 @@ mod tests {
     #[test]
     fn entries_expire_at_their_own_ttl() {
         let l1 = L1::new(1 << 20, Layout::new(16));
-        let short = Entry::new(Bytes::from_static(b"v"), "", vec![], vec![], Duration::from_millis(30));
+        let short = Entry::new("t", "short", b"v", "", vec![], vec![], Duration::from_millis(30));
         let guard = l1.fill_guard("t");
-        assert!(l1.insert("t", "short", short, guard));
+        assert!(l1.insert(short, guard));
         store(&l1, "t", "long", &[], &[]);
         std::thread::sleep(Duration::from_millis(60));
         assert!(l1.get("t", "short").is_none());

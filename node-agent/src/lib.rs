@@ -24,7 +24,7 @@
 //! let stop = tokio_util::sync::CancellationToken::new();
 //! let _tasks = node_agent::sync::spawn(&agent, stop.clone());
 //! if let Read::Hit { entry, .. } = agent.get("acme", "supplier:42").await? {
-//!     println!("{} bytes", entry.value.len());
+//!     println!("{} bytes", entry.value_slice().len());
 //! }
 //! stop.cancel();
 //! # Ok(()) }

@@ -286,7 +286,7 @@ impl Port {
             Err(reply) => return reply,
         };
         match self.agent.get(&tenant, key).await {
-            Ok(Read::Hit { entry, .. }) => Reply::Bulk(entry.value.clone()),
+            Ok(Read::Hit { entry, .. }) => Reply::Bulk(entry.value()),
             Ok(Read::Miss { fill_token }) => {
                 session.remember_fill(key.to_string(), fill_token);
                 Reply::Nil
@@ -299,7 +299,7 @@ impl Port {
     async fn read(&self, session: &mut Session, key: &Bytes) -> Result<Option<Instant>, Reply> {
         let (tenant, key) = session.target(Scope::Read, key)?;
         match self.agent.get(&tenant, key).await {
-            Ok(Read::Hit { entry, .. }) => Ok(Some(entry.expires_at)),
+            Ok(Read::Hit { entry, .. }) => Ok(Some(entry.expires_at())),
             Ok(Read::Miss { fill_token }) => {
                 session.remember_fill(key.to_string(), fill_token);
                 Ok(None)

@@ -188,14 +188,8 @@ async fn prepare_agent(addr: &str, store: &Store) -> anyhow::Result<()> {
 }
 
 /// Measures 1 and 2: throughput and single-client p50 through the agent's
-/// HTTP API, and (with `embedded`) throughput of the embedded agent, each
-/// against direct GETs to the Redis at `redis_url` (any topology).
-pub async fn run(
-    options: &Options,
-    agent_addr: &str,
-    redis_url: &str,
-    embedded: bool,
-) -> anyhow::Result<(Vec<Row>, Vec<String>)> {
+/// HTTP API, each against direct GETs to the Redis at `redis_url` (any topology).
+pub async fn run(options: &Options, agent_addr: &str, redis_url: &str) -> anyhow::Result<(Vec<Row>, Vec<String>)> {
     let redis = Store::open(redis_url, 4).map_err(anyhow::Error::msg)?;
     prepare_agent(agent_addr, &redis).await?;
 
@@ -217,7 +211,7 @@ pub async fn run(
 
     let tp_ratio = median(&ratios(&ours_tp, &redis_tp));
     let p50_ratio = median(&ratios(&ours_p50, &redis_p50s));
-    let mut rows = vec![
+    let rows = vec![
         Row {
             measure: format!("L1-hit GET through the agent, {TASKS} connections: throughput"),
             ours: spread(&ours_tp, "req/s", 0),
@@ -237,23 +231,21 @@ pub async fn run(
     ];
     // The agent runs with its default `http_workers = 0`: one worker per CPU.
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let mut notes = vec![format!(
+    let notes = vec![format!(
         "Hits: a 100-byte value. Ours: hyper HTTP/1.1 clients, one connection per task, `GET \
          /v1/cache/{TENANT}/{KEY}`, every answer checked to be an L1 hit; Redis: redis-rs, one \
          multiplexed connection per task (on a cluster, redis-rs's cluster connection, shared), `GET` \
          of a 100-byte string. {TASKS} tasks loop for the run; the p50 is one client sending one \
          request after another. The agent has {workers} HTTP workers (one per CPU, its default)."
     )];
-    if embedded {
-        let (row, note) = embedded_hits(options, &redis, redis_url).await?;
-        rows.push(row);
-        notes.push(note);
-    }
     Ok((rows, notes))
 }
 
-/// The agent as a library, in this process, against direct GETs.
-async fn embedded_hits(options: &Options, redis: &Store, redis_url: &str) -> anyhow::Result<(Row, String)> {
+/// The agent as a library, in this process, against direct GETs to the
+/// Redis at `redis_url`, which the agent at `agent_addr` also uses.
+pub async fn embedded(options: &Options, agent_addr: &str, redis_url: &str) -> anyhow::Result<(Row, String)> {
+    let redis = Store::open(redis_url, 4).map_err(anyhow::Error::msg)?;
+    prepare_agent(agent_addr, &redis).await?;
     let settings = node_agent::settings::Settings { redis_url: redis_url.to_string(), ..Default::default() };
     let agent = Agent::new(settings, "bench-embedded".into(), String::new()).map_err(anyhow::Error::msg)?;
     let stop = CancellationToken::new();
@@ -270,7 +262,7 @@ async fn embedded_hits(options: &Options, redis: &Store, redis_url: &str) -> any
     let (mut embedded_tp, mut redis_tp2) = (Vec::new(), Vec::new());
     for round in 0..options.rounds {
         embedded_tp.push(embedded_throughput(&agent, options.run).await?);
-        redis_tp2.push(redis_throughput(redis, options.run).await?);
+        redis_tp2.push(redis_throughput(&redis, options.run).await?);
         eprintln!("  embedded round {}: {:.0}/s vs Redis {:.0}/s", round + 1, embedded_tp[round], redis_tp2[round]);
     }
     stop.cancel();

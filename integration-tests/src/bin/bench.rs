@@ -2,7 +2,7 @@
 //! builds), measures them side by side with Redis itself, and writes
 //! `BENCHMARKS.md`. `bench --quick` (`make bench QUICK=1`) is a short pass
 //! that checks everything runs; `--out FILE` writes elsewhere; `--only
-//! NAME[,NAME]` runs some measures (hits, resp, propagation, barrier, throughput,
+//! NAME[,NAME]` runs some measures (hits, embedded, resp, propagation, barrier, throughput,
 //! token, costs, propagation32, scale, memory, many, cluster, replicas), for profiling one of them; `--run-ms N`
 //! makes each run N ms long (to hold a load steady under a profiler).
 //! See `integration_tests::bench` for what each figure is.
@@ -55,9 +55,15 @@ async fn main() -> anyhow::Result<()> {
 
     if wanted("hits") {
         eprintln!("1-2. L1 hits vs Redis GET");
-        let (r, n) = hits::run(&options, &cluster.agent(0).addr, &redis_url, true).await?;
+        let (r, n) = hits::run(&options, &cluster.agent(0).addr, &redis_url).await?;
         rows.extend(r);
         notes.extend(n);
+    }
+    if wanted("embedded") {
+        eprintln!("2b. embedded L1 hits vs Redis GET");
+        let (r, n) = hits::embedded(&options, &cluster.agent(0).addr, &redis_url).await?;
+        rows.push(r);
+        notes.push(n);
     }
     if wanted("token") {
         eprintln!("1b. L1 hits with a token");
@@ -166,7 +172,7 @@ async fn main() -> anyhow::Result<()> {
         let on_cluster =
             Cluster::start(ClusterOptions { agents: 8, redis: Some("cluster"), ..ClusterOptions::default() }).await?;
         let (url, coordinator) = (on_cluster.redis_url(), on_cluster.coordinator.url(""));
-        let mut section = hits::run(&options, &on_cluster.agent(0).addr, &url, false).await?.0;
+        let mut section = hits::run(&options, &on_cluster.agent(0).addr, &url).await?.0;
         section.push(fanout::propagation(&options, &coordinator, &url, 8).await?.0);
         section.push(fanout::spread_throughput(&options, &coordinator, &url).await?);
         for mut row in section {
