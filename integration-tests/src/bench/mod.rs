@@ -27,6 +27,7 @@ use std::time::Duration;
 
 pub mod costs;
 pub mod fanout;
+pub mod hitratio;
 pub mod hits;
 pub mod many;
 pub mod resp;

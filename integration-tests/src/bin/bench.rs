@@ -3,7 +3,7 @@
 //! `BENCHMARKS.md`. `bench --quick` (`make bench QUICK=1`) is a short pass
 //! that checks everything runs; `--out FILE` writes elsewhere; `--only
 //! NAME[,NAME]` runs some measures (hits, embedded, resp, propagation, barrier, throughput,
-//! token, costs, propagation32, scale, memory, many, cluster, replicas), for profiling one of them; `--run-ms N`
+//! token, costs, propagation32, scale, hitratio, memory, many, cluster, replicas), for profiling one of them; `--run-ms N`
 //! makes each run N ms long (to hold a load steady under a profiler).
 //! See `integration_tests::bench` for what each figure is.
 
@@ -143,6 +143,12 @@ async fn main() -> anyhow::Result<()> {
     if wanted("scale") {
         eprintln!("6. invalidation at scale");
         let (r, n) = scale::invalidation(&options, &coordinator, &redis_url).await?;
+        rows.extend(r);
+        notes.push(n);
+    }
+    if wanted("hitratio") {
+        eprintln!("7a. L1 hit ratio against moka");
+        let (r, n) = bench::hitratio::run();
         rows.extend(r);
         notes.push(n);
     }
