@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::future::{BoxFuture, FutureExt, Shared};
@@ -222,14 +222,17 @@ impl Agent {
         names::validate_tenant(tenant)?;
         names::validate_key(key)?;
         let m = &self.0.metrics;
-        let trusted = self.0.sync.in_sync(self.0.layout.of(tenant).index);
+        // One clock reading for the proof of sync and the entry's expiry.
+        let now = Instant::now();
+        let trusted = self.0.sync.in_sync_at(self.0.layout.of(tenant).index, now);
         if !trusted {
             // Out of sync for longer than the staleness bound: L1 may hold
             // entries invalidated meanwhile, so it neither answers nor fills.
             m.l1_bypassed.inc();
-        } else if let Some(entry) = self.0.l1.get(tenant, key) {
-            m.hits.l1.inc();
-            self.0.usage.read(tenant, key, Served::L1);
+        } else if let Some(entry) = self.0.l1.get_at(tenant, key, now) {
+            // Counted per thread (see `crate::usage`); `/metrics` and the
+            // status read the sum.
+            self.0.usage.l1_hit(tenant, key, entry.tags());
             return Ok(Read::Hit { entry, layer: Layer::L1 });
         }
         m.misses.l1.inc();
@@ -488,7 +491,7 @@ impl Agent {
     pub fn status(&self) -> Status {
         let i = &self.0;
         let m = &i.metrics;
-        let l1_hits = m.hits.l1.get();
+        let l1_hits = crate::metrics::raise(&m.hits.l1, i.usage.l1_hits());
         let l1_misses = m.misses.l1.get();
         let partitions: Vec<PartitionStatus> = i
             .sync

@@ -353,6 +353,7 @@ async fn readyz(agent: web::Data<Agent>) -> Result<HttpResponse, ApiError> {
 async fn metrics(agent: web::Data<Agent>) -> HttpResponse {
     let inner = agent.inner();
     let m = &inner.metrics;
+    crate::metrics::raise(&m.hits.l1, inner.usage.l1_hits());
     m.l1_bytes.set(i64::try_from(inner.l1.bytes()).unwrap_or(i64::MAX));
     m.l1_entries.set(i64::try_from(inner.l1.entries()).unwrap_or(i64::MAX));
     m.l1_evictions

@@ -12,10 +12,11 @@
 //! value in.
 //!
 //! The per-tenant figures of `GET /v1/stats` that L1 knows (entries, bytes,
-//! evictions, invalidations, refused fills, tag hits) are kept beside the
+//! evictions, invalidations, refused fills, tag fills) are kept beside the
 //! indexes, on the write paths only. The one thing a hit records is in the
-//! entry itself: its read count ([`Entry::reads`]) and its use count for
-//! eviction, plain loads and stores on the entry a lookup has just touched.
+//! entry itself: its use count for eviction and whether it was ever read
+//! ([`Entry::was_read`]), written only when they change. Hits themselves are
+//! counted per thread by `crate::usage`.
 
 mod store;
 
@@ -74,12 +75,11 @@ pub struct Entry(ThinArc<Header, u8>);
 struct Header {
     /// When it expires, in nanoseconds since [`ORIGIN`] (the same moment as in L2).
     expires_at: u64,
-    /// Its use count for eviction (0 to 3, in the top 2 bits; see
-    /// `store`) and its L1 hits (the other 30). Both change with a relaxed
-    /// load and store rather than a locked add: two threads hitting one entry
-    /// at once may count one hit (the figures are statistics), and a hit
-    /// costs no read-modify-write.
-    uses_and_reads: AtomicU32,
+    /// Its use count for eviction (0 to 3, in the top 2 bits; see `store`)
+    /// and whether it was ever hit ([`READ`]). A hit writes it only when
+    /// that changes it, so the hits of a hot entry write nothing to it: two
+    /// cores hitting one entry do not pass its cache line back and forth.
+    uses: AtomicU32,
     /// Bytes of the name; the value follows it.
     name_len: u16,
     /// Index into [`COMMON_CONTENT_TYPES`] (or [`OTHER_CONTENT_TYPE`]), plus
@@ -100,10 +100,16 @@ const OTHER_CONTENT_TYPE: u8 = 0x7f;
 /// After the value come the meta (tags, dependencies, and the content type
 /// if uncommon, each a 2-byte length and the bytes) and its length in 4 bytes.
 const HAS_META: u8 = 0x80;
-/// The highest use count, and where it sits in `uses_and_reads`.
+/// The highest use count, and where it sits in `uses`.
 const MAX_USES: u32 = 3;
 const USES_SHIFT: u32 = 30;
-const READS_MASK: u32 = (1 << USES_SHIFT) - 1;
+/// In `uses`: the entry was hit at least once.
+const READ: u32 = 1;
+/// Entries up to this size (name, value, meta) are copied out on a hit
+/// rather than shared: a copy writes only memory of the reading thread,
+/// where sharing raises the entry's reference count, a cache line every
+/// core hitting the entry must take in turn.
+const COPY_LIMIT: usize = 1024;
 
 impl Entry {
     /// The entry of `tenant`/`key`, expiring `ttl` from now. The value is
@@ -152,7 +158,7 @@ impl Entry {
         }
         let header = Header {
             expires_at: ns_since_origin(Instant::now() + ttl),
-            uses_and_reads: AtomicU32::new(0),
+            uses: AtomicU32::new(0),
             // A tenant is at most 64 bytes and a key 1024 (`shared::names`).
             name_len: u16::try_from(name_len).unwrap_or(u16::MAX),
             kind,
@@ -246,34 +252,52 @@ impl Entry {
         self.expires_at().saturating_duration_since(Instant::now())
     }
 
-    /// L1 hits of this entry so far.
-    pub fn reads(&self) -> u32 {
-        self.header().uses_and_reads.load(Ordering::Relaxed) & READS_MASK
+    /// Whether it was hit in L1 since it was stored.
+    pub fn was_read(&self) -> bool {
+        self.header().uses.load(Ordering::Relaxed) & READ != 0
     }
 
     fn expired(&self, now_ns: u64) -> bool {
         self.header().expires_at <= now_ns
     }
 
-    /// Counts a hit: one more read, one more use (up to [`MAX_USES`]).
+    /// Counts a hit: marks it read and raises its use count (up to
+    /// [`MAX_USES`]), writing only if that changes anything.
     fn hit(&self) {
-        let word = &self.header().uses_and_reads;
+        let word = &self.header().uses;
         let now = word.load(Ordering::Relaxed);
-        let uses = (now >> USES_SHIFT).saturating_add(1).min(MAX_USES);
-        let reads = (now & READS_MASK).saturating_add(1).min(READS_MASK);
-        word.store(uses << USES_SHIFT | reads, Ordering::Relaxed);
+        let raised = ((now >> USES_SHIFT) + 1).min(MAX_USES) << USES_SHIFT | READ;
+        if raised != now {
+            word.store(raised, Ordering::Relaxed);
+        }
     }
 
     /// Lowers the use count as the eviction hand passes; false if it was
     /// already 0 (the entry is the victim).
     fn cool(&self) -> bool {
-        let word = &self.header().uses_and_reads;
+        let word = &self.header().uses;
         let now = word.load(Ordering::Relaxed);
         let uses = now >> USES_SHIFT;
         if uses > 0 {
-            word.store((uses - 1) << USES_SHIFT | now & READS_MASK, Ordering::Relaxed);
+            word.store((uses - 1) << USES_SHIFT | now & READ, Ordering::Relaxed);
         }
         uses > 0
+    }
+
+    /// What a hit hands out: a private copy of a small entry (see
+    /// [`COPY_LIMIT`]), the entry itself otherwise.
+    fn handed_out(&self) -> Entry {
+        if self.0.slice.len() > COPY_LIMIT {
+            return self.clone();
+        }
+        let h = self.header();
+        let header = Header {
+            expires_at: h.expires_at,
+            uses: AtomicU32::new(h.uses.load(Ordering::Relaxed)),
+            name_len: h.name_len,
+            kind: h.kind,
+        };
+        Entry(ThinArc::from_header_and_slice(header, &self.0.slice))
     }
 
     /// Bytes it is charged for: tenant, key, value, content type, tags and
@@ -462,24 +486,16 @@ impl Indexes {
     }
 
     /// Records an entry that left the store: removes its index records and
-    /// counts it in its tenant's figures (its room, its hits for its tags, and
-    /// whether it was evicted before its first hit).
+    /// counts it in its tenant's figures (its room, and whether it was
+    /// evicted before its first hit).
     fn left(&mut self, entry: &Entry, cause: Cause) {
         if let Some(usage) = self.usage.get_mut(entry.tenant()) {
             usage.entries = usage.entries.saturating_sub(1);
             usage.bytes = usage.bytes.saturating_sub(entry.weight());
-            let reads = u64::from(entry.reads());
             if cause == Cause::Size {
                 usage.evictions += 1;
-                if reads == 0 {
+                if !entry.was_read() {
                     usage.evicted_unread += 1;
-                }
-            }
-            if reads > 0 {
-                for tag in entry.tags() {
-                    if let Some(t) = usage.tag(tag) {
-                        t.hits += reads;
-                    }
                 }
             }
         }
@@ -791,13 +807,13 @@ mod tests {
         let deps_only = Entry::new("a", "k", b"v", "text/plain", vec![], deps.clone(), ttl);
         assert_eq!((deps_only.tags().count(), deps_only.depends_on().collect::<Vec<_>>()), (0, vec!["base"]));
         assert_eq!((deps_only.value_slice(), deps_only.content_type()), (&b"v"[..], "text/plain"));
-        // Hits are counted on the entry, and raise its use count up to 3.
+        // A hit marks the entry read and raises its use count, up to 3.
+        assert!(!plain.was_read());
         for _ in 0..5 {
             plain.hit();
         }
-        assert_eq!(plain.reads(), 5);
         assert!(plain.cool() && plain.cool() && plain.cool() && !plain.cool());
-        assert_eq!(plain.reads(), 5);
+        assert!(plain.was_read());
         assert!(ttl - full.ttl_left() < Duration::from_secs(5));
     }
 
@@ -918,8 +934,7 @@ mod tests {
         store(&l1, "t", "b", &["red"], &[]);
         store(&l1, "t", "b", &["red"], &[]); // replaced: still one entry
         store(&l1, "u", "c", &[], &[]);
-        assert!(l1.get("t", "a").is_some() && l1.get("t", "a").is_some());
-        assert_eq!(l1.get("t", "a").map(|e| e.reads()), Some(3));
+        assert!(l1.get("t", "a").is_some_and(|a| a.was_read()));
         l1.apply(&Selector { tags: vec!["red".into()], ..selector("t") });
         // This agent's own DELETE, applied ahead of the log: counted when the log's copy comes.
         l1.apply_ahead(&Selector { keys: vec!["zzz".into()], ..selector("t") });
@@ -927,8 +942,8 @@ mod tests {
         let t = &figures["t"];
         assert_eq!((t.entries, t.bytes, t.invalidations, t.evictions), (0, 0, 1, 0), "{t:?}");
         let red = t.tags.iter().find(|g| g.tag == "red").expect("the red tag");
-        // Three fills (one replaced), and the hits of "a", counted as it left L1.
-        assert_eq!((red.invalidations, red.fills, red.hits), (1, 3, 3), "{red:?}");
+        // Three fills (one replaced); hits are counted by `crate::usage`.
+        assert_eq!((red.invalidations, red.fills, red.hits), (1, 3, 0), "{red:?}");
         // "u" + NUL + "c" (the NUL not charged), a 5-byte value, "text/plain".
         assert_eq!((figures["u"].entries, figures["u"].bytes), (1, 2 + 5 + 10));
     }

@@ -8,7 +8,8 @@ use shared::service::register;
 pub struct Metrics {
     /// The registry `/metrics` renders.
     pub registry: Registry,
-    /// Hits per layer (`l1`, `l2`).
+    /// Hits per layer (`l1`, `l2`). The L1 count is raised to
+    /// `Usage::l1_hits` when read (`/metrics`, the status), never on a hit.
     pub hits: ByLayer,
     /// Misses per layer (`l1`, `l2`).
     pub misses: ByLayer,
@@ -111,6 +112,13 @@ impl ByTenant {
             raise(self.misses.with_label_values(&[tenant.as_str()]), *misses);
         }
     }
+}
+
+/// Raises `counter` to `to` (a total counted elsewhere, such as the L1 hits
+/// of `crate::usage`); returns its value.
+pub fn raise(counter: &IntCounter, to: u64) -> u64 {
+    counter.inc_by(to.saturating_sub(counter.get()));
+    counter.get()
 }
 
 /// One counter per cache layer (the `layer` label), each looked up once here:

@@ -23,7 +23,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Instant;
 
-use shared::protocol::{PrefixReport, TenantReport, MAX_REPORTED_TENANTS};
+use shared::protocol::{PrefixReport, TagReport, TenantReport, MAX_REPORTED_TENANTS};
+
+use crate::l1::MAX_TRACKED_TAGS;
 use shared::sketch::SpaceSaving;
 
 /// Keys a tenant's sketch holds.
@@ -92,15 +94,39 @@ struct Tally {
     top: SpaceSaving,
     /// Per prefix, at most [`MAX_PREFIXES`].
     prefixes: Vec<PrefixReport>,
+    /// L1 hits of entries carrying each tag, at most [`MAX_TRACKED_TAGS`] tags.
+    tag_hits: Vec<(String, u64)>,
 }
 
 impl Default for Tally {
     fn default() -> Self {
-        Tally { l1_hits: 0, l2_hits: 0, misses: 0, top: SpaceSaving::new(TOP_KEYS), prefixes: Vec::new() }
+        Tally {
+            l1_hits: 0,
+            l2_hits: 0,
+            misses: 0,
+            top: SpaceSaving::new(TOP_KEYS),
+            prefixes: Vec::new(),
+            tag_hits: Vec::new(),
+        }
     }
 }
 
 impl Tally {
+    fn count_read(&mut self, key: &str, served: Served) {
+        match served {
+            Served::L1 => self.l1_hits += 1,
+            Served::L2 => self.l2_hits += 1,
+            Served::Miss => self.misses += 1,
+        }
+        self.top.offer(key, 1);
+        if let Some(prefix) = self.prefix(key) {
+            prefix.reads += 1;
+            if served != Served::Miss {
+                prefix.hits += 1;
+            }
+        }
+    }
+
     fn prefix(&mut self, key: &str) -> Option<&mut PrefixReport> {
         let prefix = prefix_of(key);
         match self.prefixes.iter().position(|p| p.prefix == prefix) {
@@ -122,7 +148,16 @@ pub fn prefix_of(key: &str) -> &str {
 /// One shard: the tenants one set of threads counted, on its own cache lines.
 #[repr(align(128))]
 #[derive(Default)]
-struct Shard(Mutex<HashMap<String, Tally, Fnv>>);
+struct Shard(Mutex<Tallies>);
+
+/// What one shard counts.
+#[derive(Default)]
+struct Tallies {
+    /// Per tenant.
+    tenants: HashMap<String, Tally, Fnv>,
+    /// L1 hits of every tenant, counted ones or not: `dcc_cache_hits_total{layer="l1"}`.
+    l1_hits: u64,
+}
 
 /// FNV-1a: tenant names are short, and SipHash's setup would be most of a hit's cost.
 #[derive(Clone, Copy, Default)]
@@ -183,7 +218,7 @@ impl Usage {
         Usage { shards, gaps: Mutex::default(), started: Instant::now() }
     }
 
-    fn shard(&self) -> MutexGuard<'_, HashMap<String, Tally, Fnv>> {
+    fn shard(&self) -> MutexGuard<'_, Tallies> {
         let thread = THREAD.with(|t| {
             if t.get() == usize::MAX {
                 t.set(NEXT_THREAD.fetch_add(1, Ordering::Relaxed));
@@ -195,34 +230,49 @@ impl Usage {
     }
 
     fn with_tally(&self, tenant: &str, f: impl FnOnce(&mut Tally)) {
-        let mut shard = self.shard();
-        if let Some(tally) = shard.get_mut(tenant) {
+        Self::tally_in(&mut self.shard(), tenant, f);
+    }
+
+    fn tally_in(shard: &mut Tallies, tenant: &str, f: impl FnOnce(&mut Tally)) {
+        if let Some(tally) = shard.tenants.get_mut(tenant) {
             return f(tally);
         }
-        if shard.len() < MAX_TENANTS {
-            f(shard.entry(tenant.to_string()).or_default());
+        if shard.tenants.len() < MAX_TENANTS {
+            f(shard.tenants.entry(tenant.to_string()).or_default());
         }
     }
 
-    /// Counts one read of `key` and how it was answered.
-    pub fn read(&self, tenant: &str, key: &str, served: Served) {
-        self.with_tally(tenant, |tally| {
-            match served {
-                Served::L1 => tally.l1_hits += 1,
-                Served::L2 => tally.l2_hits += 1,
-                Served::Miss => tally.misses += 1,
-            }
-            tally.top.offer(key, 1);
-            if let Some(prefix) = tally.prefix(key) {
-                prefix.reads += 1;
-                if served != Served::Miss {
-                    prefix.hits += 1;
+    /// Counts an L1 hit of `key`, an entry carrying `tags`: the only
+    /// count of L1 hits there is, so that a hit writes nothing another
+    /// core writes (a shared counter would be one such line).
+    pub fn l1_hit<'a>(&self, tenant: &str, key: &str, tags: impl Iterator<Item = &'a str>) {
+        let mut shard = self.shard();
+        shard.l1_hits += 1;
+        Self::tally_in(&mut shard, tenant, |tally| {
+            tally.count_read(key, Served::L1);
+            for tag in tags {
+                match tally.tag_hits.iter().position(|(t, _)| t == tag) {
+                    Some(i) => tally.tag_hits[i].1 += 1,
+                    None if tally.tag_hits.len() < MAX_TRACKED_TAGS => tally.tag_hits.push((tag.to_string(), 1)),
+                    None => {}
                 }
             }
         });
-        if served != Served::L1 {
-            self.missed(tenant, key);
+    }
+
+    /// L1 hits so far, of every tenant.
+    pub fn l1_hits(&self) -> u64 {
+        self.shards.iter().map(|shard| shard.0.lock().unwrap_or_else(|p| p.into_inner()).l1_hits).sum()
+    }
+
+    /// Counts one read of `key` and how it was answered.
+    /// (L1 hits go through [`Usage::l1_hit`].)
+    pub fn read(&self, tenant: &str, key: &str, served: Served) {
+        if served == Served::L1 {
+            return self.l1_hit(tenant, key, std::iter::empty());
         }
+        self.with_tally(tenant, |tally| tally.count_read(key, served));
+        self.missed(tenant, key);
     }
 
     /// Measures the gap since the last missed read of `key`, if remembered.
@@ -255,7 +305,7 @@ impl Usage {
         let mut totals: HashMap<String, [u64; 3]> = HashMap::new();
         for shard in self.shards.iter() {
             let shard = shard.0.lock().unwrap_or_else(|p| p.into_inner());
-            for (tenant, tally) in shard.iter() {
+            for (tenant, tally) in shard.tenants.iter() {
                 let t = totals.entry(tenant.clone()).or_default();
                 t[0] += tally.l1_hits;
                 t[1] += tally.l2_hits;
@@ -271,7 +321,7 @@ impl Usage {
         let mut merged: HashMap<String, Tally> = HashMap::new();
         for shard in self.shards.iter() {
             let shard = shard.0.lock().unwrap_or_else(|p| p.into_inner());
-            for (tenant, tally) in shard.iter() {
+            for (tenant, tally) in shard.tenants.iter() {
                 match merged.get_mut(tenant) {
                     None => {
                         merged.insert(tenant.clone(), tally.clone());
@@ -281,6 +331,12 @@ impl Usage {
                         into.l2_hits += tally.l2_hits;
                         into.misses += tally.misses;
                         into.top.merge(&tally.top);
+                        for (tag, hits) in &tally.tag_hits {
+                            match into.tag_hits.iter_mut().find(|(t, _)| t == tag) {
+                                Some((_, into)) => *into += hits,
+                                None => into.tag_hits.push((tag.clone(), *hits)),
+                            }
+                        }
                         for p in &tally.prefixes {
                             match into.prefixes.iter_mut().find(|q| q.prefix == p.prefix) {
                                 Some(q) => q.add(p),
@@ -309,6 +365,17 @@ impl Usage {
                 report.top_keys = tally.top.top();
                 report.prefixes = tally.prefixes;
                 report.prefixes.sort_by(|a, b| a.prefix.cmp(&b.prefix));
+                // L1 counts a tag's fills and invalidations, this tally its hits.
+                for (tag, hits) in tally.tag_hits {
+                    match report.tags.iter().position(|t| t.tag == tag) {
+                        Some(i) => report.tags[i].hits += hits,
+                        None if report.tags.len() < MAX_TRACKED_TAGS => {
+                            report.tags.push(TagReport { tag, hits, ..TagReport::default() })
+                        }
+                        None => {}
+                    }
+                }
+                report.tags.sort_by(|a, b| a.tag.cmp(&b.tag));
                 report
             })
             .collect();
@@ -355,6 +422,26 @@ mod tests {
         assert_eq!((order.reads, order.hits, order.writes, order.ttl_ms_sum), (8, 4, 4, 4000));
         // Every missed read of order:9 but the first measured a gap, whatever its thread.
         assert_eq!(order.gaps, 7);
+    }
+
+    #[test]
+    fn l1_hits_are_counted_with_their_tags_and_merged_with_what_l1_counts() {
+        let usage = Usage::new();
+        for _ in 0..3 {
+            usage.l1_hit("t", "item:1", ["red", "blue"].into_iter());
+        }
+        usage.l1_hit("t", "item:2", std::iter::empty());
+        usage.read("u", "x", Served::L1);
+        usage.read("t", "item:3", Served::Miss);
+        assert_eq!(usage.l1_hits(), 5);
+        let mut from_l1 = HashMap::new();
+        let red = TagReport { tag: "red".into(), fills: 2, invalidations: 1, ..TagReport::default() };
+        from_l1.insert("t".to_string(), TenantReport { tags: vec![red], ..TenantReport::default() });
+        let reports = usage.report(from_l1);
+        let t = reports.iter().find(|r| r.tenant == "t").expect("tenant t");
+        assert_eq!((t.l1_hits, t.misses), (4, 1));
+        let tags: Vec<_> = t.tags.iter().map(|g| (g.tag.as_str(), g.fills, g.invalidations, g.hits)).collect();
+        assert_eq!(tags, [("blue", 0, 0, 3), ("red", 2, 1, 3)]);
     }
 
     #[test]

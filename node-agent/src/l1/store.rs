@@ -15,9 +15,9 @@
 //! Zipf hit-ratio row of `make bench` compares it with moka's TinyLFU on the
 //! same trace.
 //!
-//! A hit takes the shard's read lock, counts itself in the entry (one plain
-//! store, next to the reference count it then raises) and clones the
-//! entry's pointer. Every change (insert, remove,
+//! A hit takes the shard's read lock, marks the entry used (a store only if
+//! that changes it) and hands out a copy of a small entry, or the entry
+//! itself for a large one (see `COPY_LIMIT`). Every change (insert, remove,
 //! evict, sweep) is made by L1 with its index lock held, so there is one
 //! writer at a time and the byte budget needs no compare-and-swap loop.
 
@@ -112,7 +112,7 @@ impl Store {
             return None;
         }
         entry.hit();
-        Some(entry.clone())
+        Some(entry.handed_out())
     }
 
     /// Stores `entry`, returning the one it replaced.

@@ -251,6 +251,11 @@ impl SyncState {
     /// known lost, messages may be missed from that moment on, so no earlier
     /// proof counts any more (a new one needs the new subscription).
     pub fn in_sync(&self, p: u16) -> bool {
+        self.in_sync_at(p, Instant::now())
+    }
+
+    /// [`in_sync`](Self::in_sync) as of `now`, a clock reading the caller made.
+    pub fn in_sync_at(&self, p: u16, now: Instant) -> bool {
         if !self.subscribed.load(Ordering::Acquire) {
             return false;
         }
@@ -258,7 +263,7 @@ impl SyncState {
         if proven == 0 {
             return false;
         }
-        let age = CLOCK_ORIGIN.elapsed().saturating_sub(Duration::from_nanos(proven - 1));
+        let age = now.saturating_duration_since(*CLOCK_ORIGIN).saturating_sub(Duration::from_nanos(proven - 1));
         age < Duration::from_millis(self.bound_ms.load(Ordering::Acquire))
     }
 
