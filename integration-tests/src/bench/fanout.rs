@@ -20,6 +20,8 @@ const RATE: u64 = 1000;
 const WRITERS: usize = 16;
 /// Events per batch in the batched throughput run.
 const BATCH: usize = 100;
+/// Agents listening in the bench's cluster (the subscribers of the fanned-out baseline).
+const AGENTS: usize = 8;
 
 /// What the bench's own subscriber saw: when each seq was broadcast, and
 /// every agent acknowledgement (agents acknowledge the highest seq applied).
@@ -361,6 +363,63 @@ async fn raw_publish(redis: &Store, run: Duration) -> anyhow::Result<f64> {
     per_second(tasks, started).await
 }
 
+/// `PUBLISH`es (`SPUBLISH`es on a cluster) per second from `WRITERS`
+/// connections to one channel that `subscribers` connections of this process
+/// subscribe to: the fan-out an invalidation's broadcast makes to as many
+/// agents. Fails if a subscriber missed messages (Redis drops a subscriber
+/// that cannot keep up), since the publishes would then have cost less.
+async fn raw_publish_fanned(redis: &Store, subscribers: usize, run: Duration) -> anyhow::Result<f64> {
+    let channel = "bench:fanned";
+    let received: Arc<Vec<std::sync::atomic::AtomicU64>> =
+        Arc::new((0..subscribers).map(|_| std::sync::atomic::AtomicU64::new(0)).collect());
+    let mut listeners = Vec::new();
+    for i in 0..subscribers {
+        let mut subscription = redis.subscribe(&[channel.to_string()]).await?;
+        let received = received.clone();
+        listeners.push(tokio::spawn(async move {
+            while let Ok(Some(delivery)) = subscription.next().await {
+                if let Delivery::Message { .. } = delivery {
+                    received[i].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    let mut connections = Vec::new();
+    for _ in 0..WRITERS {
+        connections.push(redis.dedicated().await?);
+    }
+    let payload = "x".repeat(200);
+    let started = Instant::now();
+    let deadline = started + run;
+    let mut tasks = Vec::new();
+    for mut conn in connections {
+        let publish = publish_command(redis, channel, &payload);
+        tasks.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            while Instant::now() < deadline {
+                let _: i64 = publish.query_async(&mut conn).await?;
+                n += 1;
+            }
+            anyhow::Ok(n)
+        }));
+    }
+    let rate = per_second(tasks, started).await?;
+    let published = (rate * started.elapsed().as_secs_f64()) as u64;
+    // Every subscriber must have had every message (within the rounding of `published`).
+    let all_in = Instant::now() + Duration::from_secs(10);
+    let least = || received.iter().map(|r| r.load(std::sync::atomic::Ordering::Relaxed)).min().unwrap_or(0);
+    while least() + published / 100 < published && Instant::now() < all_in {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for listener in listeners {
+        listener.abort();
+    }
+    if least() + published / 100 < published {
+        bail!("a raw subscriber received {} of about {published} messages", least());
+    }
+    Ok(rate)
+}
+
 /// Measure 5: event throughput, single and batched, vs raw `PUBLISH`; then
 /// single events again against a coordinator that no agent listens to
 /// (`alone`: its own Redis), to tell the coordinator's cost from the cost of
@@ -372,17 +431,20 @@ pub async fn throughput(
     alone: (&str, &str),
 ) -> anyhow::Result<(Vec<Row>, String)> {
     let redis = Store::open(redis_url, 4).map_err(anyhow::Error::msg)?;
-    let (mut single, mut batched, mut raw) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut single, mut batched, mut raw, mut fanned) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for round in 0..options.rounds {
         single.push(ours_throughput(coordinator, 1, 1, options.run).await?);
         raw.push(raw_publish(&redis, options.run).await?);
         batched.push(ours_throughput(coordinator, BATCH, 1, options.run).await?);
+        fanned.push(raw_publish_fanned(&redis, AGENTS, options.run).await?);
         eprintln!(
-            "  throughput round {}: {:.0} events/s single, {:.0} events/s in batches; raw PUBLISH {:.0}/s",
+            "  throughput round {}: {:.0} events/s single, {:.0} events/s in batches; raw PUBLISH {:.0}/s, \
+             to {AGENTS} subscribers {:.0}/s",
             round + 1,
             single[round],
             batched[round],
-            raw[round]
+            raw[round],
+            fanned[round]
         );
     }
     let alone_redis = Store::open(alone.1, 4).map_err(anyhow::Error::msg)?;
@@ -400,6 +462,18 @@ pub async fn throughput(
     let row = throughput_row;
     let rows = vec![
         row(format!("event throughput, {WRITERS} writers, one event per request"), &single, &raw),
+        Row {
+            target: "≥ 0.5x".into(),
+            met: median(&ratios(&single, &fanned)) >= 0.5,
+            ..row(
+                format!(
+                    "event throughput, {WRITERS} writers, one event per request (Redis column: PUBLISH to \
+                     {AGENTS} subscribers, the fan-out of our broadcast)"
+                ),
+                &single,
+                &fanned,
+            )
+        },
         row(format!("event throughput, {WRITERS} writers, batches of {BATCH}"), &batched, &raw),
         row(
             format!("event throughput, {WRITERS} writers, one event per request, no agent listening"),
@@ -412,7 +486,9 @@ pub async fn throughput(
          the coordinator answers, each on its own keep-alive connection (hyper); batches are JSON arrays of \
          {BATCH} events, resolved into one invalidation. Raw: {WRITERS} redis-rs connections `PUBLISH` 200 \
          bytes in a loop, each to its own channel that nobody subscribes to (`SPUBLISH` on a cluster, where \
-         the channels spread over the masters). The events of the first rows all name one tenant (one \
+         the channels spread over the masters); fanned out: the same writers `PUBLISH` to one channel that \
+         {AGENTS} redis-rs subscribers of the bench process receive (every message checked to reach all \
+         of them), the fan-out an invalidation's broadcast makes to the agents. The events of the first rows all name one tenant (one \
          partition); \"for {WRITERS} tenants\" gives each writer its own. With 8 agents, every invalidation is also \
          received, applied and acknowledged by 8 agent processes on the same 2 cores; \"no agent listening\" \
          runs single events against a second coordinator with its own Redis and no agents, and its raw \
