@@ -4,9 +4,9 @@ use clap::Parser;
 use node_agent::server::Application;
 use node_agent::settings::{Flags, Settings};
 
-/// mimalloc: no per-allocation header, so the small allocations of every L1
-/// entry (its name, its record, moka's bookkeeping) cost less memory, and
-/// allocating is faster. Measured by `make bench` (agent memory).
+/// mimalloc: no per-allocation header, so the one allocation of every L1
+/// entry costs little more than its bytes, and allocating is faster.
+/// Measured by `make bench` (agent memory).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

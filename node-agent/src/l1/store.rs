@@ -5,7 +5,7 @@
 //! allocation (name, value and header, see [`Entry`]) plus a pointer and a
 //! control byte in the table, about 10 to 19 bytes with the table's load.
 //! (moka, L1's store before, cost about 420 bytes per entry on top of the
-//! entry itself.) Many small shards also grow in small steps, so the tables
+//! entry itself; `make bench` still measures it beside L1.) Many small shards also grow in small steps, so the tables
 //! they outgrow are small blocks the allocator reuses at once.
 //!
 //! Eviction is CLOCK with a 2-bit use count (GCLOCK): a hit raises the
