@@ -55,7 +55,7 @@ async fn http_get_as(
 }
 
 /// Requests per second of `TASKS` connections, each looping for `run`.
-async fn agent_throughput(addr: &str, run: Duration) -> anyhow::Result<f64> {
+pub async fn agent_throughput(addr: &str, run: Duration) -> anyhow::Result<f64> {
     agent_throughput_as(addr, run, None).await
 }
 
@@ -166,7 +166,7 @@ async fn embedded_throughput(agent: &Agent, run: Duration) -> anyhow::Result<f64
 
 /// Stores the value in the agent (L2 and its L1) and in Redis under a plain key,
 /// and waits until the agent answers from L1.
-async fn prepare_agent(addr: &str, store: &Store) -> anyhow::Result<()> {
+pub async fn prepare_agent(addr: &str, store: &Store) -> anyhow::Result<()> {
     let http = reqwest::Client::new();
     let url = format!("http://{addr}/v1/cache/{TENANT}/{KEY}?ttl=3600");
     let status = http.put(&url).body(value().to_vec()).send().await?.status();

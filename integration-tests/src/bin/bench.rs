@@ -2,7 +2,7 @@
 //! builds), measures them side by side with Redis itself, and writes
 //! `BENCHMARKS.md`. `bench --quick` (`make bench QUICK=1`) is a short pass
 //! that checks everything runs; `--out FILE` writes elsewhere; `--only
-//! NAME[,NAME]` runs some measures (hits, embedded, resp, propagation, barrier, throughput,
+//! NAME[,NAME]` runs some measures (hits, embedded, resp, propagation, loaded, barrier, throughput,
 //! token, costs, propagation32, scale, hitratio, memory, many, cluster, replicas), for profiling one of them; `--run-ms N`
 //! makes each run N ms long (to hold a load steady under a profiler).
 //! See `integration_tests::bench` for what each figure is.
@@ -93,6 +93,13 @@ async fn main() -> anyhow::Result<()> {
     if wanted("propagation") {
         eprintln!("3. propagation to 8 agents");
         let (r, n) = fanout::propagation(&options, &coordinator, &redis_url, 8).await?;
+        rows.push(r);
+        notes.push(n);
+    }
+    if wanted("loaded") {
+        eprintln!("3b. propagation under hit load");
+        let (r, n) =
+            fanout::propagation_under_load(&options, &coordinator, &redis_url, 8, &cluster.agent(0).addr).await?;
         rows.push(r);
         notes.push(n);
     }

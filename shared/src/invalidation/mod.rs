@@ -195,12 +195,13 @@ pub async fn execute(
         invalidated.push(selector);
     }
 
-    // Step 4: log and broadcast.
-    let position =
+    // Step 4: log and broadcast (and count the replicas step 5 must reach,
+    // in the same round trip).
+    let (position, wanted) =
         append(conn, partition, &invalidated, &request.origin, request.ack, &request.event_ids, settings).await?;
 
     // Step 5: held by the replicas before it is answered.
-    replicate(conn, partition, &position, settings).await?;
+    replicate_to(conn, partition, &position, settings, wanted).await?;
     Ok(Outcome { position, invalidated, l2_deleted, duplicate: false })
 }
 
@@ -556,7 +557,9 @@ pub fn new_nonce() -> String {
     id[..16].to_string()
 }
 
-/// Step 4: log and broadcast. Returns where the message was logged.
+/// Step 4: log and broadcast. Returns where the message was logged, and how
+/// many replicas step 5 must reach (`min_replicas`, where `auto` is counted
+/// with `ROLE` in the same round trip, as [`wanted_replicas`] does).
 pub async fn append(
     conn: &mut impl ConnectionLike,
     partition: &Partition,
@@ -565,7 +568,7 @@ pub async fn append(
     ack: bool,
     event_ids: &[(String, String)],
     settings: &LogSettings,
-) -> RedisResult<Position> {
+) -> RedisResult<(Position, u32)> {
     let body = MessageBody { ts_ms: now_ms(), origin, invalidations: invalidated, ack };
     let tail = body
         .encode_tail()
@@ -585,8 +588,31 @@ pub async fn append(
         .arg(settings.max_len.max(1))
         .arg(if settings.sharded { "SPUBLISH" } else { "PUBLISH" })
         .arg(EVENT_ID_TTL_SECS);
-    let (epoch, seq): (String, u64) = inv.invoke_async(conn).await?;
-    Ok(Position { partition: p.index, epoch, seq, nonce })
+    // With `min_replicas = "auto"`, the replicas are counted right behind the
+    // append, in the same round trip (see [`wanted_replicas`]).
+    let mut pipe = redis::pipe();
+    pipe.invoke_script(&inv);
+    let auto = matches!(settings.min_replicas, MinReplicas::Auto);
+    if auto {
+        pipe.exists(p.seq()).cmd("ROLE");
+    }
+    let replies: Vec<redis::Value> = match pipe.query_async(conn).await {
+        // Redis lost its script cache: load the scripts and send it again
+        // (the script did not run; EXISTS and ROLE write nothing).
+        Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+            load_scripts(conn).await?;
+            pipe.query_async(conn).await?
+        }
+        other => other?,
+    };
+    let mut replies = replies.into_iter();
+    let short = || redis::RedisError::from((redis::ErrorKind::Parse, "short pipeline reply"));
+    let (epoch, seq): (String, u64) = redis::from_redis_value(replies.next().ok_or_else(short)?)?;
+    let wanted = match settings.min_replicas {
+        MinReplicas::Count(n) => n,
+        MinReplicas::Auto => u32::from(connected_replicas(&replies.nth(1).ok_or_else(short)?) > 0),
+    };
+    Ok((Position { partition: p.index, epoch, seq, nonce }, wanted))
 }
 
 // ---- Step 5: replicate ---------------------------------------------------------
@@ -630,6 +656,17 @@ pub async fn replicate(
     settings: &LogSettings,
 ) -> Result<(), InvalidationError> {
     let wanted = wanted_replicas(conn, partition, settings).await?;
+    replicate_to(conn, partition, position, settings, wanted).await
+}
+
+/// [`replicate`] to `wanted` replicas, counted already.
+async fn replicate_to(
+    conn: &mut impl ConnectionLike,
+    partition: &Partition,
+    position: &Position,
+    settings: &LogSettings,
+    wanted: u32,
+) -> Result<(), InvalidationError> {
     if wanted == 0 {
         return Ok(());
     }
