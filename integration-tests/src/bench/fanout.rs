@@ -412,6 +412,12 @@ async fn ours_throughput(coordinator: &str, batch: usize, tenants: usize, run: D
 /// connections, each to its own channel (on a cluster, channels spread over
 /// the masters as the partitions are).
 async fn raw_publish(redis: &Store, run: Duration) -> anyhow::Result<f64> {
+    publish_loops(redis, |w| format!("bench:publish:{w}"), run).await
+}
+
+/// `PUBLISH`es (`SPUBLISH`es on a cluster) of 200 bytes per second from
+/// `WRITERS` connections in a loop for `run`, writer `w` to `channel(w)`.
+async fn publish_loops(redis: &Store, channel: impl Fn(usize) -> String, run: Duration) -> anyhow::Result<f64> {
     let mut connections = Vec::new();
     for _ in 0..WRITERS {
         connections.push(redis.dedicated().await?);
@@ -421,7 +427,7 @@ async fn raw_publish(redis: &Store, run: Duration) -> anyhow::Result<f64> {
     let deadline = started + run;
     let mut tasks = Vec::new();
     for (w, mut conn) in connections.into_iter().enumerate() {
-        let publish = publish_command(redis, &format!("bench:publish:{w}"), &payload);
+        let publish = publish_command(redis, &channel(w), &payload);
         tasks.push(tokio::spawn(async move {
             let mut n = 0u64;
             while Instant::now() < deadline {
@@ -455,26 +461,8 @@ async fn raw_publish_fanned(redis: &Store, subscribers: usize, run: Duration) ->
             }
         }));
     }
-    let mut connections = Vec::new();
-    for _ in 0..WRITERS {
-        connections.push(redis.dedicated().await?);
-    }
-    let payload = "x".repeat(200);
     let started = Instant::now();
-    let deadline = started + run;
-    let mut tasks = Vec::new();
-    for mut conn in connections {
-        let publish = publish_command(redis, channel, &payload);
-        tasks.push(tokio::spawn(async move {
-            let mut n = 0u64;
-            while Instant::now() < deadline {
-                let _: i64 = publish.query_async(&mut conn).await?;
-                n += 1;
-            }
-            anyhow::Ok(n)
-        }));
-    }
-    let rate = per_second(tasks, started).await?;
+    let rate = publish_loops(redis, |_| channel.to_string(), run).await?;
     let published = (rate * started.elapsed().as_secs_f64()) as u64;
     // Every subscriber must have had every message (within the rounding of `published`).
     let all_in = Instant::now() + Duration::from_secs(10);

@@ -356,16 +356,9 @@ async fn announce(
             pipe.invoke_script(inv);
         }
     }
-    let replies: Vec<redis::Value> = match pipe.query_async(conn).await {
-        // Redis lost its script cache (a restart, or a promoted replica): load
-        // the scripts and send it again. Running part of it twice is harmless:
-        // markers only rise, and a tag detached already reads as a draining set to finish.
-        Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
-            load_scripts(conn).await?;
-            pipe.query_async(conn).await?
-        }
-        other => other?,
-    };
+    // Running part of it twice (after a lost script cache) is harmless:
+    // markers only rise, and a tag detached already reads as a draining set to finish.
+    let replies = query_with_scripts(conn, &pipe).await?;
     let mut replies = replies.into_iter();
     let mut next =
         || replies.next().ok_or_else(|| redis::RedisError::from((redis::ErrorKind::Parse, "short pipeline reply")));
@@ -596,15 +589,8 @@ pub async fn append(
     if auto {
         pipe.exists(p.seq()).cmd("ROLE");
     }
-    let replies: Vec<redis::Value> = match pipe.query_async(conn).await {
-        // Redis lost its script cache: load the scripts and send it again
-        // (the script did not run; EXISTS and ROLE write nothing).
-        Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
-            load_scripts(conn).await?;
-            pipe.query_async(conn).await?
-        }
-        other => other?,
-    };
+    // If sent twice, the script had not run; EXISTS and ROLE write nothing.
+    let replies = query_with_scripts(conn, &pipe).await?;
     let mut replies = replies.into_iter();
     let short = || redis::RedisError::from((redis::ErrorKind::Parse, "short pipeline reply"));
     let (epoch, seq): (String, u64) = redis::from_redis_value(replies.next().ok_or_else(short)?)?;
@@ -850,6 +836,18 @@ pub async fn rotate(conn: &mut impl ConnectionLike, partition: &Partition, forke
         .arg(l2::new_epoch_id())
         .invoke_async(conn)
         .await
+}
+
+/// Sends a pipeline of script calls; if Redis lost its script cache (a
+/// restart, or a promoted replica), loads the scripts and sends it again.
+async fn query_with_scripts(conn: &mut impl ConnectionLike, pipe: &redis::Pipeline) -> RedisResult<Vec<redis::Value>> {
+    match pipe.query_async(conn).await {
+        Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+            load_scripts(conn).await?;
+            pipe.query_async(conn).await
+        }
+        other => other,
+    }
 }
 
 /// Loads every script into Redis's script cache, so that the first request
