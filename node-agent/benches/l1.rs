@@ -8,8 +8,8 @@
 //! 100 entries).
 //!
 //! The insert and apply benchmarks restore the cache before every iteration
-//! (`iter_batched`, per iteration), and run moka's deferred maintenance there,
-//! outside the timing, so every timed call really inserts or drops something.
+//! (`iter_batched`, per iteration), outside the timing, so every timed call
+//! really inserts or drops something.
 //!
 //! Run with `make bench`, or `cargo bench -p node-agent --bench l1` (add
 //! `-- --quick` for a fast, rougher pass). `cargo test --all-targets` runs each
@@ -21,7 +21,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use node_agent::l1::{Entry, L1};
-use node_agent::usage::{Served, Usage};
+use node_agent::usage::Usage;
 use shared::protocol::Selector;
 
 const TENANT: &str = "acme";
@@ -65,7 +65,6 @@ fn populated() -> L1 {
         let group = format!("supplier-group:{}", i % 1000);
         store(&l1, entry(&key(i), &value, &["suppliers", &group]));
     }
-    l1.maintain();
     assert_eq!(l1.entries(), ENTRIES as u64, "nothing was evicted");
     l1
 }
@@ -91,16 +90,16 @@ fn bench_l1(c: &mut Criterion) {
         b.iter(|| {
             let key = keys.next().expect("cycle never ends");
             let entry = l1.get(TENANT, black_box(key)).expect("every key is held");
-            usage.read(TENANT, key, Served::L1);
+            usage.l1_hit(TENANT, key, entry.tags());
             entry
         })
     });
-    // The tally alone, the same keys: what `Agent::get` adds to a hit.
+    // The tally alone, the same keys and two tags as the entries carry: what `Agent::get` adds to a hit.
     group.bench_function("count_hit", |b| {
         let mut keys = hits.iter().cycle();
         b.iter(|| {
             let key = keys.next().expect("cycle never ends");
-            usage.read(TENANT, black_box(key), Served::L1);
+            usage.l1_hit(TENANT, black_box(key), ["suppliers", "supplier-group:7"].into_iter());
         })
     });
     group.bench_function("get_miss", |b| {
@@ -116,9 +115,8 @@ fn bench_l1(c: &mut Criterion) {
     group.bench_function("insert_2_tags", |b| {
         b.iter_batched(
             || {
-                // Make sure the key is absent and its removal already folded into the indexes.
+                // Make sure the key is absent.
                 l1.apply(&drop_fresh);
-                l1.maintain();
                 entry(fresh, &value, &["suppliers", "supplier:fresh"])
             },
             |entry| {
@@ -135,7 +133,6 @@ fn bench_l1(c: &mut Criterion) {
         b.iter_batched(
             || {
                 store(&l1, entry(&one, &value, &["suppliers", "supplier-group:0"]));
-                l1.maintain();
             },
             |()| assert_eq!(l1.apply(black_box(&drop_one)), 1),
             BatchSize::PerIteration,
@@ -150,7 +147,6 @@ fn bench_l1(c: &mut Criterion) {
                 for key in &tagged {
                     store(&l1, entry(key, &value, &["suppliers", HOT_TAG]));
                 }
-                l1.maintain();
             },
             |()| assert_eq!(l1.apply(black_box(&drop_tag)), TAGGED),
             BatchSize::PerIteration,

@@ -105,11 +105,10 @@ pub struct ByTenant {
 impl ByTenant {
     /// Brings the counters up to the tally's (L1 hits, L2 hits, misses) per tenant.
     pub fn update(&self, totals: &std::collections::HashMap<String, [u64; 3]>) {
-        let raise = |counter: prometheus::IntCounter, to: u64| counter.inc_by(to.saturating_sub(counter.get()));
         for (tenant, [l1, l2, misses]) in totals {
-            raise(self.hits.with_label_values(&[tenant.as_str(), "l1"]), *l1);
-            raise(self.hits.with_label_values(&[tenant.as_str(), "l2"]), *l2);
-            raise(self.misses.with_label_values(&[tenant.as_str()]), *misses);
+            raise(&self.hits.with_label_values(&[tenant.as_str(), "l1"]), *l1);
+            raise(&self.hits.with_label_values(&[tenant.as_str(), "l2"]), *l2);
+            raise(&self.misses.with_label_values(&[tenant.as_str()]), *misses);
         }
     }
 }

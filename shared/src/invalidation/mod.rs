@@ -201,7 +201,7 @@ pub async fn execute(
         append(conn, partition, &invalidated, &request.origin, request.ack, &request.event_ids, settings).await?;
 
     // Step 5: held by the replicas before it is answered.
-    replicate_to(conn, partition, &position, settings, wanted).await?;
+    replicate(conn, partition, &position, settings, wanted).await?;
     Ok(Outcome { position, invalidated, l2_deleted, duplicate: false })
 }
 
@@ -246,12 +246,13 @@ pub async fn answer_duplicate(
 ) -> Result<Outcome, InvalidationError> {
     let head = l2::head(conn, partition).await?;
     let position = Position { partition: partition.index, epoch: head.epoch, seq, nonce: String::new() };
-    if wanted_replicas(conn, partition, settings).await? > 0 {
+    let wanted = wanted_replicas(conn, partition, settings).await?;
+    if wanted > 0 {
         // WAIT counts this connection's writes, up to its last one that was
         // replicated: make one (INCRBY 0 always is, and changes nothing), so
         // that it covers everything before, the original invalidation included.
         let _: u64 = redis::cmd("INCRBY").arg(partition.seq()).arg(0).query_async(conn).await?;
-        replicate(conn, partition, &position, settings).await?;
+        replicate(conn, partition, &position, settings, wanted).await?;
     }
     Ok(Outcome { position, duplicate: true, ..Outcome::default() })
 }
@@ -633,20 +634,10 @@ fn connected_replicas(role: &redis::Value) -> usize {
     }
 }
 
-/// Step 5: waits (`WAIT`, at most `replica_timeout_ms`) until the replicas
-/// required hold everything this connection wrote, the invalidation included.
+/// Step 5: waits (`WAIT`, at most `replica_timeout_ms`) until `wanted`
+/// replicas (counted by [`wanted_replicas`] or with the append) hold
+/// everything this connection wrote, the invalidation included.
 pub async fn replicate(
-    conn: &mut impl ConnectionLike,
-    partition: &Partition,
-    position: &Position,
-    settings: &LogSettings,
-) -> Result<(), InvalidationError> {
-    let wanted = wanted_replicas(conn, partition, settings).await?;
-    replicate_to(conn, partition, position, settings, wanted).await
-}
-
-/// [`replicate`] to `wanted` replicas, counted already.
-async fn replicate_to(
     conn: &mut impl ConnectionLike,
     partition: &Partition,
     position: &Position,
