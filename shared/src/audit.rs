@@ -95,14 +95,25 @@ impl Entry {
 /// Where a process writes its audit entries.
 #[derive(Clone)]
 pub struct Trail {
-    store: Store,
+    queue: tokio::sync::mpsc::Sender<String>,
     node: String,
 }
 
+/// Entries waiting for the writer; beyond this (Redis away for long under
+/// load) an entry is kept in the log only.
+const QUEUE: usize = 10_000;
+
+/// Most entries one write sends (one pipeline, one round trip).
+const BATCH: usize = 256;
+
 impl Trail {
-    /// A trail written through `store`, signed `node`.
+    /// A trail written through `store`, signed `node`. Starts its writer
+    /// task, which ends when the last clone of the trail is dropped; call it
+    /// within a tokio runtime.
     pub fn new(store: Store, node: String) -> Trail {
-        Trail { store, node }
+        let (queue, entries) = tokio::sync::mpsc::channel(QUEUE);
+        tokio::spawn(write_entries(store, entries));
+        Trail { queue, node }
     }
 
     /// Records `entry` (signed by this process) without waiting for Redis.
@@ -110,25 +121,57 @@ impl Trail {
         entry.node = self.node.clone();
         let json = serde_json::to_string(&entry).unwrap_or_default();
         tracing::info!(target: "audit", entry = %json, "audit");
-        let store = self.store.clone();
-        tokio::spawn(async move {
-            let written = async {
-                let mut conn = store.get().await?;
-                redis::cmd("XADD")
-                    .arg(AUDIT)
-                    .arg("MAXLEN")
-                    .arg("~")
-                    .arg(MAX_ENTRIES)
-                    .arg("*")
-                    .arg("a")
-                    .arg(&json)
-                    .query_async::<String>(&mut conn)
-                    .await
+        if let Err(e) = self.queue.try_send(json) {
+            let json = match e {
+                tokio::sync::mpsc::error::TrySendError::Full(json)
+                | tokio::sync::mpsc::error::TrySendError::Closed(json) => json,
             };
-            if let Err(e) = written.await {
+            tracing::warn!(entry = %json, "the audit writer is behind: the entry is kept in the log only");
+        }
+    }
+}
+
+/// The trail's writer: takes the entries waiting (up to [`BATCH`]) and adds
+/// them to the stream in one pipeline, on a connection it keeps (no pool
+/// checkout per entry). Entries that could not be written are in the log
+/// already; they are reported and not retried.
+async fn write_entries(store: Store, mut entries: tokio::sync::mpsc::Receiver<String>) {
+    let mut connection: Option<(crate::store::SharedConn, u64)> = None;
+    let mut batch = Vec::with_capacity(BATCH);
+    while entries.recv_many(&mut batch, BATCH).await > 0 {
+        // Under Sentinel, a connection to an old primary is not kept.
+        if connection.as_ref().is_some_and(|(_, generation)| *generation != store.generation()) {
+            connection = None;
+        }
+        if connection.is_none() {
+            let generation = store.generation();
+            connection = store.dedicated().await.ok().map(|conn| (conn, generation));
+        }
+        let written = match connection.as_mut() {
+            Some((conn, _)) => {
+                let mut pipe = redis::pipe();
+                for json in &batch {
+                    pipe.cmd("XADD")
+                        .arg(AUDIT)
+                        .arg("MAXLEN")
+                        .arg("~")
+                        .arg(MAX_ENTRIES)
+                        .arg("*")
+                        .arg("a")
+                        .arg(json)
+                        .ignore();
+                }
+                pipe.query_async::<()>(conn).await.map_err(|e| e.to_string())
+            }
+            None => Err("Redis is unreachable".to_string()),
+        };
+        if let Err(e) = written {
+            connection = None;
+            for json in &batch {
                 tracing::warn!(error = %e, entry = %json, "the audit entry could not be written to Redis");
             }
-        });
+        }
+        batch.clear();
     }
 }
 

@@ -292,31 +292,51 @@ fn flush_partition(agent: &Agent, p: u16, why: &str) {
     agent.inner().metrics.flushes.inc();
 }
 
-/// Acknowledges each partition's applied position as soon as it moves:
+/// How often, at most, an agent stores its applied positions while nobody
+/// waits for them (see [`acknowledge_loop`]).
+pub const ACK_STORE_EVERY: Duration = Duration::from_millis(100);
+
+/// Acknowledges each partition's applied position once it moves:
 /// stored in the partition's acks (the cluster view's lag, and what a
 /// barrier reads every `LIVENESS_REFRESH`), and published on its ack channel
 /// only when a message asked for it (someone waits with `wait=all`), so that
 /// the coordinator hears of it within a round trip then and receives nothing
-/// otherwise. Bursts coalesce: while one write is in flight, later applies
-/// only leave the notification set, and the next write carries the newest
-/// position of every partition that moved.
+/// otherwise. When nobody waits, the stored position is written at most every
+/// [`ACK_STORE_EVERY`]: under a stream of invalidations an agent then costs
+/// Redis a few writes a second instead of one per message. Bursts coalesce:
+/// while one write is in flight (or waits its turn), later applies only leave
+/// the notification set, and the next write carries the newest position of
+/// every partition that moved.
 async fn acknowledge_loop(agent: Agent, shutdown: CancellationToken) {
     let inner = agent.inner();
     let mut acked: Vec<Option<Position>> = vec![None; usize::from(inner.layout.count())];
     // A connection of its own, kept open: an ack is one round trip, with no
     // pool checkout (whose liveness check would be a second one).
     let mut connection: Option<(SharedConn, u64)> = None;
+    let mut last_stored: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
             _ = inner.sync.applied.notified() => {}
             _ = shutdown.cancelled() => return,
         }
+        // Nobody waits: hold the write until its turn; an apply that asks
+        // for an acknowledgement (wait=all) ends the wait at once.
+        while let Some(due) =
+            last_stored.map(|at| at + ACK_STORE_EVERY).filter(|due| *due > tokio::time::Instant::now())
+        {
+            if inner.sync.ack_wanted() {
+                break;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep_until(due) => break,
+                _ = inner.sync.applied.notified() => {}
+                _ = shutdown.cancelled() => return,
+            }
+        }
         let moved: Vec<Position> = inner
             .sync
-            .cursors()
+            .positions()
             .into_iter()
-            .enumerate()
-            .map(|(p, cursor)| cursor.position(p as u16))
             .filter(|position| {
                 !position.epoch.is_empty() && acked[usize::from(position.partition)].as_ref() != Some(position)
             })
@@ -347,6 +367,7 @@ async fn acknowledge_loop(agent: Agent, shutdown: CancellationToken) {
             async move { registry::acknowledge(&mut conn, partition, &ack, inner.log.sharded, publish).await.is_ok() }
         });
         let written = futures_util::future::join_all(writes).await;
+        last_stored = Some(tokio::time::Instant::now());
         let mut failed = false;
         for (position, ok) in moved.into_iter().zip(written) {
             if ok {

@@ -298,6 +298,12 @@ impl SyncState {
         (0..self.count()).map(|p| self.cursor(p)).collect()
     }
 
+    /// Every partition's applied position (see [`Cursor::position`]), without
+    /// copying the recent nonces: what the acknowledger sends after each apply.
+    pub fn positions(&self) -> Vec<Position> {
+        (0..self.count()).map(|p| lock(&self.partition(p).cursor).position(p)).collect()
+    }
+
     /// Decides what a message of partition `p` means (see [`next_step`]).
     pub fn next_step(&self, p: u16, epoch: &str, seq: u64, nonce: &str, prev: &str) -> Step {
         next_step(&lock(&self.partition(p).cursor), epoch, seq, nonce, prev)
@@ -336,6 +342,11 @@ impl SyncState {
     /// within a round trip instead of at its next read of the stored ones.
     pub fn want_ack(&self) {
         self.ack_wanted.store(true, Ordering::Release);
+    }
+
+    /// Whether someone waits for the next acknowledgement (it is to be published).
+    pub fn ack_wanted(&self) -> bool {
+        self.ack_wanted.load(Ordering::Acquire)
     }
 
     /// Whether the next acknowledgement is to be published (and clears it).
