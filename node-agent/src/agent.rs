@@ -52,6 +52,8 @@ pub(crate) struct Inner {
     pub(crate) l1: L1,
     /// Which values are sealed in L2, and the keys.
     pub(crate) encryption: Encryption,
+    /// How long written entries live (`[[ttl]]` tiers, jitter).
+    pub(crate) ttl: crate::ttl::TtlPolicy,
     /// How far this agent is in sync with each partition's log.
     pub(crate) sync: SyncState,
     /// Metrics and counters.
@@ -98,7 +100,8 @@ pub struct Put {
     pub value: Bytes,
     /// Content type to answer reads with.
     pub content_type: String,
-    /// TTL in seconds; `None` means `default_ttl_secs`.
+    /// TTL in seconds; `None` means the default of the key's `[[ttl]]` tier
+    /// (else `default_ttl_secs`), less its jitter.
     pub ttl_secs: Option<u64>,
     /// Tags.
     pub tags: Vec<String>,
@@ -163,6 +166,7 @@ impl Agent {
     pub fn new(settings: Settings, node_id: String, addr: String) -> Result<Agent, String> {
         let store = Store::open_with(&settings.redis_url, settings.redis_pool_size, &settings.redis_access())?;
         let encryption = settings.encryption()?;
+        let ttl = settings.ttl_policy().map_err(|problems| format!("configuration error: {}", problems.join("; ")))?;
         let metrics = Metrics::with_tenant_labels(settings.metrics.tenant_labels);
         metrics.l1_capacity.set(i64::try_from(settings.l1_max_bytes).unwrap_or(i64::MAX));
         let layout = Layout::new(settings.partitions);
@@ -176,6 +180,7 @@ impl Agent {
         Ok(Agent(Arc::new(Inner {
             l1: L1::new(settings.l1_max_bytes, layout.clone()),
             encryption,
+            ttl,
             layout,
             log,
             settings,
@@ -364,10 +369,8 @@ impl Agent {
         if put.value.len() > s.max_value_bytes {
             return Err(AgentError::TooLarge { size: put.value.len(), limit: s.max_value_bytes });
         }
-        let ttl_secs = put.ttl_secs.unwrap_or(s.default_ttl_secs);
-        if ttl_secs == 0 || ttl_secs > s.max_ttl_secs {
-            return Err(invalid("invalid_ttl", format!("ttl must be between 1 and {} seconds", s.max_ttl_secs)));
-        }
+        // The key's `[[ttl]]` tier decides the default and the maximum.
+        let ttl = self.0.ttl.ttl(tenant, key, put.ttl_secs).map_err(|e| invalid("invalid_ttl", e.to_string()))?;
         for tag in &put.tags {
             names::validate_tag(tag)?;
         }
@@ -399,7 +402,7 @@ impl Agent {
             content_type: content_type.clone(),
             tags: put.tags.clone(),
             depends_on: put.depends_on.clone(),
-            ttl_ms: ttl_secs * 1000,
+            ttl_ms: ttl.as_millis() as u64,
             sealed_by,
         };
         let mut conn = self.conn().await?;
@@ -407,10 +410,9 @@ impl Agent {
             .await
             .map_err(|e| self.l2_failed(e))?
             .map_err(|stale| AgentError::StaleFill(stale.explain()))?;
-        let ttl = Duration::from_secs(ttl_secs);
         let entry = l1::Entry::new(tenant, key, &put.value, &content_type, put.tags, put.depends_on, ttl);
         self.0.l1.insert(entry, guard);
-        self.0.usage.write(tenant, key, ttl_secs.saturating_mul(1000));
+        self.0.usage.write(tenant, key, ttl.as_millis() as u64);
         Ok(())
     }
 

@@ -190,7 +190,9 @@ fn decode_query_component(raw: &str) -> Result<String, ApiError> {
 #[into_params(parameter_in = Query)]
 #[allow(dead_code)] // Documentation: `parse_put_query` reads the query.
 struct PutParams {
-    /// Seconds to live, at least 1 (default: the agent's `default_ttl_secs`).
+    /// Seconds to live, at least 1 and at most the key's maximum (its `[[ttl]]`
+    /// tier's `max_secs`, else `max_ttl_secs`). Default: the tier's default
+    /// (else `default_ttl_secs`), shortened by up to `ttl_jitter` of its length.
     #[param(minimum = 1)]
     ttl: Option<u64>,
     /// Tags, comma-separated (or the parameter repeated).

@@ -6,6 +6,7 @@
 //! - [`settings`]: configuration layers and flags.
 //! - [`agent`]: reads, writes and deletes through L1 and L2; status.
 //! - [`l1`]: the in-memory cache and its tag, pattern and dependency indexes.
+//! - [`ttl`]: TTL tiers by key pattern, and the jitter of default TTLs.
 //! - [`usage`]: per-tenant read figures (hits, misses, most read keys, key
 //!   prefixes) that the heartbeat reports for the coordinator's `/v1/stats`.
 //! - [`encryption`]: values sealed in L2 (AES-256-GCM) for `[[encrypt]]` rules.
@@ -38,5 +39,6 @@ pub mod metrics;
 pub mod resp;
 pub mod server;
 pub mod settings;
+pub mod ttl;
 pub mod sync;
 pub mod usage;

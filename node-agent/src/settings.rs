@@ -57,6 +57,11 @@ pub struct Settings {
     pub default_ttl_secs: u64,
     /// Largest TTL accepted.
     pub max_ttl_secs: u64,
+    /// TTL tiers by key pattern (`[[ttl]]`, file only); see [`crate::ttl`].
+    pub ttl: Vec<crate::ttl::TtlTier>,
+    /// Default TTLs are shortened by a random part of up to this fraction of
+    /// their length, so that entries written together expire apart.
+    pub ttl_jitter: f64,
     /// How often the agent reports itself and checks the log head.
     pub heartbeat_interval_ms: u64,
     /// Length the invalidation log is trimmed to (for DELETEs this agent logs).
@@ -118,6 +123,8 @@ impl Default for Settings {
             max_value_bytes: 1024 * 1024,
             default_ttl_secs: 300,
             max_ttl_secs: 365 * 24 * 3600,
+            ttl: Vec::new(),
+            ttl_jitter: 0.05,
             heartbeat_interval_ms: 500,
             log_max_len: 100_000,
             redis_pool_size: 32,
@@ -162,6 +169,11 @@ impl Settings {
     /// The `[[encrypt]]` rules with their keys, checked (see [`crate::encryption`]).
     pub fn encryption(&self) -> Result<crate::encryption::Encryption, String> {
         crate::encryption::Encryption::new(&self.encrypt, self.encryption_keys.as_ref().map(|k| k.expose()))
+    }
+
+    /// The `[[ttl]]` tiers with the defaults behind them, checked (see [`crate::ttl`]).
+    pub fn ttl_policy(&self) -> Result<crate::ttl::TtlPolicy, Vec<String>> {
+        crate::ttl::TtlPolicy::new(&self.ttl, self.default_ttl_secs, self.max_ttl_secs, self.ttl_jitter)
     }
 
     /// What the agent needs besides `redis_url` to reach Redis.
@@ -226,6 +238,7 @@ impl Settings {
         });
         let auth_problem = self.access().err();
         let encryption_problem = self.encryption().err();
+        let ttl_problems = self.ttl_policy().err().unwrap_or_default();
         let all: Vec<String> = problems
             .into_iter()
             .map(str::to_string)
@@ -234,6 +247,7 @@ impl Settings {
             .chain(resp_problem)
             .chain(auth_problem)
             .chain(encryption_problem)
+            .chain(ttl_problems)
             .collect();
         if all.is_empty() {
             Ok(())

@@ -14,6 +14,7 @@ mod credentials;
 mod dashboard;
 mod deploy_files;
 mod encryption;
+mod features;
 mod faults;
 mod invalidation;
 mod malformed;
