@@ -60,12 +60,42 @@ pub(crate) struct Inner {
     pub(crate) metrics: Metrics,
     /// Per-tenant reads, for the stats in the heartbeat.
     pub(crate) usage: Usage,
+    /// Misses waiting for another's fill (see [`crate::lease`]).
+    pub(crate) waiters: crate::lease::Waiters,
     /// L2 reads in flight, by (tenant, key), with the fill guard they started under.
     flights: Mutex<HashMap<(String, String), (l1::FillGuard, Flight)>>,
 }
 
 /// One shared L2 read.
-type Flight = Shared<BoxFuture<'static, Result<Read, String>>>;
+type Flight = Shared<BoxFuture<'static, Result<Loaded, String>>>;
+
+/// What one L2 read found, shared by the concurrent misses of a key on this agent.
+#[derive(Debug, Clone)]
+enum Loaded {
+    /// The entry.
+    Hit(l1::Entry),
+    /// Not in L2: a fill token, and who may load the value (see [`crate::lease`]).
+    Miss {
+        /// The opaque fill token.
+        fill_token: String,
+        /// The key's fill lease, as this read found it.
+        lease: MissLease,
+    },
+}
+
+/// A miss's part in the key's fill lease.
+#[derive(Debug, Clone)]
+enum MissLease {
+    /// Leases are off (`lease_ms = 0`), or could not be taken: every caller loads.
+    Off,
+    /// This read's token holds the lease: the first caller to claim it loads;
+    /// the other callers that shared the read wait for its fill.
+    Mine(Arc<std::sync::atomic::AtomicBool>),
+    /// Another miss holds it, for this long yet: wait for its fill.
+    Held(Duration),
+    /// The key was stored meanwhile: read again.
+    Filled,
+}
 
 /// Which layer answered a read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -190,6 +220,7 @@ impl Agent {
             sync,
             metrics,
             usage: Usage::new(),
+            waiters: crate::lease::Waiters::default(),
             flights: Mutex::default(),
         })))
     }
@@ -222,8 +253,20 @@ impl Agent {
     }
 
     /// Reads a key: L1 (while in sync), then L2 (filling L1), else a miss
-    /// with a fill token.
+    /// with a fill token. A miss takes the key's fill lease, or waits for the
+    /// fill of the miss that has it (see [`crate::lease`]).
     pub async fn get(&self, tenant: &str, key: &str) -> Result<Read, AgentError> {
+        self.read(tenant, key, true).await
+    }
+
+    /// Reads a key as [`Agent::get`] does, but a miss neither takes the
+    /// key's fill lease nor waits for one: for reads that will not load the
+    /// value (`EXISTS`, `TTL` on the Redis protocol port).
+    pub async fn peek(&self, tenant: &str, key: &str) -> Result<Read, AgentError> {
+        self.read(tenant, key, false).await
+    }
+
+    async fn read(&self, tenant: &str, key: &str, leased: bool) -> Result<Read, AgentError> {
         names::validate_tenant(tenant)?;
         names::validate_key(key)?;
         let m = &self.0.metrics;
@@ -241,7 +284,7 @@ impl Agent {
             return Ok(Read::Hit { entry, layer: Layer::L1 });
         }
         m.misses.l1.inc();
-        let read = self.read_through(tenant, key, trusted).await?;
+        let read = self.read_through(tenant, key, trusted, leased).await?;
         let served = match &read {
             Read::Hit { .. } => Served::L2,
             Read::Miss { .. } => Served::Miss,
@@ -255,11 +298,65 @@ impl Agent {
         self.0.usage.report(self.0.l1.tenant_figures())
     }
 
-    /// Reads L2 for a key. Concurrent misses for one key share a single L2
-    /// read (no reload stampede after a flush), but only a read that started
-    /// after the last invalidation applied to the tenant: a caller never gets
-    /// a value read before an invalidation it has already seen.
-    async fn read_through(&self, tenant: &str, key: &str, fill: bool) -> Result<Read, AgentError> {
+    /// Reads L2 for a key, and after a miss lets one caller load it (the
+    /// lease, see [`crate::lease`]) while the others wait for its fill, at
+    /// most `lease_wait_ms`, and then read again. After the wait the last read
+    /// answers, with the value or with a miss and a token of the caller's own.
+    async fn read_through(&self, tenant: &str, key: &str, fill: bool, leased: bool) -> Result<Read, AgentError> {
+        let deadline = Instant::now() + Duration::from_millis(self.0.settings.lease_wait_ms);
+        let mut waited = false;
+        loop {
+            let signal = self.0.waiters.register(tenant, key);
+            let answer = {
+                // Listening before the read, so that a fill notice arriving
+                // between the read and the wait is not missed.
+                let notified = signal.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                let last = Instant::now() >= deadline;
+                let loaded = self.flight(tenant, key, fill, leased).await;
+                let left = || deadline.saturating_duration_since(Instant::now());
+                let wait = match &loaded {
+                    Ok(Loaded::Miss { lease, .. }) if leased && !last => match lease {
+                        MissLease::Off => None,
+                        MissLease::Mine(claimed) if !claimed.swap(true, Ordering::AcqRel) => None,
+                        // Another caller of this read claimed it: wait for its fill.
+                        MissLease::Mine(_) => Some(left()),
+                        MissLease::Held(lease_left) => Some(left().min(*lease_left)),
+                        MissLease::Filled => Some(Duration::ZERO),
+                    },
+                    _ => None,
+                };
+                match wait {
+                    None => Some(loaded),
+                    Some(wait) => {
+                        if !wait.is_zero() {
+                            let _ = tokio::time::timeout(wait, notified).await;
+                        }
+                        None
+                    }
+                }
+            };
+            self.0.waiters.release(tenant, key, signal);
+            let Some(loaded) = answer else {
+                waited = true;
+                continue;
+            };
+            if waited {
+                self.0.metrics.lease_waits.inc();
+            }
+            return match loaded.map_err(AgentError::Unavailable)? {
+                Loaded::Hit(entry) => Ok(Read::Hit { entry, layer: Layer::L2 }),
+                Loaded::Miss { fill_token, .. } => Ok(Read::Miss { fill_token }),
+            };
+        }
+    }
+
+    /// One L2 read of a key, shared by the concurrent misses of the key on
+    /// this agent (no reload stampede after a flush), but only by misses
+    /// that began after the last invalidation applied to the tenant: a caller
+    /// never gets a value read before an invalidation it has already seen.
+    async fn flight(&self, tenant: &str, key: &str, fill: bool, leased: bool) -> Result<Loaded, String> {
         let id = (tenant.to_string(), key.to_string());
         let guard = self.0.l1.fill_guard(tenant);
         let flight = {
@@ -269,9 +366,10 @@ impl Agent {
                 _ => {
                     let agent = self.clone();
                     let (t, k) = id.clone();
-                    let flight = async move { agent.load(&t, &k, guard, fill).await.map_err(|e| e.to_string()) }
-                        .boxed()
-                        .shared();
+                    let flight =
+                        async move { agent.load(&t, &k, guard, fill, leased).await.map_err(|e| e.to_string()) }
+                            .boxed()
+                            .shared();
                     flights.insert(id.clone(), (guard, flight.clone()));
                     flight
                 }
@@ -282,12 +380,19 @@ impl Agent {
         if flights.get(&id).is_some_and(|(_, f)| f.ptr_eq(&flight)) {
             flights.remove(&id);
         }
-        result.map_err(AgentError::Unavailable)
+        result
     }
 
     /// One L2 read; fills L1 if `fill` and no invalidation of the tenant was
     /// applied since `guard` was taken.
-    async fn load(&self, tenant: &str, key: &str, guard: l1::FillGuard, fill: bool) -> Result<Read, AgentError> {
+    async fn load(
+        &self,
+        tenant: &str,
+        key: &str,
+        guard: l1::FillGuard,
+        fill: bool,
+        leased: bool,
+    ) -> Result<Loaded, AgentError> {
         let m = &self.0.metrics;
         let mut conn = self.conn().await?;
         let partition = self.0.layout.of(tenant);
@@ -307,7 +412,7 @@ impl Agent {
             m.forked_reads.inc();
             self.0.sync.request_catch_up(partition.index);
             m.misses.l2.inc();
-            return Ok(Read::Miss { fill_token: lookup.token.encode() });
+            return Ok(Loaded::Miss { fill_token: lookup.token.encode(), lease: MissLease::Off });
         }
         let found = match lookup.entry {
             // Sealed (see `crate::encryption`): opened here, so that L1 and
@@ -352,11 +457,26 @@ impl Agent {
                 if fill {
                     self.0.l1.insert(entry.clone(), guard);
                 }
-                Ok(Read::Hit { entry, layer: Layer::L2 })
+                Ok(Loaded::Hit(entry))
             }
             None => {
                 m.misses.l2.inc();
-                Ok(Read::Miss { fill_token: lookup.token.encode() })
+                let lease_ms = self.0.settings.lease_ms;
+                let lease = if lease_ms == 0 || !leased {
+                    MissLease::Off
+                } else {
+                    match l2::take_lease(&mut conn, partition, tenant, key, &lookup.token, lease_ms).await {
+                        Ok(l2::Lease::Mine) => MissLease::Mine(Arc::default()),
+                        Ok(l2::Lease::Held { left_ms }) => MissLease::Held(Duration::from_millis(left_ms)),
+                        Ok(l2::Lease::Filled) => MissLease::Filled,
+                        // The miss stands without a lease: its callers load.
+                        Err(e) => {
+                            tracing::warn!(error = %e, "the fill lease could not be taken");
+                            MissLease::Off
+                        }
+                    }
+                };
+                Ok(Loaded::Miss { fill_token: lookup.token.encode(), lease })
             }
         }
     }
@@ -406,10 +526,14 @@ impl Agent {
             sealed_by,
         };
         let mut conn = self.conn().await?;
-        l2::put(&mut conn, self.0.layout.of(tenant), tenant, key, &stored, token.as_ref())
-            .await
-            .map_err(|e| self.l2_failed(e))?
-            .map_err(|stale| AgentError::StaleFill(stale.explain()))?;
+        let written =
+            l2::put(&mut conn, self.0.layout.of(tenant), tenant, key, &stored, token.as_ref(), self.0.log.sharded)
+                .await
+                .map_err(|e| self.l2_failed(e))?;
+        // Stored, or a refused fill that ended its lease: this agent's
+        // waiters for the key read again (other agents hear it from Redis).
+        self.0.waiters.wake_key(tenant, key);
+        written.map_err(|stale| AgentError::StaleFill(stale.explain()))?;
         let entry = l1::Entry::new(tenant, key, &put.value, &content_type, put.tags, put.depends_on, ttl);
         self.0.l1.insert(entry, guard);
         self.0.usage.write(tenant, key, ttl.as_millis() as u64);

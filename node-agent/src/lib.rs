@@ -6,6 +6,7 @@
 //! - [`settings`]: configuration layers and flags.
 //! - [`agent`]: reads, writes and deletes through L1 and L2; status.
 //! - [`l1`]: the in-memory cache and its tag, pattern and dependency indexes.
+//! - [`lease`]: miss leases: one load per missing key, the other misses wait for its fill.
 //! - [`ttl`]: TTL tiers by key pattern, and the jitter of default TTLs.
 //! - [`usage`]: per-tenant read figures (hits, misses, most read keys, key
 //!   prefixes) that the heartbeat reports for the coordinator's `/v1/stats`.
@@ -35,10 +36,11 @@ pub mod agent;
 pub mod api;
 pub mod encryption;
 pub mod l1;
+pub mod lease;
 pub mod metrics;
 pub mod resp;
 pub mod server;
 pub mod settings;
-pub mod ttl;
 pub mod sync;
+pub mod ttl;
 pub mod usage;

@@ -15,6 +15,8 @@ pub struct Metrics {
     pub misses: ByLayer,
     /// Failed L2 calls.
     pub l2_errors: IntCounter,
+    /// Reads that waited for another miss's fill (the key's lease).
+    pub lease_waits: IntCounter,
     /// Reads that skipped L1 because the agent was out of sync beyond the staleness bound.
     pub l1_bypassed: IntCounter,
     /// Bytes in L1 (set when scraped).
@@ -154,6 +156,10 @@ impl Metrics {
             hits: counter_vec("dcc_cache_hits_total", "Cache hits by layer"),
             misses: counter_vec("dcc_cache_misses_total", "Cache misses by layer"),
             l2_errors: counter("dcc_l2_errors_total", "Redis calls that failed"),
+            lease_waits: counter(
+                "dcc_lease_waits_total",
+                "Reads of a missing key that waited for another miss's fill (its lease) instead of loading it too",
+            ),
             l1_bypassed: counter(
                 "dcc_l1_bypassed_total",
                 "Reads that skipped L1 because the agent could not prove it was in sync within the staleness bound",

@@ -285,7 +285,14 @@ impl Port {
             Ok(target) => target,
             Err(reply) => return reply,
         };
-        match self.agent.get(&tenant, key).await {
+        // A key this connection missed before may be leased to it: it does
+        // not wait for its own fill.
+        let read = if session.fills.contains_key(key) {
+            self.agent.peek(&tenant, key).await
+        } else {
+            self.agent.get(&tenant, key).await
+        };
+        match read {
             Ok(Read::Hit { entry, .. }) => Reply::Bulk(entry.value()),
             Ok(Read::Miss { fill_token }) => {
                 session.remember_fill(key.to_string(), fill_token);
@@ -298,7 +305,8 @@ impl Port {
     /// A read for `EXISTS`, `TTL` and `PTTL`: when the entry expires, if cached.
     async fn read(&self, session: &mut Session, key: &Bytes) -> Result<Option<Instant>, Reply> {
         let (tenant, key) = session.target(Scope::Read, key)?;
-        match self.agent.get(&tenant, key).await {
+        // Not a load: no fill lease taken or waited for.
+        match self.agent.peek(&tenant, key).await {
             Ok(Read::Hit { entry, .. }) => Ok(Some(entry.expires_at())),
             Ok(Read::Miss { fill_token }) => {
                 session.remember_fill(key.to_string(), fill_token);
@@ -321,7 +329,8 @@ impl Port {
         // NX and XX look first: a read that misses gives the fill token the
         // write then carries, so NX cannot store over an invalidation either.
         if options.nx || options.xx {
-            match self.agent.get(&tenant, key).await {
+            // The write follows at once: no fill lease taken or waited for.
+            match self.agent.peek(&tenant, key).await {
                 Ok(Read::Hit { .. }) if options.nx => return Reply::Nil,
                 Ok(Read::Hit { .. }) => {}
                 Ok(Read::Miss { .. }) if options.xx => return Reply::Nil,

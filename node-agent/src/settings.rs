@@ -62,6 +62,10 @@ pub struct Settings {
     /// Default TTLs are shortened by a random part of up to this fraction of
     /// their length, so that entries written together expire apart.
     pub ttl_jitter: f64,
+    /// How long the first miss of a key holds its fill lease (0: no leases).
+    pub lease_ms: u64,
+    /// How long a miss waits for another's fill before it loads itself.
+    pub lease_wait_ms: u64,
     /// How often the agent reports itself and checks the log head.
     pub heartbeat_interval_ms: u64,
     /// Length the invalidation log is trimmed to (for DELETEs this agent logs).
@@ -125,6 +129,8 @@ impl Default for Settings {
             max_ttl_secs: 365 * 24 * 3600,
             ttl: Vec::new(),
             ttl_jitter: 0.05,
+            lease_ms: 2000,
+            lease_wait_ms: 1000,
             heartbeat_interval_ms: 500,
             log_max_len: 100_000,
             redis_pool_size: 32,
@@ -197,6 +203,13 @@ impl Settings {
         }
         if self.default_ttl_secs == 0 || self.default_ttl_secs > self.max_ttl_secs {
             problems.push("default_ttl_secs must be between 1 and max_ttl_secs");
+        }
+        if self.lease_ms > shared::protocol::FILL_TOKEN_TTL_MS {
+            // A lease outliving its token could never be filled.
+            problems.push("lease_ms must be at most 60000 (the fill token's lifetime)");
+        }
+        if self.lease_wait_ms > 60_000 {
+            problems.push("lease_wait_ms must be at most 60000");
         }
         if self.staleness_bound_ms == 0 {
             problems.push("staleness_bound_ms must be at least 1");

@@ -93,9 +93,10 @@ impl TtlPolicy {
     /// The TTL of a write of `tenant`/`key`: `asked` (seconds) if its tier
     /// allows it, else the tier's default less its jitter.
     pub fn ttl(&self, tenant: &str, key: &str, asked: Option<u64>) -> Result<Duration, TtlRefused> {
-        let tier = self.tiers.iter().find(|t| {
-            t.tenant.as_deref().is_none_or(|only| only == tenant) && shared::glob::matches(&t.pattern, key)
-        });
+        let tier = self
+            .tiers
+            .iter()
+            .find(|t| t.tenant.as_deref().is_none_or(|only| only == tenant) && shared::glob::matches(&t.pattern, key));
         let (default_secs, max_secs) = match tier {
             Some(t) => (t.default_secs, t.max_secs.unwrap_or(self.max_secs)),
             None => (self.default_secs, self.max_secs),
@@ -157,10 +158,13 @@ mod tests {
 
     #[test]
     fn bad_tiers_are_refused_with_every_problem() {
-        let tiers = [tier("[", None, 10, None), tier("a:*", Some("no spaces"), 0, Some(10)), tier("b:*", None, 20, Some(10))];
+        let tiers =
+            [tier("[", None, 10, None), tier("a:*", Some("no spaces"), 0, Some(10)), tier("b:*", None, 20, Some(10))];
         let problems = TtlPolicy::new(&tiers, 300, 86_400, 0.9).expect_err("refused");
         let all = problems.join("; ");
-        for needle in ["ttl_jitter", "pattern is not valid", "tenant", "default_secs must be between 1 and its max_secs (10)"] {
+        for needle in
+            ["ttl_jitter", "pattern is not valid", "tenant", "default_secs must be between 1 and its max_secs (10)"]
+        {
             assert!(all.contains(needle), "{needle} in {all}");
         }
         let above = TtlPolicy::new(&[tier("c:*", None, 10, Some(100_000))], 300, 86_400, 0.05).expect_err("refused");

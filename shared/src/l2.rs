@@ -216,9 +216,71 @@ fn entry_from_fields(mut fields: HashMap<String, Vec<u8>>, pttl: i64, epoch: &st
 /// can slip between them (see the invalidation path's `BEGIN` for why that is enough).
 static PUT: LazyLock<Script> = LazyLock::new(|| with_prelude(include_str!("lua/put.lua")));
 
+/// Takes a key's fill lease after a miss (see [`take_lease`]).
+static LEASE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/lease.lua")));
+
 /// The scripts of this module, for [`crate::invalidation::load_scripts`].
-pub(crate) fn scripts() -> [&'static Script; 2] {
-    [&ENSURE_EPOCH, &PUT]
+pub(crate) fn scripts() -> [&'static Script; 3] {
+    [&ENSURE_EPOCH, &PUT, &LEASE]
+}
+
+/// Who may fill a missing key (see [`take_lease`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lease {
+    /// This miss's fill token holds the lease: its caller loads the value.
+    Mine,
+    /// Another miss's token holds it for this long yet: wait for its fill
+    /// (the lease's waiters are told on [`Partition::fills`] when it ends).
+    Held {
+        /// Milliseconds the lease has left.
+        left_ms: u64,
+    },
+    /// The key was stored since the miss was read: read it again.
+    Filled,
+}
+
+/// After a miss, takes the key's fill lease for `lease_ms` with the miss's
+/// token, so that concurrent misses of the key on every agent make one load.
+/// A lease ends when the key is written ([`put`]), when its holder's fill is
+/// refused, when an invalidation of the key or of a pattern matching it
+/// overtakes its token (the next miss takes it over), or after `lease_ms`.
+/// A miss that finds the lease held marks it waited for, so that its end is
+/// published on the partition's fills channel.
+pub async fn take_lease(
+    conn: &mut impl ConnectionLike,
+    partition: &Partition,
+    tenant: &str,
+    key: &str,
+    token: &FillToken,
+    lease_ms: u64,
+) -> RedisResult<Lease> {
+    let p = partition;
+    let (state, ms): (String, i64) = LEASE
+        .key(p.lease(tenant, key))
+        .key(p.value(tenant, key))
+        .key(p.key_marker(tenant, key))
+        .key(p.pattern_markers(tenant))
+        .arg(token.encode())
+        .arg(token.seq)
+        .arg(lease_ms.max(1))
+        .arg(key)
+        .invoke_async(conn)
+        .await?;
+    Ok(match state.as_str() {
+        "mine" => Lease::Mine,
+        "filled" => Lease::Filled,
+        _ => Lease::Held { left_ms: u64::try_from(ms).unwrap_or(0) },
+    })
+}
+
+/// The payload of a fill notice for `tenant`/`key` (see [`Partition::fills`]).
+pub fn fill_notice(tenant: &str, key: &str) -> String {
+    format!("{tenant}\n{key}")
+}
+
+/// The tenant and key of a fill notice.
+pub fn read_fill_notice(payload: &[u8]) -> Option<(&str, &str)> {
+    std::str::from_utf8(payload).ok()?.split_once('\n')
 }
 
 /// Why a write with a fill token was refused.
@@ -246,7 +308,9 @@ impl StaleFill {
 }
 
 /// Writes an entry to L2 with its indexes, atomically; with a fill token, only
-/// if nothing covering it was invalidated since (see [`PUT`]).
+/// if nothing covering it was invalidated since (see [`PUT`]). Ends the key's
+/// fill lease, as a refused fill of the lease's holder does, and publishes a
+/// fill notice when an agent waits for it (`sharded`: with `SPUBLISH`).
 pub async fn put(
     conn: &mut impl ConnectionLike,
     partition: &Partition,
@@ -254,10 +318,12 @@ pub async fn put(
     key: &str,
     entry: &Entry,
     token: Option<&FillToken>,
+    sharded: bool,
 ) -> RedisResult<Result<(), StaleFill>> {
     let p = partition;
     let mut inv = PUT.prepare_invoke();
     inv.key(p.value(tenant, key)).key(p.epoch()).key(p.epoch_born()).key(p.pattern_markers(tenant));
+    inv.key(p.lease(tenant, key)).key(p.fills());
     let mut markers = 0;
     if token.is_some() {
         inv.key(p.key_marker(tenant, key));
@@ -289,7 +355,10 @@ pub async fn put(
         Some(t) => inv.arg(&t.epoch).arg(t.seq).arg(t.issued_ms).arg(crate::protocol::FILL_TOKEN_TTL_MS),
         None => inv.arg("").arg(0).arg(0).arg(0),
     };
-    inv.arg(entry.sealed_by.as_deref().unwrap_or(""));
+    inv.arg(entry.sealed_by.as_deref().unwrap_or(""))
+        .arg(token.map(FillToken::encode).unwrap_or_default())
+        .arg(if sharded { "SPUBLISH" } else { "PUBLISH" })
+        .arg(fill_notice(tenant, key));
     let outcome: String = inv.invoke_async(conn).await?;
     Ok(match outcome.as_str() {
         "ok" => Ok(()),

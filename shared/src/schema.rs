@@ -19,11 +19,13 @@
 //! | `dcc:{P}:inv` | channel | every message of the partition, as logged |
 //! | `dcc:{P}:acks` | hash | node id → `"{epoch} {seq} {nonce}"`, the last message it applied |
 //! | `dcc:{P}:acked` | channel | acknowledgements as they happen |
+//! | `dcc:{P}:fills` | channel | `"{tenant}\n{key}"`: a key's fill lease ended (filled, or its fill refused) while agents waited |
 //! | `dcc:{P}:t:{tenant}:v:{key}` | hash | an entry: `v` value, `ct` content type, `tags`, `deps`, `e` epoch written in |
 //! | `dcc:{P}:t:{tenant}:keys` | zset | every key of the tenant → expiry (Unix ms); pattern scans walk this |
 //! | `dcc:{P}:t:{tenant}:tag:{tag}` | zset | keys carrying the tag → expiry |
 //! | `dcc:{P}:t:{tenant}:draining:{tag}` | zset | a tag's members being deleted |
 //! | `dcc:{P}:t:{tenant}:dep:{key}` | zset | keys that `depends_on` this key → expiry |
+//! | `dcc:{P}:t:{tenant}:lease:{key}` | hash | the key's fill lease: `h` the holder's fill token, `s` its seq, `w` set when an agent waits; expires after `lease_ms` |
 //! | `dcc:{P}:t:{tenant}:mk:{key}` | string | fill-token marker of a key |
 //! | `dcc:{P}:t:{tenant}:mt:{tag}` | string | fill-token marker of a tag |
 //! | `dcc:{P}:t:{tenant}:mp` / `:mpt` | zset | invalidated patterns (as Lua patterns) → seq bound / → when |
@@ -199,6 +201,12 @@ impl Partition {
         self.name("acked")
     }
 
+    /// Fill notices: a key whose lease ended while agents waited for it
+    /// (see `l2::take_lease`), as `"{tenant}\n{key}"`.
+    pub fn fills(&self) -> String {
+        self.name("fills")
+    }
+
     /// An entry's hash.
     pub fn value(&self, tenant: &str, key: &str) -> String {
         self.tenant_name(tenant, "v:", key)
@@ -224,6 +232,11 @@ impl Partition {
     /// The keys that depend on `key`.
     pub fn dependents(&self, tenant: &str, key: &str) -> String {
         self.tenant_name(tenant, "dep:", key)
+    }
+
+    /// The fill lease of a key (see `l2::take_lease`).
+    pub fn lease(&self, tenant: &str, key: &str) -> String {
+        self.tenant_name(tenant, "lease:", key)
     }
 
     /// Fill-token marker of a key.

@@ -14,6 +14,7 @@
 //! - [`fanout`]: propagation from an accepted event to the last agent, the
 //!   `wait=all` round trip, and the coordinator's event throughput, vs raw
 //!   Redis pub/sub and `PUBLISH`.
+//! - [`herd`]: database loads of a miss herd, with miss leases and without.
 //! - [`many`]: propagation to a thousand agents embedded in the bench
 //!   process, vs as many plain Redis subscribers.
 //! - [`resp`]: the agent's Redis protocol port vs Redis, both driven by
@@ -27,6 +28,7 @@ use std::time::Duration;
 
 pub mod costs;
 pub mod fanout;
+pub mod herd;
 pub mod hitratio;
 pub mod hits;
 pub mod many;

@@ -35,7 +35,7 @@ async fn load_l2(redis: &redis::Client, tenant: &str, prefix: &str, tags: &[&str
             };
             for i in (t..count).step_by(LOADERS) {
                 let partition = shared::schema::Layout::default().of(&tenant).clone();
-                shared::l2::put(&mut conn, &partition, &tenant, &format!("{prefix}{i}"), &entry, None)
+                shared::l2::put(&mut conn, &partition, &tenant, &format!("{prefix}{i}"), &entry, None, false)
                     .await?
                     .map_err(|e| anyhow::anyhow!("load refused: {e:?}"))?;
             }

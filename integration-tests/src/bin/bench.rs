@@ -3,7 +3,7 @@
 //! `BENCHMARKS.md`. `bench --quick` (`make bench QUICK=1`) is a short pass
 //! that checks everything runs; `--out FILE` writes elsewhere; `--only
 //! NAME[,NAME]` runs some measures (hits, embedded, resp, propagation, loaded, barrier, throughput,
-//! token, costs, propagation32, scale, hitratio, memory, many, cluster, replicas), for profiling one of them; `--run-ms N`
+//! token, costs, herd, propagation32, scale, hitratio, memory, many, cluster, replicas), for profiling one of them; `--run-ms N`
 //! makes each run N ms long (to hold a load steady under a profiler).
 //! See `integration_tests::bench` for what each figure is.
 
@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Context;
-use integration_tests::bench::{self, costs, fanout, hits, many, resp, scale, Options};
+use integration_tests::bench::{self, costs, fanout, herd, hits, many, resp, scale, Options};
 use integration_tests::{free_port, start_agent, start_coordinator, wait_ready, Cluster, ClusterOptions};
 
 /// As the agent: the memory floor it reports is measured under the same allocator.
@@ -132,6 +132,23 @@ async fn main() -> anyhow::Result<()> {
         notes.push(n);
     }
     let client = reqwest::Client::new();
+    if wanted("herd") {
+        eprintln!("5c. a miss herd, with and without leases");
+        let mut unleased = Vec::new();
+        for i in 0..8 {
+            let name = format!("agent-nolease-{i}");
+            unleased.push(start_agent(cluster.dir.path(), &redis_url, free_port(), &name, "lease_ms = 0\n")?);
+        }
+        for agent in &unleased {
+            wait_ready(&reqwest::Client::new(), agent).await?;
+        }
+        let leased: Vec<String> = (0..8).map(|i| cluster.agent(i).url("")).collect();
+        let unleased_urls: Vec<String> = unleased.iter().map(|a| a.url("")).collect();
+        let (r, n) = herd::run(&options, &leased, &unleased_urls).await?;
+        drop(unleased);
+        rows.push(r);
+        notes.push(n);
+    }
     if wanted("propagation32") {
         eprintln!("3. propagation to 32 agents");
         for i in 9..=32 {

@@ -468,10 +468,16 @@ async fn redis_restored_from_an_old_snapshot_is_a_fork_that_undoes_no_answered_i
             .await;
             assert!(gone, "agent {i} never answered 404 for {key} after the restore");
         }
-        // The partition moved to a new epoch (an agent or the coordinator
-        // found the fork first; the others followed the new epoch).
-        let (_, s) = t.get_json(t.agent(i), "/v1/status").await;
-        assert_ne!(s["partitions"][p]["epoch"], epoch_before, "agent {i} is still in the forked epoch: {s}");
+        // The partition moves to a new epoch (an agent or the coordinator
+        // found the fork first; the others follow the new epoch). A 404 above
+        // may come before: a read that finds the fork asks for the catch-up
+        // that moves the epoch, and does not wait for it.
+        let moved = wait_until(RECOVERY, || async {
+            let (_, s) = t.get_json(t.agent(i), "/v1/status").await;
+            s["partitions"][p]["epoch"] != epoch_before
+        })
+        .await;
+        assert!(moved, "agent {i} is still in the forked epoch");
     }
     // Later invalidations reach every agent.
     t.put_ok(0, "acme", "snap:c", "", "c").await;

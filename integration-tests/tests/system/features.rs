@@ -1,11 +1,119 @@
-//! The features cache users expect (contract v2, section 4): TTL tiers and
-//! the jitter of default TTLs, seen through `X-Cache-TTL`.
+//! The features cache users expect (contract v2, section 4): miss leases
+//! against herds; TTL tiers and the jitter of default TTLs, seen through
+//! `X-Cache-TTL`.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use integration_tests::ClusterOptions;
+use serde_json::json;
 
-use crate::{header, TestCluster};
+use crate::{header, wait_until, TestCluster};
+
+/// A cluster whose agents have these lease settings (on one redis-server,
+/// which the tests read the lease from).
+async fn leased(agents: usize, lease_ms: u64, lease_wait_ms: u64) -> TestCluster {
+    TestCluster::with(ClusterOptions {
+        agents,
+        agent_toml: format!("lease_ms = {lease_ms}\nlease_wait_ms = {lease_wait_ms}\n"),
+        redis: Some("single"),
+        ..ClusterOptions::default()
+    })
+    .await
+}
+
+/// Whether an agent waits on the key's lease (it marks the lease waited for).
+async fn someone_waits(t: &TestCluster, tenant: &str, key: &str) -> bool {
+    let lease = shared::schema::Layout::default().of(tenant).lease(tenant, key);
+    let mut conn = t.cluster.redis().connection().await.expect("redis");
+    let waited: Option<String> = redis::cmd("HGET").arg(&lease).arg("w").query_async(&mut conn).await.expect("HGET");
+    waited.is_some()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_concurrent_misses_on_three_agents_make_one_load() {
+    // Waits long enough that a starved machine still sees the one load
+    // through; the lease outlives the slowest load.
+    let t = Arc::new(leased(3, 30_000, 20_000).await);
+    let loads = Arc::new(AtomicUsize::new(0));
+    let mut callers = Vec::new();
+    for i in 0..100 {
+        let (t, loads) = (t.clone(), loads.clone());
+        callers.push(tokio::spawn(async move {
+            let resp = t.get(i % 3, "acme", "cold").await;
+            match resp.status().as_u16() {
+                200 => resp.text().await.unwrap_or_default(),
+                404 => {
+                    // This caller loads from "the database", slowly, and fills.
+                    loads.fetch_add(1, Ordering::SeqCst);
+                    let token = header(&resp, "x-cache-fill-token");
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    t.put_ok(i % 3, "acme", "cold", &format!("?fill_token={token}"), "loaded once").await;
+                    "loaded once".to_string()
+                }
+                other => panic!("GET answered {other}"),
+            }
+        }));
+    }
+    for caller in callers {
+        assert_eq!(caller.await.expect("caller"), "loaded once", "every caller ends with the value");
+    }
+    let loads = loads.load(Ordering::SeqCst);
+    assert!((1..=2).contains(&loads), "100 concurrent misses over 3 agents made {loads} loads");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_holder_that_never_fills_blocks_the_key_only_for_lease_ms() {
+    let t = leased(2, 1500, 30_000).await;
+    let first = t.get(0, "acme", "orphan").await;
+    assert_eq!(first.status().as_u16(), 404);
+    let orphaned = header(&first, "x-cache-fill-token");
+    // The holder never fills. A miss on the other agent waits for the lease
+    // to lapse, then gets a token of its own.
+    let started = Instant::now();
+    let second = t.get(1, "acme", "orphan").await;
+    let waited = started.elapsed();
+    assert_eq!(second.status().as_u16(), 404);
+    let own = header(&second, "x-cache-fill-token");
+    assert!(!own.is_empty() && own != orphaned, "a token of its own: {own} vs {orphaned}");
+    assert!(waited >= Duration::from_millis(1000), "it waited for the lease (1500 ms), not {waited:?}");
+    t.put_ok(1, "acme", "orphan", &format!("?fill_token={own}"), "filled late").await;
+    assert_eq!(t.read(0, "acme", "orphan").await.2, "filled late");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalidation_during_a_lease_refuses_the_old_fill_and_its_waiters_never_see_it() {
+    let t = Arc::new(leased(2, 30_000, 30_000).await);
+    let first = t.get(0, "acme", "supplier:42").await;
+    assert_eq!(first.status().as_u16(), 404);
+    let old_token = header(&first, "x-cache-fill-token");
+    let waiter = {
+        let t = t.clone();
+        tokio::spawn(async move {
+            let resp = t.get(1, "acme", "supplier:42").await;
+            let status = resp.status().as_u16();
+            let token = header(&resp, "x-cache-fill-token");
+            (status, token, resp.text().await.unwrap_or_default())
+        })
+    };
+    assert!(
+        wait_until(Duration::from_secs(20), || someone_waits(&t, "acme", "supplier:42")).await,
+        "the second miss waits on the lease"
+    );
+    // The database changes; the holder's load read the old row.
+    let (status, answer) =
+        t.coordinator_post("/v1/invalidate?wait=all", json!({"tenant": "acme", "keys": ["supplier:42"]})).await;
+    assert_eq!(status, 200, "{answer}");
+    let refused = t.put(0, "acme", "supplier:42", &format!("?fill_token={old_token}"), "old row").await;
+    assert_eq!(refused.status().as_u16(), 409, "the fill from before the invalidation is refused");
+    let (status, token, body) = waiter.await.expect("waiter");
+    assert_eq!(status, 404, "the waiter gets a fresh miss, not the old value: {body}");
+    assert!(!token.is_empty() && token != old_token, "with a token of its own");
+    t.put_ok(1, "acme", "supplier:42", &format!("?fill_token={token}"), "new row").await;
+    assert_eq!(t.read(0, "acme", "supplier:42").await.2, "new row");
+}
 
 /// Tiers: acme's sessions, everyone's sessions, reports; 20% jitter.
 const TIERS: &str = "ttl_jitter = 0.2\n\
@@ -22,7 +130,8 @@ async fn ttl_left(t: &TestCluster, i: usize, tenant: &str, key: &str) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ttl_tiers_give_each_pattern_its_default_and_maximum_with_jitter() {
-    let t = TestCluster::with(ClusterOptions { agents: 2, agent_toml: TIERS.into(), ..ClusterOptions::default() }).await;
+    let t =
+        TestCluster::with(ClusterOptions { agents: 2, agent_toml: TIERS.into(), ..ClusterOptions::default() }).await;
 
     // The first matching table decides; the jitter only shortens (by up to
     // 20%); the seconds a slow machine takes between PUT and GET are allowed for.

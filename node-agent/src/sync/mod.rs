@@ -67,7 +67,11 @@ async fn subscribe_loop(agent: Agent, shutdown: CancellationToken) {
 async fn subscribe_and_apply(agent: &Agent, shutdown: &CancellationToken, backoff: &mut Backoff) -> anyhow::Result<()> {
     let inner = agent.inner();
     let channels: Vec<String> = inner.layout.all().iter().map(|p| p.channel()).collect();
-    let mut subscription = inner.store.subscribe(&channels).await?;
+    // The fill notices of the miss leases (see `crate::lease`) ride the same
+    // subscription: one connection, in the partition's slot on a cluster.
+    let fills: Vec<String> = inner.layout.all().iter().map(|p| p.fills()).collect();
+    let all: Vec<String> = channels.iter().chain(&fills).cloned().collect();
+    let mut subscription = inner.store.subscribe(&all).await?;
     // Subscribed first, then read the heads: nothing logged can fall between the two.
     let mut conn = inner.store.get().await?;
     // Newly (re)connected: Redis may have restarted without our scripts.
@@ -92,12 +96,21 @@ async fn subscribe_and_apply(agent: &Agent, shutdown: &CancellationToken, backof
             delivery = subscription.next() => match delivery? {
                 Some(Delivery::Message { channel, payload }) => match partition_of(&channel) {
                     Some(p) => on_message(agent, p, &payload).await?,
+                    None if fills.contains(&channel) => {
+                        if let Some((tenant, key)) = l2::read_fill_notice(&payload) {
+                            inner.waiters.wake_key(tenant, key);
+                        }
+                    }
                     None => warn!(channel, "a message on a channel not subscribed to"),
                 },
                 // A cluster slot moved, or a node's connection was re-made:
                 // messages of that partition may have been missed meanwhile.
                 // No proof taken before now may count, and the partition
                 // catches up from its log.
+                Some(Delivery::Resubscribed(channel)) if fills.contains(&channel) => {
+                    // Fill notices may have been missed: waiters read again.
+                    inner.waiters.wake_all();
+                }
                 Some(Delivery::Resubscribed(channel)) => {
                     inner.sync.on_lost();
                     if let Some(p) = partition_of(&channel) {
@@ -258,6 +271,9 @@ fn apply(agent: &Agent, p: u16, msg: &InvalidationMessage) {
     let mut dropped = 0;
     for selector in &msg.invalidations {
         dropped += inner.l1.apply(selector);
+        // A miss waiting for a fill of this tenant reads again: the lease it
+        // waits on may be over (see `crate::lease`).
+        inner.waiters.wake_tenant(&selector.tenant);
     }
     if msg.ack {
         // Before the cursor moves, so that the acknowledgement it wakes publishes.
