@@ -293,6 +293,28 @@ impl Agent {
         Ok(read)
     }
 
+    /// Stale if error (RFC 5861; contract v2, section 4): for a read that
+    /// failed because Redis is unreachable while L1 could not be proven fresh,
+    /// the L1 entry of `tenant`/`key` if the caller accepts answers up to
+    /// `within` past freshness. Given only when the partition's last proof of
+    /// sync ran out at most `within` ago (it was taken at most the staleness
+    /// bound plus `within` ago) and the entry expired at most `within` ago.
+    /// Entries whose invalidation the agent applied are never in L1, so none
+    /// is served. Returns the entry and its age: the time since it was last
+    /// known fresh (the last proof, or its expiry if that came first).
+    pub fn stale(&self, tenant: &str, key: &str, within: Duration) -> Option<(l1::Entry, Duration)> {
+        let now = Instant::now();
+        let p = self.0.layout.of(tenant).index;
+        let proof_age = self.0.sync.proof_age(p, now)?;
+        if proof_age > Duration::from_millis(self.0.sync.bound_ms()) + within {
+            return None;
+        }
+        let entry = self.0.l1.get_stale(tenant, key, now, within)?;
+        let fresh_at = now.checked_sub(proof_age).unwrap_or(now).min(entry.expires_at());
+        self.0.metrics.stale_answers.inc();
+        Some((entry, now.saturating_duration_since(fresh_at)))
+    }
+
     /// Every tenant's figures for the heartbeat (see [`crate::usage`]).
     pub fn tenant_reports(&self) -> Vec<shared::protocol::TenantReport> {
         self.0.usage.report(self.0.l1.tenant_figures())

@@ -2,6 +2,7 @@
 //! the answer as the contract says. Plus the operational endpoints.
 
 use std::borrow::Cow;
+use std::time::Duration;
 
 use actix_web::http::header::{self, HeaderName, HeaderValue};
 use actix_web::http::{Method, StatusCode};
@@ -17,7 +18,7 @@ use shared::openapi::ErrorBody;
 use shared::protocol::Selector;
 use shared::service::{metrics_response, read_body, ApiError};
 
-use crate::agent::{Agent, Layer, Put, Read};
+use crate::agent::{Agent, AgentError, Layer, Put, Read};
 
 /// The cache API's scope, and its route label in the latency metrics.
 pub const CACHE_SCOPE: (&str, &str) = ("/v1/cache/", "/v1/cache/{tenant}/{key}");
@@ -122,6 +123,24 @@ struct EntryPath {
     key: String,
 }
 
+/// The entry's content type as a header value.
+fn content_type(entry: &crate::l1::Entry) -> HeaderValue {
+    HeaderValue::from_str(entry.content_type()).unwrap_or(HeaderValue::from_static("application/octet-stream"))
+}
+
+/// The `stale-if-error=S` directive of a request's `Cache-Control`, if any
+/// (RFC 5861); a malformed one counts as absent.
+fn stale_if_error(req: &HttpRequest) -> Option<Duration> {
+    req.headers()
+        .get_all(header::CACHE_CONTROL)
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|directive| directive.trim().split_once('='))
+        .find(|(name, _)| name.trim().eq_ignore_ascii_case("stale-if-error"))
+        .and_then(|(_, secs)| secs.trim().trim_matches('"').parse::<u64>().ok())
+        .map(Duration::from_secs)
+}
+
 /// `GET /v1/cache/{tenant}/{key}`: the value, from L1 or L2.
 #[utoipa::path(
     get,
@@ -132,7 +151,10 @@ struct EntryPath {
         (status = 200, description = "A hit: the value's bytes, with the content type it was stored with",
          content_type = "*/*", body = Vec<u8>,
          headers(
-             ("X-Cache" = String, description = "`L1` or `L2`: where the value came from"),
+             ("X-Cache" = String, description = "`L1` or `L2`: where the value came from; `STALE` for a \
+               stale-if-error answer from L1 while Redis is unreachable"),
+             ("Age" = u64, description = "With `X-Cache: STALE` only: whole seconds since the entry was last \
+               known fresh"),
              ("X-Cache-Tags" = String, description = "Its tags, comma-separated"),
              ("X-Cache-TTL" = u64, description = "Whole seconds it has left to live"),
          )),
@@ -147,17 +169,31 @@ struct EntryPath {
 async fn get_entry(req: HttpRequest, agent: web::Data<Agent>, caller: Caller) -> Result<HttpResponse, ApiError> {
     let (tenant, key) = tenant_and_key(&req)?;
     caller.allow(Scope::Read, [tenant.as_ref()])?;
-    match agent.get(&tenant, &key).await? {
+    let read = match agent.get(&tenant, &key).await {
+        Ok(read) => read,
+        // Redis is unreachable and L1 cannot be proven fresh: with
+        // `Cache-Control: stale-if-error=S`, L1 may answer up to S seconds
+        // past its bound (see `Agent::stale`).
+        Err(e @ AgentError::Unavailable(_)) => {
+            let stale = stale_if_error(&req).and_then(|within| agent.stale(&tenant, &key, within));
+            let Some((entry, age)) = stale else { return Err(e.into()) };
+            let mut resp = HttpResponse::Ok();
+            resp.insert_header((header::CONTENT_TYPE, content_type(&entry)))
+                .insert_header((X_CACHE, HeaderValue::from_static("STALE")))
+                .insert_header((header::AGE, HeaderValue::from(age.as_secs())))
+                .insert_header((X_CACHE_TAGS, entry.tags().collect::<Vec<_>>().join(",")))
+                .insert_header((X_CACHE_TTL, HeaderValue::from(entry.ttl_left().as_secs())));
+            return Ok(resp.body(entry.value()));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    match read {
         Read::Hit { entry, layer } => {
             let mut resp = HttpResponse::Ok();
-            resp.insert_header((
-                header::CONTENT_TYPE,
-                HeaderValue::from_str(entry.content_type())
-                    .unwrap_or(HeaderValue::from_static("application/octet-stream")),
-            ))
-            .insert_header((X_CACHE, HeaderValue::from_static(if layer == Layer::L1 { "L1" } else { "L2" })))
-            .insert_header((X_CACHE_TAGS, entry.tags().collect::<Vec<_>>().join(",")))
-            .insert_header((X_CACHE_TTL, HeaderValue::from(entry.ttl_left().as_secs())));
+            resp.insert_header((header::CONTENT_TYPE, content_type(&entry)))
+                .insert_header((X_CACHE, HeaderValue::from_static(if layer == Layer::L1 { "L1" } else { "L2" })))
+                .insert_header((X_CACHE_TAGS, entry.tags().collect::<Vec<_>>().join(",")))
+                .insert_header((X_CACHE_TTL, HeaderValue::from(entry.ttl_left().as_secs())));
             Ok(resp.body(entry.value()))
         }
         Read::Miss { fill_token } => {

@@ -567,6 +567,15 @@ impl L1 {
         with_name(tenant, key, |name| self.store.get(name, ns_since_origin(now)))
     }
 
+    /// An entry for a stale-if-error answer: as [`L1::get_at`], but one that
+    /// expired at most `grace` before `now` counts too, while L1 still holds
+    /// it (expired entries are swept a slice at a time). Entries an applied
+    /// invalidation covered are never held.
+    pub fn get_stale(&self, tenant: &str, key: &str, now: Instant, grace: Duration) -> Option<Entry> {
+        let grace_ns = u64::try_from(grace.as_nanos()).unwrap_or(u64::MAX);
+        with_name(tenant, key, |name| self.store.get_within(name, ns_since_origin(now), grace_ns))
+    }
+
     /// Takes a guard before reading L2 for a fill of `tenant`.
     pub fn fill_guard(&self, tenant: &str) -> FillGuard {
         lock(&self.indexes).guard(tenant, self.layout.of(tenant).index)

@@ -17,6 +17,8 @@ pub struct Metrics {
     pub l2_errors: IntCounter,
     /// Reads that waited for another miss's fill (the key's lease).
     pub lease_waits: IntCounter,
+    /// Reads answered `X-Cache: STALE` (stale-if-error while Redis was unreachable).
+    pub stale_answers: IntCounter,
     /// Reads that skipped L1 because the agent was out of sync beyond the staleness bound.
     pub l1_bypassed: IntCounter,
     /// Bytes in L1 (set when scraped).
@@ -156,6 +158,10 @@ impl Metrics {
             hits: counter_vec("dcc_cache_hits_total", "Cache hits by layer"),
             misses: counter_vec("dcc_cache_misses_total", "Cache misses by layer"),
             l2_errors: counter("dcc_l2_errors_total", "Redis calls that failed"),
+            stale_answers: counter(
+                "dcc_stale_answers_total",
+                "Reads answered from L1 past its staleness bound (stale-if-error) while Redis was unreachable",
+            ),
             lease_waits: counter(
                 "dcc_lease_waits_total",
                 "Reads of a missing key that waited for another miss's fill (its lease) instead of loading it too",

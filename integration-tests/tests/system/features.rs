@@ -1,5 +1,5 @@
 //! The features cache users expect (contract v2, section 4): miss leases
-//! against herds; TTL tiers and the jitter of default TTLs, seen through
+//! against herds; stale-if-error; TTL tiers and the jitter of default TTLs, seen through
 //! `X-Cache-TTL`.
 
 use std::collections::HashSet;
@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use integration_tests::ClusterOptions;
+use nix::sys::signal::Signal;
 use serde_json::json;
 
 use crate::{header, wait_until, TestCluster};
@@ -170,4 +171,60 @@ async fn ttl_tiers_give_each_pattern_its_default_and_maximum_with_jitter() {
     let here = ttl_left(&t, 0, "acme", "report:0").await;
     let there = ttl_left(&t, 1, "acme", "report:0").await;
     assert!(here.abs_diff(there) <= 30, "the TTL travels with the entry: {here} vs {there}");
+}
+
+/// A GET with a `Cache-Control` request header: (status, X-Cache, Age, body).
+async fn get_with(t: &TestCluster, key: &str, cache_control: &str) -> (u16, String, String, String) {
+    let resp = t
+        .http
+        .get(t.agent(0).url(&format!("/v1/cache/acme/{key}")))
+        .header("cache-control", cache_control)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET {key}: {e}"));
+    let status = resp.status().as_u16();
+    let (layer, age) = (header(&resp, "x-cache"), header(&resp, "age"));
+    (status, layer, age, resp.text().await.unwrap_or_default())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_if_error_serves_l1_past_its_bound_only_when_asked_and_never_an_invalidated_entry() {
+    let mut t = TestCluster::with(ClusterOptions {
+        agents: 1,
+        agent_toml: "staleness_bound_ms = 1000\nheartbeat_interval_ms = 200\n".into(),
+        redis: Some("single"),
+        ..ClusterOptions::default()
+    })
+    .await;
+    t.put_ok(0, "acme", "kept", "?ttl=600", "kept value").await;
+    t.put_ok(0, "acme", "dropped", "?ttl=600", "old value").await;
+    t.warm("acme", "kept").await;
+    t.warm("acme", "dropped").await;
+    let answer = t.invalidate(json!({"tenant": "acme", "keys": ["dropped"]})).await;
+    t.assert_gone_everywhere(crate::seq(&answer), "acme", "dropped").await;
+
+    // Redis stops answering. Past the staleness bound L1 cannot be proven
+    // fresh: without the header, a 503.
+    t.cluster.redis().proc.signal(Signal::SIGSTOP).expect("SIGSTOP");
+    let unavailable =
+        wait_until(Duration::from_secs(60), || async { t.get(0, "acme", "kept").await.status() == 503 }).await;
+    assert!(unavailable, "the agent kept answering from L1 past its bound with Redis stopped");
+
+    // With it, L1 answers, marked STALE and with its age.
+    let (status, layer, age, body) = get_with(&t, "kept", "max-age=0, stale-if-error=600").await;
+    assert_eq!((status, layer.as_str(), body.as_str()), (200, "STALE", "kept value"));
+    assert!(age.parse::<u64>().is_ok_and(|a| a <= 600), "Age: {age:?}");
+    // Never an entry whose invalidation the agent applied.
+    let (status, layer, _, body) = get_with(&t, "dropped", "stale-if-error=600").await;
+    assert_eq!(status, 503, "the invalidated entry was served {layer}: {body}");
+    // Nor past the window the caller accepts: the proof ran out already.
+    assert_eq!(get_with(&t, "kept", "stale-if-error=0").await.0, 503);
+
+    // Redis gone for good: the same.
+    t.cluster.redis_mut().proc.kill();
+    let (status, layer, _, body) = get_with(&t, "kept", "stale-if-error=600").await;
+    assert_eq!((status, layer.as_str(), body.as_str()), (200, "STALE", "kept value"));
+    assert_eq!(t.get(0, "acme", "kept").await.status(), 503);
+    let (status, _, _, _) = get_with(&t, "dropped", "stale-if-error=600").await;
+    assert_eq!(status, 503);
 }

@@ -115,6 +115,18 @@ impl Store {
         Some(entry.handed_out())
     }
 
+    /// [`Store::get`] for stale-if-error: an entry that expired at most
+    /// `grace_ns` before `now_ns` is found too (if not swept yet). Not a hit.
+    pub fn get_within(&self, name: &[u8], now_ns: u64, grace_ns: u64) -> Option<Entry> {
+        let hash = self.hash(name);
+        let shard = read(self.shard_of(hash));
+        let entry = shard.table.find(hash, |e| e.name() == name)?;
+        if entry.expired(now_ns.saturating_sub(grace_ns)) {
+            return None;
+        }
+        Some(entry.handed_out())
+    }
+
     /// Stores `entry`, returning the one it replaced.
     pub fn insert(&self, entry: Entry) -> Option<Entry> {
         let hash = self.hash(entry.name());

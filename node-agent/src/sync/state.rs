@@ -267,6 +267,16 @@ impl SyncState {
         age < Duration::from_millis(self.bound_ms.load(Ordering::Acquire))
     }
 
+    /// How long ago partition `p` was last proven in sync, as of `now`
+    /// (whether or not the proof still counts); `None` if it never was.
+    pub fn proof_age(&self, p: u16, now: Instant) -> Option<Duration> {
+        let proven = self.partition(p).proven_at.load(Ordering::Acquire);
+        if proven == 0 {
+            return None;
+        }
+        Some(now.saturating_duration_since(*CLOCK_ORIGIN).saturating_sub(Duration::from_nanos(proven - 1)))
+    }
+
     /// Partitions L1 cannot answer for now.
     pub fn unsynced(&self) -> Vec<u16> {
         (0..self.count()).filter(|p| !self.in_sync(*p)).collect()
