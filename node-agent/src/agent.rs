@@ -62,6 +62,8 @@ pub(crate) struct Inner {
     pub(crate) usage: Usage,
     /// Misses waiting for another's fill (see [`crate::lease`]).
     pub(crate) waiters: crate::lease::Waiters,
+    /// Keys whose eager refresh was handed out, and when (see [`Agent::refresh_hint`]).
+    refreshing: Mutex<HashMap<(String, String), Instant>>,
     /// L2 reads in flight, by (tenant, key), with the fill guard they started under.
     flights: Mutex<HashMap<(String, String), (l1::FillGuard, Flight)>>,
 }
@@ -221,6 +223,7 @@ impl Agent {
             metrics,
             usage: Usage::new(),
             waiters: crate::lease::Waiters::default(),
+            refreshing: Mutex::default(),
             flights: Mutex::default(),
         })))
     }
@@ -291,6 +294,57 @@ impl Agent {
         };
         self.0.usage.read(tenant, key, served);
         Ok(read)
+    }
+
+    /// How long before an entry of this TTL expires it is due for an eager
+    /// refresh: the part of it after `refresh_ahead` (zero for an unknown TTL).
+    fn refresh_lead(&self, ttl: Duration) -> Duration {
+        ttl.mul_f64((1.0 - self.0.settings.refresh_ahead).clamp(0.0, 1.0))
+    }
+
+    /// Eager refresh (contract v2, section 4): for a hit on an entry past
+    /// `refresh_ahead` of its TTL, a fill token if this is the first such hit
+    /// on this agent, or the first since `lease_ms` passed without a fill
+    /// (a PUT of the key). Its caller may reload the value and PUT it with
+    /// the token before the entry expires, so that a hot entry is replaced
+    /// instead of missed by everyone at once. `None` for every other hit, or
+    /// when Redis cannot issue the token.
+    pub async fn refresh_hint(&self, entry: &l1::Entry) -> Option<String> {
+        let now = Instant::now();
+        if !entry.due_for_refresh(now) {
+            return None;
+        }
+        let (tenant, key) = (entry.tenant(), entry.key());
+        let id = (tenant.to_string(), key.to_string());
+        let window = Duration::from_millis(match self.0.settings.lease_ms {
+            0 => 2000,
+            ms => ms,
+        });
+        {
+            let mut hinted = lock(&self.0.refreshing);
+            if hinted.get(&id).is_some_and(|at| now.saturating_duration_since(*at) < window) {
+                return None;
+            }
+            if hinted.len() >= 10_000 {
+                hinted.retain(|_, at| now.saturating_duration_since(*at) < window);
+            }
+            hinted.insert(id.clone(), now);
+        }
+        let token = async {
+            let mut conn = self.0.store.get().await.ok()?;
+            l2::fill_token(&mut conn, self.0.layout.of(tenant)).await.ok()
+        };
+        match token.await {
+            Some(token) => {
+                self.0.metrics.refresh_hints.inc();
+                Some(token.encode())
+            }
+            None => {
+                // The next hit may try again.
+                lock(&self.0.refreshing).remove(&id);
+                None
+            }
+        }
     }
 
     /// Stale if error (RFC 5861; contract v2, section 4): for a read that
@@ -475,7 +529,8 @@ impl Agent {
                     found.tags,
                     found.depends_on,
                     Duration::from_millis(found.ttl_ms),
-                );
+                )
+                .with_refresh_lead(self.refresh_lead(Duration::from_millis(found.written_ttl_ms)));
                 if fill {
                     self.0.l1.insert(entry.clone(), guard);
                 }
@@ -545,6 +600,7 @@ impl Agent {
             tags: put.tags.clone(),
             depends_on: put.depends_on.clone(),
             ttl_ms: ttl.as_millis() as u64,
+            written_ttl_ms: 0,
             sealed_by,
         };
         let mut conn = self.conn().await?;
@@ -556,8 +612,11 @@ impl Agent {
         // waiters for the key read again (other agents hear it from Redis).
         self.0.waiters.wake_key(tenant, key);
         written.map_err(|stale| AgentError::StaleFill(stale.explain()))?;
-        let entry = l1::Entry::new(tenant, key, &put.value, &content_type, put.tags, put.depends_on, ttl);
+        let entry = l1::Entry::new(tenant, key, &put.value, &content_type, put.tags, put.depends_on, ttl)
+            .with_refresh_lead(self.refresh_lead(ttl));
         self.0.l1.insert(entry, guard);
+        // The key's next eager refresh is the new entry's.
+        lock(&self.0.refreshing).remove(&(tenant.to_string(), key.to_string()));
         self.0.usage.write(tenant, key, ttl.as_millis() as u64);
         Ok(())
     }

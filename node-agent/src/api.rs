@@ -27,6 +27,8 @@ pub const CACHE_SCOPE: (&str, &str) = ("/v1/cache/", "/v1/cache/{tenant}/{key}")
 const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
 const X_CACHE_TAGS: HeaderName = HeaderName::from_static("x-cache-tags");
 const X_CACHE_TTL: HeaderName = HeaderName::from_static("x-cache-ttl");
+const X_CACHE_REFRESH: HeaderName = HeaderName::from_static("x-cache-refresh");
+const X_CACHE_FILL_TOKEN: HeaderName = HeaderName::from_static("x-cache-fill-token");
 
 /// Registers every route. The cache API is a scope with one handler that
 /// dispatches on the method: a prefix match, where a `{rest:.*}` route would
@@ -157,6 +159,10 @@ fn stale_if_error(req: &HttpRequest) -> Option<Duration> {
                known fresh"),
              ("X-Cache-Tags" = String, description = "Its tags, comma-separated"),
              ("X-Cache-TTL" = u64, description = "Whole seconds it has left to live"),
+             ("X-Cache-Refresh" = String, description = "`1` on the first hit (on this agent) past \
+               `refresh_ahead` of the entry's TTL: reload the value and PUT it with the fill token before it \
+               expires"),
+             ("X-Cache-Fill-Token" = String, description = "With `X-Cache-Refresh` only: the token of that PUT"),
          )),
         (status = 404, description = "Not cached (`not_found`): load it and PUT it with the fill token",
          body = ErrorBody,
@@ -194,6 +200,13 @@ async fn get_entry(req: HttpRequest, agent: web::Data<Agent>, caller: Caller) ->
                 .insert_header((X_CACHE, HeaderValue::from_static(if layer == Layer::L1 { "L1" } else { "L2" })))
                 .insert_header((X_CACHE_TAGS, entry.tags().collect::<Vec<_>>().join(",")))
                 .insert_header((X_CACHE_TTL, HeaderValue::from(entry.ttl_left().as_secs())));
+            // Past `refresh_ahead` of its TTL, one caller is asked to reload it.
+            if let Some(token) = agent.refresh_hint(&entry).await {
+                if let Ok(token) = HeaderValue::from_str(&token) {
+                    resp.insert_header((X_CACHE_REFRESH, HeaderValue::from_static("1")))
+                        .insert_header((X_CACHE_FILL_TOKEN, token));
+                }
+            }
             Ok(resp.body(entry.value()))
         }
         Read::Miss { fill_token } => {
@@ -204,7 +217,7 @@ async fn get_entry(req: HttpRequest, agent: web::Data<Agent>, caller: Caller) ->
             );
             let mut resp = actix_web::ResponseError::error_response(&err);
             if let Ok(v) = HeaderValue::from_str(&fill_token) {
-                resp.headers_mut().insert(header::HeaderName::from_static("x-cache-fill-token"), v);
+                resp.headers_mut().insert(X_CACHE_FILL_TOKEN, v);
             }
             Ok(resp)
         }

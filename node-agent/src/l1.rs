@@ -105,6 +105,11 @@ const MAX_USES: u32 = 3;
 const USES_SHIFT: u32 = 30;
 /// In `uses`: the entry was hit at least once.
 const READ: u32 = 1;
+/// In `uses`, between [`READ`] and the use count: the refresh lead, in whole
+/// seconds (see [`Entry::with_refresh_lead`]). Set once, when the entry is
+/// made; the use count's writes carry it over.
+const LEAD_SHIFT: u32 = 1;
+const LEAD_MASK: u32 = ((1 << (USES_SHIFT - LEAD_SHIFT)) - 1) << LEAD_SHIFT;
 /// Entries up to this size (name, value, meta) are copied out on a hit
 /// rather than shared: a copy writes only memory of the reading thread,
 /// where sharing raises the entry's reference count, a cache line every
@@ -172,6 +177,22 @@ impl Entry {
 
     fn header(&self) -> &Header {
         &self.0.header.header
+    }
+
+    /// Sets how long before it expires the entry is due for an eager refresh
+    /// (`refresh_ahead`; whole seconds, at most about 17 years; zero: never).
+    pub fn with_refresh_lead(self, lead: Duration) -> Self {
+        let secs = u32::try_from(lead.as_secs()).unwrap_or(u32::MAX).min(LEAD_MASK >> LEAD_SHIFT);
+        let word = &self.header().uses;
+        word.store(word.load(Ordering::Relaxed) & !LEAD_MASK | secs << LEAD_SHIFT, Ordering::Relaxed);
+        self
+    }
+
+    /// Whether the entry is due for an eager refresh as of `now`: it has a
+    /// refresh lead and less than that left to live.
+    pub fn due_for_refresh(&self, now: Instant) -> bool {
+        let lead = (self.header().uses.load(Ordering::Relaxed) & LEAD_MASK) >> LEAD_SHIFT;
+        lead > 0 && self.expires_at().saturating_duration_since(now) <= Duration::from_secs(u64::from(lead))
     }
 
     /// The meta's bytes (empty without).
@@ -270,7 +291,7 @@ impl Entry {
     fn hit(&self) {
         let word = &self.header().uses;
         let now = word.load(Ordering::Relaxed);
-        let raised = ((now >> USES_SHIFT) + 1).min(MAX_USES) << USES_SHIFT | READ;
+        let raised = ((now >> USES_SHIFT) + 1).min(MAX_USES) << USES_SHIFT | READ | now & LEAD_MASK;
         if raised != now {
             word.store(raised, Ordering::Relaxed);
         }
@@ -283,7 +304,7 @@ impl Entry {
         let now = word.load(Ordering::Relaxed);
         let uses = now >> USES_SHIFT;
         if uses > 0 {
-            word.store((uses - 1) << USES_SHIFT | now & READ, Ordering::Relaxed);
+            word.store((uses - 1) << USES_SHIFT | now & (READ | LEAD_MASK), Ordering::Relaxed);
         }
         uses > 0
     }
@@ -983,5 +1004,26 @@ mod tests {
         std::thread::sleep(Duration::from_millis(60));
         assert!(l1.get("t", "short").is_none());
         assert!(l1.get("t", "long").is_some());
+    }
+
+    #[test]
+    fn the_refresh_lead_survives_hits_and_the_eviction_hand() {
+        let ttl = Duration::from_secs(100);
+        let entry = Entry::new("t", "k", b"v", "", vec![], vec![], ttl).with_refresh_lead(Duration::from_secs(20));
+        let now = Instant::now();
+        assert!(!entry.due_for_refresh(now), "100 s left, a lead of 20 s");
+        assert!(entry.due_for_refresh(now + Duration::from_secs(81)), "19 s left");
+        for _ in 0..5 {
+            entry.hit();
+        }
+        while entry.cool() {}
+        assert!(entry.was_read());
+        assert!(entry.due_for_refresh(now + Duration::from_secs(81)), "the use count's writes keep the lead");
+        assert!(entry.handed_out().due_for_refresh(now + Duration::from_secs(81)), "so does a copy");
+        let never = Entry::new("t", "k", b"v", "", vec![], vec![], ttl);
+        assert!(!never.due_for_refresh(now + Duration::from_secs(99)), "no lead: never due");
+        let clamped = Entry::new("t", "k", b"v", "", vec![], vec![], ttl).with_refresh_lead(Duration::MAX);
+        assert!(clamped.due_for_refresh(now), "a lead beyond the field's range is its largest");
+        assert_eq!(clamped.header().uses.load(Ordering::Relaxed) >> USES_SHIFT, 0, "and spills into nothing");
     }
 }

@@ -17,6 +17,8 @@ pub struct Metrics {
     pub l2_errors: IntCounter,
     /// Reads that waited for another miss's fill (the key's lease).
     pub lease_waits: IntCounter,
+    /// Hits that carried an eager-refresh hint (`X-Cache-Refresh: 1`).
+    pub refresh_hints: IntCounter,
     /// Reads answered `X-Cache: STALE` (stale-if-error while Redis was unreachable).
     pub stale_answers: IntCounter,
     /// Reads that skipped L1 because the agent was out of sync beyond the staleness bound.
@@ -158,6 +160,10 @@ impl Metrics {
             hits: counter_vec("dcc_cache_hits_total", "Cache hits by layer"),
             misses: counter_vec("dcc_cache_misses_total", "Cache misses by layer"),
             l2_errors: counter("dcc_l2_errors_total", "Redis calls that failed"),
+            refresh_hints: counter(
+                "dcc_refresh_hints_total",
+                "Hits past refresh_ahead of their TTL that were handed a fill token to reload the entry early",
+            ),
             stale_answers: counter(
                 "dcc_stale_answers_total",
                 "Reads answered from L1 past its staleness bound (stale-if-error) while Redis was unreachable",

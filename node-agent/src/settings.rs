@@ -66,6 +66,9 @@ pub struct Settings {
     pub lease_ms: u64,
     /// How long a miss waits for another's fill before it loads itself.
     pub lease_wait_ms: u64,
+    /// The part of an entry's TTL after which a hit is handed an eager
+    /// refresh (`X-Cache-Refresh`); 1 turns eager refresh off.
+    pub refresh_ahead: f64,
     /// How often the agent reports itself and checks the log head.
     pub heartbeat_interval_ms: u64,
     /// Length the invalidation log is trimmed to (for DELETEs this agent logs).
@@ -131,6 +134,7 @@ impl Default for Settings {
             ttl_jitter: 0.05,
             lease_ms: 2000,
             lease_wait_ms: 1000,
+            refresh_ahead: 0.8,
             heartbeat_interval_ms: 500,
             log_max_len: 100_000,
             redis_pool_size: 32,
@@ -207,6 +211,9 @@ impl Settings {
         if self.lease_ms > shared::protocol::FILL_TOKEN_TTL_MS {
             // A lease outliving its token could never be filled.
             problems.push("lease_ms must be at most 60000 (the fill token's lifetime)");
+        }
+        if !(self.refresh_ahead > 0.0 && self.refresh_ahead <= 1.0) {
+            problems.push("refresh_ahead must be above 0 and at most 1 (1: no eager refresh)");
         }
         if self.lease_wait_ms > 60_000 {
             problems.push("lease_wait_ms must be at most 60000");

@@ -32,8 +32,11 @@ pub struct Entry {
     pub tags: Vec<String>,
     /// Keys of the same tenant it depends on.
     pub depends_on: Vec<String>,
-    /// Time to live left, in milliseconds.
+    /// Time to live left, in milliseconds (when written: the TTL).
     pub ttl_ms: u64,
+    /// The TTL it was written with, in milliseconds, when read back (0 when
+    /// unknown, or when writing): what an agent's `refresh_ahead` is a part of.
+    pub written_ttl_ms: u64,
     /// The id of the key `value` is sealed under (the agent's encryption at
     /// rest); `None`: `value` is the plaintext.
     pub sealed_by: Option<String>,
@@ -199,6 +202,7 @@ fn entry_from_fields(mut fields: HashMap<String, Vec<u8>>, pttl: i64, epoch: &st
         depends_on: split(text(fields.remove("deps")), DEPS_SEPARATOR),
         // -1 (no TTL) cannot happen for entries we wrote; treat it as "unknown".
         ttl_ms: u64::try_from(pttl).unwrap_or(0),
+        written_ttl_ms: text(fields.remove("t")).parse().unwrap_or(0),
         sealed_by: fields.remove("x").map(|id| text(Some(id))),
     })
 }
@@ -271,6 +275,19 @@ pub async fn take_lease(
         "filled" => Lease::Filled,
         _ => Lease::Held { left_ms: u64::try_from(ms).unwrap_or(0) },
     })
+}
+
+/// A fill token issued now: the partition's epoch and head seq, and Redis's
+/// time, in one round trip (what a miss's [`get`] reads with the entry). For
+/// an eager refresh of an entry that is still cached.
+pub async fn fill_token(conn: &mut impl ConnectionLike, partition: &Partition) -> RedisResult<FillToken> {
+    let (epoch, seq, (secs, micros)): (Option<String>, Option<u64>, (u64, u64)) =
+        redis::pipe().get(partition.epoch()).get(partition.seq()).cmd("TIME").query_async(conn).await?;
+    let epoch = match epoch {
+        Some(e) => e,
+        None => ensure_epoch(conn, partition).await?,
+    };
+    Ok(FillToken { epoch, seq: seq.unwrap_or(0), issued_ms: secs * 1000 + micros / 1000 })
 }
 
 /// The payload of a fill notice for `tenant`/`key` (see [`Partition::fills`]).

@@ -31,6 +31,7 @@ async fn load_l2(redis: &redis::Client, tenant: &str, prefix: &str, tags: &[&str
                 tags,
                 depends_on: Vec::new(),
                 ttl_ms: 3_600_000,
+                written_ttl_ms: 0,
                 sealed_by: None,
             };
             for i in (t..count).step_by(LOADERS) {

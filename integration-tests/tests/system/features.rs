@@ -228,3 +228,53 @@ async fn stale_if_error_serves_l1_past_its_bound_only_when_asked_and_never_an_in
     let (status, _, _, _) = get_with(&t, "dropped", "stale-if-error=600").await;
     assert_eq!(status, 503);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eager_refresh_hands_one_hit_per_agent_a_token_past_refresh_ahead() {
+    // An entry of 30 s is due 1 s after it is written (refresh_ahead 0.01
+    // leaves a lead of 29 whole seconds).
+    let t = Arc::new(
+        TestCluster::with(ClusterOptions {
+            agents: 2,
+            agent_toml: "refresh_ahead = 0.01\nlease_ms = 30000\n".into(),
+            ..ClusterOptions::default()
+        })
+        .await,
+    );
+    t.put_ok(0, "acme", "hot", "?ttl=30", "v1").await;
+    t.warm("acme", "hot").await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+
+    // Concurrent hits on each agent: exactly one gets the hint and a token.
+    let hits = async |agent: usize| {
+        let mut calls = Vec::new();
+        for _ in 0..20 {
+            let t = t.clone();
+            calls.push(tokio::spawn(async move {
+                let resp = t.get(agent, "acme", "hot").await;
+                assert_eq!(resp.status().as_u16(), 200);
+                (header(&resp, "x-cache-refresh"), header(&resp, "x-cache-fill-token"))
+            }));
+        }
+        let mut hinted = Vec::new();
+        for call in calls {
+            let (refresh, token) = call.await.expect("hit");
+            if refresh == "1" {
+                assert!(!token.is_empty(), "the hint carries a fill token");
+                hinted.push(token);
+            } else {
+                assert!(token.is_empty(), "a hit without the hint carries no token");
+            }
+        }
+        hinted
+    };
+    let first = hits(0).await;
+    assert_eq!(first.len(), 1, "one hint among 20 concurrent hits on agent 0: {first:?}");
+    assert_eq!(hits(1).await.len(), 1, "and one on agent 1");
+    assert_eq!(hits(0).await.len(), 0, "no second hint within lease_ms without a fill");
+
+    // The refresher's PUT with the token replaces the entry (in L2 and in
+    // that agent's L1; each agent refreshes its own copy on its own hint).
+    t.put_ok(0, "acme", "hot", &format!("?ttl=30&fill_token={}", first[0]), "v2").await;
+    assert_eq!(t.read(0, "acme", "hot").await, (200, "L1".to_string(), "v2".to_string()));
+}

@@ -40,7 +40,7 @@ end
 local ttl = tonumber(ARGV[5])
 local expiry = now + ttl
 redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], 'v', ARGV[1], 'ct', ARGV[2], 'tags', ARGV[3], 'deps', ARGV[4], 'e', epoch)
+redis.call('HSET', KEYS[1], 'v', ARGV[1], 'ct', ARGV[2], 'tags', ARGV[3], 'deps', ARGV[4], 'e', epoch, 't', ttl)
 if ARGV[13] ~= '' then redis.call('HSET', KEYS[1], 'x', ARGV[13]) end
 redis.call('PEXPIRE', KEYS[1], ttl)
 for i = 7 + nm, #KEYS do
