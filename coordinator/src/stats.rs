@@ -57,6 +57,14 @@ pub struct TenantStats {
     pub evictions: u64,
     /// Of those, entries evicted before their first hit.
     pub evicted_unread: u64,
+    /// Misses that waited for another miss's fill (the key's lease).
+    pub lease_waits: u64,
+    /// Reads answered `X-Cache: STALE` (stale-if-error while Redis was unreachable).
+    pub stale_answers: u64,
+    /// Fills refused with 409 `stale_fill`.
+    pub stale_fills: u64,
+    /// Hits handed an eager refresh (`X-Cache-Refresh`).
+    pub refresh_hints: u64,
     /// Agents whose reports are counted.
     pub nodes: u64,
     /// The most read keys, most first; `reads` may overcount by up to `error`.
@@ -148,6 +156,10 @@ pub fn aggregate<'a>(reports: impl IntoIterator<Item = &'a [TenantReport]>, visi
             s.fills_refused += t.fills_refused;
             s.evictions += t.evictions;
             s.evicted_unread += t.evicted_unread;
+            s.lease_waits += t.lease_waits;
+            s.stale_answers += t.stale_answers;
+            s.stale_fills += t.stale_fills;
+            s.refresh_hints += t.refresh_hints;
             s.nodes += 1;
             let mut sketch = SpaceSaving::new(TOP_KEYS);
             for k in &t.top_keys {

@@ -28,7 +28,7 @@ use crate::l1::{self, L1};
 use crate::metrics::Metrics;
 use crate::settings::Settings;
 use crate::sync::state::{node_disagrees, SyncState};
-use crate::usage::{Served, Usage};
+use crate::usage::{Event, Served, Usage};
 
 /// A cheap-to-clone handle to one agent.
 #[derive(Clone)]
@@ -337,6 +337,7 @@ impl Agent {
         match token.await {
             Some(token) => {
                 self.0.metrics.refresh_hints.inc();
+                self.0.usage.event(tenant, Event::RefreshHint);
                 Some(token.encode())
             }
             None => {
@@ -366,6 +367,7 @@ impl Agent {
         let entry = self.0.l1.get_stale(tenant, key, now, within)?;
         let fresh_at = now.checked_sub(proof_age).unwrap_or(now).min(entry.expires_at());
         self.0.metrics.stale_answers.inc();
+        self.0.usage.event(tenant, Event::StaleAnswer);
         Some((entry, now.saturating_duration_since(fresh_at)))
     }
 
@@ -420,6 +422,7 @@ impl Agent {
             };
             if waited {
                 self.0.metrics.lease_waits.inc();
+                self.0.usage.event(tenant, Event::LeaseWait);
             }
             return match loaded.map_err(AgentError::Unavailable)? {
                 Loaded::Hit(entry) => Ok(Read::Hit { entry, layer: Layer::L2 }),
@@ -611,7 +614,10 @@ impl Agent {
         // Stored, or a refused fill that ended its lease: this agent's
         // waiters for the key read again (other agents hear it from Redis).
         self.0.waiters.wake_key(tenant, key);
-        written.map_err(|stale| AgentError::StaleFill(stale.explain()))?;
+        if let Err(stale) = written {
+            self.0.usage.event(tenant, Event::StaleFill);
+            return Err(AgentError::StaleFill(stale.explain()));
+        }
         let entry = l1::Entry::new(tenant, key, &put.value, &content_type, put.tags, put.depends_on, ttl)
             .with_refresh_lead(self.refresh_lead(ttl));
         self.0.l1.insert(entry, guard);

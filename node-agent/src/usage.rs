@@ -37,6 +37,20 @@ pub const MAX_TENANTS: usize = 256;
 /// Keys per prefix whose last missed read is remembered, for gaps.
 const GAP_SLOTS: usize = 64;
 
+/// Something that happened to a tenant's read or write, counted per tenant
+/// for `/v1/stats` (besides hits and misses).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    /// A miss waited for another miss's fill (see `crate::lease`).
+    LeaseWait = 0,
+    /// A read was answered `X-Cache: STALE` (stale-if-error).
+    StaleAnswer = 1,
+    /// A fill was refused with 409 `stale_fill`.
+    StaleFill = 2,
+    /// A hit was handed an eager refresh.
+    RefreshHint = 3,
+}
+
 /// How a read was answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Served {
@@ -90,6 +104,8 @@ struct Tally {
     l2_hits: u64,
     /// Reads not cached.
     misses: u64,
+    /// The tenant's [`Event`]s, by kind.
+    events: [u64; 4],
     /// The most read keys.
     top: SpaceSaving,
     /// Per prefix, at most [`MAX_PREFIXES`].
@@ -104,6 +120,7 @@ impl Default for Tally {
             l1_hits: 0,
             l2_hits: 0,
             misses: 0,
+            events: [0; 4],
             top: SpaceSaving::new(TOP_KEYS),
             prefixes: Vec::new(),
             tag_hits: Vec::new(),
@@ -275,6 +292,11 @@ impl Usage {
         self.missed(tenant, key);
     }
 
+    /// Counts an [`Event`] of `tenant`.
+    pub fn event(&self, tenant: &str, event: Event) {
+        self.with_tally(tenant, |tally| tally.events[event as usize] += 1);
+    }
+
     /// Measures the gap since the last missed read of `key`, if remembered.
     fn missed(&self, tenant: &str, key: &str) {
         let now_ms = self.started.elapsed().as_millis() as u64;
@@ -330,6 +352,9 @@ impl Usage {
                         into.l1_hits += tally.l1_hits;
                         into.l2_hits += tally.l2_hits;
                         into.misses += tally.misses;
+                        for (into, n) in into.events.iter_mut().zip(tally.events) {
+                            *into += n;
+                        }
                         into.top.merge(&tally.top);
                         for (tag, hits) in &tally.tag_hits {
                             match into.tag_hits.iter_mut().find(|(t, _)| t == tag) {
@@ -362,6 +387,7 @@ impl Usage {
                 report.l1_hits = tally.l1_hits;
                 report.l2_hits = tally.l2_hits;
                 report.misses = tally.misses;
+                [report.lease_waits, report.stale_answers, report.stale_fills, report.refresh_hints] = tally.events;
                 report.top_keys = tally.top.top();
                 report.prefixes = tally.prefixes;
                 report.prefixes.sort_by(|a, b| a.prefix.cmp(&b.prefix));
@@ -406,6 +432,11 @@ mod tests {
                     usage.read("t", "order:9", Served::L2);
                     usage.read("t", "order:9", Served::Miss);
                     usage.write("t", "order:9", 1000);
+                    usage.event("t", Event::LeaseWait);
+                    usage.event("t", Event::StaleAnswer);
+                    usage.event("t", Event::StaleAnswer);
+                    usage.event("t", Event::StaleFill);
+                    usage.event("t", Event::RefreshHint);
                 })
             })
             .collect();
@@ -416,6 +447,7 @@ mod tests {
         assert_eq!(report.len(), 1);
         let t = &report[0];
         assert_eq!((t.l1_hits, t.l2_hits, t.misses), (400, 4, 4));
+        assert_eq!((t.lease_waits, t.stale_answers, t.stale_fills, t.refresh_hints), (4, 8, 4, 4));
         assert_eq!(t.top_keys[0].key, "user:1");
         assert_eq!(t.top_keys[0].reads, 400);
         let order = t.prefixes.iter().find(|p| p.prefix == "order").expect("the order prefix");

@@ -285,6 +285,14 @@ pub struct TenantReport {
     pub evictions: u64,
     /// Of those, entries evicted before their first L1 hit.
     pub evicted_unread: u64,
+    /// Misses that waited for another miss's fill (the key's lease).
+    pub lease_waits: u64,
+    /// Reads answered `X-Cache: STALE` (stale-if-error while Redis was unreachable).
+    pub stale_answers: u64,
+    /// Fills refused with 409 `stale_fill` (an invalidation overtook their token).
+    pub stale_fills: u64,
+    /// Hits handed an eager refresh (`X-Cache-Refresh`).
+    pub refresh_hints: u64,
     /// The most read keys (a space-saving sketch: `reads` may overcount by up to `error`).
     pub top_keys: Vec<KeyReads>,
     /// Reads by key prefix (the key up to its first `:`).

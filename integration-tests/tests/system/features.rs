@@ -114,6 +114,15 @@ async fn an_invalidation_during_a_lease_refuses_the_old_fill_and_its_waiters_nev
     assert!(!token.is_empty() && token != old_token, "with a token of its own");
     t.put_ok(1, "acme", "supplier:42", &format!("?fill_token={token}"), "new row").await;
     assert_eq!(t.read(0, "acme", "supplier:42").await.2, "new row");
+
+    // Both show in the tenant's figures, cluster-wide.
+    let counted = wait_until(Duration::from_secs(30), || async {
+        let (_, stats) = t.get_json(&t.cluster.coordinator, "/v1/stats?tenant=acme").await;
+        let acme = &stats["tenants"][0];
+        acme["lease_waits"].as_u64() >= Some(1) && acme["stale_fills"].as_u64() >= Some(1)
+    })
+    .await;
+    assert!(counted, "/v1/stats counts the lease wait and the refused fill of acme");
 }
 
 /// Tiers: acme's sessions, everyone's sessions, reports; 20% jitter.
