@@ -62,6 +62,8 @@ pub(crate) struct Inner {
     pub(crate) usage: Usage,
     /// Misses waiting for another's fill (see [`crate::lease`]).
     pub(crate) waiters: crate::lease::Waiters,
+    /// Warm-ups wanted and under way (see [`crate::warm`]).
+    pub(crate) warm: WarmState,
     /// Keys whose eager refresh was handed out, and when (see [`Agent::refresh_hint`]).
     refreshing: Mutex<HashMap<(String, String), Instant>>,
     /// L2 reads in flight, by (tenant, key), with the fill guard they started under.
@@ -83,6 +85,43 @@ enum Loaded {
         /// The key's fill lease, as this read found it.
         lease: MissLease,
     },
+}
+
+/// The warm-ups wanted (partitions) and whether one is under way.
+#[derive(Default)]
+pub(crate) struct WarmState {
+    pending: Mutex<std::collections::BTreeSet<u16>>,
+    warming: std::sync::atomic::AtomicBool,
+    /// Wakes the warm-up task.
+    pub(crate) requested: tokio::sync::Notify,
+}
+
+impl WarmState {
+    /// Asks for a warm-up of `partitions`; readiness waits for it.
+    pub(crate) fn request(&self, partitions: impl IntoIterator<Item = u16>) {
+        let mut pending = lock(&self.pending);
+        pending.extend(partitions);
+        self.warming.store(true, Ordering::Release);
+        self.requested.notify_one();
+    }
+
+    /// The partitions asked for since the last call.
+    pub(crate) fn take(&self) -> std::collections::BTreeSet<u16> {
+        std::mem::take(&mut *lock(&self.pending))
+    }
+
+    /// A warm-up ended: warming no more, unless another was asked for meanwhile.
+    pub(crate) fn done(&self) {
+        let pending = lock(&self.pending);
+        if pending.is_empty() {
+            self.warming.store(false, Ordering::Release);
+        }
+    }
+
+    /// Whether a warm-up is wanted or under way.
+    pub(crate) fn warming(&self) -> bool {
+        self.warming.load(Ordering::Acquire)
+    }
 }
 
 /// A miss's part in the key's fill lease.
@@ -199,6 +238,10 @@ impl Agent {
         let store = Store::open_with(&settings.redis_url, settings.redis_pool_size, &settings.redis_access())?;
         let encryption = settings.encryption()?;
         let ttl = settings.ttl_policy().map_err(|problems| format!("configuration error: {}", problems.join("; ")))?;
+        let warm = WarmState::default();
+        if settings.warm_keys > 0 {
+            warm.request(0..settings.partitions);
+        }
         let metrics = Metrics::with_tenant_labels(settings.metrics.tenant_labels);
         metrics.l1_capacity.set(i64::try_from(settings.l1_max_bytes).unwrap_or(i64::MAX));
         let layout = Layout::new(settings.partitions);
@@ -224,6 +267,7 @@ impl Agent {
             usage: Usage::new(),
             waiters: crate::lease::Waiters::default(),
             refreshing: Mutex::default(),
+            warm,
             flights: Mutex::default(),
         })))
     }
@@ -346,6 +390,21 @@ impl Agent {
                 None
             }
         }
+    }
+
+    /// Loads one key of the hot set from L2 into L1 (see [`crate::warm`]),
+    /// if its partition is in sync. Whether L1 holds it afterwards.
+    pub async fn warm_one(&self, tenant: &str, key: &str) -> bool {
+        if names::validate_tenant(tenant).is_err() || names::validate_key(key).is_err() {
+            return false;
+        }
+        if !self.0.sync.in_sync(self.0.layout.of(tenant).index) {
+            return false;
+        }
+        if self.0.l1.get(tenant, key).is_some() {
+            return true;
+        }
+        matches!(self.flight(tenant, key, true, false).await, Ok(Loaded::Hit(_)))
     }
 
     /// Stale if error (RFC 5861; contract v2, section 4): for a read that
@@ -689,6 +748,8 @@ impl Agent {
             Err("not_subscribed")
         } else if (0..s.count()).all(|p| !s.in_sync(p)) {
             Err("out_of_sync")
+        } else if self.0.warm.warming() {
+            Err("warming")
         } else {
             Ok(())
         }

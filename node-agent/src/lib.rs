@@ -11,6 +11,7 @@
 //! - [`usage`]: per-tenant read figures (hits, misses, most read keys, key
 //!   prefixes) that the heartbeat reports for the coordinator's `/v1/stats`.
 //! - [`encryption`]: values sealed in L2 (AES-256-GCM) for `[[encrypt]]` rules.
+//! - [`warm`]: warm start: the cluster's hot keys loaded into L1 before the agent reports ready.
 //! - [`sync`]: the subscriber (applies invalidations to L1, in seq order,
 //!   replaying gaps) and the heartbeat.
 //! - [`api`]: the HTTP cache API and operational endpoints.
@@ -44,3 +45,4 @@ pub mod settings;
 pub mod sync;
 pub mod ttl;
 pub mod usage;
+pub mod warm;

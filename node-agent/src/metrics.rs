@@ -1,7 +1,7 @@
 //! The agent's Prometheus metrics. The counters are also the source of the
 //! numbers in `GET /v1/status`, so the two never disagree.
 
-use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use shared::service::register;
 
 /// Every metric the agent exports.
@@ -19,6 +19,10 @@ pub struct Metrics {
     pub lease_waits: IntCounter,
     /// Hits that carried an eager-refresh hint (`X-Cache-Refresh: 1`).
     pub refresh_hints: IntCounter,
+    /// Entries loaded into L1 by warm-ups (see `crate::warm`).
+    pub warm_loaded: IntCounter,
+    /// How long the last complete warm-up took.
+    pub warm_seconds: Gauge,
     /// Reads answered `X-Cache: STALE` (stale-if-error while Redis was unreachable).
     pub stale_answers: IntCounter,
     /// Reads that skipped L1 because the agent was out of sync beyond the staleness bound.
@@ -160,6 +164,15 @@ impl Metrics {
             hits: counter_vec("dcc_cache_hits_total", "Cache hits by layer"),
             misses: counter_vec("dcc_cache_misses_total", "Cache misses by layer"),
             l2_errors: counter("dcc_l2_errors_total", "Redis calls that failed"),
+            warm_loaded: counter(
+                "dcc_warm_loaded_total",
+                "Entries loaded into L1 from the cluster's hot set by warm-ups",
+            ),
+            warm_seconds: register(
+                &registry,
+                Gauge::new("dcc_warm_seconds", "How long the last complete warm-up took")
+                    .unwrap_or_else(|e| panic!("{e}")),
+            ),
             refresh_hints: counter(
                 "dcc_refresh_hints_total",
                 "Hits past refresh_ahead of their TTL that were handed a fill token to reload the entry early",

@@ -66,6 +66,10 @@ pub struct Settings {
     pub lease_ms: u64,
     /// How long a miss waits for another's fill before it loads itself.
     pub lease_wait_ms: u64,
+    /// Hot keys an agent loads into L1 before it reports ready (0: none).
+    pub warm_keys: usize,
+    /// The longest the warm-up may take.
+    pub warm_timeout_ms: u64,
     /// The part of an entry's TTL after which a hit is handed an eager
     /// refresh (`X-Cache-Refresh`); 1 turns eager refresh off.
     pub refresh_ahead: f64,
@@ -135,6 +139,8 @@ impl Default for Settings {
             lease_ms: 2000,
             lease_wait_ms: 1000,
             refresh_ahead: 0.8,
+            warm_keys: 1000,
+            warm_timeout_ms: 5000,
             heartbeat_interval_ms: 500,
             log_max_len: 100_000,
             redis_pool_size: 32,
@@ -214,6 +220,12 @@ impl Settings {
         }
         if !(self.refresh_ahead > 0.0 && self.refresh_ahead <= 1.0) {
             problems.push("refresh_ahead must be above 0 and at most 1 (1: no eager refresh)");
+        }
+        if self.warm_keys > shared::hot::MAX_MEMBERS {
+            problems.push("warm_keys must be at most 20000 (the hot set's size)");
+        }
+        if self.warm_timeout_ms > 600_000 {
+            problems.push("warm_timeout_ms must be at most 600000");
         }
         if self.lease_wait_ms > 60_000 {
             problems.push("lease_wait_ms must be at most 60000");

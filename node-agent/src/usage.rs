@@ -174,6 +174,34 @@ struct Tallies {
     tenants: HashMap<String, Tally, Fnv>,
     /// L1 hits of every tenant, counted ones or not: `dcc_cache_hits_total{layer="l1"}`.
     l1_hits: u64,
+    /// Hits by `"{tenant}\n{key}"` since the last [`Usage::take_hot`], for the
+    /// cluster's hot set (warm start): every L2 hit, one L1 hit in
+    /// [`HOT_SAMPLE`]; at most [`HOT_KEYS`] keys.
+    hot: HashMap<String, u64, Fnv>,
+    /// Where a hot key's name is put together for the lookup (no allocation
+    /// for a key already counted).
+    scratch: String,
+}
+
+/// One L1 hit in this many counts for the hot set (as this many): a hit
+/// stays cheap, and a key read often is counted all the same.
+pub const HOT_SAMPLE: u64 = 4;
+/// Keys one shard counts for the hot set between two reports.
+pub const HOT_KEYS: usize = 4096;
+
+impl Tallies {
+    /// Counts `hits` for `tenant`/`key` in the hot set's tally.
+    fn hot(&mut self, tenant: &str, key: &str, hits: u64) {
+        self.scratch.clear();
+        self.scratch.push_str(tenant);
+        self.scratch.push('\n');
+        self.scratch.push_str(key);
+        if let Some(count) = self.hot.get_mut(self.scratch.as_str()) {
+            *count += hits;
+        } else if self.hot.len() < HOT_KEYS {
+            self.hot.insert(self.scratch.clone(), hits);
+        }
+    }
 }
 
 /// FNV-1a: tenant names are short, and SipHash's setup would be most of a hit's cost.
@@ -265,6 +293,9 @@ impl Usage {
     pub fn l1_hit<'a>(&self, tenant: &str, key: &str, tags: impl Iterator<Item = &'a str>) {
         let mut shard = self.shard();
         shard.l1_hits += 1;
+        if shard.l1_hits.is_multiple_of(HOT_SAMPLE) {
+            shard.hot(tenant, key, HOT_SAMPLE);
+        }
         Self::tally_in(&mut shard, tenant, |tally| {
             tally.count_read(key, Served::L1);
             for tag in tags {
@@ -288,8 +319,32 @@ impl Usage {
         if served == Served::L1 {
             return self.l1_hit(tenant, key, std::iter::empty());
         }
-        self.with_tally(tenant, |tally| tally.count_read(key, served));
+        {
+            let mut shard = self.shard();
+            if served == Served::L2 {
+                shard.hot(tenant, key, 1);
+            }
+            Self::tally_in(&mut shard, tenant, |tally| tally.count_read(key, served));
+        }
         self.missed(tenant, key);
+    }
+
+    /// The keys hit since the last call, most hit first, at most `limit`, as
+    /// `(tenant, key, hits)`; the counts start again from zero.
+    pub fn take_hot(&self, limit: usize) -> Vec<(String, String, u64)> {
+        let mut merged: HashMap<String, u64> = HashMap::new();
+        for shard in self.shards.iter() {
+            let mut shard = shard.0.lock().unwrap_or_else(|p| p.into_inner());
+            for (name, hits) in shard.hot.drain() {
+                *merged.entry(name).or_default() += hits;
+            }
+        }
+        let mut hot: Vec<(String, u64)> = merged.into_iter().collect();
+        hot.sort_unstable_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        hot.truncate(limit);
+        hot.into_iter()
+            .filter_map(|(name, hits)| name.split_once('\n').map(|(t, k)| (t.to_string(), k.to_string(), hits)))
+            .collect()
     }
 
     /// Counts an [`Event`] of `tenant`.

@@ -22,6 +22,7 @@
 pub mod audit;
 pub mod auth;
 pub mod glob;
+pub mod hot;
 pub mod invalidation;
 pub mod l2;
 pub mod names;

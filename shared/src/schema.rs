@@ -35,6 +35,8 @@
 //! | `dcc:{ctl}:nodes` | zset | node id → last heartbeat (Redis time, Unix ms) |
 //! | `dcc:{ctl}:coordinators` | hash | coordinator → its `node_dead_after_ms` |
 //! | `dcc:{ctl}:node:{node}` | string | the node's last report, JSON |
+//! | `dcc:{ctl}:hot` | zset | `"{tenant}\n{key}"` → hits reported by the agents, halved every minute, at most 20000 (see `crate::hot`) |
+//! | `dcc:{ctl}:hot:decayed` | string | when the hot set was last halved (Redis time, Unix ms) |
 //! | `dcc:{ctl}:audit` | stream | the audit trail, capped (see `crate::audit`) |
 //!
 //! `{P}` is the partition's hash tag (see [`Layout`]). Tenant names cannot
@@ -279,6 +281,10 @@ pub const NODES: &str = "dcc:{ctl}:nodes";
 pub const COORDINATORS: &str = "dcc:{ctl}:coordinators";
 /// The audit trail: one stream entry (field `a`, JSON) per audited request.
 pub const AUDIT: &str = "dcc:{ctl}:audit";
+/// The cluster's hot set (see `crate::hot`): `"{tenant}\n{key}"` → decayed hits.
+pub const HOT: &str = "dcc:{ctl}:hot";
+/// When the hot set's scores were last halved (Redis time, Unix ms).
+pub const HOT_DECAYED: &str = "dcc:{ctl}:hot:decayed";
 
 /// A node's last report.
 pub fn node(node_id: &str) -> String {

@@ -53,6 +53,8 @@ async fn start_agents(
             heartbeat_interval_ms: 1000,
             redis_pool_size: 2,
             l1_max_bytes: 1 << 20,
+            // They measure propagation, not first reads.
+            warm_keys: 0,
             ..Settings::default()
         };
         let agent = Agent::new(settings, format!("many-{i}"), String::new()).map_err(anyhow::Error::msg)?;

@@ -19,6 +19,7 @@
 //!   process, vs as many plain Redis subscribers.
 //! - [`resp`]: the agent's Redis protocol port vs Redis, both driven by
 //!   `redis-benchmark`.
+//! - [`warm`]: how long a new agent takes to warm 10k hot keys.
 //! - [`scale`]: a tag of 100k keys and a pattern over a tenant of 1M keys,
 //!   and agent memory per L1 entry.
 
@@ -34,6 +35,7 @@ pub mod hits;
 pub mod many;
 pub mod resp;
 pub mod scale;
+pub mod warm;
 
 /// How long and how often to measure.
 #[derive(Debug, Clone)]

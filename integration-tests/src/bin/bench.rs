@@ -3,7 +3,7 @@
 //! `BENCHMARKS.md`. `bench --quick` (`make bench QUICK=1`) is a short pass
 //! that checks everything runs; `--out FILE` writes elsewhere; `--only
 //! NAME[,NAME]` runs some measures (hits, embedded, resp, propagation, loaded, barrier, throughput,
-//! token, costs, herd, propagation32, scale, hitratio, memory, many, cluster, replicas), for profiling one of them; `--run-ms N`
+//! token, costs, herd, warm, propagation32, scale, hitratio, memory, many, cluster, replicas), for profiling one of them; `--run-ms N`
 //! makes each run N ms long (to hold a load steady under a profiler).
 //! See `integration_tests::bench` for what each figure is.
 
@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Context;
-use integration_tests::bench::{self, costs, fanout, herd, hits, many, resp, scale, Options};
+use integration_tests::bench::{self, costs, fanout, herd, hits, many, resp, scale, warm, Options};
 use integration_tests::{free_port, start_agent, start_coordinator, wait_ready, Cluster, ClusterOptions};
 
 /// As the agent: the memory floor it reports is measured under the same allocator.
@@ -146,6 +146,12 @@ async fn main() -> anyhow::Result<()> {
         let unleased_urls: Vec<String> = unleased.iter().map(|a| a.url("")).collect();
         let (r, n) = herd::run(&options, &leased, &unleased_urls).await?;
         drop(unleased);
+        rows.push(r);
+        notes.push(n);
+    }
+    if wanted("warm") {
+        eprintln!("5d. warm start of 10k hot keys");
+        let (r, n) = warm::run(&options, cluster.dir.path(), &redis_url).await?;
         rows.push(r);
         notes.push(n);
     }

@@ -89,7 +89,8 @@ async fn default_ttl_applies_when_a_put_gives_none() {
     let t = TestCluster::start(1, "").await;
     t.put_ok(0, "acme", "k", "", "v").await;
     let ttl: u64 = header(&t.get(0, "acme", "k").await, "x-cache-ttl").parse().expect("number");
-    assert!((290..=300).contains(&ttl), "default_ttl_secs is 300, got {ttl}");
+    // Less the default ttl_jitter (up to 5%, 15 s) and the seconds a slow machine takes.
+    assert!((275..=300).contains(&ttl), "default_ttl_secs is 300, got {ttl}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -287,3 +287,51 @@ async fn eager_refresh_hands_one_hit_per_agent_a_token_past_refresh_ahead() {
     t.put_ok(0, "acme", "hot", &format!("?ttl=30&fill_token={}", first[0]), "v2").await;
     assert_eq!(t.read(0, "acme", "hot").await, (200, "L1".to_string(), "v2".to_string()));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_agent_warms_its_l1_with_the_clusters_hot_keys_before_it_is_ready() {
+    let t = TestCluster::with(ClusterOptions { agents: 2, ..ClusterOptions::default() }).await;
+    let keys: Vec<String> = (0..200).map(|i| format!("hot:{i}")).collect();
+    for key in &keys {
+        t.put_ok(0, "acme", key, "?ttl=3600", &format!("value of {key}")).await;
+    }
+    // 1000 reads of the 200 keys through the two agents.
+    for round in 0..5 {
+        for key in &keys {
+            let (status, _, _) = t.read(if round < 2 { 0 } else { 1 }, "acme", key).await;
+            assert_eq!(status, 200);
+        }
+    }
+    // The agents report their hits every 2 s.
+    let mut conn = redis::Client::open(t.cluster.redis_url())
+        .expect("url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let reported = wait_until(Duration::from_secs(30), || {
+        let mut conn = conn.clone();
+        async move {
+            let n: u64 = redis::cmd("ZCARD").arg(shared::schema::HOT).query_async(&mut conn).await.unwrap_or(0);
+            n >= 200
+        }
+    })
+    .await;
+    assert!(reported, "the hot set never held the 200 keys");
+    let _: () = redis::cmd("PING").query_async(&mut conn).await.expect("PING");
+
+    // A third agent, started now: ready once warmed, and most of its first
+    // reads are L1 hits.
+    let port = integration_tests::free_port();
+    let third = integration_tests::start_agent(t.cluster.dir.path(), &t.cluster.redis_url(), port, "agent-late", "")
+        .expect("start");
+    integration_tests::wait_ready(&t.http, &third).await.expect("ready");
+    let mut from_l1 = 0;
+    for key in &keys {
+        let resp = t.http.get(third.url(&format!("/v1/cache/acme/{key}"))).send().await.expect("GET");
+        assert_eq!(resp.status().as_u16(), 200);
+        if header(&resp, "x-cache") == "L1" {
+            from_l1 += 1;
+        }
+    }
+    assert!(from_l1 >= 160, "{from_l1} of 200 first reads were L1 hits (at least 80% wanted)");
+}

@@ -41,7 +41,8 @@ pub fn spawn(agent: &Agent, shutdown: CancellationToken) -> Vec<JoinHandle<()>> 
     vec![
         tokio::spawn(subscribe_loop(agent.clone(), shutdown.clone())),
         tokio::spawn(heartbeat_loop(agent.clone(), shutdown.clone())),
-        tokio::spawn(acknowledge_loop(agent.clone(), shutdown)),
+        tokio::spawn(acknowledge_loop(agent.clone(), shutdown.clone())),
+        tokio::spawn(crate::warm::warm_loop(agent.clone(), shutdown)),
     ]
 }
 
@@ -304,6 +305,10 @@ async fn fork(agent: &Agent, conn: &mut Conn, p: u16, head: &l2::Head, why: &str
 /// Drops the tenants of partition `p` from L1.
 fn flush_partition(agent: &Agent, p: u16, why: &str) {
     let dropped = agent.inner().l1.flush_partition(p);
+    // The partition's hot keys are loaded again before the agent reports ready.
+    if agent.settings().warm_keys > 0 {
+        agent.inner().warm.request([p]);
+    }
     warn!(partition = p, dropped, reason = why, "flushing the partition's tenants from L1");
     agent.inner().metrics.flushes.inc();
 }
@@ -414,6 +419,7 @@ async fn heartbeat_loop(agent: Agent, shutdown: CancellationToken) {
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // The heads seen one beat ago: everything in them must be applied by now.
     let mut previous_heads = vec![0u64; usize::from(inner.layout.count())];
+    let mut last_hot_report = Instant::now();
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
@@ -466,9 +472,34 @@ async fn heartbeat_loop(agent: Agent, shutdown: CancellationToken) {
                 }
             }
         }
+        if last_hot_report.elapsed() >= shared::hot::REPORT_EVERY {
+            last_hot_report = Instant::now();
+            report_hot(&agent).await;
+        }
         inner.metrics.ready.set(i64::from(agent.readiness().is_ok()));
     }
 }
+
+/// Adds the keys this agent hit since the last report to the cluster's hot
+/// set (see `crate::warm`). Counts that cannot be written are dropped: the
+/// hot set is a hint.
+async fn report_hot(agent: &Agent) {
+    let inner = agent.inner();
+    let hot = inner.usage.take_hot(HOT_REPORTED);
+    if hot.is_empty() {
+        return;
+    }
+    let written = async {
+        let mut conn = inner.store.get().await?;
+        shared::hot::report(&mut conn, &hot).await.map_err(anyhow::Error::from)
+    };
+    if let Err(e) = written.await {
+        debug!(error = %e, "the hot keys could not be reported");
+    }
+}
+
+/// The most keys one hot-set report carries (the agent's most hit).
+const HOT_REPORTED: usize = 512;
 
 /// Keeps the staleness bound below the coordinators' `node_dead_after_ms`, so
 /// that a node the coordinators stop waiting for has stopped trusting its L1
