@@ -125,7 +125,8 @@ pub async fn run(options: &Options, dir: &Path, redis_url: &str) -> anyhow::Resu
     let note = format!(
         "Warm start: {KEYS} entries of 100 bytes stored in L2 and reported hottest to the hot set; then, per round, a \
          new agent process is started with `warm_keys = {KEYS}`: the figure is its `dcc_warm_seconds` (from the \
-         moment its partitions are in sync to the last entry in L1, {} L2 reads in flight), next to the time from \
+         warm-up's start, the wait for its partitions to be proven in sync included, to the last entry in L1; {} \
+         L2 reads in flight, each a pooled connection's check and one pipeline), next to the time from \
          spawning it to `/readyz` answering 200, and its L1 must hold at least 90% of the keys. Redis column: one \
          client reads the same entries with `HGETALL`, pipelined 1000 at a time.",
         node_agent::warm::IN_FLIGHT
