@@ -442,6 +442,9 @@ impl Agent {
     async fn read_through(&self, tenant: &str, key: &str, fill: bool, leased: bool) -> Result<Read, AgentError> {
         let deadline = Instant::now() + Duration::from_millis(self.0.settings.lease_wait_ms);
         let mut waited = false;
+        // A key found stored since the miss is read again once, not more: an
+        // entry the read cannot use (one that does not decrypt) stays a miss.
+        let mut reread = false;
         loop {
             let signal = self.0.waiters.register(tenant, key);
             let answer = {
@@ -460,7 +463,11 @@ impl Agent {
                         // Another caller of this read claimed it: wait for its fill.
                         MissLease::Mine(_) => Some(left()),
                         MissLease::Held(lease_left) => Some(left().min(*lease_left)),
-                        MissLease::Filled => Some(Duration::ZERO),
+                        MissLease::Filled if reread => None,
+                        MissLease::Filled => {
+                            reread = true;
+                            Some(Duration::ZERO)
+                        }
                     },
                     _ => None,
                 };

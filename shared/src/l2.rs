@@ -264,6 +264,7 @@ pub async fn take_lease(
         .key(p.value(tenant, key))
         .key(p.key_marker(tenant, key))
         .key(p.pattern_markers(tenant))
+        .key(p.epoch())
         .arg(token.encode())
         .arg(token.seq)
         .arg(lease_ms.max(1))

@@ -1,9 +1,12 @@
 -- LEASE: after a miss, takes the key's fill lease, or says who has it.
 -- KEYS[1] lease hash (`h` holder's fill token, `s` its seq, `w` someone waits),
--- KEYS[2] entry hash, KEYS[3] key marker, KEYS[4] pattern markers
+-- KEYS[2] entry hash, KEYS[3] key marker, KEYS[4] pattern markers, KEYS[5] epoch
 -- ARGV[1] the fill token, [2] its seq, [3] lease ms, [4] the key
 -- Returns {'filled', 0}, {'mine', lease ms} or {'held', ms left}.
-if redis.call('EXISTS', KEYS[2]) == 1 then return {'filled', 0} end
+-- Filled: stored since the miss's read, in the current epoch (an entry of an
+-- older epoch is a miss, as for the read).
+local written_in = redis.call('HGET', KEYS[2], 'e')
+if written_in and written_in == redis.call('GET', KEYS[5]) then return {'filled', 0} end
 local held = redis.call('HMGET', KEYS[1], 'h', 's')
 if held[1] then
   -- A lease whose token an invalidation of the key (or of a pattern matching
