@@ -185,7 +185,7 @@ struct Tallies {
 
 /// One L1 hit in this many counts for the hot set (as this many): a hit
 /// stays cheap, and a key read often is counted all the same.
-pub const HOT_SAMPLE: u64 = 4;
+pub const HOT_SAMPLE: u64 = 16;
 /// Keys one shard counts for the hot set between two reports.
 pub const HOT_KEYS: usize = 4096;
 
