@@ -124,6 +124,15 @@ impl WarmState {
     }
 }
 
+impl From<Loaded> for Read {
+    fn from(loaded: Loaded) -> Read {
+        match loaded {
+            Loaded::Hit(entry) => Read::Hit { entry, layer: Layer::L2 },
+            Loaded::Miss { fill_token, .. } => Read::Miss { fill_token },
+        }
+    }
+}
+
 /// A miss's part in the key's fill lease.
 #[derive(Debug, Clone)]
 enum MissLease {
@@ -440,6 +449,10 @@ impl Agent {
     /// most `lease_wait_ms`, and then read again. After the wait the last read
     /// answers, with the value or with a miss and a token of the caller's own.
     async fn read_through(&self, tenant: &str, key: &str, fill: bool, leased: bool) -> Result<Read, AgentError> {
+        if !leased || self.0.settings.lease_ms == 0 {
+            // No lease to take or wait for: one read answers.
+            return self.flight(tenant, key, fill, leased).await.map(Read::from).map_err(AgentError::Unavailable);
+        }
         let deadline = Instant::now() + Duration::from_millis(self.0.settings.lease_wait_ms);
         let mut waited = false;
         // A key found stored since the miss is read again once, not more: an
@@ -457,7 +470,7 @@ impl Agent {
                 let loaded = self.flight(tenant, key, fill, leased).await;
                 let left = || deadline.saturating_duration_since(Instant::now());
                 let wait = match &loaded {
-                    Ok(Loaded::Miss { lease, .. }) if leased && !last => match lease {
+                    Ok(Loaded::Miss { lease, .. }) if !last => match lease {
                         MissLease::Off => None,
                         MissLease::Mine(claimed) if !claimed.swap(true, Ordering::AcqRel) => None,
                         // Another caller of this read claimed it: wait for its fill.
@@ -490,10 +503,7 @@ impl Agent {
                 self.0.metrics.lease_waits.inc();
                 self.0.usage.event(tenant, Event::LeaseWait);
             }
-            return match loaded.map_err(AgentError::Unavailable)? {
-                Loaded::Hit(entry) => Ok(Read::Hit { entry, layer: Layer::L2 }),
-                Loaded::Miss { fill_token, .. } => Ok(Read::Miss { fill_token }),
-            };
+            return loaded.map(Read::from).map_err(AgentError::Unavailable);
         }
     }
 
@@ -688,7 +698,11 @@ impl Agent {
             .with_refresh_lead(self.refresh_lead(ttl));
         self.0.l1.insert(entry, guard);
         // The key's next eager refresh is the new entry's.
-        lock(&self.0.refreshing).remove(&(tenant.to_string(), key.to_string()));
+        let mut refreshing = lock(&self.0.refreshing);
+        if !refreshing.is_empty() {
+            refreshing.remove(&(tenant.to_string(), key.to_string()));
+        }
+        drop(refreshing);
         self.0.usage.write(tenant, key, ttl.as_millis() as u64);
         Ok(())
     }

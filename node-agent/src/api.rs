@@ -125,9 +125,17 @@ struct EntryPath {
     key: String,
 }
 
-/// The entry's content type as a header value.
-fn content_type(entry: &crate::l1::Entry) -> HeaderValue {
-    HeaderValue::from_str(entry.content_type()).unwrap_or(HeaderValue::from_static("application/octet-stream"))
+/// A 200 for `entry`, answered from `layer` (`L1`, `L2` or `STALE`): its
+/// content type, `X-Cache`, tags and seconds left, the body still to add.
+fn hit_response(entry: &crate::l1::Entry, layer: &'static str) -> actix_web::HttpResponseBuilder {
+    let content_type =
+        HeaderValue::from_str(entry.content_type()).unwrap_or(HeaderValue::from_static("application/octet-stream"));
+    let mut resp = HttpResponse::Ok();
+    resp.insert_header((header::CONTENT_TYPE, content_type))
+        .insert_header((X_CACHE, HeaderValue::from_static(layer)))
+        .insert_header((X_CACHE_TAGS, entry.tags().collect::<Vec<_>>().join(",")))
+        .insert_header((X_CACHE_TTL, HeaderValue::from(entry.ttl_left().as_secs())));
+    resp
 }
 
 /// The `stale-if-error=S` directive of a request's `Cache-Control`, if any
@@ -183,23 +191,15 @@ async fn get_entry(req: HttpRequest, agent: web::Data<Agent>, caller: Caller) ->
         Err(e @ AgentError::Unavailable(_)) => {
             let stale = stale_if_error(&req).and_then(|within| agent.stale(&tenant, &key, within));
             let Some((entry, age)) = stale else { return Err(e.into()) };
-            let mut resp = HttpResponse::Ok();
-            resp.insert_header((header::CONTENT_TYPE, content_type(&entry)))
-                .insert_header((X_CACHE, HeaderValue::from_static("STALE")))
-                .insert_header((header::AGE, HeaderValue::from(age.as_secs())))
-                .insert_header((X_CACHE_TAGS, entry.tags().collect::<Vec<_>>().join(",")))
-                .insert_header((X_CACHE_TTL, HeaderValue::from(entry.ttl_left().as_secs())));
+            let mut resp = hit_response(&entry, "STALE");
+            resp.insert_header((header::AGE, HeaderValue::from(age.as_secs())));
             return Ok(resp.body(entry.value()));
         }
         Err(e) => return Err(e.into()),
     };
     match read {
         Read::Hit { entry, layer } => {
-            let mut resp = HttpResponse::Ok();
-            resp.insert_header((header::CONTENT_TYPE, content_type(&entry)))
-                .insert_header((X_CACHE, HeaderValue::from_static(if layer == Layer::L1 { "L1" } else { "L2" })))
-                .insert_header((X_CACHE_TAGS, entry.tags().collect::<Vec<_>>().join(",")))
-                .insert_header((X_CACHE_TTL, HeaderValue::from(entry.ttl_left().as_secs())));
+            let mut resp = hit_response(&entry, if layer == Layer::L1 { "L1" } else { "L2" });
             // Past `refresh_ahead` of its TTL, one caller is asked to reload it.
             if let Some(token) = agent.refresh_hint(&entry).await {
                 if let Ok(token) = HeaderValue::from_str(&token) {

@@ -122,11 +122,7 @@ impl Trail {
         let json = serde_json::to_string(&entry).unwrap_or_default();
         tracing::info!(target: "audit", entry = %json, "audit");
         if let Err(e) = self.queue.try_send(json) {
-            let json = match e {
-                tokio::sync::mpsc::error::TrySendError::Full(json)
-                | tokio::sync::mpsc::error::TrySendError::Closed(json) => json,
-            };
-            tracing::warn!(entry = %json, "the audit writer is behind: the entry is kept in the log only");
+            tracing::warn!(entry = %e.into_inner(), "the audit writer is behind: the entry is kept in the log only");
         }
     }
 }
