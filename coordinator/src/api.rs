@@ -486,6 +486,8 @@ struct ClusterHealth {
     coordinator: About,
     /// Every node agent heard from, live or dead.
     nodes: Vec<NodeView>,
+    /// Each `[[sources]]` as this coordinator sees it.
+    sources: Vec<crate::source::SourceHealth>,
 }
 
 /// `GET /v1/cluster/health` when Redis cannot be reached (503).
@@ -506,6 +508,8 @@ struct ClusterDown {
     coordinator: About,
     /// Unknown: empty.
     nodes: Vec<NodeView>,
+    /// Each `[[sources]]` as this coordinator sees it.
+    sources: Vec<crate::source::SourceHealth>,
 }
 
 /// `GET /v1/cluster/health`: the cluster as Redis and the agents' heartbeats show it.
@@ -538,6 +542,7 @@ async fn cluster_health(coordinator: web::Data<Coordinator>, caller: Caller) -> 
         let redis = cluster::redis_info(&mut conn).await.map_err(|e| coordinator.redis_failed(e))?;
         Ok::<_, ApiError>((view, redis))
     };
+    let sources = inner.sources.iter().map(crate::source::Status::health).collect();
     Ok(match gathered.await {
         Ok((view, redis)) => {
             let all_synced = view.nodes.iter().all(|n| n.status == "synced");
@@ -550,6 +555,7 @@ async fn cluster_health(coordinator: web::Data<Coordinator>, caller: Caller) -> 
                 redis,
                 coordinator: about,
                 nodes: view.nodes,
+                sources,
             })
         }
         Err(e) => {
@@ -562,6 +568,7 @@ async fn cluster_health(coordinator: web::Data<Coordinator>, caller: Caller) -> 
                 redis,
                 coordinator: about,
                 nodes: Vec::new(),
+                sources,
             })
         }
     })

@@ -12,6 +12,7 @@
 //! - [`cluster`]: the nodes' reports and Redis's health.
 //! - [`stats`]: per-tenant figures from the nodes' reports, and recommendations.
 //! - [`api`]: the HTTP endpoints.
+//! - [`source`]: PostgreSQL's commit log as a source of write events.
 //! - [`stream`]: the invalidation log tailed as server-sent events.
 //! - [`dashboard`]: the live page (`/dashboard`), embedded in the binary.
 //! - [`server`]: binding, Redis watch, graceful shutdown.
@@ -25,6 +26,7 @@ pub mod events;
 pub mod rules;
 pub mod server;
 pub mod settings;
+pub mod source;
 pub mod state;
 pub mod stats;
 pub mod stream;

@@ -191,6 +191,21 @@ impl RuleSet {
         out
     }
 
+    /// What a change to every row of `entity` invalidates (a `TRUNCATE`, or
+    /// a transaction too big to list its rows): [`Self::resolve`] without an
+    /// id, and each pattern template with `{id}` widened to match any id. A
+    /// tag template with `{id}` names one row and cannot be widened: entries
+    /// cached only under such a tag are not reached (see the README).
+    pub fn resolve_collection(&self, entity: &str) -> Resolved {
+        let mut out = self.resolve(entity, None);
+        if let Some(rule) = self.rules.get(entity) {
+            for template in rule.patterns.iter().filter(|p| p.contains(ID)) {
+                push_unique(&mut out.patterns, template.replace(ID, "*"));
+            }
+        }
+        out
+    }
+
     fn direct_dependents<'a>(&'a self, entity: &str) -> impl Iterator<Item = &'a str> {
         self.rules.get(entity).into_iter().flat_map(|r| r.dependents.iter().map(String::as_str))
     }

@@ -104,6 +104,9 @@ impl Application {
                 crate::barrier::listen(store, layout, &inner.acks, stop).await;
             })
         };
+        let sources: Vec<_> = (0..coordinator.inner().settings.sources.len())
+            .map(|i| tokio::spawn(crate::source::postgres::run(coordinator.clone(), i, stop.clone())))
+            .collect();
         info!(%addr, rules = coordinator.inner().rules.rules().count(), "coordinator listening");
         let handle = server.handle();
         let mut server = std::pin::pin!(server);
@@ -117,7 +120,7 @@ impl Application {
             }
         }
         stop.cancel();
-        let _ = tokio::join!(watch, acks);
+        let _ = tokio::join!(watch, acks, futures_util::future::join_all(sources));
         for lane in lanes {
             let _ = lane.await;
         }

@@ -69,6 +69,8 @@ pub struct Settings {
     pub allow_anonymous: bool,
     /// Entity rules.
     pub rules: Vec<Rule>,
+    /// Databases followed through their commit log (`[[sources]]`, file only).
+    pub sources: Vec<crate::source::SourceSettings>,
 }
 
 impl Default for Settings {
@@ -92,6 +94,7 @@ impl Default for Settings {
             metrics_token_required: false,
             allow_anonymous: false,
             rules: Vec::new(),
+            sources: Vec::new(),
         }
     }
 }
@@ -158,6 +161,13 @@ impl Settings {
         }
         if let Err(e) = self.access() {
             problems.push(e);
+        }
+        let mut slots = std::collections::BTreeSet::new();
+        for source in &self.sources {
+            problems.extend(source.problems());
+            if !slots.insert(&source.slot) {
+                problems.push(format!("two sources use slot {:?}", source.slot));
+            }
         }
         if problems.is_empty() {
             Ok(())

@@ -55,6 +55,8 @@ pub struct Inner {
     pub started: Instant,
     /// Metrics.
     pub metrics: Metrics,
+    /// Each `[[sources]]`' state, in the settings' order.
+    pub sources: Vec<crate::source::Status>,
     /// Cancelled when shutdown begins: ends the endless answers (the
     /// invalidation stream) so that the graceful stop does not wait for them.
     pub closing: tokio_util::sync::CancellationToken,
@@ -84,6 +86,8 @@ pub struct Metrics {
     pub redis_up: IntGauge,
     /// HTTP latency.
     pub http: HistogramVec,
+    /// The sources' figures.
+    pub sources: crate::source::SourceMetrics,
 }
 
 impl Metrics {
@@ -128,6 +132,7 @@ impl Metrics {
                 IntGauge::new("dcc_redis_up", "1 while Redis answers").unwrap_or_else(|e| panic!("{e}")),
             ),
             http: shared::service::http_latency_histogram(&registry),
+            sources: crate::source::SourceMetrics::new(&registry),
             registry,
         }
     }
@@ -187,6 +192,7 @@ impl Coordinator {
             replica_timeout_ms: settings.replica_timeout_ms,
         };
         let batcher = Batcher::new(store.clone(), layout.clone(), log.clone());
+        let sources = settings.sources.iter().map(crate::source::Status::new).collect();
         Ok(Coordinator(Arc::new(Inner {
             appended: Mutex::new(vec![None; usize::from(layout.count())]),
             settings,
@@ -201,6 +207,7 @@ impl Coordinator {
             redis_ok: AtomicBool::new(false),
             outage: std::sync::atomic::AtomicU8::new(0),
             started: Instant::now(),
+            sources,
             metrics: Metrics::new(),
             closing: tokio_util::sync::CancellationToken::new(),
         })))

@@ -38,6 +38,7 @@
 //! | `dcc:{ctl}:hot` | zset | `"{tenant}\n{key}"` → hits reported by the agents, halved every minute, at most 20000 (see `crate::hot`) |
 //! | `dcc:{ctl}:hot:decayed` | string | when the hot set was last halved (Redis time, Unix ms) |
 //! | `dcc:{ctl}:audit` | stream | the audit trail, capped (see `crate::audit`) |
+//! | `dcc:{ctl}:source:{slot}` | string | the coordinator consuming the PostgreSQL slot `{slot}`; expires unless renewed (`coordinator::source`) |
 //!
 //! `{P}` is the partition's hash tag (see [`Layout`]). Tenant names cannot
 //! contain `:`, `{` or `}`, so `dcc:{P}:t:{tenant}:` is an unambiguous prefix
@@ -285,6 +286,11 @@ pub const AUDIT: &str = "dcc:{ctl}:audit";
 pub const HOT: &str = "dcc:{ctl}:hot";
 /// When the hot set's scores were last halved (Redis time, Unix ms).
 pub const HOT_DECAYED: &str = "dcc:{ctl}:hot:decayed";
+
+/// The lease of the coordinator that consumes PostgreSQL replication slot `slot`.
+pub fn source_lease(slot: &str) -> String {
+    format!("dcc:{{ctl}}:source:{slot}")
+}
 
 /// A node's last report.
 pub fn node(node_id: &str) -> String {

@@ -484,6 +484,21 @@ impl Access {
     }
 }
 
+/// Makes `ring` the process's TLS crypto provider, once. rustls picks one by
+/// itself only while exactly one is compiled in; the coordinator's PostgreSQL
+/// client brings `aws-lc-rs` into the workspace beside `ring`, and a TLS
+/// connection with two and none chosen would panic.
+pub fn install_crypto_provider() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // Err: another part of the process chose first, which is as good.
+        // (`ring` is deprecated only for lacking post-quantum key exchange,
+        // which the Redis and PostgreSQL servers we talk to do not offer.)
+        #[allow(deprecated)]
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}
+
 impl Store {
     /// A store for `url` (see [`Topology::parse`]) with at most `pool_size`
     /// pooled connections on one server. Nothing connects yet.
@@ -493,6 +508,7 @@ impl Store {
 
     /// [`Store::open`], with `access` (see [`Access`]).
     pub fn open_with(url: &str, pool_size: usize, access: &Access) -> Result<Store, String> {
+        install_crypto_provider();
         match Topology::parse(url)? {
             Topology::Standalone(url) => {
                 let mut info = redis::IntoConnectionInfo::into_connection_info(url.as_str())

@@ -1,0 +1,631 @@
+//! A `[[sources]]` of kind `postgres`: logical replication with `pgoutput`.
+//!
+//! The replication connection is `pgwire-replication` (it starts where we say
+//! and confirms only what we say is done); the `pgoutput` messages are decoded
+//! by `pg_walstream`'s parser. Protocol version 1: PostgreSQL sends a
+//! transaction only once it committed, and never one that rolled back.
+
+use std::collections::{BTreeSet, HashMap};
+use std::time::Duration;
+
+use bytes::Bytes;
+use pg_walstream::{LogicalReplicationMessage, LogicalReplicationParser, TupleData};
+use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig, ReplicationEvent, SslMode, TlsConfig};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use shared::names;
+use shared::service::Backoff;
+
+use super::lease::Lease;
+use super::txn::Txn;
+use super::{Report, SourceSettings, TableSettings};
+use crate::state::Coordinator;
+
+/// Microseconds from the Unix epoch to PostgreSQL's (2000-01-01).
+const PG_EPOCH_MICROS: i64 = 946_684_800_000_000;
+/// How often a coordinator without the lease looks whether it is free.
+const STANDBY_POLL: Duration = Duration::from_secs(1);
+/// Most tenants remembered from rows, for a `TRUNCATE` of a tenant-column table.
+const MAX_SEEN_TENANTS: usize = 10_000;
+
+/// Where and how to connect, from the source's `url`.
+#[derive(Debug, Clone)]
+pub struct ConnectSettings {
+    host: String,
+    port: u16,
+    user: String,
+    password: String,
+    database: String,
+    tls: TlsConfig,
+}
+
+impl ConnectSettings {
+    /// Parses `postgres://user[:password]@host[:port]/database[?sslmode=..&sslrootcert=..]`.
+    pub fn parse(url: &str) -> Result<ConnectSettings, String> {
+        let parsed = url::Url::parse(url).map_err(|e| format!("not a URL: {e}"))?;
+        if !matches!(parsed.scheme(), "postgres" | "postgresql") {
+            return Err(format!("scheme {:?}: use postgres://", parsed.scheme()));
+        }
+        let decode = |s: &str| percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned();
+        let host = parsed.host_str().filter(|h| !h.is_empty()).ok_or("the URL names no host")?.to_string();
+        let user = match parsed.username() {
+            "" => "postgres".to_string(),
+            u => decode(u),
+        };
+        let database = match parsed.path().trim_start_matches('/') {
+            "" => user.clone(),
+            d => decode(d),
+        };
+        let mut mode = "prefer".to_string();
+        let mut root_cert = None;
+        for (k, v) in parsed.query_pairs() {
+            match k.as_ref() {
+                "sslmode" => mode = v.into_owned(),
+                "sslrootcert" => root_cert = Some(std::path::PathBuf::from(v.as_ref())),
+                other => return Err(format!("unknown parameter {other:?}: sslmode and sslrootcert are known")),
+            }
+        }
+        let tls = match mode.as_str() {
+            "disable" => TlsConfig::disabled(),
+            "prefer" => TlsConfig { mode: SslMode::Prefer, ..TlsConfig::default() },
+            "require" => TlsConfig::require(),
+            "verify-ca" => TlsConfig::verify_ca(root_cert),
+            "verify-full" => TlsConfig::verify_full(root_cert),
+            other => return Err(format!("sslmode {other:?}: use disable, prefer, require, verify-ca or verify-full")),
+        };
+        Ok(ConnectSettings {
+            host,
+            port: parsed.port().unwrap_or(5432),
+            user,
+            password: parsed.password().map(decode).unwrap_or_default(),
+            database,
+            tls,
+        })
+    }
+
+    /// The replication connection's configuration, reading from `start`.
+    fn replication(&self, settings: &SourceSettings, start: Lsn, name: &str) -> ReplicationConfig {
+        ReplicationConfig::new(
+            &self.host,
+            &self.user,
+            &self.password,
+            &self.database,
+            &settings.slot,
+            settings.publication.as_str(),
+        )
+        .with_port(self.port)
+        .with_tls(self.tls.clone())
+        .with_start_lsn(start)
+        // A confirmation reaches PostgreSQL within a second of the answer.
+        .with_status_interval(Duration::from_secs(1))
+        .with_wakeup_interval(Duration::from_secs(1))
+        // Bounds what is read ahead of the invalidations; PostgreSQL keeps the rest.
+        .with_buffer_size(1024)
+        .with_application_name(name)
+    }
+}
+
+/// Follows the source until `stop`: takes the lease, streams, and on any
+/// failure reports it and tries again with backoff.
+pub async fn run(coordinator: Coordinator, index: usize, stop: CancellationToken) {
+    let inner = coordinator.inner();
+    let settings = &inner.settings.sources[index];
+    let report = Report { status: &inner.sources[index], metrics: &inner.metrics.sources };
+    let connect = match ConnectSettings::parse(&settings.url) {
+        Ok(c) => c,
+        Err(e) => return report.down(format!("url: {e}")),
+    };
+    let mut seen_tenants = BTreeSet::new();
+    let mut backoff = Backoff::default();
+    while !stop.is_cancelled() {
+        let lease = match Lease::acquire(&inner.store, &settings.slot, &inner.origin).await {
+            Ok(Some(lease)) => lease,
+            Ok(None) => {
+                report.active(false);
+                report.down("another coordinator consumes the slot".into());
+                wait_or_stop(STANDBY_POLL, &stop).await;
+                continue;
+            }
+            Err(e) => {
+                report.active(false);
+                report.down(format!("cannot take the slot's lease in Redis: {e}"));
+                wait_or_stop(STANDBY_POLL, &stop).await;
+                continue;
+            }
+        };
+        report.active(true);
+        let ended = follow(&coordinator, settings, &connect, &report, &lease.lost, &stop, &mut seen_tenants).await;
+        lease.release().await;
+        report.active(false);
+        match ended {
+            Ok(()) => report.down("stopped".into()),
+            Err(Failure::Refused(why)) => {
+                warn!(slot = %settings.slot, %why, "the source is refused; retrying in 30 s");
+                report.down(why);
+                wait_or_stop(Duration::from_secs(30), &stop).await;
+            }
+            Err(Failure::Retry(why)) => {
+                warn!(slot = %settings.slot, %why, "the source stopped; retrying");
+                report.down(why);
+                tokio::select! {
+                    _ = backoff.wait() => {}
+                    _ = stop.cancelled() => {}
+                }
+                continue;
+            }
+        }
+        backoff.reset();
+    }
+    report.down("stopped".into());
+}
+
+async fn wait_or_stop(delay: Duration, stop: &CancellationToken) {
+    tokio::select! {
+        _ = tokio::time::sleep(delay) => {}
+        _ = stop.cancelled() => {}
+    }
+}
+
+/// Why following stopped.
+enum Failure {
+    /// A fault (PostgreSQL or Redis unreachable, the lease lost): retry soon.
+    Retry(String),
+    /// The configuration cannot work until someone changes it.
+    Refused(String),
+}
+
+impl<E: std::fmt::Display> From<E> for Failure {
+    fn from(e: E) -> Failure {
+        Failure::Retry(e.to_string())
+    }
+}
+
+/// How a followed table's rows become events.
+#[derive(Debug, Clone)]
+struct Mapping {
+    entity: String,
+    id_column: String,
+    tenant: TenantOf,
+}
+
+#[derive(Debug, Clone)]
+enum TenantOf {
+    Fixed(String),
+    Column(String),
+}
+
+/// A relation as the stream described it: its mapping and where its columns are.
+struct Relation {
+    mapping: Mapping,
+    id: Option<usize>,
+    tenant: Option<usize>,
+}
+
+/// Connects, prepares the slot, streams, and runs each committed
+/// transaction's invalidation before confirming it.
+async fn follow(
+    coordinator: &Coordinator,
+    settings: &SourceSettings,
+    connect: &ConnectSettings,
+    report: &Report<'_>,
+    lost: &CancellationToken,
+    stop: &CancellationToken,
+    seen_tenants: &mut BTreeSet<String>,
+) -> Result<(), Failure> {
+    let inner = coordinator.inner();
+    let name = format!("dcc {}", inner.origin);
+    // Connect, check and prepare on one session, then stream on it.
+    let mut client = ReplicationClient::connect_gated(connect.replication(settings, Lsn(0), &name)).await?;
+    let (mappings, confirmed) = prepare(&mut client, settings).await?;
+    drop(client);
+    let mut client = ReplicationClient::connect(connect.replication(settings, confirmed, &name)).await?;
+    tokio::select! {
+        started = client.wait_started() => started?,
+        _ = lost.cancelled() => return Err(Failure::Retry("the lease was lost".into())),
+    }
+    info!(slot = %settings.slot, confirmed = %confirmed, "following PostgreSQL");
+    report.connected(confirmed.0);
+
+    let mut parser = LogicalReplicationParser::with_protocol_version(1);
+    let mut relations: HashMap<u32, Option<Relation>> = HashMap::new();
+    let mut txn: Option<(Txn, u64)> = None;
+    loop {
+        let event = tokio::select! {
+            event = client.recv() => event?,
+            _ = lost.cancelled() => return Err(Failure::Retry("the lease was lost".into())),
+            _ = stop.cancelled() => return Ok(()),
+        };
+        match event {
+            None => return Err(Failure::Retry("PostgreSQL ended the stream".into())),
+            Some(ReplicationEvent::KeepAlive { wal_end, .. }) => {
+                report.server_at(wal_end.0);
+                // Between transactions, everything the server sent is
+                // answered: the slot may move past WAL we did not need.
+                if txn.is_none() {
+                    client.update_applied_lsn(wal_end);
+                    report.idle_at(wal_end.0);
+                }
+            }
+            Some(ReplicationEvent::Begin { commit_time_micros, .. }) => {
+                let commit_ms = unix_ms(commit_time_micros);
+                report.began(commit_ms);
+                txn = Some((Txn::new(settings.max_rows_per_transaction), commit_ms));
+            }
+            Some(ReplicationEvent::XLogData { wal_end, data, .. }) => {
+                report.server_at(wal_end.0);
+                let Some((txn, _)) = txn.as_mut() else { continue };
+                read_change(&mut parser, &data, &mappings, &mut relations, txn, seen_tenants)?;
+            }
+            Some(ReplicationEvent::Commit { lsn, end_lsn, .. }) => {
+                let Some((txn, commit_ms)) = txn.take() else { continue };
+                let invalidated = !txn.is_empty();
+                if invalidated {
+                    let event_id = format!("pg-{}-{:X}-{:X}", settings.slot, lsn.0 >> 32, lsn.0 & 0xffff_ffff);
+                    let tenants = if txn.everywhere_entities().next().is_some() {
+                        every_tenant(coordinator, seen_tenants).await?
+                    } else {
+                        BTreeSet::new()
+                    };
+                    let request = txn.request(&inner.rules, &tenants, &event_id, inner.origin.clone());
+                    answer(coordinator, request, report, lost, stop).await?;
+                }
+                // Only now may PostgreSQL forget the transaction.
+                client.update_applied_lsn(end_lsn);
+                report.answered(txn.changes, invalidated, commit_ms, end_lsn.0);
+            }
+            Some(ReplicationEvent::Message { .. }) => {}
+            Some(ReplicationEvent::StoppedAt { .. }) => return Err(Failure::Retry("the stream stopped".into())),
+        }
+    }
+}
+
+/// Runs the invalidation until it is answered; a fault is retried with
+/// backoff while this coordinator still holds the slot.
+async fn answer(
+    coordinator: &Coordinator,
+    request: shared::invalidation::Request,
+    report: &Report<'_>,
+    lost: &CancellationToken,
+    stop: &CancellationToken,
+) -> Result<(), Failure> {
+    let mut backoff = Backoff::default();
+    loop {
+        match coordinator.invalidate(request.clone(), None).await {
+            Ok(_) => return Ok(()),
+            Err(e) => {
+                warn!(error = %e.message, "a committed transaction's invalidation failed; retrying");
+                report.status.with(|s| s.error = Some(format!("invalidating: {}", e.message)));
+            }
+        }
+        tokio::select! {
+            _ = backoff.wait() => {}
+            _ = lost.cancelled() => return Err(Failure::Retry("the lease was lost while invalidating".into())),
+            _ = stop.cancelled() => return Err(Failure::Retry("stopping while invalidating".into())),
+        }
+    }
+}
+
+/// One `pgoutput` message of a transaction: a relation's description, or a
+/// row change that joins `txn`.
+fn read_change(
+    parser: &mut LogicalReplicationParser,
+    data: &Bytes,
+    mappings: &HashMap<String, Mapping>,
+    relations: &mut HashMap<u32, Option<Relation>>,
+    txn: &mut Txn,
+    seen_tenants: &mut BTreeSet<String>,
+) -> Result<(), Failure> {
+    let message = parser.parse_wal_message(data).map_err(|e| format!("cannot decode a pgoutput message: {e}"))?;
+    if matches!(
+        message.message,
+        LogicalReplicationMessage::Insert { .. }
+            | LogicalReplicationMessage::Update { .. }
+            | LogicalReplicationMessage::Delete { .. }
+            | LogicalReplicationMessage::Truncate { .. }
+    ) {
+        txn.changes += 1;
+    }
+    match message.message {
+        LogicalReplicationMessage::Relation { relation_id, namespace, relation_name, columns, .. } => {
+            let relation = mappings.get(&format!("{namespace}.{relation_name}")).map(|mapping| {
+                let at = |name: &str| columns.iter().position(|c| &*c.name == name);
+                Relation {
+                    id: at(&mapping.id_column),
+                    tenant: match &mapping.tenant {
+                        TenantOf::Column(column) => at(column),
+                        TenantOf::Fixed(_) => None,
+                    },
+                    mapping: mapping.clone(),
+                }
+            });
+            relations.insert(relation_id, relation);
+        }
+        LogicalReplicationMessage::Insert { relation_id, tuple } => {
+            row(relations, relation_id, &tuple, txn, seen_tenants);
+        }
+        LogicalReplicationMessage::Update { relation_id, old_tuple, new_tuple, .. } => {
+            // The old row too: an update may move a row to another id or tenant.
+            if let Some(old) = &old_tuple {
+                row(relations, relation_id, old, txn, seen_tenants);
+            }
+            row(relations, relation_id, &new_tuple, txn, seen_tenants);
+        }
+        LogicalReplicationMessage::Delete { relation_id, old_tuple, .. } => {
+            row(relations, relation_id, &old_tuple, txn, seen_tenants);
+        }
+        LogicalReplicationMessage::Truncate { relation_ids, .. } => {
+            for id in relation_ids {
+                if let Some(Some(relation)) = relations.get(&id) {
+                    match &relation.mapping.tenant {
+                        TenantOf::Fixed(tenant) => txn.all_rows(tenant, &relation.mapping.entity),
+                        TenantOf::Column(_) => txn.everywhere(&relation.mapping.entity),
+                    }
+                }
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// A row of a followed table changed: it joins the transaction.
+fn row(
+    relations: &HashMap<u32, Option<Relation>>,
+    relation_id: u32,
+    tuple: &TupleData,
+    txn: &mut Txn,
+    seen_tenants: &mut BTreeSet<String>,
+) {
+    let Some(Some(relation)) = relations.get(&relation_id) else { return };
+    let text =
+        |at: Option<usize>| at.and_then(|i| tuple.get_column(i)).and_then(|c| c.as_str()).map(|s| s.into_owned());
+    let entity = &relation.mapping.entity;
+    let tenant = match &relation.mapping.tenant {
+        TenantOf::Fixed(tenant) => tenant.clone(),
+        TenantOf::Column(_) => match text(relation.tenant) {
+            Some(tenant) => tenant,
+            // A tenant column left out of an update (unchanged, stored
+            // out of line): the row's tenant is unknown.
+            None if relation.tenant.is_some_and(|i| tuple.get_column(i).is_some_and(|c| c.is_unchanged())) => {
+                return txn.everywhere(entity);
+            }
+            // NULL: the row belongs to no tenant, so nothing of it is cached.
+            None => return,
+        },
+    };
+    // A value that is no tenant name cannot have entries.
+    if names::validate_tenant(&tenant).is_err() {
+        return;
+    }
+    if seen_tenants.len() < MAX_SEEN_TENANTS {
+        seen_tenants.insert(tenant.clone());
+    }
+    match text(relation.id) {
+        Some(id) if !id.is_empty() && id.len() <= 256 && !id.chars().any(char::is_control) => {
+            txn.row(&tenant, entity, Some(&id))
+        }
+        _ => txn.all_rows(&tenant, entity),
+    }
+}
+
+/// The tenants a change to every row of a tenant-column table reaches: those
+/// with entries in L2, and those the source saw rows of.
+async fn every_tenant(coordinator: &Coordinator, seen: &BTreeSet<String>) -> Result<BTreeSet<String>, Failure> {
+    let inner = coordinator.inner();
+    let mut tenants = seen.clone();
+    if inner.store.sharded() {
+        // A cluster's keys cannot be listed through one connection; see the README.
+        return Ok(tenants);
+    }
+    let mut conn = inner.store.get().await?;
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg("dcc:*:t:*:keys")
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut conn)
+            .await?;
+        for key in keys {
+            // `dcc:{P}:t:{tenant}:keys`; a tenant name holds no `:`.
+            if let Some((_, rest)) = key.split_once(":t:") {
+                if let Some((tenant, _)) = rest.split_once(':') {
+                    tenants.insert(tenant.to_string());
+                }
+            }
+        }
+        if next == 0 {
+            return Ok(tenants);
+        }
+        cursor = next;
+    }
+}
+
+fn unix_ms(pg_micros: i64) -> u64 {
+    (pg_micros.saturating_add(PG_EPOCH_MICROS) / 1000).max(0) as u64
+}
+
+/// One row of a query's answer, as text.
+fn texts(row: &[Option<Bytes>]) -> Vec<Option<String>> {
+    row.iter().map(|c| c.as_ref().map(|b| String::from_utf8_lossy(b).into_owned())).collect()
+}
+
+async fn query(client: &mut ReplicationClient, sql: &str) -> Result<Vec<Vec<Option<String>>>, Failure> {
+    let rows = client.simple_query(sql).await.map_err(|e| Failure::Retry(format!("{sql}: {e}")))?;
+    Ok(rows.iter().map(|r| texts(r)).collect())
+}
+
+/// Checks the server and the tables, creates the publication and the slot
+/// when missing; answers how each table maps and where the slot stands.
+async fn prepare(
+    client: &mut ReplicationClient,
+    settings: &SourceSettings,
+) -> Result<(HashMap<String, Mapping>, Lsn), Failure> {
+    let wal_level = query(client, "SHOW wal_level").await?;
+    let wal_level = wal_level.first().and_then(|r| r.first().cloned().flatten()).unwrap_or_default();
+    if wal_level != "logical" {
+        return Err(Failure::Refused(format!(
+            "PostgreSQL has wal_level = {wal_level}; set wal_level = logical and restart it"
+        )));
+    }
+    let mut mappings = HashMap::new();
+    for table in &settings.tables {
+        let mapping = check_table(client, table).await?;
+        mappings.insert(table.qualified(), mapping);
+    }
+    ensure_publication(client, settings).await?;
+    let slot = query(
+        client,
+        &format!(
+            "SELECT plugin, confirmed_flush_lsn::text, database FROM pg_replication_slots WHERE slot_name = '{}'",
+            settings.slot
+        ),
+    )
+    .await?;
+    let confirmed = match slot.first() {
+        Some(row) => {
+            let plugin = row.first().cloned().flatten().unwrap_or_default();
+            if plugin != "pgoutput" {
+                return Err(Failure::Refused(format!(
+                    "slot {} exists with plugin {plugin:?}, not pgoutput; drop it or name another slot",
+                    settings.slot
+                )));
+            }
+            let lsn = row.get(1).cloned().flatten().unwrap_or_default();
+            Lsn::parse(&lsn).map_err(|e| format!("slot {}: {e}", settings.slot))?
+        }
+        None => {
+            let created =
+                query(client, &format!("CREATE_REPLICATION_SLOT {} LOGICAL pgoutput NOEXPORT_SNAPSHOT", settings.slot))
+                    .await?;
+            info!(slot = %settings.slot, "created the replication slot");
+            let lsn = created.first().and_then(|r| r.get(1).cloned().flatten()).unwrap_or_default();
+            Lsn::parse(&lsn).map_err(|e| format!("slot {}: {e}", settings.slot))?
+        }
+    };
+    Ok((mappings, confirmed))
+}
+
+/// A table's columns and replica identity: a `DELETE` must carry the id and
+/// the tenant column, or it could not be invalidated.
+async fn check_table(client: &mut ReplicationClient, table: &TableSettings) -> Result<Mapping, Failure> {
+    let name = table.qualified();
+    let columns_of = |filter: &str| {
+        format!(
+            "(SELECT string_agg(a.attname, ',') FROM pg_index i JOIN pg_attribute a \
+             ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) WHERE i.indrelid = c.oid AND i.{filter})"
+        )
+    };
+    let sql = format!(
+        "SELECT c.relreplident::text, {}, {}, \
+         (SELECT string_agg(attname, ',') FROM pg_attribute WHERE attrelid = c.oid AND attnum > 0 AND NOT attisdropped) \
+         FROM pg_class c WHERE c.oid = to_regclass('{name}')",
+        columns_of("indisprimary"),
+        columns_of("indisreplident"),
+    );
+    let rows = query(client, &sql).await?;
+    let Some(row) = rows.first() else {
+        return Err(Failure::Refused(format!("table {name} does not exist")));
+    };
+    let list = |i: usize| -> Vec<String> {
+        row.get(i).cloned().flatten().map(|s| s.split(',').map(str::to_string).collect()).unwrap_or_default()
+    };
+    let (identity, primary, index, all) =
+        (row.first().cloned().flatten().unwrap_or_default(), list(1), list(2), list(3));
+    let id_column = match (&table.id_column, primary.as_slice()) {
+        (Some(column), _) => column.clone(),
+        (None, [one]) => one.clone(),
+        (None, _) => {
+            return Err(Failure::Refused(format!(
+                "table {name} has no one-column primary key: give id_column in its [[sources.tables]]"
+            )))
+        }
+    };
+    let carried: Vec<String> = match identity.as_str() {
+        "f" => all.clone(),
+        "d" => primary,
+        "i" => index,
+        _ => Vec::new(),
+    };
+    let mut needed = vec![id_column.clone()];
+    needed.extend(table.tenant_column.clone());
+    for column in &needed {
+        if !all.contains(column) {
+            return Err(Failure::Refused(format!("table {name} has no column {column}")));
+        }
+        if !carried.contains(column) {
+            return Err(Failure::Refused(format!(
+                "table {name}: a DELETE would not carry column {column} (its replica identity lacks it); \
+                 run ALTER TABLE {name} REPLICA IDENTITY FULL"
+            )));
+        }
+    }
+    let tenant = match (&table.tenant_column, &table.tenant) {
+        (Some(column), _) => TenantOf::Column(column.clone()),
+        (None, Some(tenant)) => TenantOf::Fixed(tenant.clone()),
+        (None, None) => return Err(Failure::Refused(format!("table {name}: give tenant_column or tenant"))),
+    };
+    Ok(Mapping { entity: table.entity.clone(), id_column, tenant })
+}
+
+/// Creates the publication for the tables, or adds the tables it lacks.
+async fn ensure_publication(client: &mut ReplicationClient, settings: &SourceSettings) -> Result<(), Failure> {
+    let publication = &settings.publication;
+    let wanted: Vec<String> = settings.tables.iter().map(TableSettings::qualified).collect();
+    let exists =
+        query(client, &format!("SELECT puballtables FROM pg_publication WHERE pubname = '{publication}'")).await?;
+    let missing: Vec<String> = match exists.first() {
+        None => {
+            query(client, &format!("CREATE PUBLICATION {publication} FOR TABLE {}", wanted.join(", "))).await?;
+            info!(%publication, "created the publication");
+            return Ok(());
+        }
+        Some(row) if row.first().cloned().flatten().as_deref() == Some("t") => return Ok(()),
+        Some(_) => {
+            let has = query(
+                client,
+                &format!(
+                    "SELECT schemaname || '.' || tablename FROM pg_publication_tables WHERE pubname = '{publication}'"
+                ),
+            )
+            .await?;
+            let has: BTreeSet<String> = has.into_iter().filter_map(|r| r.into_iter().next().flatten()).collect();
+            wanted.into_iter().filter(|t| !has.contains(t)).collect()
+        }
+    };
+    if !missing.is_empty() {
+        query(client, &format!("ALTER PUBLICATION {publication} ADD TABLE {}", missing.join(", "))).await?;
+        info!(%publication, tables = %missing.join(", "), "added tables to the publication");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_parse_like_libpq() {
+        let c = ConnectSettings::parse("postgres://dcc:s%40cret@db.internal:6543/app?sslmode=require").expect("valid");
+        assert_eq!(
+            (c.host.as_str(), c.port, c.user.as_str(), c.password.as_str()),
+            ("db.internal", 6543, "dcc", "s@cret")
+        );
+        assert_eq!(c.database, "app");
+        assert_eq!(c.tls.mode, SslMode::Require);
+        let c = ConnectSettings::parse("postgresql://127.0.0.1").expect("valid");
+        assert_eq!((c.port, c.user.as_str(), c.database.as_str()), (5432, "postgres", "postgres"));
+        assert!(ConnectSettings::parse("mysql://x/y").is_err());
+        assert!(ConnectSettings::parse("postgres://h/db?sslmode=sometimes").is_err());
+        assert!(ConnectSettings::parse("postgres://h/db?options=x").is_err());
+    }
+
+    #[test]
+    fn commit_times_are_unix_ms() {
+        assert_eq!(unix_ms(0), 946_684_800_000);
+        assert_eq!(unix_ms(1_000_000), 946_684_801_000);
+    }
+}
