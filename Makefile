@@ -1,5 +1,6 @@
 # The two commands a new user needs: `make demo` and `make test`.
-# Both install redis-server first when it is missing (apt-get, as root or with sudo).
+# Both install redis-server and PostgreSQL first when they are missing (apt-get, as root or
+# with sudo).
 
 CARGO ?= cargo
 SHELL := /bin/bash
@@ -9,12 +10,12 @@ SHELL := /bin/bash
 RUN_RELEASE = $(CARGO) run --release --quiet -p integration-tests --bin
 RUN_DEBUG = $(CARGO) run --quiet -p integration-tests --bin
 
-.PHONY: demo test run chaos bench fuzz build release lint redis promtool chromium venv openapi clean demo-check
+.PHONY: demo test run chaos bench fuzz build release lint redis postgres promtool chromium venv openapi clean demo-check
 
 ## demo: start a private Redis, a coordinator and 3 agents; tell the story; stop everything
 ## (a debug build: it compiles in about half the time of a release build, and make test's
 ## build serves it; make run, chaos and bench build in release mode)
-demo: redis build
+demo: redis postgres build
 	$(RUN_DEBUG) demo
 
 ## test: every unit and integration test, against real redis-server processes
@@ -23,7 +24,7 @@ demo: redis build
 ## stale-read checker, on a Redis Cluster (3 masters, 3 replicas) and under Sentinel (a
 ## primary, a replica, 3 sentinels);
 ## then the criterion benches once each, as tests (criterion takes no --test-threads)
-test: redis promtool chromium venv build
+test: redis postgres promtool chromium venv build
 	$(CARGO) test --workspace --lib --bins --tests -- --test-threads=1
 	DCC_TEST_REDIS=cluster $(CARGO) test -p integration-tests --test system -- --test-threads=1 $(TOPOLOGY_TESTS)
 	DCC_TEST_REDIS=sentinel $(CARGO) test -p integration-tests --test system -- --test-threads=1 $(TOPOLOGY_TESTS)
@@ -68,7 +69,7 @@ chaos: redis release
 
 ## bench: criterion micro-benchmarks, then the system side by side with Redis; writes BENCHMARKS.md
 ## (QUICK=1 for a short pass that only checks everything runs; it writes BENCHMARKS.quick.md)
-bench: redis release
+bench: redis postgres release
 	$(CARGO) bench -p shared -p node-agent $(if $(QUICK),-- --quick,)
 	$(RUN_RELEASE) bench -- $(if $(QUICK),--quick --out BENCHMARKS.quick.md,)
 
@@ -107,6 +108,21 @@ redis:
 			|| { echo "apt-get could not install redis-server; install Redis 7 (redis-server) and retry"; exit 1; }; \
 	else \
 		echo "no apt-get here: install redis-server (Redis 6.2 or newer) with your package manager and retry"; exit 1; \
+	fi
+
+## postgres: make sure PostgreSQL's server programs (initdb, postgres, pg_ctl) and psql are
+## installed: the PostgreSQL source's tests, its demo step and its bench rows start a private
+## server on a free port (never the machine's own)
+postgres:
+	@if ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && command -v psql >/dev/null 2>&1; then exit 0; fi; \
+	echo "PostgreSQL (initdb, postgres, psql) is missing: installing Debian's postgresql package with apt-get"; \
+	if command -v apt-get >/dev/null 2>&1; then \
+		if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null 2>&1; then SUDO=sudo; else \
+			echo "run as root, or install PostgreSQL yourself (apt-get install postgresql)"; exit 1; fi; \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends postgresql postgresql-client >/dev/null \
+			|| { echo "apt-get could not install postgresql; install PostgreSQL 10 or newer and retry"; exit 1; }; \
+	else \
+		echo "no apt-get here: install PostgreSQL 10 or newer (server and psql) with your package manager and retry"; exit 1; \
 	fi
 
 ## promtool: make sure promtool (Debian's prometheus package) is installed: the deploy-files

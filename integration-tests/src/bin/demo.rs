@@ -3,11 +3,15 @@
 //! others (L2, then L1), invalidated by a write event (with the time until the
 //! last agent dropped it), a rules cascade, the cluster's health, and who may
 //! do what: the processes run with tokens, a request without one is refused,
-//! and the audit trail shows it. Exits 0 and leaves nothing running.
+//! and the audit trail shows it; then a write no app reported: an `UPDATE`
+//! made with `psql` in a private PostgreSQL reaches every agent through the
+//! coordinator's PostgreSQL source, with no event posted. Exits 0 and leaves
+//! nothing running.
 
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use integration_tests::postgres::Postgres;
 use integration_tests::{deploy_coordinator_toml, Cluster, ClusterOptions};
 use reqwest::Client;
 use serde_json::{json, Value};
@@ -52,16 +56,34 @@ impl Secrets {
     }
 }
 
+/// The app's table, which the coordinator follows (the `[[sources]]` below).
+const SUPPLIERS: &str = "CREATE TABLE suppliers (id int PRIMARY KEY, tenant text NOT NULL, name text NOT NULL);
+     ALTER TABLE suppliers REPLICA IDENTITY FULL;
+     INSERT INTO suppliers VALUES (9, 'acme', 'Acme Bolts'), (10, 'acme', 'Acme Nuts');";
+
+/// The coordinator's `[[sources]]`: the suppliers table of `postgres`.
+fn source_toml(postgres: &Postgres) -> String {
+    format!(
+        "\n[[sources]]\nkind = \"postgres\"\nurl = \"{}\"\nslot = \"dcc\"\npublication = \"dcc\"\n\n\
+         [[sources.tables]]\ntable = \"public.suppliers\"\nentity = \"supplier\"\ntenant_column = \"tenant\"\n",
+        postgres.url()
+    )
+}
+
 async fn run() -> anyhow::Result<()> {
-    step("Starting a private redis-server, a coordinator and 3 node agents, with tokens");
+    step("Starting a private PostgreSQL, a private redis-server, a coordinator and 3 node agents, with tokens");
+    let pg_dir = tempfile::Builder::new().prefix("dcc-demo-pg-").tempdir()?;
+    let postgres = Postgres::start(pg_dir.path()).await.context("starting PostgreSQL")?;
+    postgres.psql(SUPPLIERS).await.context("creating the suppliers table")?;
     let secrets = Secrets::new();
     let options = ClusterOptions {
         agents: 3,
-        coordinator_toml: format!("{}\n{}", deploy_coordinator_toml(), secrets.toml()),
+        coordinator_toml: format!("{}\n{}{}", deploy_coordinator_toml(), secrets.toml(), source_toml(&postgres)),
         agent_toml: secrets.toml(),
         ..Default::default()
     };
     let cluster = Cluster::start(options).await.context("starting the cluster")?;
+    println!("   postgresql   {} (wal_level = logical; table suppliers)", postgres.url());
     println!("   redis        {}", cluster.redis_url());
     println!("   coordinator  http://{}", cluster.coordinator.addr);
     println!("   dashboard    {}", cluster.coordinator.url("/dashboard"));
@@ -73,7 +95,7 @@ async fn run() -> anyhow::Result<()> {
     let mut headers = reqwest::header::HeaderMap::new();
     headers.insert(reqwest::header::AUTHORIZATION, format!("Bearer {}", secrets.app).parse()?);
     let http = Client::builder().default_headers(headers).build()?;
-    let demo = Demo { cluster: &cluster, http: &http, secrets: &secrets };
+    let demo = Demo { cluster: &cluster, http: &http, secrets: &secrets, postgres: &postgres };
     let result = demo.story().await;
     if result.is_err() {
         let dir = cluster.keep_logs();
@@ -82,6 +104,7 @@ async fn run() -> anyhow::Result<()> {
     }
     step("Stopping everything");
     drop(cluster);
+    drop(postgres);
     println!("   done: nothing is left running");
     step("The dashboard");
     println!("   `make run` keeps a cluster running (without tokens) until Ctrl-C; its live dashboard is at");
@@ -94,6 +117,8 @@ struct Demo<'a> {
     /// Sends the app's token.
     http: &'a Client,
     secrets: &'a Secrets,
+    /// The app's database.
+    postgres: &'a Postgres,
 }
 
 impl Demo<'_> {
@@ -153,8 +178,9 @@ impl Demo<'_> {
         }
 
         step("3. The app writes supplier 42 to its database and posts a write event");
+        let before = self.applied_seqs().await?;
         let started = Instant::now();
-        let watchers: Vec<_> = (0..3).map(|i| self.watch_until_gone(i, key, started)).collect();
+        let watchers: Vec<_> = (0..3).map(|i| self.watch_applied(i, before[i], started)).collect();
         let post = async {
             let answer = self
                 .post("/v1/events", json!({"tenant": "acme", "entity": "supplier", "id": "42", "op": "update"}))
@@ -173,9 +199,10 @@ impl Demo<'_> {
         for (i, d) in dropped.into_iter().enumerate() {
             let d = d?;
             last = last.max(d);
-            println!("   {} stopped serving it {:.2} ms after the event was sent", name(i), ms(d));
+            println!("   {} dropped it {:.2} ms after the event was sent", name(i), ms(d));
         }
         println!("   => every agent dropped the key within {:.2} ms of the event", ms(last));
+        self.expect_gone(key).await?;
 
         step("4. A rules cascade: a supplier change reaches payments, orders and the ledger");
         let related = [
@@ -275,21 +302,111 @@ impl Demo<'_> {
                 e["seq"].as_u64().map(|s| format!("seq {s}")).unwrap_or_default()
             );
         }
+        self.commit_log().await
+    }
+
+    /// Step 7: an `UPDATE` made in SQL, which no app reports, reaches every
+    /// agent through the coordinator's PostgreSQL source.
+    async fn commit_log(&self) -> anyhow::Result<()> {
+        step("7. A write no app reported: an UPDATE made with psql, and no event posted");
+        let health: Value =
+            self.http.get(self.cluster.coordinator.url("/v1/cluster/health")).send().await?.json().await?;
+        let source = &health["sources"][0];
+        println!(
+            "   the coordinator follows PostgreSQL: slot {}, connected {}, confirmed LSN {}",
+            source["slot"], source["connected"], source["confirmed_lsn"]
+        );
+        let cached = [
+            ("supplier:9:detail", "?tags=supplier:9"),
+            ("suppliers:list:page1", ""),
+            ("supplier_payments:list:open", ""),
+            ("ledger:2026", ""),
+            ("supplier:10:detail", "?tags=supplier:10"),
+        ];
+        for (k, q) in cached {
+            self.put(0, k, q, "{}").await?;
+            for i in 0..3 {
+                self.get(i, k).await?;
+            }
+        }
+        println!("   cached on every agent: {}", cached.map(|(k, _)| k).join(", "));
+        let sql = "UPDATE suppliers SET name = 'Acme Bolts & Screws' WHERE id = 9";
+        println!("   psql -c \"{sql}\"");
+        let before = self.applied_seqs().await?;
+        let started = Instant::now();
+        let watchers: Vec<_> = (0..3).map(|i| self.watch_applied(i, before[i], started)).collect();
+        let (committed, dropped) = tokio::join!(self.postgres.psql(sql), futures_join_all(watchers));
+        committed.context("the UPDATE")?;
+        let mut last = Duration::ZERO;
+        for (i, d) in dropped.into_iter().enumerate() {
+            let d = d?;
+            last = last.max(d);
+            println!(
+                "   {} dropped supplier:9:detail {:.2} ms after psql started",
+                self.cluster.agents[i].proc.name,
+                ms(d)
+            );
+        }
+        println!("   => every agent dropped it within {:.2} ms of running psql, and no app posted an event", ms(last));
+        self.expect_gone("supplier:9:detail").await?;
+        // The cascade went with the same invalidation, which every agent applied.
+        for (k, _) in cached {
+            let mut states = Vec::new();
+            for i in 0..3 {
+                states.push(self.get(i, k).await?.0.to_string());
+            }
+            let verdict = if states.iter().all(|s| s == "404") { "dropped everywhere" } else { "kept" };
+            println!("   {k:<30} {verdict:<20} ({})", states.join(" "));
+        }
+        let health: Value =
+            self.http.get(self.cluster.coordinator.url("/v1/cluster/health")).send().await?.json().await?;
+        let source = &health["sources"][0];
+        println!(
+            "   source: confirmed LSN {} (confirmed only once the invalidation was answered), lag {} bytes / {} ms, {} transactions",
+            source["confirmed_lsn"], source["lag_bytes"], source["lag_ms"], source["transactions"]
+        );
         Ok(())
     }
 
-    /// Polls agent `i` until `key` is gone; returns the time since `started`.
-    async fn watch_until_gone(&self, i: usize, key: &str, started: Instant) -> anyhow::Result<Duration> {
-        let url = self.agent_url(i, "acme", key);
+    /// Each agent's applied seq in tenant acme's partition.
+    async fn applied_seqs(&self) -> anyhow::Result<Vec<u64>> {
+        let mut seqs = Vec::new();
+        for i in 0..self.cluster.agents.len() {
+            seqs.push(self.applied_seq(i).await?);
+        }
+        Ok(seqs)
+    }
+
+    async fn applied_seq(&self, i: usize) -> anyhow::Result<u64> {
+        let partition = usize::from(shared::schema::Layout::default().of("acme").index);
+        let status: Value = self.http.get(self.cluster.agents[i].url("/v1/status")).send().await?.json().await?;
+        Ok(status["partitions"][partition]["applied_seq"].as_u64().unwrap_or(0))
+    }
+
+    /// Polls agent `i` until it applied an invalidation after seq `before`
+    /// (its L1 entry is then gone); returns the time since `started`. It
+    /// watches the agent rather than reading the key: a read of a missing
+    /// key may wait on another agent's miss lease, which would count here.
+    async fn watch_applied(&self, i: usize, before: u64, started: Instant) -> anyhow::Result<Duration> {
         loop {
-            let resp = self.http.get(&url).send().await?;
-            if resp.status().as_u16() == 404 {
+            if self.applied_seq(i).await? > before {
                 return Ok(started.elapsed());
             }
             if started.elapsed() > Duration::from_secs(10) {
-                bail!("agent {} still serves {key} 10 s after the event", i + 1);
+                bail!("agent {} has not applied the invalidation 10 s after the write", i + 1);
             }
         }
+    }
+
+    /// Every agent answers 404 for `key`.
+    async fn expect_gone(&self, key: &str) -> anyhow::Result<()> {
+        for i in 0..self.cluster.agents.len() {
+            let (status, _) = self.get(i, key).await?;
+            if status != 404 {
+                bail!("agent {} still answers {status} for {key}", i + 1);
+            }
+        }
+        Ok(())
     }
 
     /// Waits until every agent has applied `seq` of `partition`.
