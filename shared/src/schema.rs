@@ -39,6 +39,7 @@
 //! | `dcc:{ctl}:hot:decayed` | string | when the hot set was last halved (Redis time, Unix ms) |
 //! | `dcc:{ctl}:audit` | stream | the audit trail, capped (see `crate::audit`) |
 //! | `dcc:{ctl}:source:{slot}` | string | the coordinator consuming the PostgreSQL slot `{slot}`; expires unless renewed (`coordinator::source`) |
+//! | `dcc:{ctl}:source:{slot}:known` | string | set once the slot was followed: a slot found missing or lost later is repaired |
 //!
 //! `{P}` is the partition's hash tag (see [`Layout`]). Tenant names cannot
 //! contain `:`, `{` or `}`, so `dcc:{P}:t:{tenant}:` is an unambiguous prefix
@@ -286,6 +287,12 @@ pub const AUDIT: &str = "dcc:{ctl}:audit";
 pub const HOT: &str = "dcc:{ctl}:hot";
 /// When the hot set's scores were last halved (Redis time, Unix ms).
 pub const HOT_DECAYED: &str = "dcc:{ctl}:hot:decayed";
+
+/// Set once a coordinator followed PostgreSQL replication slot `slot`: a
+/// slot found missing later was lost, and what it held must be repaired.
+pub fn source_known(slot: &str) -> String {
+    format!("dcc:{{ctl}}:source:{slot}:known")
+}
 
 /// The lease of the coordinator that consumes PostgreSQL replication slot `slot`.
 pub fn source_lease(slot: &str) -> String {

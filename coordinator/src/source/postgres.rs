@@ -217,8 +217,10 @@ async fn follow(
     let name = format!("dcc {}", inner.origin);
     // Connect, check and prepare on one session, then stream on it.
     let mut client = ReplicationClient::connect_gated(connect.replication(settings, Lsn(0), &name)).await?;
-    let (mappings, confirmed) = prepare(&mut client, settings).await?;
+    let prepared = prepare(&mut client, settings).await?;
     drop(client);
+    repair(coordinator, settings, &prepared, report, lost, stop, seen_tenants).await?;
+    let Prepared { mappings, confirmed, .. } = prepared;
     let mut client = ReplicationClient::connect(connect.replication(settings, confirmed, &name)).await?;
     tokio::select! {
         started = client.wait_started() => started?,
@@ -460,10 +462,7 @@ async fn query(client: &mut ReplicationClient, sql: &str) -> Result<Vec<Vec<Opti
 
 /// Checks the server and the tables, creates the publication and the slot
 /// when missing; answers how each table maps and where the slot stands.
-async fn prepare(
-    client: &mut ReplicationClient,
-    settings: &SourceSettings,
-) -> Result<(HashMap<String, Mapping>, Lsn), Failure> {
+async fn prepare(client: &mut ReplicationClient, settings: &SourceSettings) -> Result<Prepared, Failure> {
     let wal_level = query(client, "SHOW wal_level").await?;
     let wal_level = wal_level.first().and_then(|r| r.first().cloned().flatten()).unwrap_or_default();
     if wal_level != "logical" {
@@ -480,12 +479,19 @@ async fn prepare(
     let slot = query(
         client,
         &format!(
-            "SELECT plugin, confirmed_flush_lsn::text, database FROM pg_replication_slots WHERE slot_name = '{}'",
+            "SELECT plugin, confirmed_flush_lsn::text, wal_status FROM pg_replication_slots WHERE slot_name = '{}'",
             settings.slot
         ),
     )
     .await?;
-    let confirmed = match slot.first() {
+    let lost = slot.first().and_then(|row| row.get(2).cloned().flatten()).as_deref() == Some("lost");
+    if lost {
+        // It cannot be read any more: what it lost is repaired below, as
+        // for a slot that disappeared.
+        warn!(slot = %settings.slot, "the slot lost WAL it had not confirmed (max_slot_wal_keep_size); replacing it");
+        query(client, &format!("DROP_REPLICATION_SLOT {}", settings.slot)).await?;
+    }
+    let confirmed = match slot.first().filter(|_| !lost) {
         Some(row) => {
             let plugin = row.first().cloned().flatten().unwrap_or_default();
             if plugin != "pgoutput" {
@@ -506,7 +512,52 @@ async fn prepare(
             Lsn::parse(&lsn).map_err(|e| format!("slot {}: {e}", settings.slot))?
         }
     };
-    Ok((mappings, confirmed))
+    Ok(Prepared { mappings, confirmed, created: slot.is_empty() || lost })
+}
+
+/// What [`prepare`] found.
+struct Prepared {
+    /// How each followed table (`schema.table`) maps to events.
+    mappings: HashMap<String, Mapping>,
+    /// Where the slot stands: reading starts there.
+    confirmed: Lsn,
+    /// The slot was (re)created now: it begins at the present.
+    created: bool,
+}
+
+/// After a slot that had been followed was recreated (a PostgreSQL failover
+/// that did not carry it, someone dropped it, it lost WAL), commits between
+/// its last confirmation and the new slot were never read: every followed
+/// entity is invalidated as a whole, in every tenant, before reading on.
+async fn repair(
+    coordinator: &Coordinator,
+    settings: &SourceSettings,
+    prepared: &Prepared,
+    report: &Report<'_>,
+    lost: &CancellationToken,
+    stop: &CancellationToken,
+    seen_tenants: &BTreeSet<String>,
+) -> Result<(), Failure> {
+    let inner = coordinator.inner();
+    let known = shared::schema::source_known(&settings.slot);
+    let mut conn = inner.store.get().await?;
+    let followed_before: bool = redis::cmd("EXISTS").arg(&known).query_async(&mut conn).await?;
+    if prepared.created && followed_before {
+        warn!(slot = %settings.slot, "the slot was recreated: invalidating every followed entity in every tenant");
+        let mut txn = Txn::new(settings.max_rows_per_transaction);
+        for mapping in prepared.mappings.values() {
+            match &mapping.tenant {
+                TenantOf::Fixed(tenant) => txn.all_rows(tenant, &mapping.entity),
+                TenantOf::Column(_) => txn.everywhere(&mapping.entity),
+            }
+        }
+        let tenants = every_tenant(coordinator, seen_tenants).await?;
+        let event_id = format!("pg-{}-repair-{:X}", settings.slot, prepared.confirmed.0);
+        answer(coordinator, txn.request(&inner.rules, &tenants, &event_id, inner.origin.clone()), report, lost, stop)
+            .await?;
+    }
+    let _: () = redis::cmd("SET").arg(&known).arg(1).query_async(&mut conn).await?;
+    Ok(())
 }
 
 /// A table's columns and replica identity: a `DELETE` must carry the id and
