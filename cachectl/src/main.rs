@@ -407,6 +407,17 @@ fn nodes_table(health: &Value) -> String {
     )
 }
 
+/// The `[[sources]]` as the answering coordinator sees them; nothing without any.
+fn sources_table(health: &Value) -> String {
+    let sources = health["sources"].as_array().cloned().unwrap_or_default();
+    if sources.is_empty() {
+        return String::new();
+    }
+    let fields = ["kind", "slot", "connected", "active", "confirmed_lsn", "lag_bytes", "lag_ms", "error"];
+    let rows = sources.iter().map(|s| fields.iter().map(|f| cell(&s[*f])).collect());
+    format!("\n\nsources\n{}", table(&fields, rows))
+}
+
 /// `stats`: a row per tenant, its most read keys, then the recommendations.
 fn stats_table(stats: &Value) -> String {
     let tenants = stats["tenants"].as_array().cloned().unwrap_or_default();
@@ -491,12 +502,13 @@ async fn run(cli: Cli, output: Output) -> Result<(), Failure> {
             print(match output {
                 Output::Json => pretty(&h),
                 Output::Table => format!(
-                    "status {}  seq {}  epoch {}\nredis {}\n{}",
+                    "status {}  seq {}  epoch {}\nredis {}\n{}{}",
                     cell(&h["status"]),
                     cell(&h["seq"]),
                     cell(&h["epoch"]),
                     cell(&h["redis"]["version"]),
-                    nodes_table(&h)
+                    nodes_table(&h),
+                    sources_table(&h)
                 ),
             });
         }
