@@ -26,6 +26,8 @@ use crate::state::Coordinator;
 const PG_EPOCH_MICROS: i64 = 946_684_800_000_000;
 /// How often a coordinator without the lease looks whether it is free.
 const STANDBY_POLL: Duration = Duration::from_secs(1);
+/// How long connecting and preparing may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most tenants remembered from rows, for a `TRUNCATE` of a tenant-column table.
 const MAX_SEEN_TENANTS: usize = 10_000;
 
@@ -135,7 +137,11 @@ pub async fn run(coordinator: Coordinator, index: usize, stop: CancellationToken
             }
         };
         report.active(true);
-        let ended = follow(&coordinator, settings, &connect, &report, &lease.lost, &stop, &mut seen_tenants).await;
+        let ended = tokio::select! {
+            ended = follow(&coordinator, settings, &connect, &report, &lease.lost, &stop, &mut seen_tenants) => ended,
+            // Whatever it was doing: nothing unanswered was confirmed.
+            _ = stop.cancelled() => Ok(()),
+        };
         lease.release().await;
         report.active(false);
         match ended {
@@ -215,15 +221,21 @@ async fn follow(
 ) -> Result<(), Failure> {
     let inner = coordinator.inner();
     let name = format!("dcc {}", inner.origin);
-    // Connect, check and prepare on one session, then stream on it.
-    let mut client = ReplicationClient::connect_gated(connect.replication(settings, Lsn(0), &name)).await?;
-    let prepared = prepare(&mut client, settings).await?;
-    drop(client);
+    // Check and prepare on one session, then stream on another from where
+    // the slot stands. A server that does not answer is a fault like any other.
+    let prepared = tokio::time::timeout(CONNECT_TIMEOUT, async {
+        let mut client = ReplicationClient::connect_gated(connect.replication(settings, Lsn(0), &name)).await?;
+        prepare(&mut client, settings).await
+    })
+    .await
+    .map_err(|_| Failure::Retry(format!("PostgreSQL did not answer within {CONNECT_TIMEOUT:?}")))??;
     repair(coordinator, settings, &prepared, report, lost, stop, seen_tenants).await?;
     let Prepared { mappings, confirmed, .. } = prepared;
     let mut client = ReplicationClient::connect(connect.replication(settings, confirmed, &name)).await?;
     tokio::select! {
-        started = client.wait_started() => started?,
+        started = tokio::time::timeout(CONNECT_TIMEOUT, client.wait_started()) => {
+            started.map_err(|_| Failure::Retry(format!("replication did not start within {CONNECT_TIMEOUT:?}")))??
+        }
         _ = lost.cancelled() => return Err(Failure::Retry("the lease was lost".into())),
     }
     info!(slot = %settings.slot, confirmed = %confirmed, "following PostgreSQL");
