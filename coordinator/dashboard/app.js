@@ -138,7 +138,26 @@ async function refreshHealth() {
   if (h.coordinator) $("origin").textContent = h.coordinator.origin + " · v" + h.coordinator.version;
   $("updated").textContent = "updated " + fmtTime(Date.now());
   renderNodes(nodes);
+  renderSources(Array.isArray(h.sources) ? h.sources : []);
   if (typeof h.seq === "number") sample(h.seq);
+}
+
+function renderSources(sources) {
+  $("sources-card").hidden = sources.length === 0;
+  const rows = sources.map((s) => {
+    const state = s.connected ? "synced" : (s.active ? "lagging" : "unsynced");
+    const label = s.connected ? "streaming" : (s.active ? "connecting" : "standby");
+    return el("tr", { "data-slot": s.slot },
+      el("td", { class: "mono" }, s.slot),
+      el("td", {}, s.kind),
+      el("td", {}, el("span", { class: "pill pill-" + state }, label)),
+      el("td", { class: "mono" }, s.confirmed_lsn || "–"),
+      el("td", { class: "num" + (s.lag_bytes > 0 ? " lag-bad" : "") }, s.lag_bytes == null ? "–" : fmtInt(s.lag_bytes)),
+      el("td", { class: "num" }, s.lag_ms == null ? "–" : fmtInt(s.lag_ms)),
+      el("td", { class: "num" }, fmtInt(s.transactions)),
+      el("td", { class: "small muted" }, s.error || ""));
+  });
+  $("sources").tBodies[0].replaceChildren(...rows);
 }
 
 function renderNodes(nodes) {
