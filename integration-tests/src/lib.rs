@@ -16,6 +16,7 @@ use anyhow::{bail, Context};
 
 pub mod bench;
 pub mod checker;
+pub mod postgres;
 pub mod redis_cluster;
 
 /// A response header as a string (empty when absent or not text).

@@ -23,10 +23,11 @@ pub mod lease;
 pub mod postgres;
 pub mod txn;
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry};
+use prometheus::{GaugeVec, IntCounterVec, IntGaugeVec, Opts, Registry};
+use pgwire_replication::ReplicationMetrics;
 use serde::{Deserialize, Serialize};
 
 use shared::names;
@@ -171,7 +172,8 @@ pub struct SourceHealth {
     pub connected: bool,
     /// This coordinator holds the slot's lease (it consumes, or is connecting).
     pub active: bool,
-    /// The last position this coordinator confirmed to PostgreSQL (`X/Y`).
+    /// The last position this coordinator confirmed to PostgreSQL (`X/Y`):
+    /// sent to it, which happens within a second of the invalidation's answer.
     pub confirmed_lsn: Option<String>,
     /// WAL the server has that is not confirmed yet, in bytes (while connected).
     pub lag_bytes: Option<u64>,
@@ -200,8 +202,12 @@ struct State {
     publication: String,
     connected: bool,
     active: bool,
-    confirmed: Option<u64>,
+    /// Where the slot stood when streaming began.
+    started_at: Option<u64>,
+    /// The server's WAL end, as its messages tell.
     server: Option<u64>,
+    /// The replication connection's own figures: what it sent PostgreSQL.
+    wire: Option<Arc<ReplicationMetrics>>,
     /// Commit time (Unix ms) of the oldest transaction read but not answered.
     pending_since_ms: Option<u64>,
     /// Commit to answer of the last transaction answered.
@@ -209,6 +215,17 @@ struct State {
     error: Option<String>,
     transactions: u64,
     changes: u64,
+}
+
+impl State {
+    /// (confirmed, server): what PostgreSQL was told is done, and where its
+    /// WAL ends; `None` before streaming ever began.
+    fn positions(&self) -> Option<(u64, u64)> {
+        let sent = self.wire.as_ref().map_or(0, |w| w.last_applied_lsn().0);
+        let confirmed = self.started_at?.max(sent);
+        let server = self.server.unwrap_or(0).max(self.wire.as_ref().map_or(0, |w| w.last_wal_end().0));
+        Some((confirmed, server.max(confirmed)))
+    }
 }
 
 /// Wall-clock now, Unix ms.
@@ -244,11 +261,8 @@ impl Status {
                 publication: s.publication.clone(),
                 connected: s.connected,
                 active: s.active,
-                confirmed_lsn: s.confirmed.map(|l| pgwire_replication::Lsn(l).to_string()),
-                lag_bytes: match (s.connected, s.server, s.confirmed) {
-                    (true, Some(server), Some(confirmed)) => Some(server.saturating_sub(confirmed)),
-                    _ => None,
-                },
+                confirmed_lsn: s.positions().map(|(confirmed, _)| pgwire_replication::Lsn(confirmed).to_string()),
+                lag_bytes: s.positions().filter(|_| s.connected).map(|(confirmed, server)| server - confirmed),
                 lag_ms: match (pending, s.last_lag_ms) {
                     (Some(p), Some(l)) => Some(p.max(l)),
                     (p, l) => p.or(l),
@@ -268,7 +282,7 @@ pub struct SourceMetrics {
     invalidations: IntCounterVec,
     connected: IntGaugeVec,
     lag_bytes: IntGaugeVec,
-    lag_ms: IntGaugeVec,
+    lag_seconds: GaugeVec,
 }
 
 impl SourceMetrics {
@@ -289,7 +303,14 @@ impl SourceMetrics {
             ),
             connected: gauge("dcc_source_connected", "1 while this coordinator streams from the source"),
             lag_bytes: gauge("dcc_source_lag_bytes", "WAL the source's server has that is not confirmed, in bytes"),
-            lag_ms: gauge("dcc_source_lag_milliseconds", "From a transaction's commit to its invalidation, in ms"),
+            lag_seconds: register(
+                registry,
+                GaugeVec::new(
+                    Opts::new("dcc_source_lag_seconds", "From a transaction's commit to its invalidation's answer"),
+                    &["slot"],
+                )
+                .unwrap_or_else(|e| panic!("{e}")),
+            ),
         }
     }
 }
@@ -312,16 +333,27 @@ impl Report<'_> {
         self.status.with(|s| s.active = active);
     }
 
-    /// Streaming from `confirmed`.
-    pub fn connected(&self, confirmed: u64) {
+    /// Streaming from `confirmed`, on a connection whose figures are `wire`.
+    pub fn connected(&self, confirmed: u64, wire: Arc<ReplicationMetrics>) {
         self.status.with(|s| {
             s.connected = true;
             s.error = None;
-            s.confirmed = Some(confirmed);
+            s.started_at = Some(confirmed);
             s.server = Some(confirmed);
+            s.wire = Some(wire);
         });
         self.metrics.connected.with_label_values(&self.label()).set(1);
-        self.metrics.lag_bytes.with_label_values(&self.label()).set(0);
+        self.set_lag_bytes();
+    }
+
+    /// Brings the lag gauge up to date.
+    pub fn refresh(&self) {
+        self.set_lag_bytes();
+    }
+
+    fn set_lag_bytes(&self) {
+        let lag = self.status.with(|s| s.positions().map_or(0, |(confirmed, server)| server - confirmed));
+        self.metrics.lag_bytes.with_label_values(&self.label()).set(lag as i64);
     }
 
     /// Not streaming, and why.
@@ -330,17 +362,19 @@ impl Report<'_> {
             s.connected = false;
             s.error = Some(why);
             s.pending_since_ms = None;
+            // What the last connection sent stays the last confirmation.
+            if let Some((confirmed, _)) = s.positions() {
+                s.started_at = Some(confirmed);
+            }
+            s.wire = None;
         });
         self.metrics.connected.with_label_values(&self.label()).set(0);
     }
 
     /// The server's WAL reaches `lsn`.
     pub fn server_at(&self, lsn: u64) {
-        let lag = self.status.with(|s| {
-            s.server = Some(s.server.unwrap_or(0).max(lsn));
-            s.server.unwrap_or(0).saturating_sub(s.confirmed.unwrap_or(0))
-        });
-        self.metrics.lag_bytes.with_label_values(&self.label()).set(lag as i64);
+        self.status.with(|s| s.server = Some(s.server.unwrap_or(0).max(lsn)));
+        self.set_lag_bytes();
     }
 
     /// A transaction committed at `commit_ms` (Unix ms) is being read.
@@ -350,18 +384,15 @@ impl Report<'_> {
         });
     }
 
-    /// A transaction with `changes` row changes was answered (`invalidated`:
-    /// it made an invalidation) and `lsn` confirmed.
-    pub fn answered(&self, changes: u64, invalidated: bool, commit_ms: u64, lsn: u64) {
+    /// A transaction with `changes` row changes, committed at `commit_ms`,
+    /// was answered (`invalidated`: it made an invalidation).
+    pub fn answered(&self, changes: u64, invalidated: bool, commit_ms: u64) {
         let lag_ms = now_ms().saturating_sub(commit_ms);
-        let lag_bytes = self.status.with(|s| {
+        self.status.with(|s| {
             s.transactions += 1;
             s.changes += changes;
             s.pending_since_ms = None;
             s.last_lag_ms = Some(lag_ms);
-            s.confirmed = Some(s.confirmed.unwrap_or(0).max(lsn));
-            s.server = Some(s.server.unwrap_or(0).max(lsn));
-            s.server.unwrap_or(0).saturating_sub(s.confirmed.unwrap_or(0))
         });
         let label = self.label();
         self.metrics.transactions.with_label_values(&label).inc();
@@ -369,16 +400,7 @@ impl Report<'_> {
         if invalidated {
             self.metrics.invalidations.with_label_values(&label).inc();
         }
-        self.metrics.lag_ms.with_label_values(&label).set(lag_ms as i64);
-        self.metrics.lag_bytes.with_label_values(&label).set(lag_bytes as i64);
-    }
-
-    /// Nothing is pending and the server is at `lsn`: confirmed up to it.
-    pub fn idle_at(&self, lsn: u64) {
-        self.status.with(|s| {
-            s.confirmed = Some(s.confirmed.unwrap_or(0).max(lsn));
-            s.server = Some(s.server.unwrap_or(0).max(lsn));
-        });
-        self.metrics.lag_bytes.with_label_values(&self.label()).set(0);
+        self.metrics.lag_seconds.with_label_values(&label).set(lag_ms as f64 / 1000.0);
+        self.set_lag_bytes();
     }
 }

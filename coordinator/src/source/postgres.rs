@@ -239,14 +239,20 @@ async fn follow(
         _ = lost.cancelled() => return Err(Failure::Retry("the lease was lost".into())),
     }
     info!(slot = %settings.slot, confirmed = %confirmed, "following PostgreSQL");
-    report.connected(confirmed.0);
+    report.connected(confirmed.0, client.metrics());
 
     let mut parser = LogicalReplicationParser::with_protocol_version(1);
     let mut relations: HashMap<u32, Option<Relation>> = HashMap::new();
     let mut txn: Option<(Txn, u64)> = None;
+    // The lag gauge follows what the connection sends PostgreSQL, between events too.
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         let event = tokio::select! {
             event = client.recv() => event?,
+            _ = tick.tick() => {
+                report.refresh();
+                continue;
+            }
             _ = lost.cancelled() => return Err(Failure::Retry("the lease was lost".into())),
             _ = stop.cancelled() => return Ok(()),
         };
@@ -258,7 +264,6 @@ async fn follow(
                 // answered: the slot may move past WAL we did not need.
                 if txn.is_none() {
                     client.update_applied_lsn(wal_end);
-                    report.idle_at(wal_end.0);
                 }
             }
             Some(ReplicationEvent::Begin { commit_time_micros, .. }) => {
@@ -286,7 +291,7 @@ async fn follow(
                 }
                 // Only now may PostgreSQL forget the transaction.
                 client.update_applied_lsn(end_lsn);
-                report.answered(txn.changes, invalidated, commit_ms, end_lsn.0);
+                report.answered(txn.changes, invalidated, commit_ms);
             }
             Some(ReplicationEvent::Message { .. }) => {}
             Some(ReplicationEvent::StoppedAt { .. }) => return Err(Failure::Retry("the stream stopped".into())),
@@ -356,17 +361,17 @@ fn read_change(
             relations.insert(relation_id, relation);
         }
         LogicalReplicationMessage::Insert { relation_id, tuple } => {
-            row(relations, relation_id, &tuple, txn, seen_tenants);
+            row(relations, relation_id, &tuple, Tuple::Whole, txn, seen_tenants);
         }
-        LogicalReplicationMessage::Update { relation_id, old_tuple, new_tuple, .. } => {
+        LogicalReplicationMessage::Update { relation_id, old_tuple, new_tuple, key_type } => {
             // The old row too: an update may move a row to another id or tenant.
             if let Some(old) = &old_tuple {
-                row(relations, relation_id, old, txn, seen_tenants);
+                row(relations, relation_id, old, Tuple::old(key_type), txn, seen_tenants);
             }
-            row(relations, relation_id, &new_tuple, txn, seen_tenants);
+            row(relations, relation_id, &new_tuple, Tuple::Whole, txn, seen_tenants);
         }
-        LogicalReplicationMessage::Delete { relation_id, old_tuple, .. } => {
-            row(relations, relation_id, &old_tuple, txn, seen_tenants);
+        LogicalReplicationMessage::Delete { relation_id, old_tuple, key_type } => {
+            row(relations, relation_id, &old_tuple, Tuple::old(Some(key_type)), txn, seen_tenants);
         }
         LogicalReplicationMessage::Truncate { relation_ids, .. } => {
             for id in relation_ids {
@@ -383,11 +388,32 @@ fn read_change(
     Ok(())
 }
 
+/// What an old row carries.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Tuple {
+    /// Every column (a new row, or an old one under `REPLICA IDENTITY FULL`).
+    Whole,
+    /// Only the replica identity's columns, the others NULL.
+    KeyOnly,
+}
+
+impl Tuple {
+    /// `pgoutput`'s `K` (key) or `O` (old, whole).
+    fn old(key_type: Option<char>) -> Tuple {
+        if key_type == Some('K') {
+            Tuple::KeyOnly
+        } else {
+            Tuple::Whole
+        }
+    }
+}
+
 /// A row of a followed table changed: it joins the transaction.
 fn row(
     relations: &HashMap<u32, Option<Relation>>,
     relation_id: u32,
     tuple: &TupleData,
+    carries: Tuple,
     txn: &mut Txn,
     seen_tenants: &mut BTreeSet<String>,
 ) {
@@ -404,6 +430,10 @@ fn row(
             None if relation.tenant.is_some_and(|i| tuple.get_column(i).is_some_and(|c| c.is_unchanged())) => {
                 return txn.everywhere(entity);
             }
+            // NULL in an old row of key columns only: the replica identity
+            // no longer carries the tenant (it changed since the check at
+            // connection), so the row's tenant is unknown.
+            None if carries == Tuple::KeyOnly => return txn.everywhere(entity),
             // NULL: the row belongs to no tenant, so nothing of it is cached.
             None => return,
         },
@@ -502,6 +532,18 @@ async fn prepare(client: &mut ReplicationClient, settings: &SourceSettings) -> R
         // for a slot that disappeared.
         warn!(slot = %settings.slot, "the slot lost WAL it had not confirmed (max_slot_wal_keep_size); replacing it");
         query(client, &format!("DROP_REPLICATION_SLOT {}", settings.slot)).await?;
+    }
+    // We hold the slot's lease: a session still holding the slot is a
+    // coordinator that lost it (frozen, or cut off) and that PostgreSQL has
+    // not timed out yet (`wal_sender_timeout`, 60 s by default). End it;
+    // a role not allowed to (another role's session) waits for the timeout.
+    let terminate = format!(
+        "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots \
+         WHERE slot_name = '{}' AND active_pid IS NOT NULL AND active_pid <> pg_backend_pid()",
+        settings.slot
+    );
+    if let Err(Failure::Retry(why) | Failure::Refused(why)) = query(client, &terminate).await {
+        warn!(slot = %settings.slot, %why, "cannot end the session still holding the slot");
     }
     let confirmed = match slot.first().filter(|_| !lost) {
         Some(row) => {

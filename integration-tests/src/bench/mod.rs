@@ -20,6 +20,8 @@
 //! - [`resp`]: the agent's Redis protocol port vs Redis, both driven by
 //!   `redis-benchmark`.
 //! - [`warm`]: how long a new agent takes to warm 10k hot keys.
+//! - [`pgsource`]: the PostgreSQL source: commit to the last agent, and row
+//!   changes per second through one coordinator.
 //! - [`scale`]: a tag of 100k keys and a pattern over a tenant of 1M keys,
 //!   and agent memory per L1 entry.
 
@@ -33,6 +35,7 @@ pub mod herd;
 pub mod hitratio;
 pub mod hits;
 pub mod many;
+pub mod pgsource;
 pub mod resp;
 pub mod scale;
 pub mod warm;

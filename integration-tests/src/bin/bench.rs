@@ -3,7 +3,8 @@
 //! `BENCHMARKS.md`. `bench --quick` (`make bench QUICK=1`) is a short pass
 //! that checks everything runs; `--out FILE` writes elsewhere; `--only
 //! NAME[,NAME]` runs some measures (hits, embedded, resp, propagation, loaded, barrier, throughput,
-//! token, costs, herd, warm, propagation32, scale, hitratio, memory, many, cluster, replicas), for profiling one of them; `--run-ms N`
+//! token, costs, herd, warm, propagation32, scale, hitratio, memory, many, cluster, replicas,
+//! pgsource), for profiling one of them; `--run-ms N`
 //! makes each run N ms long (to hold a load steady under a profiler).
 //! See `integration_tests::bench` for what each figure is.
 
@@ -11,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Context;
-use integration_tests::bench::{self, costs, fanout, herd, hits, many, resp, scale, warm, Options};
+use integration_tests::bench::{self, costs, fanout, herd, hits, many, pgsource, resp, scale, warm, Options};
 use integration_tests::{free_port, start_agent, start_coordinator, wait_ready, Cluster, ClusterOptions};
 
 /// As the agent: the memory floor it reports is measured under the same allocator.
@@ -239,6 +240,14 @@ async fn main() -> anyhow::Result<()> {
         let (r, n) = fanout::replication_cost(&options, &replicated.coordinator.url(""), &unreplicated.url("")).await?;
         rows.extend(r);
         notes.push(n);
+    }
+
+    if wanted("pgsource") {
+        eprintln!("11. the PostgreSQL source: commit to the last agent, and row changes per second");
+        let transactions = if quick { 200 } else { 2000 };
+        let (r, n) = pgsource::run(&options, transactions).await?;
+        rows.extend(r);
+        notes.extend(n);
     }
 
     let micro = bench::criterion_table(&criterion_dir());

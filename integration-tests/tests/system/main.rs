@@ -20,6 +20,7 @@ mod invalidation;
 mod malformed;
 mod openapi;
 mod operations;
+mod pg_source;
 mod resp;
 mod sentinel;
 mod stats;
