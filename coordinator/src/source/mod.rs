@@ -26,8 +26,8 @@ pub mod txn;
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use prometheus::{GaugeVec, IntCounterVec, IntGaugeVec, Opts, Registry};
 use pgwire_replication::ReplicationMetrics;
+use prometheus::{GaugeVec, IntCounterVec, IntGaugeVec, Opts, Registry};
 use serde::{Deserialize, Serialize};
 
 use shared::names;

@@ -478,7 +478,7 @@ async fn of_two_coordinators_the_other_takes_over_from_a_frozen_one_within_secon
 async fn takeover(signal: Signal) {
     let mut pc = PgCluster::start(2, "").await;
     let (dir, redis) = (pc.t.cluster.dir.path().to_path_buf(), pc.t.cluster.redis_url());
-    let mut second = start_coordinator(&dir, &redis, free_port(), &pc.coordinator_toml).expect("second coordinator");
+    let second = start_coordinator(&dir, &redis, free_port(), &pc.coordinator_toml).expect("second coordinator");
     wait_ready(&pc.t.http, &second).await.unwrap_or_else(|e| panic!("{e:#}"));
 
     // Exactly one holds the lease and streams; the other waits.
