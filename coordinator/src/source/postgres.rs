@@ -273,7 +273,10 @@ async fn follow(
             }
             Some(ReplicationEvent::XLogData { wal_end, data, .. }) => {
                 report.server_at(wal_end.0);
-                let Some((txn, _)) = txn.as_mut() else { continue };
+                // Changes come between BEGIN and COMMIT; a relation's
+                // description is read wherever it comes.
+                let mut outside = Txn::new(1);
+                let txn = txn.as_mut().map_or(&mut outside, |(txn, _)| txn);
                 read_change(&mut parser, &data, &mappings, &mut relations, txn, seen_tenants)?;
             }
             Some(ReplicationEvent::Commit { lsn, end_lsn, .. }) => {
