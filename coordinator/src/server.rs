@@ -26,6 +26,8 @@ pub struct Application {
     server: actix_web::dev::Server,
     /// The address actually bound.
     addr: SocketAddr,
+    /// The audit trail, which the sources write to as well.
+    trail: shared::audit::Trail,
 }
 
 impl Application {
@@ -48,6 +50,7 @@ impl Application {
             coordinator.inner().store.clone(),
             coordinator.inner().origin.clone(),
         ));
+        let source_trail = trail.get_ref().clone();
         let latency = shared::service::HttpLatency(coordinator.inner().metrics.http.clone(), None);
         let doc = api::openapi();
         let methods = web::Data::new(shared::openapi::Methods::of(&doc));
@@ -82,7 +85,7 @@ impl Application {
         .shutdown_timeout(10)
         .listen(listener)?
         .run();
-        Ok(Application { coordinator, server, addr })
+        Ok(Application { coordinator, server, addr, trail: source_trail })
     }
 
     /// The bound address.
@@ -92,7 +95,7 @@ impl Application {
 
     /// Serves until `shutdown` resolves, then stops gracefully.
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = &'static str>) -> anyhow::Result<()> {
-        let Application { coordinator, server, addr } = self;
+        let Application { coordinator, server, addr, trail } = self;
         let stop = CancellationToken::new();
         let lanes = coordinator.inner().batcher.start(stop.clone());
         let watch = tokio::spawn(watch_redis(coordinator.clone(), stop.clone()));
@@ -105,7 +108,7 @@ impl Application {
             })
         };
         let sources: Vec<_> = (0..coordinator.inner().settings.sources.len())
-            .map(|i| tokio::spawn(crate::source::postgres::run(coordinator.clone(), i, stop.clone())))
+            .map(|i| tokio::spawn(crate::source::postgres::run(coordinator.clone(), i, trail.clone(), stop.clone())))
             .collect();
         info!(%addr, rules = coordinator.inner().rules.rules().count(), "coordinator listening");
         let handle = server.handle();

@@ -39,7 +39,8 @@ pub struct Entry {
     pub ts_ms: u64,
     /// The token's name; `null` when authentication is off, or none was given.
     pub token: Option<String>,
-    /// `event`, `invalidate`, `delete`, `wipe` or `refused`.
+    /// `event`, `invalidate`, `delete`, `wipe`, `refused`, or `source` (a
+    /// transaction read from a database's commit log).
     pub action: String,
     /// The tenants it named.
     pub tenants: Vec<String>,
@@ -55,7 +56,8 @@ pub struct Entry {
     pub status: u16,
     /// The process that answered.
     pub node: String,
-    /// The request, for refusals: method and path.
+    /// The request, for refusals: method and path; for `source`, the
+    /// transaction's event id.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request: Option<String>,
     /// Why it was refused, or why it failed.
@@ -67,9 +69,15 @@ impl Entry {
     /// An invalidation of `items` (`action`: `event`, `invalidate` or
     /// `delete`; `wipe` when one of them covers a whole tenant).
     pub fn invalidation(action: &str, caller: &Caller, items: &[Selector]) -> Entry {
+        Entry::of(action, caller.name().map(str::to_string), items)
+    }
+
+    /// An invalidation of `items` by `token` (a caller's, or a process's own
+    /// such as `source:{slot}`).
+    pub fn of(action: &str, token: Option<String>, items: &[Selector]) -> Entry {
         let mut entry = Entry {
             ts_ms: now_ms(),
-            token: caller.name().map(str::to_string),
+            token,
             action: if items.iter().any(Selector::wipes_tenant) { "wipe".into() } else { action.into() },
             ..Entry::default()
         };

@@ -384,15 +384,16 @@ impl Report<'_> {
         });
     }
 
-    /// A transaction with `changes` row changes, committed at `commit_ms`,
-    /// was answered (`invalidated`: it made an invalidation).
-    pub fn answered(&self, changes: u64, invalidated: bool, commit_ms: u64) {
-        let lag_ms = now_ms().saturating_sub(commit_ms);
+    /// A transaction with `changes` row changes was answered (`invalidated`:
+    /// it made an invalidation); `commit_ms`, when it was committed, unless
+    /// it was read again after a restart (then its lag says nothing new).
+    pub fn answered(&self, changes: u64, invalidated: bool, commit_ms: Option<u64>) {
+        let lag_ms = commit_ms.map(|at| now_ms().saturating_sub(at));
         self.status.with(|s| {
             s.transactions += 1;
             s.changes += changes;
             s.pending_since_ms = None;
-            s.last_lag_ms = Some(lag_ms);
+            s.last_lag_ms = lag_ms.or(s.last_lag_ms);
         });
         let label = self.label();
         self.metrics.transactions.with_label_values(&label).inc();
@@ -400,7 +401,9 @@ impl Report<'_> {
         if invalidated {
             self.metrics.invalidations.with_label_values(&label).inc();
         }
-        self.metrics.lag_seconds.with_label_values(&label).set(lag_ms as f64 / 1000.0);
+        if let Some(lag_ms) = lag_ms {
+            self.metrics.lag_seconds.with_label_values(&label).set(lag_ms as f64 / 1000.0);
+        }
         self.set_lag_bytes();
     }
 }

@@ -14,13 +14,15 @@ use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig, ReplicationE
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use shared::audit::{self, Trail};
+use shared::invalidation::Request;
 use shared::names;
 use shared::service::Backoff;
 
 use super::lease::Lease;
 use super::txn::Txn;
 use super::{Report, SourceSettings, TableSettings};
-use crate::state::Coordinator;
+use crate::state::{Coordinator, InvalidationAnswer};
 
 /// Microseconds from the Unix epoch to PostgreSQL's (2000-01-01).
 const PG_EPOCH_MICROS: i64 = 946_684_800_000_000;
@@ -110,7 +112,7 @@ impl ConnectSettings {
 
 /// Follows the source until `stop`: takes the lease, streams, and on any
 /// failure reports it and tries again with backoff.
-pub async fn run(coordinator: Coordinator, index: usize, stop: CancellationToken) {
+pub async fn run(coordinator: Coordinator, index: usize, trail: Trail, stop: CancellationToken) {
     let inner = coordinator.inner();
     let settings = &inner.settings.sources[index];
     let report = Report { status: &inner.sources[index], metrics: &inner.metrics.sources };
@@ -118,6 +120,8 @@ pub async fn run(coordinator: Coordinator, index: usize, stop: CancellationToken
         Ok(c) => c,
         Err(e) => return report.down(format!("url: {e}")),
     };
+    let source = Source { coordinator: &coordinator, settings, connect, report, trail };
+    let report = &source.report;
     let mut seen_tenants = BTreeSet::new();
     let mut backoff = Backoff::default();
     while !stop.is_cancelled() {
@@ -138,9 +142,10 @@ pub async fn run(coordinator: Coordinator, index: usize, stop: CancellationToken
         };
         report.active(true);
         let ended = tokio::select! {
-            ended = follow(&coordinator, settings, &connect, &report, &lease.lost, &stop, &mut seen_tenants) => ended,
-            // Whatever it was doing: nothing unanswered was confirmed.
-            _ = stop.cancelled() => Ok(()),
+            ended = follow(&source, &lease.lost, &stop, &mut seen_tenants) => ended,
+            // Whatever it was doing, once it had a moment to send its last
+            // confirmation: nothing unanswered was confirmed.
+            _ = async { stop.cancelled().await; tokio::time::sleep(2 * CONNECT_TIMEOUT / 5).await } => Ok(()),
         };
         lease.release().await;
         report.active(false);
@@ -208,17 +213,24 @@ struct Relation {
     tenant: Option<usize>,
 }
 
+/// One `[[sources]]` being followed: what every step needs.
+struct Source<'a> {
+    coordinator: &'a Coordinator,
+    settings: &'a SourceSettings,
+    connect: ConnectSettings,
+    report: Report<'a>,
+    trail: Trail,
+}
+
 /// Connects, prepares the slot, streams, and runs each committed
 /// transaction's invalidation before confirming it.
 async fn follow(
-    coordinator: &Coordinator,
-    settings: &SourceSettings,
-    connect: &ConnectSettings,
-    report: &Report<'_>,
+    source: &Source<'_>,
     lost: &CancellationToken,
     stop: &CancellationToken,
     seen_tenants: &mut BTreeSet<String>,
 ) -> Result<(), Failure> {
+    let Source { coordinator, settings, connect, report, trail } = source;
     let inner = coordinator.inner();
     let name = format!("dcc {}", inner.origin);
     // Check and prepare on one session, then stream on another from where
@@ -229,7 +241,7 @@ async fn follow(
     })
     .await
     .map_err(|_| Failure::Retry(format!("PostgreSQL did not answer within {CONNECT_TIMEOUT:?}")))??;
-    repair(coordinator, settings, &prepared, report, lost, stop, seen_tenants).await?;
+    repair(source, &prepared, lost, stop, seen_tenants).await?;
     let Prepared { mappings, confirmed, .. } = prepared;
     let mut client = ReplicationClient::connect(connect.replication(settings, confirmed, &name)).await?;
     tokio::select! {
@@ -244,6 +256,8 @@ async fn follow(
     let mut parser = LogicalReplicationParser::with_protocol_version(1);
     let mut relations: HashMap<u32, Option<Relation>> = HashMap::new();
     let mut txn: Option<(Txn, u64)> = None;
+    // What this connection was told is done (it sends it within a second).
+    let mut applied = confirmed;
     // The lag gauge follows what the connection sends PostgreSQL, between events too.
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
@@ -254,7 +268,10 @@ async fn follow(
                 continue;
             }
             _ = lost.cancelled() => return Err(Failure::Retry("the lease was lost".into())),
-            _ = stop.cancelled() => return Ok(()),
+            _ = stop.cancelled() => {
+                finish(client, applied).await;
+                return Ok(());
+            }
         };
         match event {
             None => return Err(Failure::Retry("PostgreSQL ended the stream".into())),
@@ -264,6 +281,7 @@ async fn follow(
                 // answered: the slot may move past WAL we did not need.
                 if txn.is_none() {
                     client.update_applied_lsn(wal_end);
+                    applied = applied.max(wal_end);
                 }
             }
             Some(ReplicationEvent::Begin { commit_time_micros, .. }) => {
@@ -282,6 +300,7 @@ async fn follow(
             Some(ReplicationEvent::Commit { lsn, end_lsn, .. }) => {
                 let Some((txn, commit_ms)) = txn.take() else { continue };
                 let invalidated = !txn.is_empty();
+                let mut replayed = false;
                 if invalidated {
                     let event_id = format!("pg-{}-{:X}-{:X}", settings.slot, lsn.0 >> 32, lsn.0 & 0xffff_ffff);
                     let tenants = if txn.everywhere_entities().next().is_some() {
@@ -290,11 +309,16 @@ async fn follow(
                         BTreeSet::new()
                     };
                     let request = txn.request(&inner.rules, &tenants, &event_id, inner.origin.clone());
-                    answer(coordinator, request, report, lost, stop).await?;
+                    let answered = answer(coordinator, &request, report, lost, stop).await?;
+                    replayed = answered.duplicate;
+                    if !replayed {
+                        audit(trail, settings, &request, &event_id, &answered);
+                    }
                 }
                 // Only now may PostgreSQL forget the transaction.
                 client.update_applied_lsn(end_lsn);
-                report.answered(txn.changes, invalidated, commit_ms);
+                applied = applied.max(end_lsn);
+                report.answered(txn.changes, invalidated, (!replayed).then_some(commit_ms));
             }
             Some(ReplicationEvent::Message { .. }) => {}
             Some(ReplicationEvent::StoppedAt { .. }) => return Err(Failure::Retry("the stream stopped".into())),
@@ -302,19 +326,31 @@ async fn follow(
     }
 }
 
+/// Ends the stream once PostgreSQL was sent `applied` (the connection sends
+/// confirmations once a second), so that a graceful stop replays nothing.
+async fn finish(client: ReplicationClient, applied: Lsn) {
+    let metrics = client.metrics();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    while metrics.last_applied_lsn() < applied && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    client.stop();
+    let _ = tokio::time::timeout(Duration::from_secs(1), client.join()).await;
+}
+
 /// Runs the invalidation until it is answered; a fault is retried with
 /// backoff while this coordinator still holds the slot.
 async fn answer(
     coordinator: &Coordinator,
-    request: shared::invalidation::Request,
+    request: &Request,
     report: &Report<'_>,
     lost: &CancellationToken,
     stop: &CancellationToken,
-) -> Result<(), Failure> {
+) -> Result<InvalidationAnswer, Failure> {
     let mut backoff = Backoff::default();
     loop {
         match coordinator.invalidate(request.clone(), None).await {
-            Ok(_) => return Ok(()),
+            Ok(answered) => return Ok(answered),
             Err(e) => {
                 warn!(error = %e.message, "a committed transaction's invalidation failed; retrying");
                 report.status.with(|s| s.error = Some(format!("invalidating: {}", e.message)));
@@ -326,6 +362,14 @@ async fn answer(
             _ = stop.cancelled() => return Err(Failure::Retry("stopping while invalidating".into())),
         }
     }
+}
+
+/// Records a transaction's invalidation in the audit trail, as the source's
+/// own action (`source`, "token" `source:{slot}`).
+fn audit(trail: &Trail, settings: &SourceSettings, request: &Request, event_id: &str, answered: &InvalidationAnswer) {
+    let token = format!("source:{}", settings.slot);
+    let entry = audit::Entry::of("source", Some(token), &request.items).answered(200, answered.seq, None);
+    trail.record(audit::Entry { request: Some(event_id.to_string()), ..entry });
 }
 
 /// One `pgoutput` message of a transaction: a relation's description, or a
@@ -587,14 +631,13 @@ struct Prepared {
 /// its last confirmation and the new slot were never read: every followed
 /// entity is invalidated as a whole, in every tenant, before reading on.
 async fn repair(
-    coordinator: &Coordinator,
-    settings: &SourceSettings,
+    source: &Source<'_>,
     prepared: &Prepared,
-    report: &Report<'_>,
     lost: &CancellationToken,
     stop: &CancellationToken,
     seen_tenants: &BTreeSet<String>,
 ) -> Result<(), Failure> {
+    let Source { coordinator, settings, report, .. } = source;
     let inner = coordinator.inner();
     let known = shared::schema::source_known(&settings.slot);
     let mut conn = inner.store.get().await?;
@@ -610,8 +653,8 @@ async fn repair(
         }
         let tenants = every_tenant(coordinator, seen_tenants).await?;
         let event_id = format!("pg-{}-repair-{:X}", settings.slot, prepared.confirmed.0);
-        answer(coordinator, txn.request(&inner.rules, &tenants, &event_id, inner.origin.clone()), report, lost, stop)
-            .await?;
+        let request = txn.request(&inner.rules, &tenants, &event_id, inner.origin.clone());
+        answer(coordinator, &request, report, lost, stop).await?;
     }
     let _: () = redis::cmd("SET").arg(&known).arg(1).query_async(&mut conn).await?;
     Ok(())

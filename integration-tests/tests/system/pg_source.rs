@@ -409,6 +409,20 @@ async fn a_commit_the_killed_coordinator_never_confirmed_is_invalidated_by_the_n
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_stop_confirms_what_was_answered_so_a_restart_replays_nothing() {
+    let mut pc = PgCluster::start(1, "").await;
+    pc.cache(ACME, "supplier:3", "supplier:3").await;
+    // Confirmations go out once a second: stopping right after the answer
+    // finds the last one not sent yet, and the stop must send it.
+    let lsn = pc.commit_two_quickly(3).await;
+    pc.assert_dropped(ACME, "supplier:3").await;
+    let status = pc.t.cluster.coordinator.proc.terminate().expect("SIGTERM");
+    assert!(status.success(), "the coordinator exited {status}\n{}", pc.diagnostics().await);
+    let confirmed = format!("SELECT confirmed_flush_lsn > '{lsn}' FROM pg_replication_slots WHERE slot_name = 'dcc'");
+    assert_eq!(pc.sql(&confirmed).await, "t", "the stop did not confirm the answered commit\n{}", pc.pg.log_tail());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transaction_replayed_after_a_kill_is_not_logged_twice() {
     let mut pc = PgCluster::start(2, "").await;
     // Freeze the coordinator as soon as a transaction is logged; again with
