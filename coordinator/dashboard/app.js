@@ -152,7 +152,8 @@ function renderSources(sources) {
       el("td", {}, s.kind),
       el("td", {}, el("span", { class: "pill pill-" + state }, label)),
       el("td", { class: "mono" }, s.confirmed_lsn || "–"),
-      el("td", { class: "num" + (s.lag_bytes > 0 ? " lag-bad" : "") }, s.lag_bytes == null ? "–" : fmtInt(s.lag_bytes)),
+      // Confirmations go out once a second: only a backlog is bad.
+      el("td", { class: "num" + (s.lag_bytes > 16 * 1024 * 1024 ? " lag-bad" : "") }, s.lag_bytes == null ? "–" : fmtBytes(s.lag_bytes)),
       el("td", { class: "num" }, s.lag_ms == null ? "–" : fmtInt(s.lag_ms)),
       el("td", { class: "num" }, fmtInt(s.transactions)),
       el("td", { class: "small muted" }, s.error || ""));

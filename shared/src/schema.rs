@@ -267,6 +267,12 @@ impl Partition {
     pub fn event(&self, tenant: &str, event_id: &str) -> String {
         self.tenant_name(tenant, "event:", event_id)
     }
+
+    /// A `SCAN ... MATCH` pattern for the key index of every tenant of the
+    /// partition (`dcc:{P}:t:*:keys`).
+    pub fn every_key_index(&self) -> String {
+        self.name("t:*:keys")
+    }
 }
 
 /// The partition layout every process checks at start.

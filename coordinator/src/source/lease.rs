@@ -20,17 +20,19 @@ pub const LEASE: Duration = Duration::from_secs(5);
 /// How often the holder renews it.
 pub const RENEW_EVERY: Duration = Duration::from_secs(1);
 
-/// Takes the lease if it is free or already ours, and renews it (ARGV[2] > 0);
-/// gives it up if it is ours (ARGV[2] = 0). Answers 1 when we hold it after.
+/// ARGV[3] says what to do with the lease for holder ARGV[1]: `take` it if it
+/// is free (or ours), `renew` it only if it is still ours (a holder whose
+/// lease ran out must not take it back unnoticed), `release` it if ours.
+/// Answers 1 when we hold it after.
 static LEASE_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
         local holder = redis.call('GET', KEYS[1])
-        if ARGV[2] == '0' then
+        if ARGV[3] == 'release' then
             if holder == ARGV[1] then redis.call('DEL', KEYS[1]) end
             return 0
         end
-        if holder == false or holder == ARGV[1] then
+        if holder == ARGV[1] or (holder == false and ARGV[3] == 'take') then
             redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
             return 1
         end
@@ -39,12 +41,13 @@ static LEASE_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
     )
 });
 
-async fn call(store: &Store, key: &str, holder: &str, ms: u128) -> Result<bool, String> {
+async fn call(store: &Store, key: &str, holder: &str, what: &str) -> Result<bool, String> {
     let mut conn = store.get().await.map_err(|e| e.to_string())?;
     let held: i64 = LEASE_SCRIPT
         .key(key)
         .arg(holder)
-        .arg(ms.to_string())
+        .arg(LEASE.as_millis().to_string())
+        .arg(what)
         .invoke_async(&mut conn)
         .await
         .map_err(|e| e.to_string())?;
@@ -66,7 +69,7 @@ impl Lease {
     pub async fn acquire(store: &Store, slot: &str, holder: &str) -> Result<Option<Lease>, String> {
         let key = shared::schema::source_lease(slot);
         let taken_at = Instant::now();
-        if !call(store, &key, holder, LEASE.as_millis()).await? {
+        if !call(store, &key, holder, "take").await? {
             return Ok(None);
         }
         let lost = CancellationToken::new();
@@ -75,10 +78,10 @@ impl Lease {
     }
 
     /// Gives the lease up, so that another coordinator need not wait for it
-    /// to run out.
+    /// to run out (if Redis does not answer within a second, it runs out).
     pub async fn release(self) {
         self.renewer.abort();
-        let _ = call(&self.store, &self.key, &self.holder, 0).await;
+        let _ = tokio::time::timeout(RENEW_EVERY, call(&self.store, &self.key, &self.holder, "release")).await;
     }
 }
 
@@ -91,7 +94,7 @@ async fn renew(store: Store, key: String, holder: String, lost: CancellationToke
     loop {
         tokio::time::sleep(RENEW_EVERY).await;
         let attempt = Instant::now();
-        match tokio::time::timeout(RENEW_EVERY, call(&store, &key, &holder, LEASE.as_millis())).await {
+        match tokio::time::timeout(RENEW_EVERY, call(&store, &key, &holder, "renew")).await {
             Ok(Ok(true)) => renewed_at = attempt,
             Ok(Ok(false)) => {
                 tracing::warn!(%key, "the source's lease is held by another coordinator; stopping");

@@ -21,6 +21,7 @@
 
 pub mod lease;
 pub mod postgres;
+mod setup;
 pub mod txn;
 
 use std::sync::{Arc, Mutex};
@@ -33,8 +34,8 @@ use serde::{Deserialize, Serialize};
 use shared::names;
 use shared::service::register;
 
-/// One `[[sources]]` table.
-#[derive(Debug, Clone, Deserialize)]
+/// One `[[sources]]` table. (Its `Debug` leaves the URL's password out.)
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SourceSettings {
     /// `postgres`, the only kind so far.
@@ -52,9 +53,36 @@ pub struct SourceSettings {
     /// changed as a whole instead of row by row.
     #[serde(default = "default_max_rows")]
     pub max_rows_per_transaction: usize,
+    /// How often the position answered is sent to PostgreSQL (its slot then
+    /// frees the WAL before it); a crash replays at most this much.
+    #[serde(default = "default_status_interval_ms")]
+    pub status_interval_ms: u64,
     /// The tables followed.
     #[serde(default)]
     pub tables: Vec<TableSettings>,
+}
+
+impl std::fmt::Debug for SourceSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut url = url::Url::parse(&self.url).ok();
+        if let Some(url) = url.as_mut().filter(|u| u.password().is_some()) {
+            // Err only for URLs that cannot have a password.
+            let _ = url.set_password(Some("***"));
+        }
+        f.debug_struct("SourceSettings")
+            .field("kind", &self.kind)
+            .field("url", &url.map_or("(not a URL)".to_string(), |u| u.to_string()))
+            .field("slot", &self.slot)
+            .field("publication", &self.publication)
+            .field("max_rows_per_transaction", &self.max_rows_per_transaction)
+            .field("status_interval_ms", &self.status_interval_ms)
+            .field("tables", &self.tables)
+            .finish()
+    }
+}
+
+fn default_status_interval_ms() -> u64 {
+    1000
 }
 
 fn dcc() -> String {
@@ -97,7 +125,7 @@ impl TableSettings {
 fn identifier(s: &str) -> bool {
     let mut chars = s.chars();
     matches!(chars.next(), Some(c) if c.is_ascii_lowercase() || c == '_')
-        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '$')
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
         && s.len() <= 63
 }
 
@@ -113,10 +141,13 @@ impl SourceSettings {
             problems.push(format!("{at}: url: {e}"));
         }
         if !identifier(&self.slot) {
-            problems.push(format!("{at}: slot must be 1 to 63 of [a-z0-9_$], starting with a letter or _"));
+            problems.push(format!("{at}: slot must be 1 to 63 of [a-z0-9_], starting with a letter or _"));
         }
         if !identifier(&self.publication) {
-            problems.push(format!("{at}: publication must be 1 to 63 of [a-z0-9_$], starting with a letter or _"));
+            problems.push(format!("{at}: publication must be 1 to 63 of [a-z0-9_], starting with a letter or _"));
+        }
+        if !(100..=60_000).contains(&self.status_interval_ms) {
+            problems.push(format!("{at}: status_interval_ms must be between 100 and 60000"));
         }
         if self.max_rows_per_transaction == 0 {
             problems.push(format!("{at}: max_rows_per_transaction must be at least 1"));
@@ -247,6 +278,11 @@ impl Status {
         }
     }
 
+    /// Whether the source streams now.
+    pub fn is_connected(&self) -> bool {
+        self.with(|s| s.connected)
+    }
+
     fn with<T>(&self, f: impl FnOnce(&mut State) -> T) -> T {
         f(&mut self.state.lock().unwrap_or_else(|p| p.into_inner()))
     }
@@ -281,6 +317,7 @@ pub struct SourceMetrics {
     transactions: IntCounterVec,
     invalidations: IntCounterVec,
     connected: IntGaugeVec,
+    active: IntGaugeVec,
     lag_bytes: IntGaugeVec,
     lag_seconds: GaugeVec,
 }
@@ -302,6 +339,10 @@ impl SourceMetrics {
                 "Invalidations a source made (transactions that changed a followed table)",
             ),
             connected: gauge("dcc_source_connected", "1 while this coordinator streams from the source"),
+            active: gauge(
+                "dcc_source_active",
+                "1 while this coordinator holds the source's lease (it consumes, or is connecting)",
+            ),
             lag_bytes: gauge("dcc_source_lag_bytes", "WAL the source's server has that is not confirmed, in bytes"),
             lag_seconds: register(
                 registry,
@@ -331,6 +372,7 @@ impl Report<'_> {
     /// This coordinator holds the lease, or no longer does.
     pub fn active(&self, active: bool) {
         self.status.with(|s| s.active = active);
+        self.metrics.active.with_label_values(&self.label()).set(i64::from(active));
     }
 
     /// Streaming from `confirmed`, on a connection whose figures are `wire`.
@@ -369,6 +411,8 @@ impl Report<'_> {
             s.wire = None;
         });
         self.metrics.connected.with_label_values(&self.label()).set(0);
+        // Unknown while not streaming (health says null); alert on connected.
+        self.metrics.lag_bytes.with_label_values(&self.label()).set(0);
     }
 
     /// The server's WAL reaches `lsn`.

@@ -11,6 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use pg_walstream::{LogicalReplicationMessage, LogicalReplicationParser, TupleData};
 use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig, ReplicationEvent, SslMode, TlsConfig};
+use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -18,10 +19,12 @@ use shared::audit::{self, Trail};
 use shared::invalidation::Request;
 use shared::names;
 use shared::service::Backoff;
+use shared::store::Conn;
 
 use super::lease::Lease;
+use super::setup::{self, Prepared};
 use super::txn::Txn;
-use super::{Report, SourceSettings, TableSettings};
+use super::{Report, SourceSettings};
 use crate::state::{Coordinator, InvalidationAnswer};
 
 /// Microseconds from the Unix epoch to PostgreSQL's (2000-01-01).
@@ -33,8 +36,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most tenants remembered from rows, for a `TRUNCATE` of a tenant-column table.
 const MAX_SEEN_TENANTS: usize = 10_000;
 
-/// Where and how to connect, from the source's `url`.
-#[derive(Debug, Clone)]
+/// Where and how to connect, from the source's `url`. (No `Debug`: it
+/// holds the password.)
+#[derive(Clone)]
 pub struct ConnectSettings {
     host: String,
     port: u16,
@@ -101,9 +105,11 @@ impl ConnectSettings {
         .with_port(self.port)
         .with_tls(self.tls.clone())
         .with_start_lsn(start)
-        // A confirmation reaches PostgreSQL within a second of the answer.
-        .with_status_interval(Duration::from_secs(1))
-        .with_wakeup_interval(Duration::from_secs(1))
+        // A confirmation reaches PostgreSQL this soon after the answer.
+        .with_status_interval(Duration::from_millis(settings.status_interval_ms))
+        // An idle connection sends its status this often too (and whenever
+        // PostgreSQL asks, at half its `wal_sender_timeout`).
+        .with_wakeup_interval(Duration::from_millis(settings.status_interval_ms))
         // Bounds what is read ahead of the invalidations; PostgreSQL keeps the rest.
         .with_buffer_size(1024)
         .with_application_name(name)
@@ -122,6 +128,7 @@ pub async fn run(coordinator: Coordinator, index: usize, trail: Trail, stop: Can
     };
     let source = Source { coordinator: &coordinator, settings, connect, report, trail };
     let report = &source.report;
+    let settings = source.settings;
     let mut seen_tenants = BTreeSet::new();
     let mut backoff = Backoff::default();
     while !stop.is_cancelled() {
@@ -158,6 +165,10 @@ pub async fn run(coordinator: Coordinator, index: usize, trail: Trail, stop: Can
             }
             Err(Failure::Retry(why)) => {
                 warn!(slot = %settings.slot, %why, "the source stopped; retrying");
+                // A session that streamed starts the backoff over.
+                if report.status.is_connected() {
+                    backoff.reset();
+                }
                 report.down(why);
                 tokio::select! {
                     _ = backoff.wait() => {}
@@ -179,7 +190,7 @@ async fn wait_or_stop(delay: Duration, stop: &CancellationToken) {
 }
 
 /// Why following stopped.
-enum Failure {
+pub(super) enum Failure {
     /// A fault (PostgreSQL or Redis unreachable, the lease lost): retry soon.
     Retry(String),
     /// The configuration cannot work until someone changes it.
@@ -194,22 +205,31 @@ impl<E: std::fmt::Display> From<E> for Failure {
 
 /// How a followed table's rows become events.
 #[derive(Debug, Clone)]
-struct Mapping {
-    entity: String,
-    id_column: String,
-    tenant: TenantOf,
+pub(super) struct Mapping {
+    /// The events' entity.
+    pub entity: String,
+    /// The column holding a row's id.
+    pub id_column: String,
+    /// Where a row's tenant comes from.
+    pub tenant: TenantOf,
 }
 
+/// Where a row's tenant comes from.
 #[derive(Debug, Clone)]
-enum TenantOf {
+pub(super) enum TenantOf {
+    /// Every row's: a single-tenant table.
     Fixed(String),
+    /// This column's value.
     Column(String),
 }
 
 /// A relation as the stream described it: its mapping and where its columns are.
 struct Relation {
+    /// How its rows become events.
     mapping: Mapping,
+    /// The id column's position; `None` if the stream leaves it out.
     id: Option<usize>,
+    /// The tenant column's position; `None` if the stream leaves it out.
     tenant: Option<usize>,
 }
 
@@ -234,15 +254,20 @@ async fn follow(
     let inner = coordinator.inner();
     let name = format!("dcc {}", inner.origin);
     // Check and prepare on one session, then stream on another from where
-    // the slot stands. A server that does not answer is a fault like any other.
-    let prepared = tokio::time::timeout(CONNECT_TIMEOUT, async {
-        let mut client = ReplicationClient::connect_gated(connect.replication(settings, Lsn(0), &name)).await?;
-        prepare(&mut client, settings).await
-    })
-    .await
-    .map_err(|_| Failure::Retry(format!("PostgreSQL did not answer within {CONNECT_TIMEOUT:?}")))??;
+    // the slot stands. A server that does not answer is a fault like any
+    // other; creating a slot may wait for long transactions, unbounded.
+    let mut client = ReplicationClient::connect_gated(connect.replication(settings, Lsn(0), &name)).await?;
+    tokio::time::timeout(CONNECT_TIMEOUT, setup::query(&mut client, "SELECT 1"))
+        .await
+        .map_err(|_| Failure::Retry(format!("PostgreSQL did not answer within {CONNECT_TIMEOUT:?}")))??;
+    let known = shared::schema::source_known(&settings.slot);
+    let prepared = tokio::select! {
+        prepared = setup::prepare(&mut client, settings, &inner.store, &known) => prepared?,
+        _ = lost.cancelled() => return Err(Failure::Retry("the lease was lost".into())),
+    };
+    drop(client);
     repair(source, &prepared, lost, stop, seen_tenants).await?;
-    let Prepared { mappings, confirmed, .. } = prepared;
+    let Prepared { mappings, confirmed, history } = prepared;
     let mut client = ReplicationClient::connect(connect.replication(settings, confirmed, &name)).await?;
     tokio::select! {
         started = tokio::time::timeout(CONNECT_TIMEOUT, client.wait_started()) => {
@@ -302,7 +327,8 @@ async fn follow(
                 let invalidated = !txn.is_empty();
                 let mut replayed = false;
                 if invalidated {
-                    let event_id = format!("pg-{}-{:X}-{:X}", settings.slot, lsn.0 >> 32, lsn.0 & 0xffff_ffff);
+                    let event_id =
+                        format!("pg-{}-{history}-{:X}-{:X}", settings.slot, lsn.0 >> 32, lsn.0 & 0xffff_ffff);
                     let tenants = if txn.everywhere_entities().next().is_some() {
                         every_tenant(coordinator, seen_tenants).await?
                     } else {
@@ -327,7 +353,8 @@ async fn follow(
 }
 
 /// Ends the stream once PostgreSQL was sent `applied` (the connection sends
-/// confirmations once a second), so that a graceful stop replays nothing.
+/// confirmations every `status_interval_ms`), so that a graceful stop
+/// replays nothing; it waits 2 s at most.
 async fn finish(client: ReplicationClient, applied: Lsn) {
     let metrics = client.metrics();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
@@ -408,17 +435,17 @@ fn read_change(
             relations.insert(relation_id, relation);
         }
         LogicalReplicationMessage::Insert { relation_id, tuple } => {
-            row(relations, relation_id, &tuple, Tuple::Whole, txn, seen_tenants);
+            row(relations, relation_id, &tuple, Tuple::Whole, txn, seen_tenants)?;
         }
         LogicalReplicationMessage::Update { relation_id, old_tuple, new_tuple, key_type } => {
             // The old row too: an update may move a row to another id or tenant.
             if let Some(old) = &old_tuple {
-                row(relations, relation_id, old, Tuple::old(key_type), txn, seen_tenants);
+                row(relations, relation_id, old, Tuple::old(key_type), txn, seen_tenants)?;
             }
-            row(relations, relation_id, &new_tuple, Tuple::Whole, txn, seen_tenants);
+            row(relations, relation_id, &new_tuple, Tuple::Whole, txn, seen_tenants)?;
         }
         LogicalReplicationMessage::Delete { relation_id, old_tuple, key_type } => {
-            row(relations, relation_id, &old_tuple, Tuple::old(Some(key_type)), txn, seen_tenants);
+            row(relations, relation_id, &old_tuple, Tuple::old(Some(key_type)), txn, seen_tenants)?;
         }
         LogicalReplicationMessage::Truncate { relation_ids, .. } => {
             for id in relation_ids {
@@ -463,8 +490,15 @@ fn row(
     carries: Tuple,
     txn: &mut Txn,
     seen_tenants: &mut BTreeSet<String>,
-) {
-    let Some(Some(relation)) = relations.get(&relation_id) else { return };
+) -> Result<(), Failure> {
+    let relation = match relations.get(&relation_id) {
+        Some(Some(relation)) => relation,
+        // A table the source does not follow.
+        Some(None) => return Ok(()),
+        // PostgreSQL describes a relation before its first change: without
+        // it nothing says which table this is. Read again from the slot.
+        None => return Err(Failure::Retry(format!("a change of relation {relation_id}, never described"))),
+    };
     let text =
         |at: Option<usize>| at.and_then(|i| tuple.get_column(i)).and_then(|c| c.as_str()).map(|s| s.into_owned());
     let entity = &relation.mapping.entity;
@@ -472,22 +506,27 @@ fn row(
         TenantOf::Fixed(tenant) => tenant.clone(),
         TenantOf::Column(_) => match text(relation.tenant) {
             Some(tenant) => tenant,
-            // A tenant column left out of an update (unchanged, stored
+            // The stream leaves the tenant column out (a column list, or it
+            // was renamed), or left it out of an update (unchanged, stored
             // out of line): the row's tenant is unknown.
-            None if relation.tenant.is_some_and(|i| tuple.get_column(i).is_some_and(|c| c.is_unchanged())) => {
-                return txn.everywhere(entity);
+            None if relation.tenant.is_none_or(|i| tuple.get_column(i).is_none_or(|c| c.is_unchanged())) => {
+                txn.everywhere(entity);
+                return Ok(());
             }
             // NULL in an old row of key columns only: the replica identity
             // no longer carries the tenant (it changed since the check at
             // connection), so the row's tenant is unknown.
-            None if carries == Tuple::KeyOnly => return txn.everywhere(entity),
+            None if carries == Tuple::KeyOnly => {
+                txn.everywhere(entity);
+                return Ok(());
+            }
             // NULL: the row belongs to no tenant, so nothing of it is cached.
-            None => return,
+            None => return Ok(()),
         },
     };
     // A value that is no tenant name cannot have entries.
     if names::validate_tenant(&tenant).is_err() {
-        return;
+        return Ok(());
     }
     if seen_tenants.len() < MAX_SEEN_TENANTS {
         seen_tenants.insert(tenant.clone());
@@ -498,138 +537,63 @@ fn row(
         }
         _ => txn.all_rows(&tenant, entity),
     }
+    Ok(())
 }
 
 /// The tenants a change to every row of a tenant-column table reaches: those
-/// with entries in L2, and those the source saw rows of.
+/// with a key index in L2 (every tenant with entries), and those the source
+/// saw rows of. Rare (a `TRUNCATE`, a widened transaction, a repair), and a
+/// `SCAN` of the keyspace: one on one server; on a cluster, one per
+/// partition, on the node that holds the partition's slot.
 async fn every_tenant(coordinator: &Coordinator, seen: &BTreeSet<String>) -> Result<BTreeSet<String>, Failure> {
     let inner = coordinator.inner();
     let mut tenants = seen.clone();
-    if inner.store.sharded() {
-        // A cluster's keys cannot be listed through one connection; see the README.
-        return Ok(tenants);
-    }
     let mut conn = inner.store.get().await?;
-    let mut cursor: u64 = 0;
-    loop {
-        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg("dcc:*:t:*:keys")
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(&mut conn)
-            .await?;
-        for key in keys {
+    let patterns: Vec<String> = match conn {
+        Conn::Cluster(_) => inner.layout.all().iter().map(|p| p.every_key_index()).collect(),
+        _ => vec!["dcc:*:t:*:keys".to_string()],
+    };
+    for pattern in patterns {
+        let mut cursor: u64 = 0;
+        loop {
+            let mut scan = redis::cmd("SCAN");
+            scan.arg(cursor).arg("MATCH").arg(&pattern).arg("COUNT").arg(1000);
+            let (next, keys): (u64, Vec<String>) = match &mut conn {
+                Conn::Cluster(cluster) => {
+                    let route = Route::with_key(pattern.as_bytes(), SlotAddr::Master);
+                    let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route));
+                    redis::FromRedisValue::from_redis_value(cluster.route_command(scan, routing).await?)?
+                }
+                other => scan.query_async(other).await?,
+            };
             // `dcc:{P}:t:{tenant}:keys`; a tenant name holds no `:`.
-            if let Some((_, rest)) = key.split_once(":t:") {
-                if let Some((tenant, _)) = rest.split_once(':') {
+            for key in keys {
+                if let Some((tenant, _)) = key.split_once(":t:").and_then(|(_, rest)| rest.split_once(':')) {
                     tenants.insert(tenant.to_string());
                 }
             }
+            if next == 0 {
+                break;
+            }
+            cursor = next;
         }
-        if next == 0 {
-            return Ok(tenants);
-        }
-        cursor = next;
     }
+    Ok(tenants)
 }
 
 fn unix_ms(pg_micros: i64) -> u64 {
     (pg_micros.saturating_add(PG_EPOCH_MICROS) / 1000).max(0) as u64
 }
 
-/// One row of a query's answer, as text.
-fn texts(row: &[Option<Bytes>]) -> Vec<Option<String>> {
-    row.iter().map(|c| c.as_ref().map(|b| String::from_utf8_lossy(b).into_owned())).collect()
-}
-
-async fn query(client: &mut ReplicationClient, sql: &str) -> Result<Vec<Vec<Option<String>>>, Failure> {
-    let rows = client.simple_query(sql).await.map_err(|e| Failure::Retry(format!("{sql}: {e}")))?;
-    Ok(rows.iter().map(|r| texts(r)).collect())
-}
-
-/// Checks the server and the tables, creates the publication and the slot
-/// when missing; answers how each table maps and where the slot stands.
-async fn prepare(client: &mut ReplicationClient, settings: &SourceSettings) -> Result<Prepared, Failure> {
-    let wal_level = query(client, "SHOW wal_level").await?;
-    let wal_level = wal_level.first().and_then(|r| r.first().cloned().flatten()).unwrap_or_default();
-    if wal_level != "logical" {
-        return Err(Failure::Refused(format!(
-            "PostgreSQL has wal_level = {wal_level}; set wal_level = logical and restart it"
-        )));
-    }
-    let mut mappings = HashMap::new();
-    for table in &settings.tables {
-        let mapping = check_table(client, table).await?;
-        mappings.insert(table.qualified(), mapping);
-    }
-    ensure_publication(client, settings).await?;
-    let slot = query(
-        client,
-        &format!(
-            "SELECT plugin, confirmed_flush_lsn::text, wal_status FROM pg_replication_slots WHERE slot_name = '{}'",
-            settings.slot
-        ),
-    )
-    .await?;
-    let lost = slot.first().and_then(|row| row.get(2).cloned().flatten()).as_deref() == Some("lost");
-    if lost {
-        // It cannot be read any more: what it lost is repaired below, as
-        // for a slot that disappeared.
-        warn!(slot = %settings.slot, "the slot lost WAL it had not confirmed (max_slot_wal_keep_size); replacing it");
-        query(client, &format!("DROP_REPLICATION_SLOT {}", settings.slot)).await?;
-    }
-    // We hold the slot's lease: a session still holding the slot is a
-    // coordinator that lost it (frozen, or cut off) and that PostgreSQL has
-    // not timed out yet (`wal_sender_timeout`, 60 s by default). End it;
-    // a role not allowed to (another role's session) waits for the timeout.
-    let terminate = format!(
-        "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots \
-         WHERE slot_name = '{}' AND active_pid IS NOT NULL AND active_pid <> pg_backend_pid()",
-        settings.slot
-    );
-    if let Err(Failure::Retry(why) | Failure::Refused(why)) = query(client, &terminate).await {
-        warn!(slot = %settings.slot, %why, "cannot end the session still holding the slot");
-    }
-    let confirmed = match slot.first().filter(|_| !lost) {
-        Some(row) => {
-            let plugin = row.first().cloned().flatten().unwrap_or_default();
-            if plugin != "pgoutput" {
-                return Err(Failure::Refused(format!(
-                    "slot {} exists with plugin {plugin:?}, not pgoutput; drop it or name another slot",
-                    settings.slot
-                )));
-            }
-            let lsn = row.get(1).cloned().flatten().unwrap_or_default();
-            Lsn::parse(&lsn).map_err(|e| format!("slot {}: {e}", settings.slot))?
-        }
-        None => {
-            let created =
-                query(client, &format!("CREATE_REPLICATION_SLOT {} LOGICAL pgoutput NOEXPORT_SNAPSHOT", settings.slot))
-                    .await?;
-            info!(slot = %settings.slot, "created the replication slot");
-            let lsn = created.first().and_then(|r| r.get(1).cloned().flatten()).unwrap_or_default();
-            Lsn::parse(&lsn).map_err(|e| format!("slot {}: {e}", settings.slot))?
-        }
-    };
-    Ok(Prepared { mappings, confirmed, created: slot.is_empty() || lost })
-}
-
-/// What [`prepare`] found.
-struct Prepared {
-    /// How each followed table (`schema.table`) maps to events.
-    mappings: HashMap<String, Mapping>,
-    /// Where the slot stands: reading starts there.
-    confirmed: Lsn,
-    /// The slot was (re)created now: it begins at the present.
-    created: bool,
-}
-
 /// After a slot that had been followed was recreated (a PostgreSQL failover
 /// that did not carry it, someone dropped it, it lost WAL), commits between
 /// its last confirmation and the new slot were never read: every followed
 /// entity is invalidated as a whole, in every tenant, before reading on.
+///
+/// `known` (`dcc:{ctl}:source:{slot}:known`) is `pending` from before such a
+/// slot was created until this repair was answered, so a repair cut short
+/// (a crash, Redis away, the lease lost) is done by the next attempt; `1`
+/// once the slot was followed and nothing is owed.
 async fn repair(
     source: &Source<'_>,
     prepared: &Prepared,
@@ -641,8 +605,8 @@ async fn repair(
     let inner = coordinator.inner();
     let known = shared::schema::source_known(&settings.slot);
     let mut conn = inner.store.get().await?;
-    let followed_before: bool = redis::cmd("EXISTS").arg(&known).query_async(&mut conn).await?;
-    if prepared.created && followed_before {
+    let state: Option<String> = redis::cmd("GET").arg(&known).query_async(&mut conn).await?;
+    if state.as_deref() == Some("pending") {
         warn!(slot = %settings.slot, "the slot was recreated: invalidating every followed entity in every tenant");
         let mut txn = Txn::new(settings.max_rows_per_transaction);
         for mapping in prepared.mappings.values() {
@@ -652,104 +616,12 @@ async fn repair(
             }
         }
         let tenants = every_tenant(coordinator, seen_tenants).await?;
-        let event_id = format!("pg-{}-repair-{:X}", settings.slot, prepared.confirmed.0);
+        let event_id = format!("pg-{}-{}-repair-{:X}", settings.slot, prepared.history, prepared.confirmed.0);
         let request = txn.request(&inner.rules, &tenants, &event_id, inner.origin.clone());
         answer(coordinator, &request, report, lost, stop).await?;
     }
-    let _: () = redis::cmd("SET").arg(&known).arg(1).query_async(&mut conn).await?;
-    Ok(())
-}
-
-/// A table's columns and replica identity: a `DELETE` must carry the id and
-/// the tenant column, or it could not be invalidated.
-async fn check_table(client: &mut ReplicationClient, table: &TableSettings) -> Result<Mapping, Failure> {
-    let name = table.qualified();
-    let columns_of = |filter: &str| {
-        format!(
-            "(SELECT string_agg(a.attname, ',') FROM pg_index i JOIN pg_attribute a \
-             ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) WHERE i.indrelid = c.oid AND i.{filter})"
-        )
-    };
-    let sql = format!(
-        "SELECT c.relreplident::text, {}, {}, \
-         (SELECT string_agg(attname, ',') FROM pg_attribute WHERE attrelid = c.oid AND attnum > 0 AND NOT attisdropped) \
-         FROM pg_class c WHERE c.oid = to_regclass('{name}')",
-        columns_of("indisprimary"),
-        columns_of("indisreplident"),
-    );
-    let rows = query(client, &sql).await?;
-    let Some(row) = rows.first() else {
-        return Err(Failure::Refused(format!("table {name} does not exist")));
-    };
-    let list = |i: usize| -> Vec<String> {
-        row.get(i).cloned().flatten().map(|s| s.split(',').map(str::to_string).collect()).unwrap_or_default()
-    };
-    let (identity, primary, index, all) =
-        (row.first().cloned().flatten().unwrap_or_default(), list(1), list(2), list(3));
-    let id_column = match (&table.id_column, primary.as_slice()) {
-        (Some(column), _) => column.clone(),
-        (None, [one]) => one.clone(),
-        (None, _) => {
-            return Err(Failure::Refused(format!(
-                "table {name} has no one-column primary key: give id_column in its [[sources.tables]]"
-            )))
-        }
-    };
-    let carried: Vec<String> = match identity.as_str() {
-        "f" => all.clone(),
-        "d" => primary,
-        "i" => index,
-        _ => Vec::new(),
-    };
-    let mut needed = vec![id_column.clone()];
-    needed.extend(table.tenant_column.clone());
-    for column in &needed {
-        if !all.contains(column) {
-            return Err(Failure::Refused(format!("table {name} has no column {column}")));
-        }
-        if !carried.contains(column) {
-            return Err(Failure::Refused(format!(
-                "table {name}: a DELETE would not carry column {column} (its replica identity lacks it); \
-                 run ALTER TABLE {name} REPLICA IDENTITY FULL"
-            )));
-        }
-    }
-    let tenant = match (&table.tenant_column, &table.tenant) {
-        (Some(column), _) => TenantOf::Column(column.clone()),
-        (None, Some(tenant)) => TenantOf::Fixed(tenant.clone()),
-        (None, None) => return Err(Failure::Refused(format!("table {name}: give tenant_column or tenant"))),
-    };
-    Ok(Mapping { entity: table.entity.clone(), id_column, tenant })
-}
-
-/// Creates the publication for the tables, or adds the tables it lacks.
-async fn ensure_publication(client: &mut ReplicationClient, settings: &SourceSettings) -> Result<(), Failure> {
-    let publication = &settings.publication;
-    let wanted: Vec<String> = settings.tables.iter().map(TableSettings::qualified).collect();
-    let exists =
-        query(client, &format!("SELECT puballtables FROM pg_publication WHERE pubname = '{publication}'")).await?;
-    let missing: Vec<String> = match exists.first() {
-        None => {
-            query(client, &format!("CREATE PUBLICATION {publication} FOR TABLE {}", wanted.join(", "))).await?;
-            info!(%publication, "created the publication");
-            return Ok(());
-        }
-        Some(row) if row.first().cloned().flatten().as_deref() == Some("t") => return Ok(()),
-        Some(_) => {
-            let has = query(
-                client,
-                &format!(
-                    "SELECT schemaname || '.' || tablename FROM pg_publication_tables WHERE pubname = '{publication}'"
-                ),
-            )
-            .await?;
-            let has: BTreeSet<String> = has.into_iter().filter_map(|r| r.into_iter().next().flatten()).collect();
-            wanted.into_iter().filter(|t| !has.contains(t)).collect()
-        }
-    };
-    if !missing.is_empty() {
-        query(client, &format!("ALTER PUBLICATION {publication} ADD TABLE {}", missing.join(", "))).await?;
-        info!(%publication, tables = %missing.join(", "), "added tables to the publication");
+    if state.as_deref() != Some("1") {
+        let _: () = redis::cmd("SET").arg(&known).arg("1").query_async(&mut conn).await?;
     }
     Ok(())
 }
