@@ -10,7 +10,7 @@ SHELL := /bin/bash
 RUN_RELEASE = $(CARGO) run --release --quiet -p integration-tests --bin
 RUN_DEBUG = $(CARGO) run --quiet -p integration-tests --bin
 
-.PHONY: demo test run chaos bench fuzz build release lint redis postgres promtool chromium venv openapi clean demo-check
+.PHONY: demo test run chaos bench fuzz build release lint redis postgres promtool apt-check chromium venv openapi clean demo-check
 
 ## demo: start a private Redis, a coordinator and 3 agents; tell the story; stop everything
 ## (a debug build: it compiles in about half the time of a release build, and make test's
@@ -93,6 +93,19 @@ build:
 release:
 	$(CARGO) build --release --workspace --bins
 
+# $(call apt_install,PACKAGES,WHAT TO INSTALL BY HAND): installs Debian packages with apt-get,
+# as root or with sudo; without apt-get (or either), says what to install and fails. The
+# targets below call it only when what they need is missing.
+define apt_install
+if ! command -v apt-get >/dev/null 2>&1; then \
+	echo "no apt-get here: install $(2) with your package manager and retry"; exit 1; \
+fi; \
+if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null 2>&1; then SUDO=sudo; else \
+	echo "run as root, or install $(2) yourself (apt-get install $(1))"; exit 1; fi; \
+$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $(1) >/dev/null \
+	|| { echo "apt-get could not install $(1); install $(2) and retry"; exit 1; }
+endef
+
 ## redis: make sure redis-server, redis-cli and redis-benchmark are installed (tests and the demo start their own, on free ports)
 redis:
 	@if { command -v redis-server >/dev/null 2>&1 || [ -x /usr/bin/redis-server ] || [ -x /usr/sbin/redis-server ]; } \
@@ -101,14 +114,7 @@ redis:
 		exit 0; \
 	fi; \
 	echo "redis-server, redis-cli (the tests build Redis Clusters with it) or redis-benchmark (the RESP port test) is missing: installing them with apt-get"; \
-	if command -v apt-get >/dev/null 2>&1; then \
-		if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null 2>&1; then SUDO=sudo; else \
-			echo "run as root, or install redis-server yourself (apt-get install redis-server)"; exit 1; fi; \
-		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq redis-server redis-tools >/dev/null \
-			|| { echo "apt-get could not install redis-server; install Redis 7 (redis-server) and retry"; exit 1; }; \
-	else \
-		echo "no apt-get here: install redis-server (Redis 6.2 or newer) with your package manager and retry"; exit 1; \
-	fi
+	$(call apt_install,redis-server redis-tools,Redis 6.2 or newer (redis-server and redis-tools))
 
 ## postgres: make sure PostgreSQL's server programs (initdb, postgres, pg_ctl) and psql are
 ## installed: the PostgreSQL source's tests, its demo step and its bench rows start a private
@@ -116,42 +122,26 @@ redis:
 postgres:
 	@if ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && command -v psql >/dev/null 2>&1; then exit 0; fi; \
 	echo "PostgreSQL (initdb, postgres, psql) is missing: installing Debian's postgresql package with apt-get"; \
-	if command -v apt-get >/dev/null 2>&1; then \
-		if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null 2>&1; then SUDO=sudo; else \
-			echo "run as root, or install PostgreSQL yourself (apt-get install postgresql)"; exit 1; fi; \
-		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends postgresql postgresql-client >/dev/null \
-			|| { echo "apt-get could not install postgresql; install PostgreSQL 10 or newer and retry"; exit 1; }; \
-	else \
-		echo "no apt-get here: install PostgreSQL 10 or newer (server and psql) with your package manager and retry"; exit 1; \
-	fi
+	$(call apt_install,postgresql postgresql-client,PostgreSQL 14 or newer (server and psql))
 
 ## promtool: make sure promtool (Debian's prometheus package) is installed: the deploy-files
 ## test checks deploy/prometheus/alerts.yml with it
 promtool:
 	@if command -v promtool >/dev/null 2>&1 || [ -x /usr/bin/promtool ]; then exit 0; fi; \
 	echo "promtool is missing: installing Debian's prometheus package with apt-get"; \
-	if command -v apt-get >/dev/null 2>&1; then \
-		if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null 2>&1; then SUDO=sudo; else \
-			echo "run as root, or install promtool yourself (apt-get install prometheus)"; exit 1; fi; \
-		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null \
-			|| { echo "apt-get could not install prometheus (for promtool); install it and retry"; exit 1; }; \
-	else \
-		echo "no apt-get here: install promtool (Prometheus 2.x) with your package manager and retry"; exit 1; \
-	fi
+	$(call apt_install,prometheus,promtool (Prometheus 2.x))
 
 ## chromium: make sure Debian's chromium and chromium-driver are installed: the dashboard's
 ## test (tests/system/dashboard.rs) drives headless Chromium through chromedriver
 chromium:
 	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then exit 0; fi; \
 	echo "chromium or chromedriver is missing (the dashboard's test drives them): installing them with apt-get"; \
-	if command -v apt-get >/dev/null 2>&1; then \
-		if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null 2>&1; then SUDO=sudo; else \
-			echo "run as root, or install chromium yourself (apt-get install chromium chromium-driver)"; exit 1; fi; \
-		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null \
-			|| { echo "apt-get could not install chromium and chromium-driver; install them and retry"; exit 1; }; \
-	else \
-		echo "no apt-get here: install Chromium and its chromedriver (same version) with your package manager and retry"; exit 1; \
-	fi
+	$(call apt_install,chromium chromium-driver,Chromium and its chromedriver (same version))
+
+# A check of apt_install itself, on a package every Debian has (make apt-check).
+apt-check:
+	@$(call apt_install,hostname,hostname)
+	@echo "apt_install works"
 
 ## venv: the Python tools of make test (schemathesis, the property-based client run against
 ## the live servers' OpenAPI documents), in ./.venv, from integration-tests/requirements.txt

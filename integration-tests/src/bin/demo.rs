@@ -178,16 +178,14 @@ impl Demo<'_> {
         }
 
         step("3. The app writes supplier 42 to its database and posts a write event");
-        let before = self.applied_seqs().await?;
-        let started = Instant::now();
-        let watchers: Vec<_> = (0..3).map(|i| self.watch_applied(i, before[i], started)).collect();
         let post = async {
+            let started = Instant::now();
             let answer = self
                 .post("/v1/events", json!({"tenant": "acme", "entity": "supplier", "id": "42", "op": "update"}))
                 .await;
             (answer, started.elapsed())
         };
-        let ((answer, accepted), dropped) = tokio::join!(post, futures_join_all(watchers));
+        let ((answer, accepted), drops) = self.timed_drops(post).await?;
         let answer = answer?;
         println!(
             "   POST /v1/events -> 200 after {:.2} ms: seq {}, {} L2 entries deleted",
@@ -195,13 +193,10 @@ impl Demo<'_> {
             answer["seq"],
             answer["l2_deleted"]
         );
-        let mut last = Duration::ZERO;
-        for (i, d) in dropped.into_iter().enumerate() {
-            let d = d?;
-            last = last.max(d);
-            println!("   {} dropped it {:.2} ms after the event was sent", name(i), ms(d));
+        for (i, d) in drops.iter().enumerate() {
+            println!("   {} dropped it {:.2} ms after the event was sent", name(i), ms(*d));
         }
-        println!("   => every agent dropped the key within {:.2} ms of the event", ms(last));
+        println!("   => every agent dropped the key within {:.2} ms of the event", ms(last_of(&drops)));
         self.expect_gone(key).await?;
 
         step("4. A rules cascade: a supplier change reaches payments, orders and the ledger");
@@ -214,13 +209,7 @@ impl Demo<'_> {
             ("supplier:7:detail", "?tags=supplier:7"),
             ("customers:list:page1", ""),
         ];
-        for (k, q) in related {
-            self.put(0, k, q, "{}").await?;
-            for i in 0..3 {
-                self.get(i, k).await?;
-            }
-        }
-        println!("   cached on every agent: {}", related.map(|(k, _)| k).join(", "));
+        self.cache_everywhere(&related).await?;
         println!("   (report:q3 depends_on ledger:2026)");
         let answer =
             self.post("/v1/events", json!({"tenant": "acme", "entity": "supplier", "id": "7", "op": "update"})).await?;
@@ -228,17 +217,7 @@ impl Demo<'_> {
         println!("   patterns {}", answer["invalidated"][0]["patterns"]);
         let partition = answer["partition"].as_u64().unwrap_or(0) as usize;
         self.wait_applied(partition, answer["seq"].as_u64().unwrap_or(0)).await?;
-        for (k, _) in related {
-            let states: Vec<String> = {
-                let mut v = Vec::new();
-                for i in 0..3 {
-                    v.push(self.get(i, k).await?.0.to_string());
-                }
-                v
-            };
-            let verdict = if states.iter().all(|s| s == "404") { "dropped everywhere" } else { "kept" };
-            println!("   {k:<30} {verdict:<20} ({})", states.join(" "));
-        }
+        self.show_dropped_or_kept(&related).await?;
 
         step("5. The cluster's health");
         // Agents report on every heartbeat (500 ms): wait for reports made after the story.
@@ -309,9 +288,17 @@ impl Demo<'_> {
     /// agent through the coordinator's PostgreSQL source.
     async fn commit_log(&self) -> anyhow::Result<()> {
         step("7. A write no app reported: an UPDATE made with psql, and no event posted");
-        let health: Value =
-            self.http.get(self.cluster.coordinator.url("/v1/cluster/health")).send().await?.json().await?;
-        let source = &health["sources"][0];
+        // The coordinator creates its slot when it first connects: changes
+        // before that are not read.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut source = self.source().await?;
+        while source["connected"] != true {
+            if Instant::now() > deadline {
+                bail!("the coordinator's source did not connect to PostgreSQL: {source}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            source = self.source().await?;
+        }
         println!(
             "   the coordinator follows PostgreSQL: slot {}, connected {}, confirmed LSN {}",
             source["slot"], source["connected"], source["confirmed_lsn"]
@@ -323,49 +310,73 @@ impl Demo<'_> {
             ("ledger:2026", ""),
             ("supplier:10:detail", "?tags=supplier:10"),
         ];
-        for (k, q) in cached {
-            self.put(0, k, q, "{}").await?;
-            for i in 0..3 {
-                self.get(i, k).await?;
-            }
-        }
-        println!("   cached on every agent: {}", cached.map(|(k, _)| k).join(", "));
+        self.cache_everywhere(&cached).await?;
         let sql = "UPDATE suppliers SET name = 'Acme Bolts & Screws' WHERE id = 9";
         println!("   psql -c \"{sql}\"");
-        let before = self.applied_seqs().await?;
-        let started = Instant::now();
-        let watchers: Vec<_> = (0..3).map(|i| self.watch_applied(i, before[i], started)).collect();
-        let (committed, dropped) = tokio::join!(self.postgres.psql(sql), futures_join_all(watchers));
+        let (committed, drops) = self.timed_drops(self.postgres.psql(sql)).await?;
         committed.context("the UPDATE")?;
-        let mut last = Duration::ZERO;
-        for (i, d) in dropped.into_iter().enumerate() {
-            let d = d?;
-            last = last.max(d);
+        for (i, d) in drops.iter().enumerate() {
             println!(
                 "   {} dropped supplier:9:detail {:.2} ms after psql started",
                 self.cluster.agents[i].proc.name,
-                ms(d)
+                ms(*d)
             );
         }
-        println!("   => every agent dropped it within {:.2} ms of running psql, and no app posted an event", ms(last));
+        let last = ms(last_of(&drops));
+        println!("   => every agent dropped it within {last:.2} ms of running psql, and no app posted an event");
         self.expect_gone("supplier:9:detail").await?;
         // The cascade went with the same invalidation, which every agent applied.
-        for (k, _) in cached {
-            let mut states = Vec::new();
-            for i in 0..3 {
-                states.push(self.get(i, k).await?.0.to_string());
-            }
-            let verdict = if states.iter().all(|s| s == "404") { "dropped everywhere" } else { "kept" };
-            println!("   {k:<30} {verdict:<20} ({})", states.join(" "));
-        }
-        let health: Value =
-            self.http.get(self.cluster.coordinator.url("/v1/cluster/health")).send().await?.json().await?;
-        let source = &health["sources"][0];
+        self.show_dropped_or_kept(&cached).await?;
+        let source = self.source().await?;
         println!(
             "   source: confirmed LSN {} (confirmed only once the invalidation was answered), lag {} bytes / {} ms, {} transactions",
             source["confirmed_lsn"], source["lag_bytes"], source["lag_ms"], source["transactions"]
         );
         Ok(())
+    }
+
+    /// PUTs each `(key, query)` through agent-1 and reads it on every agent.
+    async fn cache_everywhere(&self, entries: &[(&str, &str)]) -> anyhow::Result<()> {
+        for (k, q) in entries {
+            self.put(0, k, q, "{}").await?;
+            for i in 0..self.cluster.agents.len() {
+                self.get(i, k).await?;
+            }
+        }
+        let keys: Vec<&str> = entries.iter().map(|(k, _)| *k).collect();
+        println!("   cached on every agent: {}", keys.join(", "));
+        Ok(())
+    }
+
+    /// Runs `write` while watching every agent apply the next invalidation
+    /// of tenant acme's partition: its output, and each agent's time from
+    /// the start of `write`.
+    async fn timed_drops<F: std::future::Future>(&self, write: F) -> anyhow::Result<(F::Output, Vec<Duration>)> {
+        let before = self.applied_seqs().await?;
+        let started = Instant::now();
+        let watchers: Vec<_> = (0..before.len()).map(|i| self.watch_applied(i, before[i], started)).collect();
+        let (output, drops) = tokio::join!(write, futures_join_all(watchers));
+        Ok((output, drops.into_iter().collect::<anyhow::Result<_>>()?))
+    }
+
+    /// A line per key: dropped by every agent, or kept.
+    async fn show_dropped_or_kept(&self, entries: &[(&str, &str)]) -> anyhow::Result<()> {
+        for (k, _) in entries {
+            let mut states = Vec::new();
+            for i in 0..self.cluster.agents.len() {
+                states.push(self.get(i, k).await?.0.to_string());
+            }
+            let verdict = if states.iter().all(|s| s == "404") { "dropped everywhere" } else { "kept" };
+            println!("   {k:<30} {verdict:<20} ({})", states.join(" "));
+        }
+        Ok(())
+    }
+
+    /// The coordinator's first source, as its health shows it.
+    async fn source(&self) -> anyhow::Result<Value> {
+        let health: Value =
+            self.http.get(self.cluster.coordinator.url("/v1/cluster/health")).send().await?.json().await?;
+        Ok(health["sources"][0].clone())
     }
 
     /// Each agent's applied seq in tenant acme's partition.
@@ -426,6 +437,11 @@ impl Demo<'_> {
         }
         Ok(())
     }
+}
+
+/// The longest of `drops`.
+fn last_of(drops: &[Duration]) -> Duration {
+    drops.iter().copied().max().unwrap_or_default()
 }
 
 fn ms(d: Duration) -> f64 {
