@@ -47,7 +47,7 @@ const AGENT_LOG: &str = "info,node_agent::sync=debug";
 /// The longest the coordinator may take to connect or to consume a backlog.
 const DEADLINE: Duration = Duration::from_secs(300);
 
-/// The followed table: the brief's shape, with the tenant in a column. The
+/// The followed table: an id, a tenant column and a version to bump. The
 /// source needs the tenant in the replica identity, hence `FULL`.
 fn schema(rows: u64) -> String {
     format!(
@@ -548,7 +548,7 @@ async fn consume_backlog(
         }
     };
     let (streaming_at, changes_then) = streaming.unwrap_or((started, 0));
-    // What the brief also names: the slot's confirmed_flush_lsn reaches the WAL end of the commits.
+    // Every change was confirmed too: the slot's confirmed_flush_lsn reaches the WAL end of the commits.
     let confirmed_by = Instant::now() + Duration::from_secs(10);
     while !slot_reached(pg, &end).await? {
         if Instant::now() > confirmed_by {
