@@ -178,7 +178,19 @@ impl Postgres {
     /// Whether `pg_isready` says it accepts connections.
     async fn is_ready(&self) -> bool {
         let status = tokio::process::Command::new(self.bin.join("pg_isready"))
-            .args(["-q", "-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "postgres", "-d", "postgres", "-t", "5"])
+            .args([
+                "-q",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+                "-d",
+                "postgres",
+                "-t",
+                "5",
+            ])
             .stdin(Stdio::null())
             .status()
             .await;
