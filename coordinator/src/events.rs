@@ -183,7 +183,7 @@ pub fn resolve_events(events: &[Event], rules: &RuleSet, origin: String) -> Resu
             .map_err(|e| at(invalid("invalid_entity", format!("entity: {}", e.message))))?;
         let id = event.id.as_ref().map(Id::as_string);
         if let Some(id) = &id {
-            if id.is_empty() || id.len() > 256 || id.chars().any(char::is_control) {
+            if !valid_id(id) {
                 return Err(at(invalid(
                     "invalid_id",
                     "id must be 1 to 256 characters without control characters".into(),
@@ -215,6 +215,12 @@ pub fn resolve_events(events: &[Event], rules: &RuleSet, origin: String) -> Resu
     }
     // `ack` is set by `Coordinator::invalidate` from `wait`.
     Ok(Request { items, event_ids, origin, ack: false })
+}
+
+/// Whether `id` can be an event's id: 1 to 256 characters, none a control
+/// character.
+pub fn valid_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 256 && !id.chars().any(char::is_control)
 }
 
 fn extend_unique(list: &mut Vec<String>, items: impl Iterator<Item = String>) {

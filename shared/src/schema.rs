@@ -275,6 +275,18 @@ impl Partition {
     }
 }
 
+/// A `SCAN ... MATCH` pattern for the key index of every tenant of every
+/// partition.
+pub const EVERY_KEY_INDEX: &str = "dcc:*:t:*:keys";
+
+/// The tenant whose key index (`dcc:{P}:t:{tenant}:keys`) `key` is; `None`
+/// for any other key. A tenant name holds no `:`, and the partition's tag is
+/// the first brace pair.
+pub fn tenant_of_key_index(key: &str) -> Option<&str> {
+    let (_, rest) = key.strip_prefix("dcc:{")?.split_once("}:t:")?;
+    rest.strip_suffix(":keys").filter(|tenant| !tenant.is_empty() && !tenant.contains(':'))
+}
+
 /// The partition layout every process checks at start.
 pub const LAYOUT: &str = "dcc:{ctl}:layout";
 /// Identity of the registry's data: recreated when Redis lost it.
@@ -313,6 +325,15 @@ pub fn node(node_id: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_key_index_names_its_tenant() {
+        let layout = Layout::default();
+        let index = layout.of("acme").tenant_keys("acme");
+        assert_eq!(tenant_of_key_index(&index), Some("acme"));
+        assert_eq!(tenant_of_key_index(&layout.of("acme").tag("acme", "x:keys")), None);
+        assert_eq!(tenant_of_key_index("dcc:{ctl}:nodes"), None);
+    }
 
     #[test]
     fn slots_match_redis_cluster() {

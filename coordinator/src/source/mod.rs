@@ -222,22 +222,23 @@ pub struct SourceHealth {
 /// A source's live state, written by its task and read by the API.
 pub struct Status {
     state: Mutex<State>,
+    /// `postgres`.
+    kind: String,
     /// The slot, the metrics' label.
     slot: String,
+    /// The publication.
+    publication: String,
 }
 
 /// See [`SourceHealth`]; positions as numbers.
 #[derive(Default)]
 struct State {
-    kind: String,
-    publication: String,
     connected: bool,
     active: bool,
     /// Where the slot stood when streaming began.
     started_at: Option<u64>,
-    /// The server's WAL end, as its messages tell.
-    server: Option<u64>,
-    /// The replication connection's own figures: what it sent PostgreSQL.
+    /// The replication connection's own figures: what it sent PostgreSQL,
+    /// and where the server's WAL ends as its messages tell.
     wire: Option<Arc<ReplicationMetrics>>,
     /// Commit time (Unix ms) of the oldest transaction read but not answered.
     pending_since_ms: Option<u64>,
@@ -254,7 +255,7 @@ impl State {
     fn positions(&self) -> Option<(u64, u64)> {
         let sent = self.wire.as_ref().map_or(0, |w| w.last_applied_lsn().0);
         let confirmed = self.started_at?.max(sent);
-        let server = self.server.unwrap_or(0).max(self.wire.as_ref().map_or(0, |w| w.last_wal_end().0));
+        let server = self.wire.as_ref().map_or(0, |w| w.last_wal_end().0);
         Some((confirmed, server.max(confirmed)))
     }
 }
@@ -268,13 +269,10 @@ impl Status {
     /// The state of a source not started yet.
     pub fn new(settings: &SourceSettings) -> Status {
         Status {
-            state: Mutex::new(State {
-                kind: settings.kind.clone(),
-                publication: settings.publication.clone(),
-                error: Some("not connected yet".into()),
-                ..State::default()
-            }),
+            state: Mutex::new(State { error: Some("not connected yet".into()), ..State::default() }),
+            kind: settings.kind.clone(),
             slot: settings.slot.clone(),
+            publication: settings.publication.clone(),
         }
     }
 
@@ -292,17 +290,15 @@ impl Status {
         self.with(|s| {
             let pending = s.pending_since_ms.map(|since| now_ms().saturating_sub(since));
             SourceHealth {
-                kind: s.kind.clone(),
+                kind: self.kind.clone(),
                 slot: self.slot.clone(),
-                publication: s.publication.clone(),
+                publication: self.publication.clone(),
                 connected: s.connected,
                 active: s.active,
                 confirmed_lsn: s.positions().map(|(confirmed, _)| pgwire_replication::Lsn(confirmed).to_string()),
                 lag_bytes: s.positions().filter(|_| s.connected).map(|(confirmed, server)| server - confirmed),
-                lag_ms: match (pending, s.last_lag_ms) {
-                    (Some(p), Some(l)) => Some(p.max(l)),
-                    (p, l) => p.or(l),
-                },
+                // `None` orders below any figure.
+                lag_ms: pending.max(s.last_lag_ms),
                 error: s.error.clone(),
                 transactions: s.transactions,
                 changes: s.changes,
@@ -381,19 +377,14 @@ impl Report<'_> {
             s.connected = true;
             s.error = None;
             s.started_at = Some(confirmed);
-            s.server = Some(confirmed);
             s.wire = Some(wire);
         });
         self.metrics.connected.with_label_values(&self.label()).set(1);
-        self.set_lag_bytes();
+        self.refresh();
     }
 
-    /// Brings the lag gauge up to date.
+    /// Brings the lag gauge up to date with what the connection sent and saw.
     pub fn refresh(&self) {
-        self.set_lag_bytes();
-    }
-
-    fn set_lag_bytes(&self) {
         let lag = self.status.with(|s| s.positions().map_or(0, |(confirmed, server)| server - confirmed));
         self.metrics.lag_bytes.with_label_values(&self.label()).set(lag as i64);
     }
@@ -413,12 +404,6 @@ impl Report<'_> {
         self.metrics.connected.with_label_values(&self.label()).set(0);
         // Unknown while not streaming (health says null); alert on connected.
         self.metrics.lag_bytes.with_label_values(&self.label()).set(0);
-    }
-
-    /// The server's WAL reaches `lsn`.
-    pub fn server_at(&self, lsn: u64) {
-        self.status.with(|s| s.server = Some(s.server.unwrap_or(0).max(lsn)));
-        self.set_lag_bytes();
     }
 
     /// A transaction committed at `commit_ms` (Unix ms) is being read.
@@ -448,6 +433,6 @@ impl Report<'_> {
         if let Some(lag_ms) = lag_ms {
             self.metrics.lag_seconds.with_label_values(&label).set(lag_ms as f64 / 1000.0);
         }
-        self.set_lag_bytes();
+        self.refresh();
     }
 }

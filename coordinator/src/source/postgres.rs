@@ -283,7 +283,7 @@ async fn follow(
     let mut txn: Option<(Txn, u64)> = None;
     // What this connection was told is done (it sends it within a second).
     let mut applied = confirmed;
-    // The lag gauge follows what the connection sends PostgreSQL, between events too.
+    // The lag gauge follows what the connection sends and sees, between transactions too.
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         let event = tokio::select! {
@@ -301,7 +301,6 @@ async fn follow(
         match event {
             None => return Err(Failure::Retry("PostgreSQL ended the stream".into())),
             Some(ReplicationEvent::KeepAlive { wal_end, .. }) => {
-                report.server_at(wal_end.0);
                 // Between transactions, everything the server sent is
                 // answered: the slot may move past WAL we did not need.
                 if txn.is_none() {
@@ -314,8 +313,7 @@ async fn follow(
                 report.began(commit_ms);
                 txn = Some((Txn::new(settings.max_rows_per_transaction), commit_ms));
             }
-            Some(ReplicationEvent::XLogData { wal_end, data, .. }) => {
-                report.server_at(wal_end.0);
+            Some(ReplicationEvent::XLogData { data, .. }) => {
                 // Changes come between BEGIN and COMMIT; a relation's
                 // description is read wherever it comes.
                 let mut outside = Txn::new(1);
@@ -409,7 +407,8 @@ fn read_change(
     txn: &mut Txn,
     seen_tenants: &mut BTreeSet<String>,
 ) -> Result<(), Failure> {
-    let message = parser.parse_wal_message(data).map_err(|e| format!("cannot decode a pgoutput message: {e}"))?;
+    let message =
+        parser.parse_wal_message_bytes(data.clone()).map_err(|e| format!("cannot decode a pgoutput message: {e}"))?;
     if matches!(
         message.message,
         LogicalReplicationMessage::Insert { .. }
@@ -528,13 +527,11 @@ fn row(
     if names::validate_tenant(&tenant).is_err() {
         return Ok(());
     }
-    if seen_tenants.len() < MAX_SEEN_TENANTS {
+    if seen_tenants.len() < MAX_SEEN_TENANTS && !seen_tenants.contains(&tenant) {
         seen_tenants.insert(tenant.clone());
     }
     match text(relation.id) {
-        Some(id) if !id.is_empty() && id.len() <= 256 && !id.chars().any(char::is_control) => {
-            txn.row(&tenant, entity, Some(&id))
-        }
+        Some(id) if crate::events::valid_id(&id) => txn.row(&tenant, entity, Some(&id)),
         _ => txn.all_rows(&tenant, entity),
     }
     Ok(())
@@ -551,7 +548,7 @@ async fn every_tenant(coordinator: &Coordinator, seen: &BTreeSet<String>) -> Res
     let mut conn = inner.store.get().await?;
     let patterns: Vec<String> = match conn {
         Conn::Cluster(_) => inner.layout.all().iter().map(|p| p.every_key_index()).collect(),
-        _ => vec!["dcc:*:t:*:keys".to_string()],
+        _ => vec![shared::schema::EVERY_KEY_INDEX.to_string()],
     };
     for pattern in patterns {
         let mut cursor: u64 = 0;
@@ -566,12 +563,7 @@ async fn every_tenant(coordinator: &Coordinator, seen: &BTreeSet<String>) -> Res
                 }
                 other => scan.query_async(other).await?,
             };
-            // `dcc:{P}:t:{tenant}:keys`; a tenant name holds no `:`.
-            for key in keys {
-                if let Some((tenant, _)) = key.split_once(":t:").and_then(|(_, rest)| rest.split_once(':')) {
-                    tenants.insert(tenant.to_string());
-                }
-            }
+            tenants.extend(keys.iter().filter_map(|key| shared::schema::tenant_of_key_index(key)).map(str::to_string));
             if next == 0 {
                 break;
             }
